@@ -1,0 +1,508 @@
+/* The vmft guest runtime, ring 3 (see vmft.h). */
+#include "vmft.h"
+
+/* ---------------------------------------------------------------- string functions */
+
+void *memcpy(void *dst, const void *src, size_t n)
+{
+    void *d = dst;
+    __asm__ volatile("rep movsb" : "+D"(d), "+S"(src), "+c"(n) : : "memory");
+    return dst;
+}
+
+void *memmove(void *dst, const void *src, size_t n)
+{
+    unsigned char *d = dst;
+    const unsigned char *s = src;
+    if (d == s || n == 0)
+        return dst;
+    if (d < s || d >= s + n)
+        return memcpy(dst, src, n);
+    while (n--) /* overlapping, copy backwards */
+        d[n] = s[n];
+    return dst;
+}
+
+void *memset(void *dst, int c, size_t n)
+{
+    void *d = dst;
+    __asm__ volatile("rep stosb" : "+D"(d), "+c"(n) : "a"(c) : "memory");
+    return dst;
+}
+
+int memcmp(const void *a, const void *b, size_t n)
+{
+    const unsigned char *x = a, *y = b;
+    for (size_t i = 0; i < n; i++)
+        if (x[i] != y[i])
+            return x[i] < y[i] ? -1 : 1;
+    return 0;
+}
+
+size_t strlen(const char *s)
+{
+    size_t n = 0;
+    while (s[n])
+        n++;
+    return n;
+}
+
+int strcmp(const char *a, const char *b)
+{
+    while (*a && *a == *b)
+        a++, b++;
+    return (unsigned char)*a - (unsigned char)*b;
+}
+
+uint64_t vmft_fnv1a(const void *data, size_t len, uint64_t h)
+{
+    const unsigned char *p = data;
+    if (h == 0)
+        h = 0xcbf29ce484222325ULL;
+    for (size_t i = 0; i < len; i++) {
+        h ^= p[i];
+        h *= 0x100000001b3ULL;
+    }
+    return h;
+}
+
+/* ---------------------------------------------------------------- console */
+
+#define CONSOLE_BUF 4096
+static char console_buf[CONSOLE_BUF];
+static uint32_t console_len;
+
+void vmft_console_flush(void)
+{
+    if (console_len == 0)
+        return;
+    struct vmft_req req = {.addr = (uintptr_t)console_buf, .len = console_len};
+    vmft_request(VMFT_PORT_CONSOLE_WRITE, &req);
+    console_len = 0;
+}
+
+void vmft_console_write(const void *buf, size_t len)
+{
+    const char *p = buf;
+    int newline = 0;
+    while (len > 0) {
+        size_t room = CONSOLE_BUF - console_len;
+        size_t n = len < room ? len : room;
+        for (size_t i = 0; i < n; i++) {
+            char c = p[i];
+            console_buf[console_len + i] = c;
+            newline |= c == '\n';
+        }
+        console_len += (uint32_t)n;
+        p += n;
+        len -= n;
+        if (console_len == CONSOLE_BUF)
+            vmft_console_flush();
+    }
+    if (newline)
+        vmft_console_flush();
+}
+
+void vmft_putc(char c) { vmft_console_write(&c, 1); }
+
+void vmft_print(const char *s) { vmft_console_write(s, strlen(s)); }
+
+int vmft_console_read(void *buf, uint32_t cap)
+{
+    struct vmft_req req = {.addr = (uintptr_t)buf, .len = cap};
+    int32_t st = vmft_request(VMFT_PORT_CONSOLE_READ, &req);
+    return st < 0 ? st : (int)req.result;
+}
+
+/* ---------------------------------------------------------------- formatting */
+
+struct sink {
+    char *buf; /* NULL: the console */
+    size_t cap;
+    size_t n; /* characters produced */
+};
+
+static void sink_put(struct sink *s, const char *p, size_t len)
+{
+    if (!s->buf) {
+        vmft_console_write(p, len);
+    } else {
+        for (size_t i = 0; i < len; i++)
+            if (s->n + i + 1 < s->cap)
+                s->buf[s->n + i] = p[i];
+    }
+    s->n += len;
+}
+
+static void sink_pad(struct sink *s, char c, int count)
+{
+    while (count-- > 0)
+        sink_put(s, &c, 1);
+}
+
+static void vformat(struct sink *s, const char *fmt, va_list ap)
+{
+    while (*fmt) {
+        if (*fmt != '%') {
+            const char *start = fmt;
+            while (*fmt && *fmt != '%')
+                fmt++;
+            sink_put(s, start, (size_t)(fmt - start));
+            continue;
+        }
+        fmt++;
+        int left = 0, zero = 0, width = 0, lng = 0;
+        for (;; fmt++) {
+            if (*fmt == '-')
+                left = 1;
+            else if (*fmt == '0')
+                zero = 1;
+            else
+                break;
+        }
+        while (*fmt >= '0' && *fmt <= '9')
+            width = width * 10 + (*fmt++ - '0');
+        while (*fmt == 'l' || *fmt == 'z') {
+            lng++;
+            fmt++;
+        }
+        char tmp[24];
+        const char *str = tmp;
+        size_t len = 0;
+        int neg = 0;
+        char conv = *fmt ? *fmt++ : '\0';
+        switch (conv) {
+        case 'd':
+        case 'i': {
+            int64_t v = lng ? va_arg(ap, int64_t) : va_arg(ap, int);
+            uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+            neg = v < 0;
+            char *e = tmp + sizeof tmp, *p = e;
+            do {
+                *--p = (char)('0' + u % 10);
+                u /= 10;
+            } while (u);
+            str = p;
+            len = (size_t)(e - p);
+            break;
+        }
+        case 'u':
+        case 'x':
+        case 'X':
+        case 'p': {
+            uint64_t u;
+            if (conv == 'p')
+                u = (uintptr_t)va_arg(ap, void *);
+            else
+                u = lng ? va_arg(ap, uint64_t) : va_arg(ap, unsigned int);
+            unsigned base = conv == 'u' ? 10 : 16;
+            const char *digits = conv == 'X' ? "0123456789ABCDEF" : "0123456789abcdef";
+            char *e = tmp + sizeof tmp, *p = e;
+            do {
+                *--p = digits[u % base];
+                u /= base;
+            } while (u);
+            if (conv == 'p') {
+                *--p = 'x';
+                *--p = '0';
+            }
+            str = p;
+            len = (size_t)(e - p);
+            break;
+        }
+        case 's':
+            str = va_arg(ap, const char *);
+            if (!str)
+                str = "(null)";
+            len = strlen(str);
+            zero = 0;
+            break;
+        case 'c':
+            tmp[0] = (char)va_arg(ap, int);
+            len = 1;
+            zero = 0;
+            break;
+        case '%':
+            tmp[0] = '%';
+            len = 1;
+            width = 0;
+            break;
+        default: /* unknown conversion: print it as is */
+            tmp[0] = '%';
+            tmp[1] = conv;
+            len = conv ? 2 : 1;
+            width = 0;
+            break;
+        }
+        int pad = width - (int)len - neg;
+        if (!left && !zero)
+            sink_pad(s, ' ', pad);
+        if (neg)
+            sink_put(s, "-", 1);
+        if (!left && zero)
+            sink_pad(s, '0', pad);
+        sink_put(s, str, len);
+        if (left)
+            sink_pad(s, ' ', pad);
+    }
+}
+
+int vmft_vprintf(const char *fmt, va_list ap)
+{
+    struct sink s = {0};
+    vformat(&s, fmt, ap);
+    return (int)s.n;
+}
+
+int vmft_printf(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vmft_vprintf(fmt, ap);
+    va_end(ap);
+    return n;
+}
+
+int vmft_vsnprintf(char *buf, size_t cap, const char *fmt, va_list ap)
+{
+    char dummy;
+    struct sink s = {.buf = cap ? buf : &dummy, .cap = cap ? cap : 1};
+    vformat(&s, fmt, ap);
+    s.buf[s.n < s.cap ? s.n : s.cap - 1] = '\0';
+    return (int)s.n;
+}
+
+int vmft_snprintf(char *buf, size_t cap, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vmft_vsnprintf(buf, cap, fmt, ap);
+    va_end(ap);
+    return n;
+}
+
+/* ---------------------------------------------------------------- time */
+
+uint64_t vmft_clock_ns(void)
+{
+    struct vmft_req req = {0};
+    vmft_request(VMFT_PORT_CLOCK, &req);
+    return req.arg64;
+}
+
+void vmft_timer_arm(uint64_t deadline_ns)
+{
+    struct vmft_req req = {.arg64 = deadline_ns ? deadline_ns : 1};
+    vmft_request(VMFT_PORT_TIMER, &req);
+}
+
+void vmft_timer_disarm(void)
+{
+    struct vmft_req req = {.arg64 = 0};
+    vmft_request(VMFT_PORT_TIMER, &req);
+}
+
+/* ---------------------------------------------------------------- events */
+
+static uint32_t deferred_events; /* bits taken while waiting for a disk completion */
+
+uint32_t vmft_take_irqs(void)
+{
+    uint32_t v = 0;
+    __asm__ volatile("xchgl %0, %1" : "+r"(v), "+m"(VMFT_BOOT->irq_pending) : : "memory");
+    v |= deferred_events;
+    deferred_events = 0;
+    return v;
+}
+
+uint32_t vmft_events(void)
+{
+    uint32_t bits = vmft_inl(VMFT_PORT_EVENTS);
+    return bits | vmft_take_irqs();
+}
+
+uint32_t vmft_wait(void)
+{
+    /* An interrupt is injected only at an exit, so none can land between this check and the WAIT:
+     * a bit set before the check is seen here, one raised at the WAIT exit is seen after it. */
+    uint32_t bits = vmft_take_irqs();
+    if (bits)
+        return bits;
+    bits = vmft_inl(VMFT_PORT_WAIT);
+    return bits | vmft_take_irqs();
+}
+
+/* ---------------------------------------------------------------- network */
+
+int vmft_net_rx(void *buf, uint32_t cap)
+{
+    struct vmft_req req = {.addr = (uintptr_t)buf, .len = cap};
+    int32_t st = vmft_request(VMFT_PORT_NET_RX, &req);
+    return st < 0 ? st : (int)req.result;
+}
+
+void vmft_net_iter_init(struct vmft_net_iter *it, const void *buf, uint32_t cap, int count)
+{
+    it->buf = buf;
+    it->cap = cap;
+    it->off = 0;
+    it->left = count > 0 ? (uint32_t)count : 0;
+}
+
+const struct vmft_net_msg *vmft_net_iter_next(struct vmft_net_iter *it)
+{
+    if (it->left == 0 || it->cap - it->off < sizeof(struct vmft_net_msg))
+        return NULL;
+    const struct vmft_net_msg *m = (const struct vmft_net_msg *)(it->buf + it->off);
+    uint32_t room = it->cap - it->off - (uint32_t)sizeof(struct vmft_net_msg);
+    if (m->len > room)
+        return NULL;
+    uint32_t rec = vmft_net_record_len(m->len);
+    it->off = rec > it->cap - it->off ? it->cap : it->off + rec;
+    it->left--;
+    return m;
+}
+
+void vmft_tx_init(struct vmft_tx *tx, void *buf, uint32_t cap)
+{
+    tx->buf = buf;
+    tx->cap = cap & ~7u;
+    tx->len = 0;
+    tx->count = 0;
+}
+
+int vmft_tx_append(struct vmft_tx *tx, uint32_t conn, uint32_t kind, const void *data, uint32_t len)
+{
+    if (len > tx->cap || vmft_net_record_len(len) > tx->cap - tx->len)
+        return -1;
+    struct vmft_net_msg *m = (struct vmft_net_msg *)(tx->buf + tx->len);
+    m->conn = conn;
+    m->kind = kind;
+    m->len = len;
+    m->reserved = 0;
+    if (len)
+        memcpy(m + 1, data, len);
+    uint32_t rec = vmft_net_record_len(len);
+    if (rec > sizeof *m + len)
+        memset((uint8_t *)(m + 1) + len, 0, rec - sizeof *m - len);
+    tx->len += rec;
+    tx->count++;
+    return 0;
+}
+
+int vmft_tx_send(struct vmft_tx *tx)
+{
+    if (tx->len == 0)
+        return 0;
+    struct vmft_req req = {.addr = (uintptr_t)tx->buf, .len = tx->len};
+    int32_t st = vmft_request(VMFT_PORT_NET_TX, &req);
+    tx->len = 0;
+    tx->count = 0;
+    return st;
+}
+
+/* ---------------------------------------------------------------- block device */
+
+#define REQ_PENDING 1 /* status value no monitor writes: "not completed yet" */
+
+uint64_t vmft_disk_sectors(void)
+{
+    struct vmft_req req = {0};
+    if (vmft_request(VMFT_PORT_BLOCK_INFO, &req) != VMFT_ST_OK)
+        return 0;
+    return req.arg64;
+}
+
+static int block_op(uint32_t op, uint64_t sector, uintptr_t buf, uint32_t nsectors)
+{
+    struct vmft_req req = {
+        .addr = buf,
+        .len = nsectors * VMFT_SECTOR_SIZE,
+        .arg = op,
+        .arg64 = sector,
+        .status = REQ_PENDING,
+    };
+    int32_t st = vmft_request(VMFT_PORT_BLOCK, &req);
+    /* The monitor completes requests inside the exit; should one ever complete later, it raises
+     * VMFT_VEC_BLOCK: wait for it, keeping other news for the program's own vmft_wait(). */
+    while (st == REQ_PENDING) {
+        uint32_t bits = vmft_inl(VMFT_PORT_WAIT);
+        uint32_t v = 0;
+        __asm__ volatile("xchgl %0, %1" : "+r"(v), "+m"(VMFT_BOOT->irq_pending) : : "memory");
+        deferred_events |= (bits | v) & ~(uint32_t)VMFT_EV_BLOCK;
+        st = *(volatile int32_t *)&req.status;
+    }
+    return st;
+}
+
+int vmft_disk_read(uint64_t sector, void *buf, uint32_t nsectors)
+{
+    return block_op(VMFT_BLK_READ, sector, (uintptr_t)buf, nsectors);
+}
+
+int vmft_disk_write(uint64_t sector, const void *buf, uint32_t nsectors)
+{
+    return block_op(VMFT_BLK_WRITE, sector, (uintptr_t)buf, nsectors);
+}
+
+int vmft_disk_flush(void) { return block_op(VMFT_BLK_FLUSH, 0, 0, 0); }
+
+/* ---------------------------------------------------------------- entropy */
+
+int vmft_entropy(void *buf, uint32_t len)
+{
+    struct vmft_req req = {.addr = (uintptr_t)buf, .len = len};
+    return vmft_request(VMFT_PORT_ENTROPY, &req);
+}
+
+/* ---------------------------------------------------------------- power */
+
+void vmft_exit(int code)
+{
+    vmft_console_flush();
+    for (;;)
+        vmft_outl(VMFT_PORT_POWER_EXIT, (uint32_t)code);
+}
+
+static VMFT_NORETURN void panic_at(const char *msg, size_t len, uintptr_t rip)
+{
+    vmft_console_flush();
+    struct vmft_req req = {.addr = (uintptr_t)msg, .len = (uint32_t)len, .arg = 0, .arg64 = rip};
+    for (;;)
+        vmft_request(VMFT_PORT_POWER_PANIC, &req);
+}
+
+void vmft_panic(const char *msg)
+{
+    panic_at(msg, strlen(msg), (uintptr_t)__builtin_return_address(0));
+}
+
+void vmft_panicf(const char *fmt, ...)
+{
+    static char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vmft_vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    panic_at(msg, n < (int)sizeof msg ? (size_t)n : sizeof msg - 1, (uintptr_t)__builtin_return_address(0));
+}
+
+void vmft_crash(void)
+{
+    vmft_console_flush();
+    for (;;)
+        __asm__ volatile("int $0x80" : : "a"((uint64_t)VMFT_SYS_CRASH) : "memory");
+}
+
+/* ---------------------------------------------------------------- start */
+
+void vmft_runtime_start(void);
+
+void vmft_runtime_start(void)
+{
+    volatile struct vmft_boot_info *bi = VMFT_BOOT;
+    if (bi->magic != VMFT_BOOT_INFO_MAGIC || bi->abi_version != VMFT_ABI_VERSION)
+        vmft_panicf("vmft runtime: boot info magic 0x%lx version %u, expected ABI version %u",
+                    (unsigned long)bi->magic, (unsigned)bi->abi_version, (unsigned)VMFT_ABI_VERSION);
+    vmft_exit(main());
+}
