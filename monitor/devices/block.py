@@ -1,0 +1,105 @@
+"""Block device: a disk image file on the host, sector reads and writes straight into guest memory.
+
+Disk contents are replicated state, not input: both sides hold the same image and apply the same
+writes, so a request completes inside its own exit and its completion interrupt is a function of
+guest state (raised directly, never logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+from monitor.devices.base import DeviceContext, check_buffer, complete, read_request, set_arg64
+from monitor.guest_abi import SECTOR_SIZE, BlockOp, Port, Status, Vector
+
+log = logging.getLogger(__name__)
+
+MAX_BLOCK_REQUEST = 4 << 20
+
+
+class BlockDeviceError(Exception):
+    pass
+
+
+class Block:
+    name = "block"
+
+    def __init__(self, ctx: DeviceContext, path: str | None) -> None:
+        self._ctx = ctx
+        self.path = path
+        self._fd: int | None = None
+        self.sectors = 0
+        self.fail_writes = False  # fault injection: writes return EIO
+        if path is not None:
+            try:
+                self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as err:
+                raise BlockDeviceError(f"cannot open disk image {path}: {err.strerror}") from err
+            size = os.fstat(self._fd).st_size
+            if size % SECTOR_SIZE:
+                os.close(self._fd)
+                raise BlockDeviceError(f"disk image {path} is {size} bytes, not a multiple of {SECTOR_SIZE}")
+            self.sectors = size // SECTOR_SIZE
+
+    def out_ports(self) -> dict[Port, Callable[[int], None]]:
+        return {Port.BLOCK: self._request, Port.BLOCK_INFO: self._info}
+
+    def in_ports(self) -> dict[Port, Callable[[], int]]:
+        return {}
+
+    def _info(self, block: int) -> None:
+        req = read_request(self._ctx, block)
+        if req is None:
+            return
+        set_arg64(self._ctx, req, self.sectors)
+        complete(self._ctx, req, Status.OK if self._fd is not None else Status.ENODEV)
+
+    def _request(self, block: int) -> None:
+        req = read_request(self._ctx, block)
+        if req is None:
+            return
+        if self._fd is None:
+            complete(self._ctx, req, Status.ENODEV)
+            return
+        try:
+            op = BlockOp(req.arg)
+        except ValueError:
+            self._ctx.guest_fault(f"block: unknown operation {req.arg}")
+            complete(self._ctx, req, Status.EINVAL)
+            return
+        if op is BlockOp.FLUSH:
+            os.fsync(self._fd)
+            complete(self._ctx, req, Status.OK)
+            self._ctx.interrupts.raise_irq(Vector.BLOCK)
+            return
+        if not check_buffer(self._ctx, req, f"block {op.name.lower()}"):
+            return
+        if req.len % SECTOR_SIZE or req.len > MAX_BLOCK_REQUEST:
+            self._ctx.guest_fault(f"block: length {req.len} is not a multiple of {SECTOR_SIZE} up to 4 MiB")
+            complete(self._ctx, req, Status.EINVAL)
+            return
+        if req.arg64 + req.len // SECTOR_SIZE > self.sectors:
+            self._ctx.guest_fault(f"block: sectors {req.arg64}+{req.len // SECTOR_SIZE} past the disk end")
+            complete(self._ctx, req, Status.EINVAL)
+            return
+        offset = req.arg64 * SECTOR_SIZE
+        try:
+            if op is BlockOp.READ:
+                self._ctx.memory.write(req.addr, os.pread(self._fd, req.len, offset))
+            else:
+                if self.fail_writes:
+                    raise OSError(5, "write failure injected")
+                os.pwrite(self._fd, self._ctx.memory.view(req.addr, req.len), offset)
+        except OSError as err:
+            log.error("block %s at sector %d failed: %s", op.name, req.arg64, err)
+            complete(self._ctx, req, Status.EIO)
+        else:
+            complete(self._ctx, req, Status.OK, req.len)
+        self._ctx.interrupts.raise_irq(Vector.BLOCK)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

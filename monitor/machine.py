@@ -1,0 +1,517 @@
+"""One VM with one vCPU: build it, run it on its own thread, control it at synchronous exits.
+
+The vCPU thread owns KVM_RUN and never hops to the event loop per exit (that would cost more than the
+exit). Everything that changes guest-visible state happens at synchronous exits (port I/O, HLT,
+shutdown), counted as the machine's *position*; asynchronous exits (a kick: EINTR) change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import signal
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from monitor import boot, cpuid
+from monitor import guest_abi as g
+from monitor.devices.base import DeviceContext
+from monitor.devices.block import Block
+from monitor.devices.clock import Clock, Timer, VirtualClock
+from monitor.devices.console import Console
+from monitor.devices.entropy import Entropy
+from monitor.devices.net import Net, NetBackend, deliver_tx
+from monitor.devices.power import GuestStop, Power
+from monitor.dirty import DirtyTracker
+from monitor.guest_abi import Vector
+from monitor.interrupts import InterruptState
+from monitor.journal import DivergenceError, EventKind, Journal, JournalMode, LiveJournal, OutputKind
+from monitor.kvm import Kvm, VcpuFd, is_eintr
+from monitor.kvm_abi import KVM_EXIT_IO_OUT, RUN_IO_OFFSET, RUN_SYNC_RIP_OFFSET, ExitReason, IoExit
+from monitor.loader import GuestImage, load_image_file
+from monitor.memory import GuestMemory, GuestMemoryError
+from monitor.statehash import StateHasher
+
+log = logging.getLogger(__name__)
+
+KICK_SIGNAL = signal.SIGUSR1
+MEMORY_SLOT = 0
+_IO = struct.Struct("<BBHIQ")
+assert _IO.size == 16 and RUN_IO_OFFSET == IoExit.direction.offset + 32
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_MAX_BLOCK_S = 0.25  # longest a blocked WAIT sleeps before it rechecks control requests
+
+
+class StopReason(enum.Enum):
+    EXITED = "exited"  # the guest reported an exit code
+    PANICKED = "panicked"  # the guest reported a panic (or an unhandled exception)
+    CRASHED = "crashed"  # triple fault, internal error, halted with interrupts off
+    HUNG = "hung"  # no exit for longer than the hang timeout
+    STOPPED = "stopped"  # stopped on request
+    DIVERGED = "diverged"  # replay found a mismatch
+    ERROR = "error"  # a monitor error
+
+
+@dataclass
+class MachineResult:
+    reason: StopReason
+    position: int
+    exit_code: int | None = None
+    message: str = ""
+    registers: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        text = f"{self.reason.value} at position {self.position}"
+        if self.exit_code is not None:
+            text += f" with exit code {self.exit_code}"
+        if self.message:
+            text += f": {self.message}"
+        if self.registers:
+            text += " [" + " ".join(f"{k}={v:#x}" for k, v in self.registers.items()) + "]"
+        return text
+
+
+@dataclass
+class MachineConfig:
+    image: str
+    mem_mib: int = 64
+    disk: str | None = None
+    arg: int = 0
+    hang_timeout_s: float = 2.0
+
+
+OutputHandler = Callable[[OutputKind, bytes, int], None]
+
+
+def install_kick_handler() -> None:
+    """The vCPU is kicked out of KVM_RUN with a signal; it needs a handler (main thread only)."""
+    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+
+
+class Machine:
+    def __init__(
+        self,
+        config: MachineConfig,
+        journal: Journal | None = None,
+        image: GuestImage | None = None,
+        kvm: Kvm | None = None,
+    ) -> None:
+        self.config = config
+        self.journal: Journal = journal or LiveJournal()
+        self.image = image or load_image_file(config.image)
+        mem_size = config.mem_mib << 20
+        self.image.check_fits(mem_size)
+        install_kick_handler()
+        self._own_kvm = kvm is None
+        self.kvm = kvm or Kvm()
+        cpuid.check_host_supports(self.kvm.supported_cpuid())
+        self.memory = GuestMemory(mem_size)
+        self.vm = self.kvm.create_vm()
+        self.vm.set_memory_region(MEMORY_SLOT, 0, mem_size, self.memory.host_address, log_dirty=True)
+        self.vcpu: VcpuFd = self.vm.create_vcpu(0)
+        self.vcpu.set_cpuid(cpuid.kvm_entries())
+        self.vcpu.enable_sync_regs()
+        self.dirty = DirtyTracker(self.vm, MEMORY_SLOT, self.memory)
+
+        self.position = 0
+        self.irq = InterruptState()
+        self.clock = VirtualClock()
+        self.guest_faults: list[str] = []
+        self.console_output = bytearray()
+        self.on_console: Callable[[bytes], None] | None = None
+        self.output_handler: OutputHandler | None = None  # replication holds outputs through this
+        self.net_backend = NetBackend()
+        self.net_backend.wake = self.wake
+        self.result: MachineResult | None = None
+
+        ctx = DeviceContext(self.memory, self.journal, self, self._emit, self.guest_faults)
+        self.console = Console(ctx, self.wake)
+        self.clock_device = Clock(ctx, self.clock)
+        self.timer = Timer(ctx, self.clock)
+        self.net = Net(ctx, self.net_backend)
+        self.block = Block(ctx, config.disk)
+        self.devices = [self.console, self.clock_device, self.timer, self.net, self.block, Entropy(ctx), Power(ctx)]
+        self._out: dict[int, Callable[[int], None]] = {}
+        self._in: dict[int, Callable[[], int]] = {g.Port.EVENTS: self._events, g.Port.WAIT: self._wait}
+        for device in self.devices:
+            self._out.update({int(p): h for p, h in device.out_ports().items()})
+            self._in.update({int(p): h for p, h in device.in_ports().items()})
+        self._out[g.Port.NOP] = lambda value: None
+        self._sources = [self.timer, self.net, self.console]
+
+        self._thread: threading.Thread | None = None
+        self._control: str | None = None
+        self._control_lock = threading.Lock()
+        self._wake_cond = threading.Condition()
+        self._news = False
+        self._paused = threading.Event()
+        self._resume = threading.Event()
+        self._done = threading.Event()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[MachineResult]]] = []
+        self._blocked = False  # in a WAIT: not making exits, but not hung either
+        self._hung = False
+        self.sync_exits_at_last_check = 0
+        self.hasher: StateHasher | None = None
+        self.exits_async = 0
+        self.started_at = 0.0
+
+    # ----- building -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Fresh boot: boot structures, the image, entry registers."""
+        boot.write_boot_structures(self.memory, self.config.arg)
+        self.image.load_into(self.memory)
+        boot.set_entry_registers(self.vcpu, self.image.entry)
+
+    # ----- the Interrupts interface for devices -----------------------------------------------
+
+    def raise_irq(self, vector: Vector) -> None:
+        self.irq.raise_vector(vector)
+
+    # ----- outputs ----------------------------------------------------------------------------
+
+    def _emit(self, kind: OutputKind, data: bytes) -> None:
+        if not self.journal.output(kind, data):
+            return
+        if self.output_handler is not None:
+            self.output_handler(kind, data, self.position)
+        else:
+            self.deliver(kind, data)
+
+    def deliver(self, kind: OutputKind, data: bytes) -> None:
+        """Make an output visible to the world (any thread)."""
+        if kind is OutputKind.CONSOLE:
+            self.console_output += data
+            del self.console_output[: -(1 << 20)]
+            if self.on_console is not None:
+                self.on_console(data)
+        elif kind is OutputKind.NET:
+            deliver_tx(self.net_backend, data)
+
+    # ----- nondeterministic news ----------------------------------------------------------
+
+    def wake(self) -> None:
+        """Host-side news for the guest (any thread): wakes a blocked WAIT."""
+        with self._wake_cond:
+            self._news = True
+            self._wake_cond.notify()
+
+    def _poll_async(self) -> None:
+        """At a synchronous exit: make interrupts pending for news (live), or as the log says (replay)."""
+        journal = self.journal
+        if journal.mode is JournalMode.REPLAY:
+            for vector in journal.due_irqs():
+                self._apply_irq(vector)
+            return
+        irq = self.irq
+        for source in self._sources:
+            if not irq.latched & source.event_bit and source.has_news():
+                self._apply_irq(source.vector)
+                journal.irq(source.vector)
+
+    def _apply_irq(self, vector: Vector) -> None:
+        self.irq.raise_vector(vector)
+        for source in self._sources:
+            if source.vector == vector:
+                source.on_raised()
+
+    def _events(self) -> int:
+        self._poll_async()
+        value = self.journal.value(EventKind.EVENTS, lambda: self.irq.latched)
+        self.irq.take_latched(value)
+        return value
+
+    def _wait(self) -> int:
+        if self.journal.mode is not JournalMode.REPLAY:
+            self._poll_async()
+            while not self.irq.latched and self._control is None:
+                self._block_for_news()
+                self._poll_async()
+        return self._events()
+
+    def _block_for_news(self) -> None:
+        deadlines = [d for d in (s.deadline_ns() for s in self._sources) if d is not None]
+        timeout = _MAX_BLOCK_S
+        if deadlines:
+            timeout = min(timeout, max(0.0, (min(deadlines) - self.clock.now_ns()) / 1e9))
+        with self._wake_cond:
+            if not self._news and timeout > 0:
+                self._blocked = True
+                self._wake_cond.wait(timeout)
+                self._blocked = False
+            self._news = False
+
+    # ----- running ------------------------------------------------------------------------
+
+    def current_rip(self) -> int:
+        return int(_U64.unpack_from(self.vcpu.run_buffer, RUN_SYNC_RIP_OFFSET)[0])
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("machine already started")
+        self.started_at = time.monotonic()
+        self._thread = threading.Thread(target=self._thread_main, name="vcpu0", daemon=True)
+        self._thread.start()
+        threading.Thread(target=self._watchdog, name="vcpu0-watchdog", daemon=True).start()
+
+    def run_blocking(self, timeout: float | None = None) -> MachineResult:
+        self.start()
+        return self.wait_blocking(timeout)
+
+    def wait_blocking(self, timeout: float | None = None) -> MachineResult:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"machine still running after {timeout} s (position {self.position})")
+        assert self.result is not None
+        return self.result
+
+    async def wait(self) -> MachineResult:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[MachineResult] = loop.create_future()
+        with self._control_lock:
+            if self.result is not None:
+                return self.result
+            self._waiters.append((loop, future))
+        return await future
+
+    def _finish(self, result: MachineResult) -> None:
+        with self._control_lock:
+            self.result = result
+            waiters, self._waiters = self._waiters, []
+        self._done.set()
+        self._paused.set()
+        for loop, future in waiters:
+            loop.call_soon_threadsafe(lambda f=future: f.done() or f.set_result(result))
+
+    def _thread_main(self) -> None:
+        try:
+            result = self._run_loop()
+        except DivergenceError as err:
+            log.error("%s", err)
+            result = MachineResult(StopReason.DIVERGED, self.position, message=str(err))
+        except Exception as err:  # the monitor survives its own bugs: report, do not hang
+            log.exception("vCPU thread failed")
+            result = MachineResult(StopReason.ERROR, self.position, message=f"{type(err).__name__}: {err}")
+        if result.reason is not StopReason.ERROR:
+            try:
+                self.journal.finish(self.state_digest())
+            except DivergenceError as err:
+                result = MachineResult(StopReason.DIVERGED, self.position, message=str(err))
+            except Exception as err:
+                log.exception("journal finish failed")
+                result = MachineResult(StopReason.ERROR, self.position, message=f"journal: {err}")
+        self._finish(result)
+
+    def _run_loop(self) -> MachineResult:
+        vcpu = self.vcpu
+        run = vcpu.run
+        buf = vcpu.run_buffer
+        run_once = vcpu.run_once
+        out_handlers = self._out
+        in_handlers = self._in
+        journal = self.journal
+        poll = self._poll_async
+        irq = self.irq
+        io_unpack = _IO.unpack_from
+        u32 = _U32
+        exit_io = ExitReason.IO
+        while True:
+            err = run_once()
+            if err:
+                if not is_eintr(err):
+                    return MachineResult(StopReason.ERROR, self.position, message=f"KVM_RUN failed: errno {err}")
+                self.exits_async += 1
+                run.immediate_exit = 0
+                if self._hung:
+                    return MachineResult(
+                        StopReason.HUNG,
+                        self.position,
+                        message=f"no exit for {self.config.hang_timeout_s} s",
+                        registers=self.registers(),
+                    )
+                if self._control is not None and self._handle_control(completed_io=True):
+                    return MachineResult(StopReason.STOPPED, self.position)
+                continue
+            reason = run.exit_reason
+            self.position += 1
+            journal.at_exit(self.position)
+            try:
+                if reason == exit_io:
+                    direction, size, port, _count, offset = io_unpack(buf, RUN_IO_OFFSET)
+                    if direction == KVM_EXIT_IO_OUT:
+                        handler = out_handlers.get(port)
+                        value = u32.unpack_from(buf, offset)[0] if size == 4 else buf[offset]
+                        if handler is not None:
+                            handler(value)
+                        else:
+                            self._unknown_port(port, "out")
+                    else:
+                        in_handler = in_handlers.get(port)
+                        result = in_handler() if in_handler is not None else self._unknown_port(port, "in")
+                        if size == 4:
+                            u32.pack_into(buf, offset, result & 0xFFFFFFFF)
+                        else:
+                            buf[offset : offset + size] = (result & 0xFFFFFFFF).to_bytes(4, "little")[:size]
+                else:
+                    stop = self._other_exit(reason)
+                    if stop is not None:
+                        return stop
+            except GuestStop as stop_request:
+                return self._guest_stopped(stop_request)
+            except GuestMemoryError as mem_err:
+                self.guest_faults.append(str(mem_err))
+                log.warning("guest fault: %s", mem_err)
+            poll()
+            if journal.state_hash_due(self.position):
+                journal.state_hash(self.state_digest())
+            if irq.pending and run.ready_for_interrupt_injection and run.if_flag:
+                vcpu.interrupt(irq.next_vector())
+            if self._control is not None and self._handle_control(completed_io=False):
+                return MachineResult(StopReason.STOPPED, self.position)
+
+    def _unknown_port(self, port: int, direction: str) -> int:
+        self.guest_faults.append(f"{direction} on unknown port 0x{port:x}")
+        log.warning("guest fault: %s on unknown port 0x%x", direction, port)
+        return 0xFFFFFFFF
+
+    def _other_exit(self, reason: int) -> MachineResult | None:
+        if reason == ExitReason.HLT:
+            if self.irq.pending and self.vcpu.run.if_flag:
+                return None
+            if not self.vcpu.run.if_flag:
+                return MachineResult(
+                    StopReason.CRASHED, self.position, message="halted with interrupts off",
+                    registers=self.registers(),
+                )
+            if self.journal.mode is not JournalMode.REPLAY:
+                self._wait()
+            return None
+        if reason == ExitReason.SHUTDOWN:
+            return MachineResult(
+                StopReason.CRASHED, self.position, message="triple fault (KVM_EXIT_SHUTDOWN)",
+                registers=self.registers(),
+            )
+        if reason == ExitReason.INTERNAL_ERROR:
+            internal = self.vcpu.run.exit.internal
+            return MachineResult(
+                StopReason.CRASHED,
+                self.position,
+                message=f"KVM internal error, suberror {internal.suberror}",
+                registers=self.registers(),
+            )
+        try:
+            name = ExitReason(reason).name
+        except ValueError:
+            name = str(reason)
+        return MachineResult(
+            StopReason.CRASHED, self.position, message=f"unexpected exit {name}", registers=self.registers()
+        )
+
+    def _guest_stopped(self, stop: GuestStop) -> MachineResult:
+        if stop.panic is not None:
+            registers = self.registers()
+            if stop.rip:
+                registers["fault_rip"] = stop.rip
+                registers["vector"] = stop.vector
+            return MachineResult(StopReason.PANICKED, self.position, message=stop.panic, registers=registers)
+        return MachineResult(StopReason.EXITED, self.position, exit_code=stop.exit_code)
+
+    def registers(self) -> dict[str, int]:
+        regs = self.vcpu.get_regs()
+        sregs = self.vcpu.get_sregs()
+        out = {name: int(getattr(regs, name)) for name in ("rip", "rsp", "rflags", "rax", "rbx", "rcx", "rdx")}
+        out.update(cs=int(sregs.cs.selector), cr2=int(sregs.cr2))
+        return out
+
+    def state_digest(self) -> bytes:
+        if self.hasher is None:
+            self.hasher = StateHasher(self.memory, self.dirty)
+        regs = self.vcpu.get_regs()
+        sregs = self.vcpu.get_sregs()
+        return self.hasher.digest(bytes(regs) + bytes(sregs))
+
+    # ----- control --------------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Make KVM_RUN return promptly (an asynchronous exit)."""
+        self.vcpu.run.immediate_exit = 1
+        thread = self._thread
+        if thread is not None and thread.ident is not None and thread.is_alive():
+            signal.pthread_kill(thread.ident, KICK_SIGNAL)
+        self.wake()
+
+    def _request(self, what: str) -> None:
+        with self._control_lock:
+            if self._control != "stop":
+                self._control = what
+        self.kick()
+
+    def stop(self) -> None:
+        """Stop at the next synchronous exit (or now, if the guest is in a blocked WAIT)."""
+        if self._thread is None:
+            self._finish(MachineResult(StopReason.STOPPED, self.position))
+            return
+        self._request("stop")
+
+    def pause(self, timeout: float = 5.0) -> None:
+        """Park the vCPU at a synchronous exit with its I/O completed; returns when parked."""
+        self._paused.clear()
+        self._resume.clear()
+        self._request("pause")
+        if not self._paused.wait(timeout):
+            raise TimeoutError(f"vCPU did not pause within {timeout} s")
+
+    def resume(self) -> None:
+        with self._control_lock:
+            if self._control == "pause":
+                self._control = None
+        self._resume.set()
+
+    def _handle_control(self, completed_io: bool) -> bool:
+        """True if the machine must stop."""
+        if self._control == "stop":
+            return True
+        if self._control == "pause":
+            if not completed_io:
+                # An I/O exit completes only on the next KVM_RUN: enter once with immediate_exit.
+                self.vcpu.run.immediate_exit = 1
+                self.vcpu.run_once()
+                self.vcpu.run.immediate_exit = 0
+            self._paused.set()
+            while not self._resume.wait(0.1):
+                if self._control == "stop":
+                    return True
+            self._paused.clear()
+            return self._control == "stop"
+        return False
+
+    def _watchdog(self) -> None:
+        timeout = self.config.hang_timeout_s
+        last_position = -1
+        last_progress = time.monotonic()
+        while not self._done.wait(min(0.05, timeout / 4)):
+            now = time.monotonic()
+            if self.position != last_position or self._blocked or self._paused.is_set():
+                last_position = self.position
+                last_progress = now
+            elif now - last_progress > timeout:
+                log.warning("guest made no exit for %.1f s: hung", now - last_progress)
+                self._hung = True
+                self.kick()
+                return
+
+    def close(self) -> None:
+        if self._thread is not None and not self._done.is_set():
+            self.stop()
+            self._done.wait(5)
+        self.block.close()
+        self.vcpu.close()
+        self.vm.close()
+        if self._own_kvm:
+            self.kvm.close()
+
