@@ -144,4 +144,6 @@ static inline uint64_t vmft_mix64(uint64_t x)
 }
 uint64_t vmft_fnv1a(const void *data, size_t len, uint64_t h); /* h = 0 starts a fresh hash */
 
+#ifndef VMFT_HOST_RUNTIME
 int main(void);
+#endif
