@@ -88,7 +88,9 @@ class KvClient:
             raise ValueError("KvClient needs at least one address")
         cid = client_id.encode()
         if not cid or len(cid) > MAX_CLIENT_ID or any(c in cid for c in b" :\r\n"):
-            raise ValueError(f"a client id is 1..{MAX_CLIENT_ID} bytes without spaces or colons: {client_id!r}")
+            raise ValueError(
+                f"a client id is 1..{MAX_CLIENT_ID} bytes without spaces or colons: {client_id!r}"
+            )
         self.addresses = [_split_address(a) for a in addresses]
         self.client_id = client_id
         self.timeout = timeout
@@ -171,7 +173,7 @@ class KvClient:
                 try:
                     reply = await self._exchange(payload, deadline, expect_reply)
                     return reply.decode(errors="replace")
-                except (OSError, ConnectionError, EOFError, asyncio.TimeoutError, asyncio.IncompleteReadError) as err:
+                except (OSError, EOFError, asyncio.TimeoutError, asyncio.IncompleteReadError) as err:
                     last_error = err
                     await self._drop()
                     if not retry or time.monotonic() + backoff >= deadline:
@@ -182,7 +184,8 @@ class KvClient:
                     backoff = min(backoff * 2, self.backoff_max)
             tried = ", ".join(f"{h}:{p}" for h, p in self.addresses)
             raise KvUnavailable(
-                f"no kv service answered {text[:40]!r} within {self.total_timeout:.1f}s (tried {tried}): {last_error!r}"
+                f"no kv service answered {text[:40]!r} within {self.total_timeout:.1f}s"
+                f" (tried {tried}): {last_error!r}"
             ) from last_error
 
     def _next_rid(self) -> str:

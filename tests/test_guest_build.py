@@ -46,7 +46,8 @@ def read_elf(path: Path) -> tuple[dict[str, int], list[tuple[int, int, int, int,
             "<IIQQQQQQ", data, e_phoff + i * e_phentsize
         )
         phdrs.append((p_type, p_flags, p_offset, p_vaddr, p_filesz, p_memsz))
-    header = {"class": ident_class, "data": ident_data, "type": e_type, "machine": e_machine, "entry": e_entry}
+    header = {"class": ident_class, "data": ident_data, "type": e_type, "machine": e_machine,
+              "entry": e_entry}
     return header, phdrs
 
 
@@ -123,7 +124,8 @@ def test_check_insns_passes() -> None:
 
 def test_check_insns_catches_rdtsc(tmp_path: Path) -> None:
     src = tmp_path / "bad.c"
-    src.write_text("void _start(void) { unsigned a, d; __asm__ volatile(\"rdtsc\" : \"=a\"(a), \"=d\"(d)); for (;;) {} }\n")
+    src.write_text('void _start(void) { unsigned a, d; __asm__ volatile("rdtsc" : "=a"(a), "=d"(d));'
+                   " for (;;) {} }\n")
     bad = tmp_path / "bad.elf"
     subprocess.run(["gcc", "-ffreestanding", "-nostdlib", "-static", "-o", str(bad), str(src)], check=True)
     result = make("check-insns", ELFS=str(bad))

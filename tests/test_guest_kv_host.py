@@ -101,7 +101,8 @@ def test_protocol(kv_host: KvHost) -> None:
         "NOTFOUND", "OK", "VALUE hello world", "OK", "VALUE hello world", "ERR stale",
         "VALUE 5", "VALUE -2", "VALUE -2", "ERR not an integer", "OK", "NOTFOUND",
         "NOTFOUND", f"STATS keys=1 {replies[13].split()[2]} writes=6",
-        "ERR unknown command", "ERR empty request", "ERR bad request id (want clientid:seq)", "ERR usage: GET key",
+        "ERR unknown command", "ERR empty request", "ERR bad request id (want clientid:seq)",
+        "ERR usage: GET key",
         "ERR key too long", "ERR value too long", "ERR bad delta", "VALUE -2",
     ]
 
