@@ -18,12 +18,13 @@ the *same* text with the *same* request id: every acknowledged write is applied 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import struct
 import time
 from types import TracebackType
 from typing import Any
 
-__all__ = ["KvClient", "KvClientSync", "KvError", "KvProtocolError", "KvUnavailable"]
+__all__ = ["KvClient", "KvClientSync", "SyncKvClient", "KvError", "KvProtocolError", "KvUnavailable"]
 
 MAX_KEY = 128
 MAX_VALUE = 1024
@@ -70,14 +71,14 @@ def _check_key(key: str) -> bytes:
 class KvClient:
     """An asyncio client for the kv guest. One request in flight at a time (an internal lock).
 
-    `timeout` bounds one attempt (connect plus reply); `total_timeout` (default: max(10 s, 5 attempts))
-    bounds the whole retrying of one request, after which `KvUnavailable` is raised.
+    `client_id` defaults to a random one. `timeout` bounds one attempt (connect plus reply);
+    `total_timeout` (default: max(10 s, 5 attempts)) bounds the whole retrying of one request, after which `KvUnavailable` is raised.
     """
 
     def __init__(
         self,
         addresses: list[str],
-        client_id: str,
+        client_id: str | None = None,
         timeout: float = 2.0,
         *,
         total_timeout: float | None = None,
@@ -86,6 +87,8 @@ class KvClient:
     ) -> None:
         if not addresses:
             raise ValueError("KvClient needs at least one address")
+        if client_id is None:
+            client_id = "c" + secrets.token_hex(6)
         cid = client_id.encode()
         if not cid or len(cid) > MAX_CLIENT_ID or any(c in cid for c in b" :\r\n"):
             raise ValueError(
@@ -263,7 +266,9 @@ class KvClient:
 class KvClientSync:
     """The same client for simple scripts: each method runs the async one on a private event loop."""
 
-    def __init__(self, addresses: list[str], client_id: str, timeout: float = 2.0, **kwargs: Any) -> None:
+    def __init__(
+        self, addresses: list[str], client_id: str | None = None, timeout: float = 2.0, **kwargs: Any
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._client = KvClient(addresses, client_id, timeout, **kwargs)
 
@@ -306,3 +311,6 @@ class KvClientSync:
     def stats(self) -> dict[str, int]:
         result: dict[str, int] = self._run(self._client.stats())
         return result
+
+
+SyncKvClient = KvClientSync  # the name replica/cli.py uses

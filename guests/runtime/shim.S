@@ -59,7 +59,15 @@ exc_\vec:
 /* Stack: vector, error code, RIP, CS, RFLAGS, RSP, SS. The VM stops at POWER_PANIC; if the monitor
  * lets it run on, halt with interrupts off. */
 exc_common:
-    mov $exc_req, %rdi
+    /* kvm_pvm raises #UD for `int n` in ring 3 (measured): a #UD at the crash gate's own `int $0x80`
+     * with rax = VMFT_SYS_CRASH is that request, so take the crash path (on other KVMs the gate runs). */
+    cmpq $6, (%rsp)
+    jne 4f
+    cmpq $vmft_sys_crash_int, 16(%rsp)
+    jne 4f
+    cmp $VMFT_SYS_CRASH, %rax
+    je crash
+4:  mov $exc_req, %rdi
     mov (%rsp), %eax                   /* vector */
     mov %eax, REQ_ARG(%rdi)
     mov 16(%rsp), %rdx                 /* faulting RIP */
@@ -106,6 +114,7 @@ irq_console_in:
 sys_gate:
     cmp $VMFT_SYS_CRASH, %rax
     jne 1f
+crash:
     lidt null_idt_desc
     movabs $0x8000000000000000, %rax
     mov (%rax), %rax
@@ -120,6 +129,14 @@ __shim_stubs_end:
 vmft_ring3_entry:
     call vmft_runtime_start
 1:  jmp 1b
+
+/* void vmft_sys_crash(void): the crash request (see exc_common for why its address matters). */
+    .globl vmft_sys_crash
+vmft_sys_crash:
+    mov $VMFT_SYS_CRASH, %eax
+vmft_sys_crash_int:
+    int $0x80
+    jmp vmft_sys_crash
 
 /* The IDT, built by the linker: every stub lies in [1 MiB, 1 MiB + 64 KiB) (guest.ld asserts it),
  * so offset 31:16 is 0x0010 and offset 15:0 is a 16-bit relocation the linker range-checks. */

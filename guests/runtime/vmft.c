@@ -259,11 +259,12 @@ void vmft_panicf(const char *fmt, ...)
     panic_at(msg, n < (int)sizeof msg ? (size_t)n : sizeof msg - 1, (uintptr_t)__builtin_return_address(0));
 }
 
+VMFT_NORETURN void vmft_sys_crash(void); /* shim.S: int $0x80 with rax = VMFT_SYS_CRASH */
+
 void vmft_crash(void)
 {
     vmft_console_flush();
-    for (;;)
-        __asm__ volatile("int $0x80" : : "a"((uint64_t)VMFT_SYS_CRASH) : "memory");
+    vmft_sys_crash();
 }
 
 /* ---------------------------------------------------------------- start */
