@@ -72,7 +72,8 @@ class KvClient:
     """An asyncio client for the kv guest. One request in flight at a time (an internal lock).
 
     `client_id` defaults to a random one. `timeout` bounds one attempt (connect plus reply);
-    `total_timeout` (default: max(10 s, 5 attempts)) bounds the whole retrying of one request, after which `KvUnavailable` is raised.
+    `total_timeout` (default: max(10 s, 5 attempts)) bounds the whole retrying of one request, after
+    which `KvUnavailable` is raised.
     """
 
     def __init__(

@@ -21,6 +21,12 @@ pytestmark = pytest.mark.kvm
 GuestImage = Callable[[str], Path]
 
 
+def make_disk(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
 def run_guest(image: Path, arg: int = 0, disk: Path | None = None, timeout: float = 60.0,
               hang_timeout: float = 3.0) -> tuple[MachineResult, str]:
     machine = Machine(MachineConfig(str(image), 64, str(disk) if disk else None, arg, hang_timeout))
@@ -113,9 +119,7 @@ async def test_kv_through_the_client(guest_image: GuestImage) -> None:
 
 
 async def test_kv_disk_log_survives_a_restart(guest_image: GuestImage, tmp_path: Path) -> None:
-    disk = tmp_path / "kv.img"
-    with open(disk, "wb") as f:
-        f.truncate(4 << 20)
+    disk = make_disk(tmp_path / "kv.img", 4 << 20)
     async with served(guest_image("kv"), disk) as (_machine, address, _console):
         async with KvClient([address], "p1", timeout=5.0) as kv:
             for i in range(50):
@@ -160,9 +164,7 @@ async def test_kv_faults(guest_image: GuestImage, command: str, reason: StopReas
 
 
 async def test_mixed_echo_and_quit(guest_image: GuestImage, tmp_path: Path) -> None:
-    disk = tmp_path / "mixed.img"
-    with open(disk, "wb") as f:
-        f.truncate(1 << 20)
+    disk = make_disk(tmp_path / "mixed.img", 1 << 20)
     async with served(guest_image("mixed"), disk) as (machine, address, console):
         host, port = address.rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port))
