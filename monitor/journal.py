@@ -44,6 +44,10 @@ class JournalMode(enum.Enum):
 class Journal(Protocol):
     mode: JournalMode
 
+    def bind(self, rip: Callable[[], int], request_stop: Callable[[], None]) -> None:
+        """Attach to a machine: how to read the guest RIP, and how to stop it at the current exit."""
+        ...
+
     def value(self, kind: EventKind, live: Callable[[], int]) -> int:
         """An integer input. `live` is called unless replaying."""
         ...
@@ -68,6 +72,14 @@ class Journal(Protocol):
         """Called at every synchronous exit, before it is handled (replay waits here for log)."""
         ...
 
+    def idle(self) -> None:
+        """The guest is blocked waiting for news (recording: flush what is complete)."""
+        ...
+
+    def cancel_wait(self) -> None:
+        """The machine is being stopped: a replay waiting for more log gives up (raises JournalStop)."""
+        ...
+
     def state_hash_due(self, position: int) -> bool:
         """Whether a state hash belongs at this position."""
         ...
@@ -76,7 +88,7 @@ class Journal(Protocol):
         """Record (or, replaying, check) a state hash at this position."""
         ...
 
-    def finish(self, digest: bytes) -> None:
+    def finish(self, digest: bytes, reason: str) -> None:
         """The VM stopped: record (or check) the final state hash and flush."""
         ...
 
@@ -85,6 +97,15 @@ class LiveJournal:
     """No recording, no replay: an unprotected VM."""
 
     mode = JournalMode.LIVE
+
+    def bind(self, rip: Callable[[], int], request_stop: Callable[[], None]) -> None:
+        pass
+
+    def idle(self) -> None:
+        pass
+
+    def cancel_wait(self) -> None:
+        pass
 
     def value(self, kind: EventKind, live: Callable[[], int]) -> int:
         return live()
@@ -110,7 +131,7 @@ class LiveJournal:
     def state_hash(self, digest: bytes) -> None:
         pass
 
-    def finish(self, digest: bytes) -> None:
+    def finish(self, digest: bytes, reason: str) -> None:
         pass
 
 
@@ -123,3 +144,7 @@ class DivergenceError(Exception):
         self.what = what
         self.expected = expected
         self.found = found
+
+
+class JournalStop(Exception):
+    """The journal cannot go on (the log ended, or replay was told to stop): stop the machine here."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import mmap
 import os
 from dataclasses import dataclass
@@ -244,7 +243,10 @@ class VcpuFd:
     def close(self) -> None:
         del self.run
         self.run_buffer.release()
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a caller still holds a view of kvm_run; the mapping goes when that view does
         os.close(self.fd)
 
 

@@ -29,7 +29,15 @@ from monitor.devices.power import GuestStop, Power
 from monitor.dirty import DirtyTracker
 from monitor.guest_abi import Vector
 from monitor.interrupts import InterruptState
-from monitor.journal import DivergenceError, EventKind, Journal, JournalMode, LiveJournal, OutputKind
+from monitor.journal import (
+    DivergenceError,
+    EventKind,
+    Journal,
+    JournalMode,
+    JournalStop,
+    LiveJournal,
+    OutputKind,
+)
 from monitor.kvm import Kvm, VcpuFd, is_eintr
 from monitor.kvm_abi import KVM_EXIT_IO_OUT, RUN_IO_OFFSET, RUN_SYNC_RIP_OFFSET, ExitReason, IoExit
 from monitor.loader import GuestImage, load_image_file
@@ -131,6 +139,8 @@ class Machine:
         self.result: MachineResult | None = None
 
         ctx = DeviceContext(self.memory, self.journal, self, self._emit, self.guest_faults)
+        self._ctx = ctx
+        self.journal.bind(self.current_rip, self._stop_here)
         self.console = Console(ctx, self.wake)
         self.clock_device = Clock(ctx, self.clock)
         self.timer = Timer(ctx, self.clock)
@@ -168,6 +178,17 @@ class Machine:
         boot.write_boot_structures(self.memory, self.config.arg)
         self.image.load_into(self.memory)
         boot.set_entry_registers(self.vcpu, self.image.entry)
+
+    def set_journal(self, journal: Journal) -> None:
+        """Switch record/replay mode at a synchronous exit (vCPU thread), e.g. a backup going live."""
+        self.journal = journal
+        self._ctx.journal = journal
+        journal.bind(self.current_rip, self._stop_here)
+
+    def _stop_here(self) -> None:
+        """Stop after the exit being handled (vCPU thread; no kick needed)."""
+        with self._control_lock:
+            self._control = "stop"
 
     # ----- the Interrupts interface for devices -----------------------------------------------
 
@@ -240,6 +261,7 @@ class Machine:
         timeout = _MAX_BLOCK_S
         if deadlines:
             timeout = min(timeout, max(0.0, (min(deadlines) - self.clock.now_ns()) / 1e9))
+        self.journal.idle()
         with self._wake_cond:
             if not self._news and timeout > 0:
                 self._blocked = True
@@ -294,12 +316,14 @@ class Machine:
         except DivergenceError as err:
             log.error("%s", err)
             result = MachineResult(StopReason.DIVERGED, self.position, message=str(err))
+        except JournalStop as err:
+            result = MachineResult(StopReason.STOPPED, self.position, message=str(err))
         except Exception as err:  # the monitor survives its own bugs: report, do not hang
             log.exception("vCPU thread failed")
             result = MachineResult(StopReason.ERROR, self.position, message=f"{type(err).__name__}: {err}")
         if result.reason is not StopReason.ERROR:
             try:
-                self.journal.finish(self.state_digest())
+                self.journal.finish(self.state_digest(), result.reason.value)
             except DivergenceError as err:
                 result = MachineResult(StopReason.DIVERGED, self.position, message=str(err))
             except Exception as err:
@@ -314,7 +338,6 @@ class Machine:
         run_once = vcpu.run_once
         out_handlers = self._out
         in_handlers = self._in
-        journal = self.journal
         poll = self._poll_async
         irq = self.irq
         io_unpack = _IO.unpack_from
@@ -338,8 +361,9 @@ class Machine:
                     return MachineResult(StopReason.STOPPED, self.position)
                 continue
             reason = run.exit_reason
+            journal = self.journal
+            journal.at_exit(self.position + 1)  # may wait for log (replay) or stop the machine
             self.position += 1
-            journal.at_exit(self.position)
             try:
                 if reason == exit_io:
                     direction, size, port, _count, offset = io_unpack(buf, RUN_IO_OFFSET)
@@ -453,6 +477,7 @@ class Machine:
 
     def stop(self) -> None:
         """Stop at the next synchronous exit (or now, if the guest is in a blocked WAIT)."""
+        self.journal.cancel_wait()
         if self._thread is None:
             self._finish(MachineResult(StopReason.STOPPED, self.position))
             return

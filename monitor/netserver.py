@@ -1,0 +1,110 @@
+"""The NIC's host side on the network: a TCP listener whose connections become guest messages.
+
+Framing on the wire: each message is a 4-byte big-endian length and that many payload bytes. Each client
+connection gets an id; its messages reach the guest as NET_RX DATA records tagged with that id, and
+connecting and closing reach it as OPEN and CLOSE records. Replies come back through `transmit`, which
+the vCPU thread calls; the writes happen on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+
+from monitor.devices.net import MAX_MESSAGE, NetBackend, NetMessage
+from monitor.guest_abi import NetKind
+
+log = logging.getLogger(__name__)
+_LENGTH = struct.Struct(">I")
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+class NicServer:
+    def __init__(self, backend: NetBackend, host: str, port: int, first_conn_id: int = 1) -> None:
+        self._backend = backend
+        self._host = host
+        self._port = port
+        self._next_id = first_conn_id
+        self._writers: dict[int, asyncio.StreamWriter] = {}
+        self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        backend.transmit = self._transmit_threadsafe
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    @property
+    def next_conn_id(self) -> int:
+        return self._next_id
+
+    async def start(self) -> tuple[str, int]:
+        self._loop = asyncio.get_running_loop()
+        self._server = await asyncio.start_server(self._accept, self._host, self._port, reuse_address=True)
+        return self.address
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers.values()):
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = self._next_id
+        self._next_id += 1
+        self._writers[conn] = writer
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        self._backend.push(NetMessage(conn, NetKind.OPEN, b""))
+        try:
+            while True:
+                header = await reader.readexactly(_LENGTH.size)
+                (length,) = _LENGTH.unpack(header)
+                if length > MAX_MESSAGE:
+                    log.warning("connection %d sent a %d-byte message (limit %d): closing", conn, length, MAX_MESSAGE)
+                    break
+                payload = await reader.readexactly(length)
+                self._backend.push(NetMessage(conn, NetKind.DATA, payload))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except asyncio.CancelledError:
+            pass
+        finally:
+            if self._writers.pop(conn, None) is not None:
+                self._backend.push(NetMessage(conn, NetKind.CLOSE, b""))
+            writer.close()
+            if task is not None:
+                self._tasks.discard(task)
+
+    def _transmit_threadsafe(self, messages: list[NetMessage]) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._transmit, messages)
+
+    def _transmit(self, messages: list[NetMessage]) -> None:
+        for msg in messages:
+            writer = self._writers.get(msg.conn)
+            if writer is None:
+                continue  # the client went away; the guest hears CLOSE
+            if msg.kind is NetKind.DATA:
+                writer.write(_LENGTH.pack(len(msg.payload)) + msg.payload)
+            elif msg.kind is NetKind.CLOSE:
+                self._writers.pop(msg.conn, None)
+                writer.close()

@@ -1,0 +1,194 @@
+"""The `vmft` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from typing import Callable
+
+from monitor.kvm import KvmError
+from monitor.loader import ImageError, load_image_file
+from monitor.machine import Machine, MachineConfig, MachineResult, StopReason
+from monitor.netserver import NicServer, parse_address
+from monitor.record import LogError, open_recording, open_replay
+
+log = logging.getLogger("vmft")
+
+EXIT_GUEST_FAILED = 70  # the guest crashed, panicked or hung
+EXIT_DIVERGED = 71
+EXIT_USAGE = 2
+
+
+def _add_machine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", help="static ELF64 guest image (built into guests/build/)")
+    parser.add_argument("--mem", type=int, default=64, metavar="MiB", help="guest RAM (default 64)")
+    parser.add_argument("--disk", metavar="FILE", help="disk image file (size a multiple of 512)")
+    parser.add_argument("--arg", type=int, default=0, help="a number passed to the guest (boot info)")
+    parser.add_argument(
+        "--hang-timeout", type=float, default=2.0, metavar="S", help="report the guest hung after S seconds without an exit"
+    )
+
+
+def machine_config(args: argparse.Namespace) -> MachineConfig:
+    return MachineConfig(args.image, args.mem, args.disk, args.arg, args.hang_timeout)
+
+
+def result_exit_status(result: MachineResult) -> int:
+    if result.reason is StopReason.EXITED and result.exit_code is not None:
+        return result.exit_code & 0xFF
+    if result.reason is StopReason.STOPPED:
+        return 0
+    if result.reason is StopReason.DIVERGED:
+        return EXIT_DIVERGED
+    return EXIT_GUEST_FAILED
+
+
+def write_console(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+async def run_machine(machine: Machine, listen: str | None) -> MachineResult:
+    """Run until the guest stops; SIGINT/SIGTERM stop it cleanly at a synchronous exit."""
+    loop = asyncio.get_running_loop()
+    server: NicServer | None = None
+    if listen:
+        host, port = parse_address(listen)
+        server = NicServer(machine.net_backend, host, port)
+        bound = await server.start()
+        print(f"vmft: listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, machine.stop)
+    try:
+        machine.start()
+        return await machine.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if server is not None:
+            await server.close()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    image = load_image_file(args.image)
+    journal = open_recording(args.record, image, args.mem << 20, args.hash_every) if args.record else None
+    machine = Machine(machine_config(args), journal=journal, image=image)
+    machine.on_console = write_console
+    machine.load()
+    try:
+        result = asyncio.run(run_machine(machine, args.listen))
+    finally:
+        machine.close()
+    if result.reason is not StopReason.EXITED:
+        print(f"vmft: guest {result.describe()}", file=sys.stderr)
+    for fault in machine.guest_faults[-5:]:
+        print(f"vmft: guest fault: {fault}", file=sys.stderr)
+    return result_exit_status(result)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    image = load_image_file(args.image)
+    journal = open_replay(args.log, image, args.mem << 20)
+    machine = Machine(machine_config(args), journal=journal, image=image)
+    machine.load()
+    started = time.monotonic()
+    try:
+        result = machine.run_blocking()
+    finally:
+        machine.close()
+    seconds = time.monotonic() - started
+    stats = journal.stats
+    print(
+        f"replayed {result.position} positions in {seconds:.2f} s: {stats.events} events applied, "
+        f"{stats.outputs} outputs and {stats.state_hashes} state hashes verified"
+    )
+    if result.reason is StopReason.DIVERGED:
+        print(f"verdict: DIVERGED: {result.message}")
+        return EXIT_DIVERGED
+    if result.reason is StopReason.ERROR:
+        print(f"verdict: ERROR: {result.message}")
+        return EXIT_GUEST_FAILED
+    if journal.end_position is None or result.position != journal.end_position:
+        print(f"verdict: INCOMPLETE: {result.message or result.describe()}")
+        return 1
+    print(f"verdict: IDENTICAL to the recording (guest {stats.end_reason}: {result.describe()})")
+    return 0
+
+
+def cmd_kv(args: argparse.Namespace) -> int:
+    from replica.kv_client import KvError, KvUnavailable, KvClientSync
+
+    client = KvClientSync([args.address], client_id=args.client_id, timeout=args.timeout)
+    op: str = args.op
+    try:
+        if op == "get":
+            value = client.get(args.key)
+            print(value if value is not None else "(not found)")
+            return 0 if value is not None else 1
+        if op == "set":
+            client.set(args.key, args.value)
+        elif op == "incr":
+            print(client.incr(args.key, int(args.value or 1)))
+        elif op == "del":
+            print("deleted" if client.delete(args.key) else "(not found)")
+        elif op == "stats":
+            print(client.stats())
+        return 0
+    except KvUnavailable as err:
+        print(f"vmft kv: {err}", file=sys.stderr)
+        return 3
+    except KvError as err:
+        print(f"vmft kv: {err}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmft", description="fault-tolerant virtual machines on Linux KVM")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a guest image, show its console, exit with its code")
+    _add_machine_args(run)
+    run.add_argument("--listen", metavar="HOST:PORT", help="serve the guest's NIC on this TCP address")
+    run.add_argument("--record", metavar="LOG", help="record the nondeterministic event log to LOG")
+    run.add_argument("--hash-every", type=int, default=20000, metavar="N", help="state hash every N positions")
+    run.set_defaults(func=cmd_run)
+
+    replay = sub.add_parser("replay", help="replay a recorded log and verify it")
+    _add_machine_args(replay)
+    replay.add_argument("log", help="event log written by `vmft run --record`")
+    replay.add_argument("-q", "--quiet", action="store_true")
+    replay.set_defaults(func=cmd_replay)
+
+    kv = sub.add_parser("kv", help="talk to a kv guest")
+    kv.add_argument("address", help="HOST:PORT of the service")
+    kv.add_argument("op", choices=["get", "set", "incr", "del", "stats"])
+    kv.add_argument("key", nargs="?", default="")
+    kv.add_argument("value", nargs="?")
+    kv.add_argument("--client-id", default=None, help="client id for request ids (default: random)")
+    kv.add_argument("--timeout", type=float, default=5.0)
+    kv.set_defaults(func=cmd_kv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="vmft: %(levelname)s %(name)s: %(message)s"
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ImageError, KvmError, LogError, ValueError, OSError) as err:
+        print(f"vmft: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
