@@ -79,9 +79,7 @@ def write_boot_structures(memory: GuestMemory, arg: int = 0) -> None:
     tss = bytearray(TSS_SIZE)
     struct.pack_into("<H", tss, 102, TSS_SIZE)  # I/O bitmap right after the TSS
     memory.write(g.TSS_ADDR, bytes(tss) + bytes(IO_BITMAP_SIZE) + b"\xff")
-    info = struct.pack(
-        g.BOOT_INFO.fmt, g.BOOT_INFO_MAGIC, g.ABI_VERSION, 0, size, g.TSS_ADDR, 0, 0, arg
-    )
+    info = struct.pack(g.BOOT_INFO.fmt, g.BOOT_INFO_MAGIC, g.ABI_VERSION, 0, size, g.TSS_ADDR, 0, 0, arg)
     memory.write(g.BOOT_INFO_ADDR, info)
 
 
@@ -105,9 +103,7 @@ def set_entry_registers(vcpu: VcpuFd, entry: int) -> None:
     sregs.cs = _segment(g.SEL_KERNEL_CODE, code=True)
     data = _segment(g.SEL_KERNEL_DATA, code=False)
     sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
-    sregs.tr = Segment(
-        base=g.TSS_ADDR, limit=TSS_LIMIT, selector=g.SEL_TSS, type=0xB, present=1, s=0, g=0
-    )
+    sregs.tr = Segment(base=g.TSS_ADDR, limit=TSS_LIMIT, selector=g.SEL_TSS, type=0xB, present=1, s=0, g=0)
     sregs.gdt.base = g.GDT_ADDR
     sregs.gdt.limit = 0x30 + 16 - 1
     sregs.idt.base = 0

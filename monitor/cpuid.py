@@ -80,6 +80,14 @@ def check_host_supports(supported: list[CpuidEntry2]) -> None:
 
 def kvm_entries() -> list[CpuidEntry2]:
     return [
-        CpuidEntry2(function=leaf.function, index=leaf.index, flags=0, eax=leaf.eax, ebx=leaf.ebx, ecx=leaf.ecx, edx=leaf.edx)
+        CpuidEntry2(
+            function=leaf.function,
+            index=leaf.index,
+            flags=0,
+            eax=leaf.eax,
+            ebx=leaf.ebx,
+            ecx=leaf.ecx,
+            edx=leaf.edx,
+        )
         for leaf in FIXED_TABLE
     ]

@@ -239,7 +239,7 @@ def render_c_header() -> str:
             lines.append(f"    {f.ctype} {f.name};")
         lines.append("};")
         lines.append(
-            f"_Static_assert(sizeof(struct {layout.c_name}) == {layout.size}, \"{layout.c_name} layout\");"
+            f'_Static_assert(sizeof(struct {layout.c_name}) == {layout.size}, "{layout.c_name} layout");'
         )
         lines.append("")
     lines.append("#endif")

@@ -39,9 +39,7 @@ def _iowr(nr: int, size: int) -> int:
 class Regs(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_uint64)
-        for name in (
-            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
-        )
+        for name in ("rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split())
     ]
 
 

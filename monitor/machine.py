@@ -19,7 +19,7 @@ from typing import Callable
 
 from monitor import boot, cpuid
 from monitor import guest_abi as g
-from monitor.devices.base import DeviceContext
+from monitor.devices.base import AsyncSource, Device, DeviceContext
 from monitor.devices.block import Block
 from monitor.devices.clock import Clock, Timer, VirtualClock
 from monitor.devices.console import Console
@@ -146,14 +146,22 @@ class Machine:
         self.timer = Timer(ctx, self.clock)
         self.net = Net(ctx, self.net_backend)
         self.block = Block(ctx, config.disk)
-        self.devices = [self.console, self.clock_device, self.timer, self.net, self.block, Entropy(ctx), Power(ctx)]
+        self.devices: list[Device] = [
+            self.console,
+            self.clock_device,
+            self.timer,
+            self.net,
+            self.block,
+            Entropy(ctx),
+            Power(ctx),
+        ]
         self._out: dict[int, Callable[[int], None]] = {}
         self._in: dict[int, Callable[[], int]] = {g.Port.EVENTS: self._events, g.Port.WAIT: self._wait}
         for device in self.devices:
             self._out.update({int(p): h for p, h in device.out_ports().items()})
             self._in.update({int(p): h for p, h in device.in_ports().items()})
         self._out[g.Port.NOP] = lambda value: None
-        self._sources = [self.timer, self.net, self.console]
+        self._sources: list[AsyncSource] = [self.timer, self.net, self.console]
 
         self._thread: threading.Thread | None = None
         self._control: str | None = None
@@ -308,7 +316,7 @@ class Machine:
         self._done.set()
         self._paused.set()
         for loop, future in waiters:
-            loop.call_soon_threadsafe(lambda f=future: f.done() or f.set_result(result))
+            loop.call_soon_threadsafe(_settle, future, result)
 
     def _thread_main(self) -> None:
         try:
@@ -347,7 +355,9 @@ class Machine:
             err = run_once()
             if err:
                 if not is_eintr(err):
-                    return MachineResult(StopReason.ERROR, self.position, message=f"KVM_RUN failed: errno {err}")
+                    return MachineResult(
+                        StopReason.ERROR, self.position, message=f"KVM_RUN failed: errno {err}"
+                    )
                 self.exits_async += 1
                 run.immediate_exit = 0
                 if self._hung:
@@ -409,7 +419,9 @@ class Machine:
                 return None
             if not self.vcpu.run.if_flag:
                 return MachineResult(
-                    StopReason.CRASHED, self.position, message="halted with interrupts off",
+                    StopReason.CRASHED,
+                    self.position,
+                    message="halted with interrupts off",
                     registers=self.registers(),
                 )
             if self.journal.mode is not JournalMode.REPLAY:
@@ -417,7 +429,9 @@ class Machine:
             return None
         if reason == ExitReason.SHUTDOWN:
             return MachineResult(
-                StopReason.CRASHED, self.position, message="triple fault (KVM_EXIT_SHUTDOWN)",
+                StopReason.CRASHED,
+                self.position,
+                message="triple fault (KVM_EXIT_SHUTDOWN)",
                 registers=self.registers(),
             )
         if reason == ExitReason.INTERNAL_ERROR:
@@ -448,7 +462,9 @@ class Machine:
     def registers(self) -> dict[str, int]:
         regs = self.vcpu.get_regs()
         sregs = self.vcpu.get_sregs()
-        out = {name: int(getattr(regs, name)) for name in ("rip", "rsp", "rflags", "rax", "rbx", "rcx", "rdx")}
+        out = {
+            name: int(getattr(regs, name)) for name in ("rip", "rsp", "rflags", "rax", "rbx", "rcx", "rdx")
+        }
         out.update(cs=int(sregs.cs.selector), cr2=int(sregs.cr2))
         return out
 
@@ -540,3 +556,7 @@ class Machine:
         if self._own_kvm:
             self.kvm.close()
 
+
+def _settle(future: asyncio.Future[MachineResult], result: MachineResult) -> None:
+    if not future.done():
+        future.set_result(result)

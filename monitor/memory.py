@@ -16,9 +16,7 @@ class GuestMemoryError(Exception):
     """A guest-physical range that lies (partly) outside guest RAM."""
 
     def __init__(self, addr: int, length: int, size: int) -> None:
-        super().__init__(
-            f"guest address range 0x{addr:x}+{length} lies outside guest RAM (0x0..0x{size:x})"
-        )
+        super().__init__(f"guest address range 0x{addr:x}+{length} lies outside guest RAM (0x0..0x{size:x})")
         self.addr = addr
         self.length = length
 

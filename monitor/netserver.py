@@ -78,7 +78,9 @@ class NicServer:
                 header = await reader.readexactly(_LENGTH.size)
                 (length,) = _LENGTH.unpack(header)
                 if length > MAX_MESSAGE:
-                    log.warning("connection %d sent a %d-byte message (limit %d): closing", conn, length, MAX_MESSAGE)
+                    log.warning(
+                        "connection %d sent a %d-byte message (limit %d): closing", conn, length, MAX_MESSAGE
+                    )
                     break
                 payload = await reader.readexactly(length)
                 self._backend.push(NetMessage(conn, NetKind.DATA, payload))

@@ -24,13 +24,13 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Protocol
+from typing import Any, BinaryIO, Callable, Iterator, Protocol
 
 import zstandard
 
 from monitor import cpuid
 from monitor.guest_abi import ABI_VERSION, Vector
-from monitor.journal import DivergenceError, EventKind, Journal, JournalMode, JournalStop, OutputKind
+from monitor.journal import DivergenceError, EventKind, JournalMode, JournalStop, OutputKind
 from monitor.loader import GuestImage
 from proto import vmft_pb2
 
@@ -52,7 +52,9 @@ def output_hash(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=8).digest()
 
 
-def make_header(image: GuestImage, mem_size: int, start_position: int = 0, hash_every: int = 0) -> vmft_pb2.LogHeader:
+def make_header(
+    image: GuestImage, mem_size: int, start_position: int = 0, hash_every: int = 0
+) -> vmft_pb2.LogHeader:
     return vmft_pb2.LogHeader(
         format_version=LOG_FORMAT_VERSION,
         abi_version=ABI_VERSION,
@@ -68,18 +70,26 @@ def make_header(image: GuestImage, mem_size: int, start_position: int = 0, hash_
 def check_header(header: vmft_pb2.LogHeader, image: GuestImage, mem_size: int, what: str = "log") -> None:
     """Refuse a log recorded for another image, memory size, CPUID table, ABI or format."""
     if header.format_version != LOG_FORMAT_VERSION:
-        raise LogError(f"{what} has format version {header.format_version}; this vmft reads {LOG_FORMAT_VERSION}")
+        raise LogError(
+            f"{what} has format version {header.format_version}; this vmft reads {LOG_FORMAT_VERSION}"
+        )
     if header.abi_version != ABI_VERSION:
-        raise LogError(f"{what} was recorded with guest ABI {header.abi_version}; this vmft has {ABI_VERSION}")
+        raise LogError(
+            f"{what} was recorded with guest ABI {header.abi_version}; this vmft has {ABI_VERSION}"
+        )
     if header.image_sha256 != image.sha256:
         raise LogError(
             f"{what} was recorded with image sha256 {header.image_sha256[:16]}..., "
             f"not {image.path} ({image.sha256[:16]}...)"
         )
     if header.mem_size != mem_size:
-        raise LogError(f"{what} was recorded with {header.mem_size >> 20} MiB of guest RAM, not {mem_size >> 20} MiB")
+        raise LogError(
+            f"{what} was recorded with {header.mem_size >> 20} MiB of guest RAM, not {mem_size >> 20} MiB"
+        )
     if header.cpuid_hash != cpuid.cpuid_hash():
-        raise LogError(f"{what} was recorded with CPUID table {header.cpuid_hash}, this node has {cpuid.cpuid_hash()}")
+        raise LogError(
+            f"{what} was recorded with CPUID table {header.cpuid_hash}, this node has {cpuid.cpuid_hash()}"
+        )
 
 
 # ----- sinks ------------------------------------------------------------------------------------
@@ -145,7 +155,9 @@ class LogFileReader:
         index = 0
         while offset < len(data):
             if len(data) - offset < _FRAME.size:
-                raise LogError(f"{self.path}: truncated: frame {index} at byte {offset} has an incomplete header")
+                raise LogError(
+                    f"{self.path}: truncated: frame {index} at byte {offset} has an incomplete header"
+                )
             length, crc = _FRAME.unpack_from(data, offset)
             start = offset + _FRAME.size
             if length > MAX_FRAME or start + length > len(data):
@@ -205,7 +217,7 @@ class RecordJournal:
         self._lock = threading.Lock()  # flushes may come from the idle path and a control thread
         self._positions: list[int] = []
         self._rips: list[int] = []
-        self._kinds: list[int] = []
+        self._kinds: list[Any] = []
         self._values: list[int] = []
         self._data: list[bytes] = []
         self._rip: Callable[[], int] = lambda: 0
@@ -328,7 +340,9 @@ class IteratorSource:
         try:
             return next(self._batches)
         except StopIteration:
-            raise JournalStop(f"the {self._what} ends here without an end marker (the recording did not finish)") from None
+            raise JournalStop(
+                f"the {self._what} ends here without an end marker (the recording did not finish)"
+            ) from None
 
 
 Event = tuple[int, int, int, int, bytes]  # position, rip, kind, value, data
@@ -395,7 +409,9 @@ class ReplayJournal:
         position = self.position
         if not events or events[0][0] != position:
             found = f"none (next at {events[0][0]})" if events else "none"
-            raise DivergenceError(position, f"the guest asked for {kind.name}", f"an event of that kind here", found)
+            raise DivergenceError(
+                position, f"the guest asked for {kind.name}", "an event of that kind here", found
+            )
         event = events.popleft()
         if event[2] != kind:
             raise DivergenceError(position, "event kind", EventKind(event[2]).name, kind.name)
@@ -426,7 +442,10 @@ class ReplayJournal:
         event = self._next(EventKind.OUTPUT)
         if event[3] != kind or event[4] != output_hash(data):
             raise DivergenceError(
-                self.position, "output", f"{OutputKind(event[3]).name} {event[4].hex()}", f"{kind.name} {output_hash(data).hex()}"
+                self.position,
+                "output",
+                f"{OutputKind(event[3]).name} {event[4].hex()}",
+                f"{kind.name} {output_hash(data).hex()}",
             )
         self.stats.outputs += 1
         return False
@@ -439,7 +458,12 @@ class ReplayJournal:
 
     def state_hash_due(self, position: int) -> bool:
         events = self._events
-        return bool(events) and events[0][0] == position and events[0][2] == EventKind.STATE_HASH and events[0][3] == 0
+        return (
+            bool(events)
+            and events[0][0] == position
+            and events[0][2] == EventKind.STATE_HASH
+            and events[0][3] == 0
+        )
 
     def state_hash(self, digest: bytes) -> None:
         event = self._next(EventKind.STATE_HASH)
@@ -486,4 +510,6 @@ def open_replay(path: str | Path, image: GuestImage, mem_size: int) -> ReplayJou
     reader = LogFileReader(path)
     check_header(reader.header, image, mem_size, what=str(path))
     batches = list(reader.batches())  # verify every frame before replaying anything
-    return ReplayJournal(IteratorSource(iter(batches), what=str(path)), start_position=reader.header.start_position)
+    return ReplayJournal(
+        IteratorSource(iter(batches), what=str(path)), start_position=reader.header.start_position
+    )

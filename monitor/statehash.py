@@ -26,7 +26,9 @@ class StateHasher:
         table = self._page_hashes
         for page in self._dirty.take(_CONSUMER):
             start = page * PAGE_SIZE
-            table[page * 8 : page * 8 + 8] = hashlib.blake2b(mem[start : start + PAGE_SIZE], digest_size=8).digest()
+            table[page * 8 : page * 8 + 8] = hashlib.blake2b(
+                mem[start : start + PAGE_SIZE], digest_size=8
+            ).digest()
         h = hashlib.blake2b(table, digest_size=16)
         h.update(cpu_state)
         return h.digest()

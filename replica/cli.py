@@ -29,7 +29,11 @@ def _add_machine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disk", metavar="FILE", help="disk image file (size a multiple of 512)")
     parser.add_argument("--arg", type=int, default=0, help="a number passed to the guest (boot info)")
     parser.add_argument(
-        "--hang-timeout", type=float, default=2.0, metavar="S", help="report the guest hung after S seconds without an exit"
+        "--hang-timeout",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="report the guest hung after S seconds without an exit",
     )
 
 
@@ -157,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_machine_args(run)
     run.add_argument("--listen", metavar="HOST:PORT", help="serve the guest's NIC on this TCP address")
     run.add_argument("--record", metavar="LOG", help="record the nondeterministic event log to LOG")
-    run.add_argument("--hash-every", type=int, default=20000, metavar="N", help="state hash every N positions")
+    run.add_argument(
+        "--hash-every", type=int, default=20000, metavar="N", help="state hash every N positions"
+    )
     run.set_defaults(func=cmd_run)
 
     replay = sub.add_parser("replay", help="replay a recorded log and verify it")
@@ -180,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING, format="vmft: %(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="vmft: %(levelname)s %(name)s: %(message)s",
     )
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -116,3 +116,7 @@ class AsyncSource(Protocol):
     def deadline_ns(self) -> int | None:
         """Virtual time at which news will exist without outside input (an armed timer), else None."""
         ...
+
+    def on_raised(self) -> None:
+        """Its interrupt was made pending (live or replayed): a one-shot timer disarms."""
+        ...
