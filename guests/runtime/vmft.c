@@ -127,11 +127,16 @@ void vmft_timer_disarm(void)
 
 static uint32_t deferred_events; /* bits taken while waiting for a disk completion */
 
-uint32_t vmft_take_irqs(void)
+static uint32_t take_irq_pending(void)
 {
     uint32_t v = 0;
     __asm__ volatile("xchgl %0, %1" : "+r"(v), "+m"(VMFT_BOOT->irq_pending) : : "memory");
-    v |= deferred_events;
+    return v;
+}
+
+uint32_t vmft_take_irqs(void)
+{
+    uint32_t v = take_irq_pending() | deferred_events;
     deferred_events = 0;
     return v;
 }
@@ -144,12 +149,14 @@ uint32_t vmft_events(void)
 
 uint32_t vmft_wait(void)
 {
-    /* An interrupt is injected only at an exit, so none can land between this check and the WAIT:
-     * a bit set before the check is seen here, one raised at the WAIT exit is seen after it. */
-    uint32_t bits = vmft_take_irqs();
-    if (bits)
-        return bits;
-    bits = vmft_inl(VMFT_PORT_WAIT);
+    /* Bits a disk wait took from the monitor must be handed out before blocking again. */
+    if (deferred_events)
+        return vmft_take_irqs();
+    /* Otherwise always ask the monitor: it latches every interrupt it raises until an EVENTS/WAIT read
+     * takes it, so WAIT returns at once when news is already pending (also news whose interrupt has
+     * landed), and returning early on irq_pending alone would leave a stale latched bit behind (a
+     * spurious wake-up later). The interrupt for news found at this exit lands right after it. */
+    uint32_t bits = vmft_inl(VMFT_PORT_WAIT);
     return bits | vmft_take_irqs();
 }
 
@@ -198,10 +205,8 @@ static int block_op(uint32_t op, uint64_t sector, uintptr_t buf, uint32_t nsecto
     /* The monitor completes requests inside the exit; should one ever complete later, it raises
      * VMFT_VEC_BLOCK: wait for it, keeping other news for the program's own vmft_wait(). */
     while (st == REQ_PENDING) {
-        uint32_t bits = vmft_inl(VMFT_PORT_WAIT);
-        uint32_t v = 0;
-        __asm__ volatile("xchgl %0, %1" : "+r"(v), "+m"(VMFT_BOOT->irq_pending) : : "memory");
-        deferred_events |= (bits | v) & ~(uint32_t)VMFT_EV_BLOCK;
+        uint32_t bits = vmft_inl(VMFT_PORT_WAIT) | take_irq_pending();
+        deferred_events |= bits & ~(uint32_t)VMFT_EV_BLOCK;
         st = *(volatile int32_t *)&req.status;
     }
     return st;

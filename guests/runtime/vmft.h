@@ -72,7 +72,7 @@ void vmft_timer_disarm(void);
  * the monitor has news of. Treat bits as hints: poll the device they name. */
 uint32_t vmft_take_irqs(void); /* atomically take (xchg) the interrupt bits, plus any deferred ones */
 uint32_t vmft_events(void);    /* EVENTS port | taken interrupt bits; never blocks */
-uint32_t vmft_wait(void);      /* taken bits if any; otherwise WAIT: blocks in the monitor until news */
+uint32_t vmft_wait(void);      /* WAIT (blocks in the monitor until news) | taken interrupt bits */
 
 /* ---- network ---- */
 /* Receive a batch: fills buf with struct vmft_net_msg records (each followed by its payload, padded
