@@ -183,3 +183,41 @@ async def test_mixed_echo_and_quit(guest_image: GuestImage, tmp_path: Path) -> N
         assert result.reason is StopReason.EXITED and result.exit_code == 0
         assert "mixed: quit after 3 messages" in console.decode()
     assert disk.read_bytes()[512:520] == struct.pack("<Q", 0x44524F434558494D)  # record 1 in sector 1
+
+
+TRAP_SOURCE = """
+#include "vmft.h"
+int main(void)
+{
+    volatile unsigned zero = 0;
+    vmft_printf("trap: %d\\n", TRAP);
+    if (TRAP == 6) __asm__ volatile("ud2");
+    if (TRAP == 14) *(volatile int *)0x7f0000000000ull = 1;
+    if (TRAP == 0) return (int)(10u / zero);
+    return 99;
+}
+"""
+
+
+@pytest.mark.parametrize("vector", [0, 6, 14])
+def test_exceptions_report_a_panic_with_vector_and_rip(tmp_path: Path, vector: int) -> None:
+    """An ad-hoc guest linked against the runtime faults in ring 3: the shim reports `exception N`."""
+    guests = Path(__file__).resolve().parent.parent / "guests"
+    flags = subprocess.run(["make", "-s", "-C", str(guests), "print-cflags"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    src = tmp_path / "trap.c"
+    src.write_text(TRAP_SOURCE)
+    image = tmp_path / "trap.elf"
+    objs = [str(guests / "build" / o) for o in ("shim.o", "vmft.o", "vmft_lib.o")]
+    subprocess.run(["gcc", *flags, f"-DTRAP={vector}", "-Wl,-T,runtime/guest.ld", "-o", str(image), *objs,
+                    str(src), "-lgcc"], cwd=guests, check=True, capture_output=True)
+    result, console = run_guest(image)
+    assert console == f"trap: {vector}\n"
+    assert result.reason is StopReason.PANICKED, result.describe()
+    assert result.message == f"exception {vector}"
+    fault_rip = result.registers.get("fault_rip")
+    if fault_rip is not None:  # the faulting instruction is in main()
+        symbols = subprocess.run(["nm", str(image)], capture_output=True, text=True, check=True).stdout
+        main_addr = next(int(line.split()[0], 16) for line in symbols.splitlines()
+                         if line.endswith(" T main"))
+        assert main_addr <= fault_rip < main_addr + 256
