@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -221,3 +222,18 @@ def test_exceptions_report_a_panic_with_vector_and_rip(tmp_path: Path, vector: i
         main_addr = next(int(line.split()[0], 16) for line in symbols.splitlines()
                          if line.endswith(" T main"))
         assert main_addr <= fault_rip < main_addr + 256
+
+
+def test_ticker_record_and_replay_identical(guest_image: GuestImage, tmp_path: Path) -> None:
+    """The timer-heavy guest through `vmft run --record` and `vmft replay`: the replay is identical."""
+    log = tmp_path / "ticker.log"
+    image = str(guest_image("ticker"))
+    cli = [sys.executable, "-m", "replica.cli"]
+    run = subprocess.run([*cli, "run", "--record", str(log), "--arg", "100", image],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.startswith("ticker: ticks=100 ")
+    replay = subprocess.run([*cli, "replay", "--arg", "100", image, str(log)],
+                            capture_output=True, text=True, timeout=120)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert "IDENTICAL" in replay.stdout + replay.stderr
