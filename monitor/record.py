@@ -18,6 +18,7 @@ import datetime
 import hashlib
 import itertools
 import logging
+import queue
 import struct
 import threading
 import time
@@ -30,7 +31,7 @@ import zstandard
 
 from monitor import cpuid
 from monitor.guest_abi import ABI_VERSION, Vector
-from monitor.journal import DivergenceError, EventKind, JournalMode, JournalStop, OutputKind
+from monitor.journal import DivergenceError, EventKind, Journal, JournalMode, JournalStop, OutputKind
 from monitor.loader import GuestImage
 from proto import vmft_pb2
 
@@ -345,6 +346,32 @@ class IteratorSource:
             ) from None
 
 
+class QueueSource:
+    """Batches handed over by another thread (the replication stream). `close()` ends the log: once the
+    queued batches are drained, `next_batch` raises JournalStop."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[vmft_pb2.EventBatch | None] = queue.Queue()
+        self.closed = False
+
+    def put(self, batch: vmft_pb2.EventBatch) -> None:
+        self._queue.put(batch)
+
+    def close(self) -> None:
+        self.closed = True
+        self._queue.put(None)
+
+    def next_batch(self, timeout: float) -> vmft_pb2.EventBatch | None:
+        try:
+            batch = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if batch is None:
+            self._queue.put(None)  # stay closed for later calls
+            raise JournalStop("the log stream has ended")
+        return batch
+
+
 Event = tuple[int, int, int, int, bytes]  # position, rip, kind, value, data
 
 
@@ -369,10 +396,25 @@ class ReplayJournal:
         self._request_stop: Callable[[], None] = lambda: None
         self.stats = ReplayStats()
         self.stopping = False  # set by the owner to abandon a wait for more log
+        # A backup going live: when the log has ended and is drained, `promote(position)` returns the
+        # journal the machine continues with (recording), and this one delegates to it from then on.
+        self.promote: Callable[[int], Journal] | None = None
+        self.delegate: Journal | None = None
 
     def bind(self, rip: Callable[[], int], request_stop: Callable[[], None]) -> None:
         self._rip = rip
         self._request_stop = request_stop
+
+    def _go_live(self, position: int) -> None:
+        assert self.promote is not None
+        if self._events:
+            pos, _rip, kind, _value, _data = self._events[0]
+            raise DivergenceError(
+                pos, "an event the guest never asked for", EventKind(kind).name, "promotion"
+            )
+        self.delegate = self.promote(position)
+        self.delegate.bind(self._rip, self._request_stop)
+        self.mode = self.delegate.mode
 
     def _take_batch(self, batch: vmft_pb2.EventBatch) -> None:
         positions = itertools.accumulate(batch.position_deltas, initial=batch.first_position)
@@ -385,6 +427,9 @@ class ReplayJournal:
             self.stats.end_reason = batch.end_reason
 
     def at_exit(self, position: int) -> None:
+        if self.delegate is not None:
+            self.delegate.at_exit(position)
+            return
         self.position = position
         events = self._events
         if events and events[0][0] < position:
@@ -395,7 +440,15 @@ class ReplayJournal:
         while position > self.horizon and self.end_position is None:
             if self.stopping:
                 raise JournalStop(f"replay stopped at position {position - 1}")
-            batch = self._source.next_batch(0.05)
+            try:
+                batch = self._source.next_batch(0.05)
+            except JournalStop:
+                if self.promote is None:
+                    raise
+                self._go_live(position)
+                assert self.delegate is not None
+                self.delegate.at_exit(position)
+                return
             if batch is not None:
                 self._take_batch(batch)
         if self.end_position is not None:
@@ -422,15 +475,23 @@ class ReplayJournal:
         return event
 
     def value(self, kind: EventKind, live: Callable[[], int]) -> int:
+        if self.delegate is not None:
+            return self.delegate.value(kind, live)
         return self._next(kind)[3]
 
     def data(self, kind: EventKind, live: Callable[[], bytes]) -> bytes:
+        if self.delegate is not None:
+            return self.delegate.data(kind, live)
         return self._next(kind)[4]
 
     def irq(self, vector: Vector) -> None:
+        if self.delegate is not None:
+            return self.delegate.irq(vector)
         raise AssertionError("a replaying machine never raises interrupts from live news")
 
     def due_irqs(self) -> list[Vector]:
+        if self.delegate is not None:
+            return self.delegate.due_irqs()
         events = self._events
         position = self.position
         due: list[Vector] = []
@@ -439,6 +500,8 @@ class ReplayJournal:
         return due
 
     def output(self, kind: OutputKind, data: bytes) -> bool:
+        if self.delegate is not None:
+            return self.delegate.output(kind, data)
         event = self._next(EventKind.OUTPUT)
         if event[3] != kind or event[4] != output_hash(data):
             raise DivergenceError(
@@ -451,12 +514,16 @@ class ReplayJournal:
         return False
 
     def idle(self) -> None:
+        if self.delegate is not None:
+            return self.delegate.idle()
         pass
 
     def cancel_wait(self) -> None:
         self.stopping = True
 
     def state_hash_due(self, position: int) -> bool:
+        if self.delegate is not None:
+            return self.delegate.state_hash_due(position)
         events = self._events
         return (
             bool(events)
@@ -466,20 +533,25 @@ class ReplayJournal:
         )
 
     def state_hash(self, digest: bytes) -> None:
+        if self.delegate is not None:
+            return self.delegate.state_hash(digest)
         event = self._next(EventKind.STATE_HASH)
         if event[4] != digest:
             raise DivergenceError(self.position, "state hash", event[4].hex(), digest.hex())
         self.stats.state_hashes += 1
 
     def finish(self, digest: bytes, reason: str) -> None:
+        if self.delegate is not None:
+            return self.delegate.finish(digest, reason)
         events = self._events
         if self.end_position is None or self.position != self.end_position:
             return  # stopped early (a backup promoted, or replay interrupted): nothing final to check
         if not events or events[0][2] != EventKind.STATE_HASH:
             raise DivergenceError(self.position, "final state hash", "a final hash", "no such event")
         event = events.popleft()
-        if event[4] != digest:
-            raise DivergenceError(self.position, "final state hash", event[4].hex(), digest.hex())
+        if event[4] and event[4] != digest:  # b"" recorded: the recording stopped between exits
+            found = digest.hex() or "none (replay stopped between synchronous exits)"
+            raise DivergenceError(self.position, "final state hash", event[4].hex(), found)
         self.stats.state_hashes += 1
         if events:
             raise DivergenceError(self.position, "end of log", "no more events", f"{len(events)} more")

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 from monitor.kvm import KvmError
@@ -126,7 +127,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_kv(args: argparse.Namespace) -> int:
     from replica.kv_client import KvError, KvUnavailable, KvClientSync
 
-    client = KvClientSync([args.address], client_id=args.client_id, timeout=args.timeout)
+    client = KvClientSync(args.address.split(","), client_id=args.client_id, timeout=args.timeout)
     op: str = args.op
     try:
         if op == "get":
@@ -152,6 +153,106 @@ def cmd_kv(args: argparse.Namespace) -> int:
         client.close()
 
 
+DEFAULT_ARBITER = "/var/tmp/vmft/arbiter.sqlite"
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from replica.node import serve
+    from replica.vm_common import NodeSettings
+
+    settings = NodeSettings(
+        name=args.listen,
+        data_dir=Path(args.data_dir),
+        heartbeat_interval_s=args.heartbeat_ms / 1000,
+        failure_timeout_s=args.failure_timeout_ms / 1000,
+    )
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        assert task is not None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        await serve(settings, Path(args.arbiter))
+
+    try:
+        asyncio.run(main())
+    except asyncio.CancelledError:
+        pass
+    return 0
+
+
+def _free_loopback_address() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    import grpc
+
+    from proto import vmft_pb2, vmft_pb2_grpc
+
+    image = load_image_file(args.image)
+    spec = vmft_pb2.VmSpec(
+        name=args.name,
+        image_path=str(Path(args.image).resolve()),
+        image_sha256=image.sha256,
+        mem_mib=args.mem,
+        disk_path=str(Path(args.disk).resolve()) if args.disk else "",
+        arg=args.arg,
+        hang_timeout_s=args.hang_timeout,
+    )
+    service = args.service or _free_loopback_address()
+    backup_service = args.backup_service or (_free_loopback_address() if args.backup else "")
+    request = vmft_pb2.ProtectRequest(
+        spec=spec, backup_node=args.backup or "", service=service, backup_service=backup_service
+    )
+    with grpc.insecure_channel(args.primary) as channel:
+        try:
+            status = vmft_pb2_grpc.NodeStub(channel).Protect(request, timeout=30)
+        except grpc.RpcError as err:
+            print(f"vmft protect: {err.details()}", file=sys.stderr)
+            return 1
+    print(f"protected {status.name}: generation {status.generation}, primary {args.primary}, ", end="")
+    print(f"backup {args.backup or '(none: unprotected)'}")
+    print(f"service: {service}" + (f" (after failover: {backup_service})" if backup_service else ""))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import grpc
+
+    from proto import vmft_pb2, vmft_pb2_grpc
+
+    failed = 0
+    print(
+        f"{'node':22} {'vm':10} {'role':8} {'gen':>3} {'position':>10} {'acked':>10} {'held':>5} prot  state"
+    )
+    for address in args.node:
+        with grpc.insecure_channel(address) as channel:
+            try:
+                node = vmft_pb2_grpc.NodeStub(channel).Status(vmft_pb2.StatusRequest(), timeout=5)
+            except grpc.RpcError as err:
+                print(f"{address:22} unreachable: {err.code().name}")
+                failed += 1
+                continue
+        if not node.vms:
+            print(f"{address:22} (no VMs)")
+        for vm in node.vms:
+            role = vmft_pb2.Role.Name(vm.role).removeprefix("ROLE_").lower()
+            print(
+                f"{address:22} {vm.name:10} {role:8} {vm.generation:>3} {vm.position:>10} "
+                f"{vm.acked_position:>10} "
+                f"{vm.held_outputs:>5} {'yes' if vm.protected else 'no ':4} {vm.state}"
+                + (f" ({vm.message})" if vm.message else "")
+                + (f" log {vm.log_bytes_per_s / 1024:.1f} KiB/s" if vm.log_bytes_per_s else "")
+            )
+    return 1 if failed == len(args.node) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmft", description="fault-tolerant virtual machines on Linux KVM")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -172,8 +273,37 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("-q", "--quiet", action="store_true")
     replay.set_defaults(func=cmd_replay)
 
+    node = sub.add_parser("node", help="run a node daemon hosting primaries and backups")
+    node.add_argument("--listen", required=True, metavar="HOST:PORT", help="gRPC address of this node")
+    node.add_argument("--data-dir", required=True, metavar="DIR", help="where the node keeps its state")
+    node.add_argument(
+        "--arbiter", default=DEFAULT_ARBITER, metavar="PATH", help="the machine's arbiter database"
+    )
+    node.add_argument("--heartbeat-ms", type=float, default=5.0, help="heartbeat interval (default 5 ms)")
+    node.add_argument(
+        "--failure-timeout-ms", type=float, default=300.0, help="silence that means a dead peer"
+    )
+    node.set_defaults(func=cmd_node)
+
+    protect = sub.add_parser("protect", help="start a protected primary/backup pair")
+    _add_machine_args(protect)
+    protect.add_argument("--name", default="vm1", help="the VM's name (default vm1)")
+    protect.add_argument("--primary", required=True, metavar="ADDR", help="node daemon to run the primary")
+    protect.add_argument("--backup", metavar="ADDR", help="node daemon to run the backup (omit: unprotected)")
+    protect.add_argument("--service", metavar="HOST:PORT", help="where the primary serves clients")
+    protect.add_argument(
+        "--backup-service", metavar="HOST:PORT", help="where the backup serves once promoted"
+    )
+    protect.set_defaults(func=cmd_protect)
+
+    status = sub.add_parser("status", help="show every VM of the given nodes")
+    status.add_argument(
+        "--node", action="append", required=True, metavar="ADDR", help="a node daemon (repeat)"
+    )
+    status.set_defaults(func=cmd_status)
+
     kv = sub.add_parser("kv", help="talk to a kv guest")
-    kv.add_argument("address", help="HOST:PORT of the service")
+    kv.add_argument("address", help="HOST:PORT of the service (comma-separated: primary's, backup's)")
     kv.add_argument("op", choices=["get", "set", "incr", "del", "stats"])
     kv.add_argument("key", nargs="?", default="")
     kv.add_argument("value", nargs="?")

@@ -103,6 +103,10 @@ class Net:
     def __init__(self, ctx: DeviceContext, backend: NetBackend) -> None:
         self._ctx = ctx
         self.backend = backend
+        # Connections the guest believes open, and the highest id it has seen: guest-visible state, kept
+        # on both sides, so a backup going live can tell the guest which connections died with the primary.
+        self.open_conns: set[int] = set()
+        self.max_conn = 0
 
     def out_ports(self) -> dict[Port, Callable[[int], None]]:
         return {Port.NET_RX: self._rx, Port.NET_TX: self._tx}
@@ -129,7 +133,15 @@ class Net:
             complete(self._ctx, req, Status.EINVAL)
             return
         self._ctx.memory.write(req.addr, data)
-        complete(self._ctx, req, Status.OK, sum(1 for _ in iter_messages(data)))
+        count = 0
+        for msg in iter_messages(data):
+            count += 1
+            if msg.kind is NetKind.OPEN:
+                self.open_conns.add(msg.conn)
+                self.max_conn = max(self.max_conn, msg.conn)
+            elif msg.kind is NetKind.CLOSE:
+                self.open_conns.discard(msg.conn)
+        complete(self._ctx, req, Status.OK, count)
 
     def _tx(self, block: int) -> None:
         req = read_request(self._ctx, block)
@@ -141,13 +153,23 @@ class Net:
             return
         data = self._ctx.memory.read(req.addr, req.len)
         try:
-            count = sum(1 for _ in iter_messages(data))
+            messages = list(iter_messages(data))
         except MalformedMessages as err:
             self._ctx.guest_fault(f"net tx: {err}")
             complete(self._ctx, req, Status.EINVAL)
             return
+        count = len(messages)
+        for msg in messages:
+            if msg.kind is NetKind.CLOSE:
+                self.open_conns.discard(msg.conn)
         self._ctx.emit(OutputKind.NET, data)
         complete(self._ctx, req, Status.OK, count)
+
+
+    def connections_lost(self) -> None:
+        """The host side lost every connection (a failover): tell the guest, as live news."""
+        for conn in sorted(self.open_conns):
+            self.backend.push(NetMessage(conn, NetKind.CLOSE, b""))
 
 
 def deliver_tx(backend: NetBackend, data: bytes) -> None:

@@ -1,0 +1,89 @@
+"""The arbiter: the only authority on who is primary.
+
+Its one operation is an atomic test-and-set of (vm, generation) -> node: `claim(vm, g, node)` succeeds
+for exactly one node, and only if g is the next generation (the highest claimed so far plus one, or 1).
+A backup that suspects its primary claims g+1; a primary that loses its backup claims g+1 for itself
+before it releases output unprotected. Whoever loses stops its VM. A node that comes back with an old
+generation sees that someone holds a newer one and stays fenced.
+
+`SqliteArbiter` is the default for one machine: a SQLite database file that every node of the machine
+opens. SQLite's write lock (BEGIN IMMEDIATE) makes read-max-then-insert atomic across processes, and the
+file outlives any node's crash. A cross-machine arbiter (etcd) implements the same interface.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Claim:
+    vm: str
+    generation: int
+    node: str
+    claimed_at: float
+
+
+class Arbiter(Protocol):
+    def claim(self, vm: str, generation: int, node: str) -> bool:
+        """Atomically make `node` the primary of `vm` in `generation`; False if anyone (including this
+        node) already holds that generation or a newer one, or if `generation` skips one."""
+        ...
+
+    def current(self, vm: str) -> Claim | None:
+        """The newest claim for `vm`."""
+        ...
+
+
+class SqliteArbiter:
+    def __init__(self, path: str | Path, timeout_s: float = 5.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._timeout = timeout_s
+        with self._connect() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS claims ("
+                " vm TEXT NOT NULL, generation INTEGER NOT NULL, node TEXT NOT NULL,"
+                " claimed_at REAL NOT NULL,"
+                " PRIMARY KEY (vm, generation))"
+            )
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    def claim(self, vm: str, generation: int, node: str) -> bool:
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute("SELECT MAX(generation) FROM claims WHERE vm = ?", (vm,)).fetchone()
+            newest = row[0] if row and row[0] is not None else 0
+            if generation != newest + 1:
+                db.execute("ROLLBACK")
+                return False
+            db.execute(
+                "INSERT INTO claims (vm, generation, node, claimed_at) VALUES (?, ?, ?, ?)",
+                (vm, generation, node, time.time()),
+            )
+            db.execute("COMMIT")
+            return True
+        finally:
+            db.close()
+
+    def current(self, vm: str) -> Claim | None:
+        db = self._connect()
+        try:
+            row = db.execute(
+                "SELECT vm, generation, node, claimed_at FROM claims WHERE vm = ?"
+                " ORDER BY generation DESC LIMIT 1",
+                (vm,),
+            ).fetchone()
+        finally:
+            db.close()
+        return Claim(row[0], int(row[1]), row[2], float(row[3])) if row else None

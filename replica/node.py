@@ -1,0 +1,271 @@
+"""The node daemon: one process hosting any number of VMs as primaries or backups, serving the node API
+and the replication stream over gRPC (grpc.aio).
+
+A node remembers, in its data directory, which VMs it ran and in which generation. Restarted after a
+crash it runs none of them again on its own: the VM's memory died with the process, and if another
+node has since claimed a newer generation, this node is fenced for that VM and says so in its status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+from monitor.loader import ImageError
+from monitor.record import LogError
+from proto import vmft_pb2, vmft_pb2_grpc
+from replica.arbiter import Arbiter, SqliteArbiter
+from replica.backup import BackupVm
+from replica.primary import PrimaryVm
+from replica.vm_common import PROTOCOL_VERSION, NodeSettings, ReplicationRefused, file_sha256
+
+log = logging.getLogger(__name__)
+
+ReplicatedVm = PrimaryVm | BackupVm
+
+
+class Node:
+    def __init__(self, settings: NodeSettings, arbiter: Arbiter) -> None:
+        self.settings = settings
+        self.arbiter = arbiter
+        self.vms: dict[str, ReplicatedVm] = {}
+        self.remembered: dict[str, dict[str, object]] = {}
+        (settings.data_dir / "vms").mkdir(parents=True, exist_ok=True)
+        self._load_remembered()
+
+    # ----- persistence (for fencing after a restart) -------------------------------------------
+
+    def _vm_file(self, name: str) -> Path:
+        return self.settings.data_dir / "vms" / f"{name}.json"
+
+    def _remember(self, vm: ReplicatedVm, role: str) -> None:
+        record = {"name": vm.name, "generation": vm.generation, "role": role, "time": time.time()}
+        self._vm_file(vm.name).write_text(json.dumps(record))
+
+    def _load_remembered(self) -> None:
+        for path in (self.settings.data_dir / "vms").glob("*.json"):
+            try:
+                self.remembered[path.stem] = json.loads(path.read_text())
+            except (OSError, ValueError) as err:
+                log.warning("ignoring unreadable VM record %s: %s", path, err)
+
+    def _disk_copy(self, spec: vmft_pb2.VmSpec, role: str) -> str | None:
+        """Each side applies the guest's writes to its own copy of the disk image."""
+        if not spec.disk_path:
+            return None
+        if spec.disk_sha256 and file_sha256(spec.disk_path) != spec.disk_sha256:
+            raise ReplicationRefused(f"disk image {spec.disk_path} differs from the primary's (sha256)")
+        target = self.settings.data_dir / "disks" / f"{spec.name}.{role}.img"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(spec.disk_path, target)
+        return str(target)
+
+    # ----- node API ----------------------------------------------------------------------------------
+
+    async def protect(self, request: vmft_pb2.ProtectRequest) -> PrimaryVm:
+        spec = request.spec
+        if spec.name in self.vms and self.vms[spec.name].result is None:
+            raise ReplicationRefused(f"VM {spec.name} already runs on this node")
+        current = await asyncio.to_thread(self.arbiter.current, spec.name)
+        generation = (current.generation if current else 0) + 1
+        if spec.disk_path and not spec.disk_sha256:
+            spec.disk_sha256 = file_sha256(spec.disk_path)
+        disk = self._disk_copy(spec, "primary")
+        if not await asyncio.to_thread(self.arbiter.claim, spec.name, generation, self.settings.name):
+            raise ReplicationRefused(f"another node claimed generation {generation} of {spec.name} first")
+        vm = PrimaryVm(
+            self.settings,
+            self.arbiter,
+            spec,
+            generation,
+            request.backup_node,
+            request.service,
+            request.backup_service,
+            disk,
+        )
+        try:
+            await vm.start()
+        except BaseException:
+            await vm.stop()
+            raise
+        self.vms[spec.name] = vm
+        self._remember(vm, "primary")
+        return vm
+
+    def status(self) -> vmft_pb2.NodeStatus:
+        out = vmft_pb2.NodeStatus(node=self.settings.name, protocol_version=PROTOCOL_VERSION)
+        for vm in self.vms.values():
+            out.vms.append(vm.status())
+        for name, record in self.remembered.items():
+            if name not in self.vms:
+                out.vms.append(self._remembered_status(name, record))
+        return out
+
+    def _remembered_status(self, name: str, record: dict[str, object]) -> vmft_pb2.VmStatus:
+        current = self.arbiter.current(name)
+        generation = int(str(record.get("generation", 0)))
+        if current is not None and (current.generation > generation or current.node != self.settings.name):
+            message = f"fenced: generation {current.generation} belongs to {current.node}"
+        else:
+            message = "not running: the node restarted and the VM's memory is gone"
+        return vmft_pb2.VmStatus(
+            name=name, role=vmft_pb2.ROLE_STOPPED, state="fenced", generation=generation, message=message
+        )
+
+    async def stop_vm(self, name: str) -> vmft_pb2.VmStatus:
+        vm = self.vms.get(name)
+        if vm is None:
+            raise KeyError(name)
+        await vm.stop()
+        return vm.status()
+
+    async def close(self) -> None:
+        for vm in list(self.vms.values()):
+            await vm.stop()
+
+    # ----- the replication stream (backup side) ------------------------------------------------------
+
+    def _refusal(self, hello: vmft_pb2.Hello) -> str | None:
+        if hello.protocol_version != PROTOCOL_VERSION:
+            return f"protocol version {hello.protocol_version} is not this node's {PROTOCOL_VERSION}"
+        current = self.arbiter.current(hello.spec.name)
+        if current is not None and current.generation > hello.generation:
+            return (
+                f"stale generation {hello.generation}: {current.node} holds generation {current.generation}"
+            )
+        existing = self.vms.get(hello.spec.name)
+        if existing is not None and existing.result is None and existing.generation >= hello.generation:
+            return f"this node already runs {hello.spec.name} in generation {existing.generation}"
+        return None
+
+    async def replication_stream(
+        self, requests: AsyncIterator[vmft_pb2.PrimaryMessage]
+    ) -> AsyncIterator[vmft_pb2.BackupMessage]:
+        first = await anext(requests)
+        if not first.HasField("hello"):
+            yield _refuse("the first message of a stream must be Hello")
+            return
+        hello = first.hello
+        refusal = self._refusal(hello)
+        vm: BackupVm | None = None
+        if refusal is None:
+            try:
+                vm = BackupVm(self.settings, self.arbiter, hello, self._disk_copy(hello.spec, "backup"))
+                vm.start()
+            except (ImageError, LogError, ReplicationRefused, OSError, ValueError) as err:
+                refusal = str(err)
+                if vm is not None:
+                    await vm.stop()
+        if refusal is not None or vm is None:
+            log.warning(
+                "refusing replication of %s from %s: %s", hello.spec.name, hello.primary_node, refusal
+            )
+            yield _refuse(refusal or "unknown")
+            return
+        self.vms[vm.name] = vm
+        self._remember(vm, "backup")
+        log.info("%s: backup of %s in generation %d", vm.name, hello.primary_node, hello.generation)
+        yield vmft_pb2.BackupMessage(
+            hello_reply=vmft_pb2.HelloReply(
+                accepted=True, protocol_version=PROTOCOL_VERSION, backup_node=self.settings.name
+            )
+        )
+        timeout = max(hello.failure_timeout_ms / 1000, self.settings.failure_timeout_s)
+        reason = "the primary closed the stream"
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(anext(requests), timeout)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    reason = f"no word from the primary for {timeout * 1000:.0f} ms"
+                    break
+                if vm.promoted or vm.result is not None:
+                    break
+                if message.HasField("batch"):
+                    vm.on_batch(message.batch, message.ByteSize())
+                    if message.batch.ended:
+                        yield vm.ack()
+                        return  # the guest stopped on the primary; replay finishes by itself
+                yield vm.ack()
+        except grpc.aio.AioRpcError as err:
+            reason = f"stream broken: {err.code().name}"
+        except asyncio.CancelledError:
+            reason = "the primary's connection dropped"
+            asyncio.get_running_loop().create_task(vm.primary_lost(reason))
+            raise
+        await vm.primary_lost(reason)
+
+
+def _refuse(reason: str) -> vmft_pb2.BackupMessage:
+    return vmft_pb2.BackupMessage(
+        hello_reply=vmft_pb2.HelloReply(accepted=False, reason=reason, protocol_version=PROTOCOL_VERSION)
+    )
+
+
+class NodeServicer(vmft_pb2_grpc.NodeServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def Protect(  # noqa: N802 - gRPC method name
+        self, request: vmft_pb2.ProtectRequest, context: grpc.aio.ServicerContext
+    ) -> vmft_pb2.VmStatus:
+        try:
+            vm = await self.node.protect(request)
+        except (ReplicationRefused, ImageError, OSError, ValueError) as err:
+            log.warning("protect %s refused: %s", request.spec.name, err)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        return vm.status()
+
+    async def Status(  # noqa: N802
+        self, request: vmft_pb2.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> vmft_pb2.NodeStatus:
+        return self.node.status()
+
+    async def StopVm(  # noqa: N802
+        self, request: vmft_pb2.StopVmRequest, context: grpc.aio.ServicerContext
+    ) -> vmft_pb2.VmStatus:
+        try:
+            return await self.node.stop_vm(request.name)
+        except KeyError:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no VM {request.name} on this node")
+            raise
+
+
+class ReplicationServicer(vmft_pb2_grpc.ReplicationServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def Stream(  # noqa: N802
+        self, request_iterator: AsyncIterator[vmft_pb2.PrimaryMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[vmft_pb2.BackupMessage]:
+        async for reply in self.node.replication_stream(request_iterator):
+            yield reply
+
+
+async def serve(settings: NodeSettings, arbiter_path: Path, ready: asyncio.Event | None = None) -> None:
+    """Run a node until cancelled (SIGINT/SIGTERM in the command line)."""
+    node = Node(settings, SqliteArbiter(arbiter_path))
+    server = grpc.aio.server()
+    vmft_pb2_grpc.add_NodeServicer_to_server(NodeServicer(node), server)
+    vmft_pb2_grpc.add_ReplicationServicer_to_server(ReplicationServicer(node), server)
+    port = server.add_insecure_port(settings.name)
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.name}")
+    await server.start()
+    log.warning("node %s serving (data dir %s, arbiter %s)", settings.name, settings.data_dir, arbiter_path)
+    if ready is not None:
+        ready.set()
+    try:
+        await server.wait_for_termination()
+    finally:
+        await node.close()
+        await server.stop(grace=0.5)

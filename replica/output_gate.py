@@ -1,0 +1,63 @@
+"""The output rule: an output becomes visible only once the backup holds every log record up to its
+position. Only outputs wait; the guest keeps running.
+
+`hold` is called on the vCPU thread for every output; `ack` on the event loop when the backup reports
+the highest position it has received. Outputs are released in order, the moment they are covered
+(deliveries happen under the lock, so two threads never reorder them; delivering is only a hand-off).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Callable
+
+from monitor.journal import OutputKind
+
+Deliver = Callable[[OutputKind, bytes], None]
+
+
+class OutputGate:
+    def __init__(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+        self._held: collections.deque[tuple[int, OutputKind, bytes]] = collections.deque()
+        self._lock = threading.Lock()
+        self.acked = 0
+        self.unprotected = False  # the arbiter confirmed this primary alone: release at once
+        self.released = 0
+
+    def hold(self, kind: OutputKind, data: bytes, position: int) -> None:
+        with self._lock:
+            if (self.unprotected or position <= self.acked) and not self._held:
+                self.released += 1
+                self._deliver(kind, data)
+            else:
+                self._held.append((position, kind, data))
+
+    def ack(self, position: int) -> None:
+        with self._lock:
+            if position > self.acked:
+                self.acked = position
+            self._release_while(lambda p: p <= self.acked)
+
+    def release_unprotected(self) -> None:
+        """Only after the arbiter has confirmed this node as the sole primary."""
+        with self._lock:
+            self.unprotected = True
+            self._release_while(lambda p: True)
+
+    def protect_again(self, acked: int) -> None:
+        with self._lock:
+            self.unprotected = False
+            self.acked = acked
+
+    def _release_while(self, covered: Callable[[int], bool]) -> None:
+        held = self._held
+        while held and covered(held[0][0]):
+            _position, kind, data = held.popleft()
+            self.released += 1
+            self._deliver(kind, data)
+
+    @property
+    def held(self) -> int:
+        return len(self._held)

@@ -1,0 +1,268 @@
+"""The primary side of a protected VM: run it recording, stream the log to the backup, hold every output
+until the backup has acknowledged the log up to it, and handle losing the backup."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from monitor.machine import Machine, MachineResult
+from monitor.netserver import NicServer, parse_address
+from monitor.record import RecordJournal, make_header
+from proto import vmft_pb2, vmft_pb2_grpc
+from replica.arbiter import Arbiter
+from replica.output_gate import OutputGate
+from replica.stream_sink import StreamSink
+from replica.vm_common import (
+    PROTOCOL_VERSION,
+    Meter,
+    NodeSettings,
+    ReplicationRefused,
+    load_spec_image,
+    machine_config,
+)
+
+log = logging.getLogger(__name__)
+
+
+class PeerSilent(Exception):
+    pass
+
+
+class PrimaryVm:
+    def __init__(
+        self,
+        settings: NodeSettings,
+        arbiter: Arbiter,
+        spec: vmft_pb2.VmSpec,
+        generation: int,
+        backup_node: str,
+        service: str,
+        backup_service: str,
+        disk: str | None,
+    ) -> None:
+        self.settings = settings
+        self.arbiter = arbiter
+        self.spec = spec
+        self.name = spec.name
+        self.generation = generation
+        self.backup_node = backup_node
+        self.service = service
+        self.backup_service = backup_service
+        self.disk = disk
+        self.state = "starting"
+        self.message = ""
+        self.protected = False
+        self.acked = 0
+        self.replayed = 0
+        self.meter = Meter()
+        self.failovers = 0
+        self.machine: Machine | None = None
+        self.gate: OutputGate | None = None
+        self.sink: StreamSink | None = None
+        self.nic: NicServer | None = None
+        self.result: MachineResult | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._channel: grpc.aio.Channel | None = None
+
+    # ----- start ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Build the VM, connect to the backup (which must accept the pair), then run and serve."""
+        loop = asyncio.get_running_loop()
+        image = load_spec_image(self.spec)
+        self.spec.image_sha256 = image.sha256
+        self.sink = StreamSink(loop)
+        journal = RecordJournal(
+            self.sink,
+            hash_every=self.settings.hash_every,
+            batch_events=256,
+            flush_interval_s=0.002,
+            flush_on_output=True,
+        )
+        machine = Machine(machine_config(self.spec, self.disk), journal=journal, image=image)
+        self.machine = machine
+        self.gate = OutputGate(machine.deliver)
+        machine.output_handler = self.gate.hold
+        machine.load()
+        header = make_header(image, machine.memory.size, hash_every=self.settings.hash_every)
+        if self.backup_node:
+            await self._connect(header)
+        else:
+            self.gate.release_unprotected()
+            self.sink.drop_all()
+        host, port = parse_address(self.service)
+        self.nic = NicServer(machine.net_backend, host, port)
+        await self.nic.start()
+        machine.start()
+        self.state = "running"
+        self._tasks.append(asyncio.create_task(self._watch_machine()))
+        if self.backup_node:
+            self._tasks.append(asyncio.create_task(self._replicate()))
+
+    async def _connect(self, header: vmft_pb2.LogHeader) -> None:
+        self._channel = grpc.aio.insecure_channel(self.backup_node)
+        stub = vmft_pb2_grpc.ReplicationStub(self._channel)
+        self._call = stub.Stream()
+        hello = vmft_pb2.Hello(
+            protocol_version=PROTOCOL_VERSION,
+            spec=self.spec,
+            generation=self.generation,
+            header=header,
+            primary_node=self.settings.name,
+            backup_service=self.backup_service,
+            heartbeat_interval_ms=int(self.settings.heartbeat_interval_s * 1000),
+            failure_timeout_ms=int(self.settings.failure_timeout_s * 1000),
+        )
+        try:
+            await self._call.write(vmft_pb2.PrimaryMessage(hello=hello))
+            reply = await asyncio.wait_for(self._call.read(), self.settings.connect_timeout_s)
+        except (grpc.aio.AioRpcError, TimeoutError) as err:
+            await self._close_channel()
+            detail = err.details() if isinstance(err, grpc.aio.AioRpcError) else "no answer"
+            raise ReplicationRefused(f"backup node {self.backup_node} unreachable: {detail}") from err
+        if reply is grpc.aio.EOF or not reply.HasField("hello_reply"):
+            await self._close_channel()
+            raise ReplicationRefused(f"backup node {self.backup_node} closed the stream")
+        if not reply.hello_reply.accepted:
+            await self._close_channel()
+            raise ReplicationRefused(
+                f"backup node {self.backup_node} refused the pair: {reply.hello_reply.reason}"
+            )
+        self.protected = True
+
+    async def _close_channel(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        if self._channel is not None:
+            await self._channel.close()
+        self._call = None
+        self._channel = None
+
+    # ----- replication ---------------------------------------------------------------------------
+
+    async def _replicate(self) -> None:
+        assert self._call is not None
+        call = self._call
+        last_heard = time.monotonic()
+
+        async def sender() -> None:
+            assert self.sink is not None and self.machine is not None
+            while True:
+                batches = await self.sink.take(self.settings.heartbeat_interval_s)
+                if batches:
+                    for batch in batches:
+                        message = vmft_pb2.PrimaryMessage(batch=batch)
+                        await call.write(message)
+                        self.meter.add(message.ByteSize())
+                        if batch.ended:
+                            return
+                else:
+                    await call.write(
+                        vmft_pb2.PrimaryMessage(heartbeat=vmft_pb2.Heartbeat(position=self.machine.position))
+                    )
+
+        async def receiver() -> None:
+            nonlocal last_heard
+            assert self.gate is not None
+            while True:
+                message = await call.read()
+                if message is grpc.aio.EOF:
+                    raise PeerSilent("the backup closed the stream")
+                last_heard = time.monotonic()
+                if message.HasField("ack"):
+                    self.acked = max(self.acked, message.ack.received)
+                    self.replayed = message.ack.replayed
+                    self.gate.ack(message.ack.received)
+
+        async def watchdog() -> None:
+            while True:
+                await asyncio.sleep(self.settings.heartbeat_interval_s)
+                silent = time.monotonic() - last_heard
+                if silent > self.settings.failure_timeout_s:
+                    raise PeerSilent(f"no word from the backup for {silent * 1000:.0f} ms")
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(sender())
+                group.create_task(receiver())
+                group.create_task(watchdog())
+        except* (PeerSilent, grpc.aio.AioRpcError, grpc.aio.UsageError) as group_error:
+            reason = "; ".join(str(e).splitlines()[0] for e in group_error.exceptions)
+            await self._backup_lost(reason)
+
+    async def _backup_lost(self, reason: str) -> None:
+        assert self.gate is not None and self.sink is not None
+        if self.result is not None:
+            return
+        self.protected = False
+        log.warning("%s: lost the backup (%s); asking the arbiter to stay primary", self.name, reason)
+        await self._close_channel()
+        next_generation = self.generation + 1
+        won = await asyncio.to_thread(self.arbiter.claim, self.name, next_generation, self.settings.name)
+        if won:
+            self.generation = next_generation
+            self.sink.drop_all()
+            self.gate.release_unprotected()
+            self.state = "running unprotected"
+            self.message = f"backup lost ({reason}); primary alone in generation {next_generation}"
+            log.warning("%s: %s", self.name, self.message)
+        else:
+            current = await asyncio.to_thread(self.arbiter.current, self.name)
+            owner = current.node if current else "?"
+            self.state = "fenced"
+            self.message = f"generation {next_generation} belongs to {owner}: stopping (outputs withheld)"
+            log.warning("%s: %s", self.name, self.message)
+            await self.stop()
+
+    async def _watch_machine(self) -> None:
+        assert self.machine is not None
+        self.result = await self.machine.wait()
+        if self.state != "fenced":
+            self.state = f"stopped: {self.result.describe()}"
+
+    # ----- status and stop ------------------------------------------------------------------------
+
+    def status(self) -> vmft_pb2.VmStatus:
+        machine = self.machine
+        position = machine.position if machine else 0
+        return vmft_pb2.VmStatus(
+            name=self.name,
+            role=vmft_pb2.ROLE_PRIMARY if self.state not in ("fenced",) else vmft_pb2.ROLE_STOPPED,
+            state=self.state,
+            generation=self.generation,
+            position=position,
+            acked_position=self.acked,
+            replayed_position=self.replayed,
+            protected=self.protected,
+            peer=self.backup_node,
+            service=self.service,
+            log_bytes_per_s=self.meter.rate(),
+            held_outputs=self.gate.held if self.gate else 0,
+            message=self.message,
+            failovers=self.failovers,
+        )
+
+    async def stop(self) -> None:
+        if self.machine is not None:
+            self.machine.stop()
+            try:
+                await asyncio.wait_for(self.machine.wait(), 5)
+            except TimeoutError:
+                log.error("%s: the vCPU did not stop within 5 s", self.name)
+        if self.nic is not None:
+            await self.nic.close()
+            self.nic = None
+        await self._close_channel()
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+
+    def close(self) -> None:
+        if self.machine is not None and self.machine.result is not None:
+            self.machine.close()

@@ -1,0 +1,68 @@
+"""The hand-off of log batches from the vCPU thread to the replication stream on the event loop.
+
+Policy when the backup is slow: the buffer holds up to `max_pending` batches; beyond that the vCPU waits
+(the guest is throttled, never silently) and a warning says so. Outputs are held by the output rule
+anyway, so throttling loses nothing. When the pair is unprotected (`discard`), batches are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+
+from proto import vmft_pb2
+
+log = logging.getLogger(__name__)
+
+
+class StreamSink:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_pending: int = 4096) -> None:
+        self._loop = loop
+        self._pending: collections.deque[vmft_pb2.EventBatch] = collections.deque()
+        self._cond = threading.Condition()
+        self._ready = asyncio.Event()
+        self._max_pending = max_pending
+        self.discard = False
+        self.throttled = 0  # times the vCPU had to wait for the stream
+        self.bytes_sent = 0
+        self.batches_sent = 0
+        self.horizon = 0
+
+    def write_batch(self, batch: vmft_pb2.EventBatch) -> None:
+        """vCPU thread."""
+        if self.discard:
+            return
+        with self._cond:
+            self._pending.append(batch)
+            if len(self._pending) > self._max_pending:
+                self.throttled += 1
+                log.warning("replication backlog of %d batches: throttling the vCPU", len(self._pending))
+                while len(self._pending) > self._max_pending // 2 and not self.discard:
+                    self._cond.wait(0.1)
+        self._loop.call_soon_threadsafe(self._ready.set)
+
+    def close(self) -> None:
+        pass  # the stream outlives a finished recording until its last batch is sent
+
+    def drop_all(self) -> None:
+        """Unprotected from now on: forget what was queued and let a throttled vCPU go."""
+        with self._cond:
+            self.discard = True
+            self._pending.clear()
+            self._cond.notify_all()
+
+    async def take(self, wait_s: float) -> list[vmft_pb2.EventBatch]:
+        """Event loop: the queued batches, waiting up to `wait_s` for at least one."""
+        if not self._pending:
+            try:
+                await asyncio.wait_for(self._ready.wait(), wait_s)
+            except TimeoutError:
+                return []
+        self._ready.clear()
+        with self._cond:
+            batches = list(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        return batches

@@ -1,0 +1,84 @@
+"""What primary and backup share: node settings, VM specs, and the status every VM reports."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from monitor.loader import GuestImage, ImageError, load_image_file
+from monitor.machine import MachineConfig
+from proto import vmft_pb2
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass
+class NodeSettings:
+    name: str  # the node's gRPC address, HOST:PORT
+    data_dir: Path
+    heartbeat_interval_s: float = 0.005
+    failure_timeout_s: float = 0.3
+    connect_timeout_s: float = 5.0
+    hash_every: int = 20000
+
+
+class ReplicationRefused(Exception):
+    """The peer refused the pair (other version, image, memory size, CPUID, or a stale generation)."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_spec_image(spec: vmft_pb2.VmSpec) -> GuestImage:
+    image = load_image_file(spec.image_path)
+    if spec.image_sha256 and image.sha256 != spec.image_sha256:
+        raise ImageError(
+            f"{spec.image_path} has sha256 {image.sha256[:16]}..., the pair runs {spec.image_sha256[:16]}..."
+        )
+    return image
+
+
+def machine_config(spec: vmft_pb2.VmSpec, disk: str | None) -> MachineConfig:
+    return MachineConfig(spec.image_path, spec.mem_mib or 64, disk, spec.arg, spec.hang_timeout_s or 2.0)
+
+
+@dataclass
+class FailoverTimes:
+    suspected_at: float = 0.0
+    claimed_at: float = 0.0
+    live_at: float = 0.0  # the VM switched from replay to record
+    serving_at: float = 0.0  # the service address accepts clients
+
+    def describe(self) -> str:
+        if not self.suspected_at:
+            return ""
+        parts = [f"claimed +{(self.claimed_at - self.suspected_at) * 1000:.1f} ms"]
+        if self.live_at:
+            parts.append(f"live +{(self.live_at - self.suspected_at) * 1000:.1f} ms")
+        if self.serving_at:
+            parts.append(f"serving +{(self.serving_at - self.suspected_at) * 1000:.1f} ms")
+        return "failover: " + ", ".join(parts)
+
+
+@dataclass
+class Meter:
+    """Bytes per second over a sliding second."""
+
+    samples: list[tuple[float, int]] = field(default_factory=list)
+
+    def add(self, nbytes: int) -> None:
+        now = time.monotonic()
+        self.samples.append((now, nbytes))
+        while self.samples and self.samples[0][0] < now - 1.0:
+            self.samples.pop(0)
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        return float(sum(n for t, n in self.samples if t >= now - 1.0))
