@@ -1,0 +1,238 @@
+"""A local cluster of real node processes on loopback, for the demo, tests, benchmarks and users' fault
+tests: start `vmft node` daemons on free ports, protect a VM on them, kill, stop and restart nodes by
+PID, read their status. Every process it starts is stopped by its PID; every wait is bounded."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from monitor.loader import load_image_file
+from proto import vmft_pb2, vmft_pb2_grpc
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class ClusterError(Exception):
+    pass
+
+
+@dataclass
+class NodeProcess:
+    name: str  # HOST:PORT
+    data_dir: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process else -1
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@dataclass
+class ProtectedVm:
+    name: str
+    primary: NodeProcess
+    backup: NodeProcess | None
+    service: str
+    backup_service: str
+
+    @property
+    def addresses(self) -> list[str]:
+        return [self.service] + ([self.backup_service] if self.backup_service else [])
+
+
+class LocalCluster:
+    def __init__(
+        self,
+        workdir: str | Path,
+        heartbeat_ms: float = 5.0,
+        failure_timeout_ms: float = 300.0,
+        python: str = sys.executable,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.arbiter_path = self.workdir / "arbiter.sqlite"
+        self.heartbeat_ms = heartbeat_ms
+        self.failure_timeout_ms = failure_timeout_ms
+        self.python = python
+        self.nodes: list[NodeProcess] = []
+
+    # ----- nodes ---------------------------------------------------------------------------------
+
+    def add_node(self, extra_args: list[str] | None = None) -> NodeProcess:
+        index = len(self.nodes)
+        node = NodeProcess(
+            name=f"127.0.0.1:{free_port()}",
+            data_dir=self.workdir / f"node{index}",
+            log_path=self.workdir / f"node{index}.log",
+            extra_args=extra_args or [],
+        )
+        self.nodes.append(node)
+        self.start_node(node)
+        return node
+
+    def start_node(self, node: NodeProcess, timeout: float = 20.0) -> None:
+        command = [
+            self.python, "-m", "replica.cli", "node",
+            "--listen", node.name,
+            "--data-dir", str(node.data_dir),
+            "--arbiter", str(self.arbiter_path),
+            "--heartbeat-ms", str(self.heartbeat_ms),
+            "--failure-timeout-ms", str(self.failure_timeout_ms),
+            *node.extra_args,
+        ]  # fmt: skip
+        log_file = open(node.log_path, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            node.process = subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, cwd=_repo_root()
+            )
+        finally:
+            log_file.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not node.alive():
+                raise ClusterError(f"node {node.name} exited at start: {node.log_path.read_text()[-2000:]}")
+            try:
+                self.status(node, timeout=0.5)
+                return
+            except grpc.RpcError:
+                time.sleep(0.05)
+        raise ClusterError(f"node {node.name} did not start serving within {timeout} s")
+
+    def signal_node(self, node: NodeProcess, sig: signal.Signals) -> None:
+        if node.process is not None and node.alive():
+            os.kill(node.process.pid, sig)
+
+    def kill_node(self, node: NodeProcess) -> None:
+        """SIGKILL, and reap it (bounded)."""
+        if node.process is None:
+            return
+        self.signal_node(node, signal.SIGKILL)
+        try:
+            node.process.wait(timeout=10)
+        except subprocess.TimeoutExpired as err:
+            raise ClusterError(f"node {node.name} (pid {node.pid}) survived SIGKILL for 10 s") from err
+
+    def stop_node(self, node: NodeProcess, timeout: float = 10.0) -> None:
+        """SIGTERM (the node stops its VMs), then SIGKILL if it lingers; SIGCONT first in case it is stopped."""
+        if node.process is None or not node.alive():
+            return
+        self.signal_node(node, signal.SIGCONT)
+        self.signal_node(node, signal.SIGTERM)
+        try:
+            node.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_node(node)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            try:
+                self.stop_node(node, timeout=5)
+            except ClusterError:
+                pass
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----- the node API ---------------------------------------------------------------------------
+
+    def status(self, node: NodeProcess, timeout: float = 5.0) -> vmft_pb2.NodeStatus:
+        with grpc.insecure_channel(node.name) as channel:
+            result: vmft_pb2.NodeStatus = vmft_pb2_grpc.NodeStub(channel).Status(
+                vmft_pb2.StatusRequest(), timeout=timeout
+            )
+            return result
+
+    def vm_status(self, node: NodeProcess, name: str, timeout: float = 5.0) -> vmft_pb2.VmStatus | None:
+        for vm in self.status(node, timeout).vms:
+            if vm.name == name:
+                return vm
+        return None
+
+    def protect(
+        self,
+        image: str | Path,
+        primary: NodeProcess,
+        backup: NodeProcess | None,
+        name: str = "vm1",
+        mem_mib: int = 64,
+        arg: int = 0,
+        disk: str | Path | None = None,
+        hang_timeout_s: float = 2.0,
+    ) -> ProtectedVm:
+        loaded = load_image_file(image)
+        spec = vmft_pb2.VmSpec(
+            name=name,
+            image_path=str(Path(image).resolve()),
+            image_sha256=loaded.sha256,
+            mem_mib=mem_mib,
+            disk_path=str(Path(disk).resolve()) if disk else "",
+            arg=arg,
+            hang_timeout_s=hang_timeout_s,
+        )
+        service = f"127.0.0.1:{free_port()}"
+        backup_service = f"127.0.0.1:{free_port()}" if backup else ""
+        request = vmft_pb2.ProtectRequest(
+            spec=spec,
+            backup_node=backup.name if backup else "",
+            service=service,
+            backup_service=backup_service,
+        )
+        with grpc.insecure_channel(primary.name) as channel:
+            try:
+                vmft_pb2_grpc.NodeStub(channel).Protect(request, timeout=30)
+            except grpc.RpcError as err:
+                raise ClusterError(f"protect failed: {err.details()}") from err
+        return ProtectedVm(name, primary, backup, service, backup_service)
+
+    def wait_for(
+        self, node: NodeProcess, name: str, predicate: str, timeout: float = 10.0
+    ) -> vmft_pb2.VmStatus:
+        """Wait until the VM's status satisfies `predicate`: 'primary', 'backup', 'stopped' or 'serving'."""
+        deadline = time.monotonic() + timeout
+        last: vmft_pb2.VmStatus | None = None
+        while time.monotonic() < deadline:
+            try:
+                last = self.vm_status(node, name, timeout=1.0)
+            except grpc.RpcError:
+                last = None
+            if last is not None and _matches(last, predicate):
+                return last
+            time.sleep(0.02)
+        raise ClusterError(f"{name} on {node.name} is not {predicate} after {timeout} s (last: {last})")
+
+
+def _matches(vm: vmft_pb2.VmStatus, predicate: str) -> bool:
+    if predicate == "primary":
+        return vm.role == vmft_pb2.ROLE_PRIMARY
+    if predicate == "backup":
+        return vm.role == vmft_pb2.ROLE_BACKUP
+    if predicate == "stopped":
+        return vm.role == vmft_pb2.ROLE_STOPPED
+    if predicate == "serving":
+        return vm.role == vmft_pb2.ROLE_PRIMARY and vm.state.startswith("running")
+    raise ValueError(f"unknown predicate {predicate!r}")
+
+
+def _repo_root() -> str:
+    return str(Path(__file__).resolve().parent.parent)
