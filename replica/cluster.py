@@ -131,7 +131,8 @@ class LocalCluster:
             raise ClusterError(f"node {node.name} (pid {node.pid}) survived SIGKILL for 10 s") from err
 
     def stop_node(self, node: NodeProcess, timeout: float = 10.0) -> None:
-        """SIGTERM (the node stops its VMs), then SIGKILL if it lingers; SIGCONT first in case it is stopped."""
+        """SIGTERM (the node stops its VMs), then SIGKILL if it lingers; SIGCONT first in case it is
+        stopped."""
         if node.process is None or not node.alive():
             return
         self.signal_node(node, signal.SIGCONT)

@@ -55,7 +55,8 @@ class Verdict:
         inconsistent = sum(v.kind == "inconsistent-read" for v in self.violations)
         return (
             f"{self.ops} operations, {self.acknowledged_writes} acknowledged writes checked, "
-            f"lost {lost}, duplicated {duplicated}, inconsistent reads {inconsistent}, failed ops {self.failed_ops}"
+            f"lost {lost}, duplicated {duplicated}, inconsistent reads {inconsistent}, "
+            f"failed ops {self.failed_ops}"
         )
 
 
