@@ -23,7 +23,8 @@ async def demo(image: Path, clients: int, before_s: float, after_s: float, workd
         print(f"demo: node A {primary.name} (pid {primary.pid}), node B {backup.name} (pid {backup.pid})")
         vm = cluster.protect(image, primary, backup)
         print(
-            f"demo: protected kv guest: primary on A, backup on B; service {vm.service}, after failover {vm.backup_service}"
+            f"demo: protected kv guest: primary on A, backup on B; service {vm.service}, "
+            f"after failover {vm.backup_service}"
         )
         cluster.wait_for(backup, vm.name, "backup")
         workload = Workload(vm.addresses, clients=clients, seed=int(time.time()))
@@ -33,7 +34,8 @@ async def demo(image: Path, clients: int, before_s: float, after_s: float, workd
         if status is not None:
             print(
                 f"demo: before the fault: position {status.position}, "
-                f"backup acknowledged {status.acked_position}, log {status.log_bytes_per_s / 1024:.1f} KiB/s, {len(workload.history)} operations so far"
+                f"backup acknowledged {status.acked_position}, log {status.log_bytes_per_s / 1024:.1f} KiB/s, "
+                f"{len(workload.history)} operations so far"
             )
         print(f"demo: SIGKILL node A (pid {primary.pid}), the primary")
         fault_at = time.monotonic()
@@ -49,7 +51,8 @@ async def demo(image: Path, clients: int, before_s: float, after_s: float, workd
         print(f"demo: failover seen by the controller within {detected_in * 1000:.0f} ms of the kill")
         if gaps:
             print(
-                f"demo: recovery time seen by {len(gaps)} clients (last reply before the fault to first after): "
+                f"demo: recovery time seen by {len(gaps)} clients "
+                "(last reply before the fault to first after): "
                 f"median {median(gaps) * 1000:.1f} ms, max {max(gaps) * 1000:.1f} ms"
             )
         print(f"demo: history checked: {verdict.summary()}")
