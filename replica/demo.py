@@ -34,7 +34,8 @@ async def demo(image: Path, clients: int, before_s: float, after_s: float, workd
         if status is not None:
             print(
                 f"demo: before the fault: position {status.position}, "
-                f"backup acknowledged {status.acked_position}, log {status.log_bytes_per_s / 1024:.1f} KiB/s, "
+                f"backup acknowledged {status.acked_position}, "
+                f"log {status.log_bytes_per_s / 1024:.1f} KiB/s, "
                 f"{len(workload.history)} operations so far"
             )
         print(f"demo: SIGKILL node A (pid {primary.pid}), the primary")
