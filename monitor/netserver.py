@@ -48,6 +48,15 @@ class NicServer:
     def next_conn_id(self) -> int:
         return self._next_id
 
+    def inject(self, payload: bytes) -> int:
+        """Deliver one message to the guest as if a client connected, sent it and left (fault injection,
+        administration). Its reply, if any, goes nowhere. Returns the connection id used."""
+        conn = self._next_id
+        self._next_id += 1
+        for kind, data in ((NetKind.OPEN, b""), (NetKind.DATA, payload), (NetKind.CLOSE, b"")):
+            self._backend.push(NetMessage(conn, kind, data))
+        return conn
+
     async def start(self) -> tuple[str, int]:
         self._loop = asyncio.get_running_loop()
         self._server = await asyncio.start_server(self._accept, self._host, self._port, reuse_address=True)

@@ -253,6 +253,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 1 if failed == len(args.node) else 0
 
 
+def cmd_fault(args: argparse.Namespace) -> int:
+    from replica.faults import Fault, FaultError, inject
+
+    try:
+        reply = inject(args.node, args.vm, Fault(args.kind), args.duration, args.delay_ms, args.fraction)
+    except FaultError as err:
+        print(f"vmft fault: {err}", file=sys.stderr)
+        return 1
+    print(reply.detail)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmft", description="fault-tolerant virtual machines on Linux KVM")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -301,6 +313,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--node", action="append", required=True, metavar="ADDR", help="a node daemon (repeat)"
     )
     status.set_defaults(func=cmd_status)
+
+    from replica.faults import Fault
+
+    fault = sub.add_parser("fault", help="inject a fault into a running protected VM")
+    fault.add_argument("vm", help="the VM's name")
+    fault.add_argument("kind", choices=[f.value for f in Fault])
+    fault.add_argument(
+        "--node", action="append", required=True, metavar="ADDR", help="node daemons of the pair"
+    )
+    fault.add_argument(
+        "--duration", type=float, default=1.0, metavar="S", help="how long a stop/link/disk fault lasts"
+    )
+    fault.add_argument("--delay-ms", type=float, default=20.0, help="delay-link: added delay each way")
+    fault.add_argument("--fraction", type=float, default=0.1, help="drop-link: fraction of segments lost")
+    fault.set_defaults(func=cmd_fault)
 
     kv = sub.add_parser("kv", help="talk to a kv guest")
     kv.add_argument("address", help="HOST:PORT of the service (comma-separated: primary's, backup's)")

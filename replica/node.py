@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
 import logging
 import shutil
 import time
@@ -100,7 +103,7 @@ class Node:
         return vm
 
     def status(self) -> vmft_pb2.NodeStatus:
-        out = vmft_pb2.NodeStatus(node=self.settings.name, protocol_version=PROTOCOL_VERSION)
+        out = vmft_pb2.NodeStatus(node=self.settings.name, protocol_version=PROTOCOL_VERSION, pid=os.getpid())
         for vm in self.vms.values():
             out.vms.append(vm.status())
         for name, record in self.remembered.items():
@@ -118,6 +121,37 @@ class Node:
         return vmft_pb2.VmStatus(
             name=name, role=vmft_pb2.ROLE_STOPPED, state="fenced", generation=generation, message=message
         )
+
+    # ----- fault injection ------------------------------------------------------------------------
+
+    async def inject_fault(self, request: vmft_pb2.FaultRequest) -> str:
+        kind = request.kind
+        if kind == vmft_pb2.FAULT_KILL_NODE:
+            asyncio.get_running_loop().call_later(0.01, os.kill, os.getpid(), signal.SIGKILL)
+            return f"node {self.settings.name} (pid {os.getpid()}) will be killed"
+        if kind == vmft_pb2.FAULT_STOP_NODE:
+            duration = request.duration_s or 1.0
+            # A stopped process cannot wake itself: a detached helper sends SIGCONT after the duration.
+            await asyncio.create_subprocess_exec(
+                "/bin/sh",
+                "-c",
+                f"sleep {duration:.3f}; kill -CONT {os.getpid()}",
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            asyncio.get_running_loop().call_later(0.01, os.kill, os.getpid(), signal.SIGSTOP)
+            return f"node {self.settings.name} stopped for {duration:.2f} s"
+        vm = self.vms.get(request.vm)
+        if vm is None:
+            raise KeyError(request.vm)
+        command = _GUEST_FAULT_COMMANDS.get(kind)
+        if command is not None:
+            if vm.nic is None:
+                raise ReplicationRefused(f"{vm.name} does not serve clients on this node (not its primary)")
+            conn = vm.nic.inject(command)
+            return f"sent {command.decode()} to {vm.name} on connection {conn}"
+        raise ReplicationRefused(f"fault {vmft_pb2.FaultKind.Name(kind)} is not supported by this node")
 
     async def stop_vm(self, name: str) -> vmft_pb2.VmStatus:
         vm = self.vms.get(name)
@@ -205,6 +239,14 @@ class Node:
         await vm.primary_lost(reason)
 
 
+_GUEST_FAULT_COMMANDS = {
+    vmft_pb2.FAULT_CRASH_GUEST: b"CRASH",
+    vmft_pb2.FAULT_PANIC_GUEST: b"PANIC",
+    vmft_pb2.FAULT_HANG_GUEST: b"HANG",
+    vmft_pb2.FAULT_SCRIBBLE_GUEST: b"SCRIBBLE",
+}
+
+
 def _refuse(reason: str) -> vmft_pb2.BackupMessage:
     return vmft_pb2.BackupMessage(
         hello_reply=vmft_pb2.HelloReply(accepted=False, reason=reason, protocol_version=PROTOCOL_VERSION)
@@ -238,6 +280,21 @@ class NodeServicer(vmft_pb2_grpc.NodeServicer):
         except KeyError:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no VM {request.name} on this node")
             raise
+
+    async def InjectFault(  # noqa: N802
+        self, request: vmft_pb2.FaultRequest, context: grpc.aio.ServicerContext
+    ) -> vmft_pb2.FaultReply:
+        injected_at = time.time()
+        try:
+            detail = await self.node.inject_fault(request)
+        except KeyError:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no VM {request.vm} on this node")
+            raise
+        except ReplicationRefused as err:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+            raise
+        log.warning("fault injected: %s", detail)
+        return vmft_pb2.FaultReply(detail=detail, injected_at=injected_at)
 
 
 class ReplicationServicer(vmft_pb2_grpc.ReplicationServicer):

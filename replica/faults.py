@@ -1,0 +1,105 @@
+"""The fault catalogue: each fault a user can inject into a running protected VM, and where it goes.
+
+Faults are named from the pair's point of view (`kill-primary`, `stop-backup`, `cut-link`); the node that
+carries one out is found by asking the nodes who holds which role. The same catalogue serves the command
+line (`vmft fault`), the campaign runner and the pytest plugin; the node API takes the node-relative
+FaultKind of proto/vmft.proto.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import grpc
+
+from proto import vmft_pb2, vmft_pb2_grpc
+
+
+class Fault(enum.Enum):
+    KILL_PRIMARY = "kill-primary"
+    KILL_BACKUP = "kill-backup"
+    STOP_PRIMARY = "stop-primary"
+    STOP_BACKUP = "stop-backup"
+    CRASH = "crash"
+    PANIC = "panic"
+    HANG = "hang"
+    SCRIBBLE = "scribble"
+    CUT_LINK = "cut-link"
+    DELAY_LINK = "delay-link"
+    DROP_LINK = "drop-link"
+    FAIL_DISK = "fail-disk"
+    HEAL = "heal"
+
+
+@dataclass(frozen=True)
+class FaultTarget:
+    on_backup: bool  # carried out by the backup's node (else the primary's)
+    kind: int  # vmft_pb2.FaultKind
+
+
+CATALOGUE: dict[Fault, FaultTarget] = {
+    Fault.KILL_PRIMARY: FaultTarget(False, vmft_pb2.FAULT_KILL_NODE),
+    Fault.KILL_BACKUP: FaultTarget(True, vmft_pb2.FAULT_KILL_NODE),
+    Fault.STOP_PRIMARY: FaultTarget(False, vmft_pb2.FAULT_STOP_NODE),
+    Fault.STOP_BACKUP: FaultTarget(True, vmft_pb2.FAULT_STOP_NODE),
+    Fault.CRASH: FaultTarget(False, vmft_pb2.FAULT_CRASH_GUEST),
+    Fault.PANIC: FaultTarget(False, vmft_pb2.FAULT_PANIC_GUEST),
+    Fault.HANG: FaultTarget(False, vmft_pb2.FAULT_HANG_GUEST),
+    Fault.SCRIBBLE: FaultTarget(False, vmft_pb2.FAULT_SCRIBBLE_GUEST),
+    Fault.CUT_LINK: FaultTarget(False, vmft_pb2.FAULT_CUT_LINK),
+    Fault.DELAY_LINK: FaultTarget(False, vmft_pb2.FAULT_DELAY_LINK),
+    Fault.DROP_LINK: FaultTarget(False, vmft_pb2.FAULT_DROP_LINK),
+    Fault.FAIL_DISK: FaultTarget(False, vmft_pb2.FAULT_FAIL_DISK_WRITES),
+    Fault.HEAL: FaultTarget(False, vmft_pb2.FAULT_HEAL),
+}
+
+
+class FaultError(Exception):
+    pass
+
+
+def find_roles(nodes: list[str], vm: str, timeout: float = 2.0) -> tuple[str | None, str | None]:
+    """(primary's node, backup's node) of `vm` among `nodes`, by asking each."""
+    primary: str | None = None
+    backup: str | None = None
+    for address in nodes:
+        try:
+            with grpc.insecure_channel(address) as channel:
+                status = vmft_pb2_grpc.NodeStub(channel).Status(vmft_pb2.StatusRequest(), timeout=timeout)
+        except grpc.RpcError:
+            continue
+        for entry in status.vms:
+            if entry.name != vm:
+                continue
+            if entry.role == vmft_pb2.ROLE_PRIMARY:
+                primary = address
+            elif entry.role == vmft_pb2.ROLE_BACKUP:
+                backup = address
+    return primary, backup
+
+
+def inject(
+    nodes: list[str],
+    vm: str,
+    fault: Fault,
+    duration_s: float = 1.0,
+    delay_ms: float = 20.0,
+    fraction: float = 0.1,
+) -> vmft_pb2.FaultReply:
+    """Inject `fault` into `vm`, which runs on some of `nodes` (HOST:PORT of node daemons)."""
+    target = CATALOGUE[fault]
+    primary, backup = find_roles(nodes, vm)
+    address = backup if target.on_backup else primary
+    if address is None:
+        role = "backup" if target.on_backup else "primary"
+        raise FaultError(f"no node among {', '.join(nodes)} holds the {role} of {vm}")
+    request = vmft_pb2.FaultRequest(
+        vm=vm, kind=target.kind, duration_s=duration_s, delay_ms=delay_ms, fraction=fraction
+    )
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply: vmft_pb2.FaultReply = vmft_pb2_grpc.NodeStub(channel).InjectFault(request, timeout=5)
+        except grpc.RpcError as err:
+            raise FaultError(f"{fault.value} on {address}: {err.details()}") from err
+    return reply
