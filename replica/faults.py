@@ -35,7 +35,7 @@ class Fault(enum.Enum):
 @dataclass(frozen=True)
 class FaultTarget:
     on_backup: bool  # carried out by the backup's node (else the primary's)
-    kind: int  # vmft_pb2.FaultKind
+    kind: vmft_pb2.FaultKind
 
 
 CATALOGUE: dict[Fault, FaultTarget] = {
