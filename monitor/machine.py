@@ -24,10 +24,10 @@ from monitor.devices.block import Block
 from monitor.devices.clock import Clock, Timer, VirtualClock
 from monitor.devices.console import Console
 from monitor.devices.entropy import Entropy
-from monitor.devices.net import Net, NetBackend, deliver_tx
+from monitor.devices.net import Net, NetBackend, NetMessage, deliver_tx, iter_messages, pack_messages
 from monitor.devices.power import GuestStop, Power
 from monitor.dirty import DirtyTracker
-from monitor.guest_abi import Vector
+from monitor.guest_abi import NetKind, Vector
 from monitor.interrupts import InterruptState
 from monitor.journal import (
     DivergenceError,
@@ -43,6 +43,8 @@ from monitor.kvm_abi import KVM_EXIT_IO_OUT, RUN_IO_OFFSET, RUN_SYNC_RIP_OFFSET,
 from monitor.loader import GuestImage, load_image_file
 from monitor.memory import GuestMemory, GuestMemoryError
 from monitor.statehash import StateHasher
+from monitor.kvm import VcpuState  # checkpoints
+from proto import vmft_pb2
 
 log = logging.getLogger(__name__)
 
@@ -555,6 +557,76 @@ class Machine:
         self.vm.close()
         if self._own_kvm:
             self.kvm.close()
+
+
+    # ----- checkpoints ----------------------------------------------------------------------
+    # monitor/checkpoint.py takes and restores checkpoints through these; they touch no file.
+
+    def is_running(self) -> bool:
+        """The vCPU thread is started and has not finished."""
+        return self._thread is not None and not self._done.is_set()
+
+    def capture_state(self) -> tuple[VcpuState, vmft_pb2.MachineState]:
+        """The vCPU and the monitor's state of the VM at the current position. Only with the vCPU parked
+        (Machine.pause(), or before start / after the machine finished), with its I/O completed."""
+        net = self.net
+        open_conns: set[int] = getattr(net, "open_conns", set())
+        state = vmft_pb2.MachineState(
+            position=self.position,
+            irq_pending=self.irq.pending,
+            irq_latched=int(self.irq.latched),
+            irq_injected=self.irq.injected,
+            clock_ns=max(self.clock.now_ns(), self.clock_device.last_seen_ns),
+            clock_last_seen_ns=self.clock_device.last_seen_ns,
+            timer_deadline_ns=self.timer.deadline,
+            console_input=self.console.state(),
+            net_rx_queue=pack_messages(self.net_backend.queued()),
+            net_open_conns=sorted(open_conns),
+            net_conn_high=int(getattr(net, "max_conn", 0)),
+            net_rx_messages=self.net_backend.rx_messages,
+            net_tx_messages=self.net_backend.tx_messages,
+        )
+        return self.vcpu.save_state(), state
+
+    def restore_state(self, vcpu: VcpuState, state: vmft_pb2.MachineState, live: bool) -> None:
+        """Put a freshly built machine (not loaded, not started; its memory already written) at a
+        checkpoint's position. `live`: the machine will run on live (not replay a log), so host-side
+        input queued at the checkpoint is queued again and connections open then are reported closed
+        (their clients are gone); replaying, the log supplies all input instead."""
+        if self._thread is not None:
+            raise RuntimeError("restore_state needs a machine that has not started")
+        self.vcpu.restore_state(vcpu)
+        self.position = state.position
+        self.irq.pending = state.irq_pending
+        self.irq.latched = state.irq_latched
+        self.irq.injected = state.irq_injected
+        self.clock.resume_from(max(state.clock_ns, state.clock_last_seen_ns))
+        self.clock_device.last_seen_ns = state.clock_last_seen_ns
+        self.timer.deadline = state.timer_deadline_ns
+        self.net_backend.rx_messages = state.net_rx_messages
+        self.net_backend.tx_messages = state.net_tx_messages
+        net = self.net
+        if hasattr(net, "open_conns"):
+            net.open_conns = set(state.net_open_conns)
+            net.max_conn = state.net_conn_high
+        if not live:
+            return
+        self.console.load_state(list(state.console_input))
+        queued = list(iter_messages(state.net_rx_queue))
+        self.net_backend.requeue(queued)
+        gone = set(state.net_open_conns)
+        for msg in queued:
+            if msg.kind is NetKind.OPEN:
+                gone.add(msg.conn)
+            elif msg.kind is NetKind.CLOSE:
+                gone.discard(msg.conn)
+        for conn in sorted(gone):
+            self.net_backend.push(NetMessage(conn, NetKind.CLOSE, b""))
+
+    def next_conn_id(self) -> int:
+        """The first connection id a NIC server may give out without reusing one the guest has seen."""
+        high = max(int(getattr(self.net, "max_conn", 0)), *(m.conn for m in self.net_backend.queued()), 0)
+        return high + 1
 
 
 def _settle(future: asyncio.Future[MachineResult], result: MachineResult) -> None:

@@ -17,6 +17,7 @@ from monitor.guest_abi import SECTOR_SIZE, BlockOp, Port, Status, Vector
 log = logging.getLogger(__name__)
 
 MAX_BLOCK_REQUEST = 4 << 20
+WRITE_TRACK_BLOCK = 4096  # granularity of the written-ranges tracking for checkpoints (8 sectors)
 
 
 class BlockDeviceError(Exception):
@@ -32,6 +33,8 @@ class Block:
         self._fd: int | None = None
         self.sectors = 0
         self.fail_writes = False  # fault injection: writes return EIO
+        # Checkpoints: per consumer, one byte per WRITE_TRACK_BLOCK of the disk the guest wrote.
+        self._written: dict[str, bytearray] = {}
         if path is not None:
             try:
                 self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -91,6 +94,8 @@ class Block:
             else:
                 if self.fail_writes:
                     raise OSError(5, "write failure injected")
+                if self._written:
+                    self._mark_written(offset, req.len)
                 os.pwrite(self._fd, self._ctx.memory.view(req.addr, req.len), offset)
         except OSError as err:
             log.error("block %s at sector %d failed: %s", op.name, req.arg64, err)
@@ -98,6 +103,43 @@ class Block:
         else:
             complete(self._ctx, req, Status.OK, req.len)
         self._ctx.interrupts.raise_irq(Vector.BLOCK)
+
+    # ----- checkpoints: which parts of the disk the guest wrote --------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.sectors * SECTOR_SIZE
+
+    def _mark_written(self, offset: int, length: int) -> None:
+        first = offset // WRITE_TRACK_BLOCK
+        last = (offset + length - 1) // WRITE_TRACK_BLOCK
+        ones = b"\x01" * (last - first + 1)
+        for written in self._written.values():
+            written[first : last + 1] = ones
+
+    def track_writes(self, name: str) -> None:
+        """Start (or restart) a consumer of written ranges with nothing written so far."""
+        blocks = (self.size + WRITE_TRACK_BLOCK - 1) // WRITE_TRACK_BLOCK
+        self._written[name] = bytearray(blocks)
+
+    def untrack_writes(self, name: str) -> None:
+        self._written.pop(name, None)
+
+    def take_written(self, name: str) -> list[tuple[int, int]]:
+        """Byte ranges (offset, length) written since this consumer last took them, merged and sorted.
+        Call with the vCPU paused (writes happen on the vCPU thread)."""
+        written = self._written[name]
+        self._written[name] = bytearray(len(written))
+        ranges: list[tuple[int, int]] = []
+        index = written.find(1)
+        while index != -1:
+            end = written.find(0, index)
+            if end == -1:
+                end = len(written)
+            start = index * WRITE_TRACK_BLOCK
+            ranges.append((start, min(end * WRITE_TRACK_BLOCK, self.size) - start))
+            index = written.find(1, end)
+        return ranges
 
     def close(self) -> None:
         if self._fd is not None:

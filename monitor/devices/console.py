@@ -39,6 +39,17 @@ class Console:
     def has_news(self) -> bool:
         return bool(self._input)
 
+    def state(self) -> list[bytes]:
+        """Host input not yet read by the guest (for checkpoints)."""
+        with self._lock:
+            return list(self._input)
+
+    def load_state(self, pending: list[bytes]) -> None:
+        with self._lock:
+            self._input = collections.deque(pending)
+        if pending:
+            self._wake()
+
     def deadline_ns(self) -> int | None:
         return None
 

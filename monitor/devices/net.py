@@ -80,6 +80,18 @@ class NetBackend:
     def has_news(self) -> bool:
         return bool(self._rx)
 
+    def queued(self) -> list[NetMessage]:
+        """Messages not yet taken by the guest (for checkpoints)."""
+        with self._lock:
+            return list(self._rx)
+
+    def requeue(self, messages: list[NetMessage]) -> None:
+        """Put messages (from a checkpoint) back at the head of the queue."""
+        with self._lock:
+            self._rx.extendleft(reversed(messages))
+        if messages:
+            self.wake()
+
     def take(self, capacity: int) -> bytes:
         """As many whole queued messages as fit in `capacity` bytes, packed."""
         taken: list[NetMessage] = []

@@ -1,0 +1,421 @@
+"""Checkpoints (monitor/checkpoint.py) and fast restart (monitor/restart.py) with real KVM and real guests:
+restore gives the same state hash and behaviour, a log recorded after a checkpoint replays on it, chains of
+incremental checkpoints restore, crashed and hung guests come back from their checkpoints, and every kind
+of damaged checkpoint is refused before anything is loaded."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import struct
+import zlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from monitor import checkpoint as ck
+from monitor.checkpoint import CheckpointError, Checkpointer, CheckpointStore, restore_files, restore_stream
+from monitor.journal import OutputKind
+from monitor.loader import load_image_file
+from monitor.machine import Machine, MachineConfig, StopReason
+from monitor.netserver import NicServer
+from monitor.record import (
+    IteratorSource,
+    LogFileReader,
+    LogFileWriter,
+    RecordJournal,
+    ReplayJournal,
+    check_header,
+    make_header,
+    open_recording,
+)
+from monitor.restart import FaultAction, RestartPolicy, Supervisor
+from proto import vmft_pb2
+from replica.kv_client import KvClient
+
+pytestmark = pytest.mark.kvm
+GuestImage = Callable[[str], Path]
+MEM = 64 << 20
+
+
+def make_disk(path: Path, size: int, fill: bytes = b"") -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.write(fill)
+    return path
+
+
+class ShowingReplay(ReplayJournal):
+    """A replay that also delivers the outputs it verifies (to compare them with the recording's)."""
+
+    def output(self, kind: OutputKind, data: bytes) -> bool:
+        super().output(kind, data)
+        return True
+
+
+def showing_replay(path: Path, image_path: Path) -> ShowingReplay:
+    reader = LogFileReader(path)
+    check_header(reader.header, load_image_file(str(image_path)), MEM)
+    return ShowingReplay(IteratorSource(reader.batches()), start_position=reader.header.start_position)
+
+
+def test_ticker_checkpoint_then_log_replays_to_the_same_end(guest_image: GuestImage, tmp_path: Path) -> None:
+    """Record ticker; checkpoint it mid-run and record the rest into a new log starting at the checkpoint's
+    position. Restored, the checkpoint replays that log to the recording's final state hash and output."""
+    image = load_image_file(str(guest_image("ticker")))
+    journal = open_recording(tmp_path / "boot.log", image, MEM, hash_every=50)
+    machine = Machine(MachineConfig(image.path, 64, None, 150), journal=journal, image=image)
+    machine.load()
+    machine.start()
+    after = tmp_path / "after.log"
+
+    def switch_log(position: int) -> None:
+        header = make_header(image, MEM, start_position=position, hash_every=50)
+        writer = LogFileWriter(after, header)
+        machine.set_journal(RecordJournal(writer, start_position=position, hash_every=50))
+
+    try:
+        import time
+
+        time.sleep(0.05)
+        stats = Checkpointer(machine).save(tmp_path / "t.vmck", on_paused=switch_log, digest=True)
+        assert 0 < stats.position
+        assert stats.pause_s < 0.5
+        result = machine.wait_blocking(30)
+        assert result.reason is StopReason.EXITED and result.exit_code == 0, result.describe()
+        final = machine.state_digest()
+        output = bytes(machine.console_output)
+    finally:
+        machine.close()
+    assert output.startswith(b"ticker: ticks=150 ")
+
+    restored, rstats = restore_files(
+        tmp_path / "t.vmck",
+        journal=lambda pos: showing_replay(after, guest_image("ticker")),
+        verify_digest=True,
+    )
+    try:
+        assert restored.position == stats.position == rstats.position
+        result = restored.run_blocking(30)
+        assert result.reason is StopReason.EXITED, result.describe()  # DIVERGED if the final hash differed
+        assert restored.state_digest() == final
+        assert bytes(restored.console_output) == output
+    finally:
+        restored.close()
+
+    # Restored live (no log), it finishes its ticks too, with its own clock values.
+    live, _ = restore_files(tmp_path / "t.vmck")
+    try:
+        result = live.run_blocking(30)
+        assert result.reason is StopReason.EXITED and result.exit_code == 0
+        assert bytes(live.console_output).startswith(b"ticker: ticks=150 ")
+    finally:
+        live.close()
+
+
+@asynccontextmanager
+async def serving(machine: Machine, port: int = 0) -> AsyncIterator[str]:
+    server = NicServer(machine.net_backend, "127.0.0.1", port, first_conn_id=machine.next_conn_id())
+    host, bound = await server.start()
+    if not machine.is_running() and machine.result is None:
+        machine.start()
+    try:
+        yield f"{host}:{bound}"
+    finally:
+        if machine.result is None:
+            machine.stop()
+        await asyncio.wait_for(machine.wait(), 10)
+        await server.close()
+
+
+async def test_kv_restore_same_state_memory_and_disk(guest_image: GuestImage, tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "kv.img", 4 << 20)
+    image = guest_image("kv")
+    machine = Machine(MachineConfig(str(image), 64, str(disk), 0, 3.0))
+    machine.load()
+    try:
+        async with serving(machine) as address:
+            async with KvClient([address], "c1", timeout=5.0) as kv:
+                for i in range(20):
+                    await kv.set(f"k{i}", f"v{i}")
+                stats = await asyncio.to_thread(
+                    Checkpointer(machine).save, tmp_path / "kv.vmck", None, None, True
+                )
+                assert stats.disk_chunks >= 1 and not stats.incremental
+                await kv.set("late", "x")  # after the checkpoint: in neither memory nor disk of the restore
+                await kv.set("k0", "changed")
+    finally:
+        machine.close()
+
+    restored, _ = restore_files(tmp_path / "kv.vmck", verify_digest=True)  # the digest check is the test
+    try:
+        async with serving(restored) as address:
+            async with KvClient([address], "c2", timeout=5.0) as kv:
+                assert await kv.get("k19") == "v19"
+                assert await kv.get("k0") == "v0"
+                assert await kv.get("late") is None
+                await kv.set("new", "1")
+    finally:
+        restored.close()
+
+    # The disk was rewritten to the checkpoint's contents plus what the restored guest wrote: a cold boot
+    # replays its log to exactly that.
+    cold = Machine(MachineConfig(str(image), 64, str(disk), 0, 3.0))
+    console = bytearray()
+    cold.on_console = console.extend
+    cold.load()
+    try:
+        async with serving(cold) as address:
+            async with KvClient([address], "c3", timeout=5.0) as kv:
+                assert await kv.get("k0") == "v0"
+                assert await kv.get("late") is None
+                assert await kv.get("new") == "1"
+    finally:
+        cold.close()
+    assert "kv: ready (21 keys restored)" in console.decode()
+
+
+async def test_incremental_chain_and_stream(guest_image: GuestImage, tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "kv.img", 2 << 20)
+    machine = Machine(MachineConfig(str(guest_image("kv")), 64, str(disk), 0, 3.0))
+    machine.load()
+    store = CheckpointStore(tmp_path / "ckpts", full_every=10)
+    checkpointer = Checkpointer(machine)
+    digests = []
+    try:
+        async with serving(machine) as address:
+            async with KvClient([address], "c1", timeout=5.0) as kv:
+                for step in range(3):
+                    for i in range(10):
+                        await kv.set(f"s{step}k{i}", str(step * 100 + i))
+                    stats = await asyncio.to_thread(store.save, checkpointer)
+                    assert stats.incremental == (step > 0)
+                    manifest = ck.open_checkpoint(stats.path).manifest
+                    digests.append(manifest.state_digest)
+                # A live checkpoint streamed (as over gRPC) and restored from the stream.
+                streamer = Checkpointer(machine, name="stream")
+                records = await asyncio.to_thread(lambda: list(streamer.records(digest=True)))
+                await kv.set("after", "1")
+    finally:
+        machine.close()
+    latest = store.latest()
+    assert latest is not None and len(ck.find_chain(latest)) == 3
+    assert all(d == b"" for d in digests)  # digests are opt-in
+
+    restored, rstats = restore_files(latest)
+    try:
+        assert rstats.chain_length == 3
+        async with serving(restored) as address:
+            async with KvClient([address], "c2", timeout=5.0) as kv:
+                for step in range(3):
+                    assert await kv.get(f"s{step}k9") == str(step * 100 + 9)
+                assert await kv.get("after") is None
+    finally:
+        restored.close()
+
+    disk2 = tmp_path / "other-disk.img"
+    streamed, _ = restore_stream(iter(records), disk=str(disk2), verify_digest=True)
+    try:
+        assert disk2.stat().st_size == 2 << 20
+        async with serving(streamed) as address:
+            async with KvClient([address], "c3", timeout=5.0) as kv:
+                assert await kv.get("s2k9") == "209"
+    finally:
+        streamed.close()
+    # the records of a saved file are the same records
+    assert list(ck.file_records(latest))[0][:1] == bytes([ck.RecordType.HEADER])
+
+
+async def send_fault(address: str, command: str) -> None:
+    host, port = address.rsplit(":", 1)
+    _reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(struct.pack(">I", len(command)) + command.encode())
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.close()
+
+
+@pytest.mark.parametrize("command", ["CRASH", "HANG"])
+async def test_fault_restarts_from_checkpoint(guest_image: GuestImage, tmp_path: Path, command: str) -> None:
+    machine = Machine(MachineConfig(str(guest_image("kv")), 64, None, 0, 0.5))
+    machine.load()
+    store = CheckpointStore(tmp_path / "ckpts")
+    server: list[NicServer] = []
+    port = 0
+    address = ""
+    attached = asyncio.Event()
+
+    async def attach(m: Machine) -> None:
+        nonlocal port, address
+        srv = NicServer(m.net_backend, "127.0.0.1", port, first_conn_id=m.next_conn_id())
+        host, port = await srv.start()
+        address = f"{host}:{port}"
+        server.append(srv)
+        attached.set()
+
+    async def detach(m: Machine) -> None:
+        await server.pop().close()
+
+    supervisor = Supervisor(machine, RestartPolicy(FaultAction.RESTART), store, attach=attach, detach=detach)
+    task = asyncio.create_task(supervisor.run())
+    try:
+        await asyncio.wait_for(attached.wait(), 10)
+        async with KvClient([address], "c1", timeout=5.0) as kv:
+            await kv.set("before", "1")
+            await asyncio.to_thread(supervisor.checkpoint_now)
+            await kv.set("lost", "2")  # after the checkpoint: the restart goes back before it
+        first = supervisor.machine
+        await send_fault(address, command)
+        for _ in range(500):
+            if supervisor.restarter.restarts:
+                break
+            await asyncio.sleep(0.01)
+        assert supervisor.restarter.restarts == 1, supervisor.restarter.faults
+        fault = supervisor.restarter.faults[0]
+        assert fault.reason == ("crashed" if command == "CRASH" else "hung")
+        assert supervisor.machine is not first
+        async with KvClient([address], "c2", timeout=5.0) as kv:
+            assert await kv.get("before") == "1"
+            assert await kv.get("lost") is None
+            await kv.set("again", "3")
+            assert await kv.get("again") == "3"
+        supervisor.machine.stop()
+        result = await asyncio.wait_for(task, 10)
+        assert result.reason is StopReason.STOPPED
+    finally:
+        if not task.done():
+            supervisor.machine.stop()
+            await asyncio.wait_for(task, 10)
+        supervisor.machine.close()
+
+
+# ----- damaged checkpoints -------------------------------------------------------------------------------
+
+
+def _records(path: Path) -> list[bytes]:
+    return list(ck.file_records(path))
+
+
+def _rewrite(records: list[bytes], path: Path) -> Path:
+    ck.write_records(records, path)
+    return path
+
+
+def _reframe(
+    rtype: ck.RecordType, message: vmft_pb2.CheckpointHeader | vmft_pb2.CheckpointManifest
+) -> bytes:
+    body: bytes = message.SerializeToString()
+    return struct.pack("<BBHII", rtype, 0, 0, len(body), zlib.crc32(body)) + body
+
+
+def _edit_header(records: list[bytes], edit: Callable[[vmft_pb2.CheckpointHeader], None]) -> list[bytes]:
+    """Change the header consistently (leading header and the manifest's copy), with valid checksums."""
+    header = vmft_pb2.CheckpointHeader()
+    header.ParseFromString(records[0][12:])
+    edit(header)
+    manifest = vmft_pb2.CheckpointManifest()
+    manifest.ParseFromString(records[-1][12:])
+    manifest.header.CopyFrom(header)
+    head = _reframe(ck.RecordType.HEADER, header)
+    return [head, *records[1:-1], _reframe(ck.RecordType.MANIFEST, manifest)]
+
+
+def test_damaged_checkpoints_are_refused(guest_image: GuestImage, tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "d.img", 1 << 20, fill=os.urandom(8192))
+    image = guest_image("ticker")
+    machine = Machine(MachineConfig(str(image), 64, str(disk), 0, 3.0))
+    machine.load()  # not started: a checkpoint of a machine at position 0 is as good as any
+    checkpointer = Checkpointer(machine)
+    good = tmp_path / "good" / "full.vmck"
+    good.parent.mkdir()
+    checkpointer.save(good)
+    machine.memory.write(0x300000, b"incremental")
+    incr = tmp_path / "good" / "incr.vmck"
+    checkpointer.save(incr)
+    other = Machine(MachineConfig(str(image), 64, str(disk), 0, 3.0))
+    other.load()
+    other_full = tmp_path / "other.vmck"
+    Checkpointer(other).save(other_full)
+    machine.close()
+    other.close()
+    restored, _ = restore_files(incr)  # the good chain restores
+    assert restored.memory.read(0x300000, 11) == b"incremental"
+    restored.close()
+
+    later_disk = os.urandom(4096)
+    with open(disk, "r+b") as out:
+        out.write(later_disk)  # the disk moved on: a refused restore must leave it alone
+
+    records = _records(good)
+    chunk_indices = [i for i, r in enumerate(records) if r[0] == ck.RecordType.CHUNK]
+    disk_index = next(i for i in chunk_indices if records[i][12] == ck.Region.DISK)
+    raw = good.read_bytes()
+    cases: dict[str, tuple[Path | list[Path], dict[str, object], str]] = {}
+
+    def damaged(name: str, data: bytes | list[bytes]) -> Path:
+        path = tmp_path / f"{name}.vmck"
+        if isinstance(data, bytes):
+            path.write_bytes(data)
+        else:
+            _rewrite(data, path)
+        return path
+
+    cases["truncated"] = (damaged("truncated", raw[: len(raw) * 2 // 3]), {}, "truncated")
+    cases["truncated-before-manifest"] = (damaged("nomanifest", records[:-1]), {}, "before the manifest")
+    flipped = list(records)
+    body = bytearray(flipped[chunk_indices[0]])
+    body[-5] ^= 0xFF
+    flipped[chunk_indices[0]] = bytes(body)
+    cases["chunk checksum"] = (damaged("chunkcrc", flipped), {}, "fails its checksum")
+    flipped = list(records)
+    body = bytearray(flipped[disk_index])
+    body[-5] ^= 0xFF
+    flipped[disk_index] = bytes(body)
+    cases["disk chunk checksum"] = (damaged("diskcrc", flipped), {}, "disk at 0x0")
+    flipped = list(records)
+    body = bytearray(flipped[-1])
+    body[len(body) // 2] ^= 0xFF
+    flipped[-1] = bytes(body)
+    cases["manifest"] = (damaged("manifest", flipped), {}, "manifest corrupted")
+    missing = list(records)
+    del missing[chunk_indices[1]]
+    cases["missing chunk"] = (damaged("missingchunk", missing), {}, "chunks")
+    cases["other image"] = (good, {"image": load_image_file(str(guest_image("hello")))}, "another image")
+
+    def cpuid(h: vmft_pb2.CheckpointHeader) -> None:
+        h.cpuid_hash = "0" * 16
+
+    def version(h: vmft_pb2.CheckpointHeader) -> None:
+        h.format_version = 99
+
+    def abi(h: vmft_pb2.CheckpointHeader) -> None:
+        h.abi_version = 999
+
+    cases["cpuid"] = (damaged("cpuid", _edit_header(records, cpuid)), {}, "CPUID")
+    cases["format version"] = (damaged("version", _edit_header(records, version)), {}, "format version 99")
+    cases["abi"] = (damaged("abi", _edit_header(records, abi)), {}, "guest ABI 999")
+    cases["memory size"] = (good, {"mem_size": 128 << 20}, "memory size mismatch")
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    shutil.copy(incr, lonely / "incr.vmck")
+    cases["parent missing"] = (lonely / "incr.vmck", {}, "parent")
+    cases["parent different"] = ([other_full, incr], {}, "different parent")
+    bad_magic = damaged("magic", b"NOTACKPT" + raw[8:])
+    cases["not a checkpoint"] = (bad_magic, {}, "not a vmft checkpoint")
+
+    for name, (path, kwargs, expected) in cases.items():
+        with pytest.raises(CheckpointError) as err:
+            restore_files(path, **kwargs)  # type: ignore[arg-type]
+        assert expected in str(err.value), f"{name}: {err.value}"
+        with open(disk, "rb") as f:
+            assert f.read(4096) == later_disk, f"{name}: the disk was touched"
+
+    # The stream reader refuses the same damage.
+    for name, data in (("truncated", records[:-1]), ("chunk checksum", _records(tmp_path / "chunkcrc.vmck"))):
+        with pytest.raises(CheckpointError):
+            restore_stream(iter(data))
+        with open(disk, "rb") as f:
+            assert f.read(4096) == later_disk, f"stream {name}: the disk was touched"
