@@ -16,7 +16,8 @@ import subprocess
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
+from typing import Any
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 
 import grpc
@@ -40,6 +41,7 @@ class Node:
         self.arbiter = arbiter
         self.vms: dict[str, ReplicatedVm] = {}
         self.remembered: dict[str, dict[str, object]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         (settings.data_dir / "vms").mkdir(parents=True, exist_ok=True)
         self._load_remembered()
 
@@ -227,16 +229,25 @@ class Node:
                 if message.HasField("batch"):
                     vm.on_batch(message.batch, message.ByteSize())
                     if message.batch.ended:
+                        reason = ""  # the guest stopped on the primary; replay finishes by itself
                         yield vm.ack()
-                        return  # the guest stopped on the primary; replay finishes by itself
+                        return
                 yield vm.ack()
         except grpc.aio.AioRpcError as err:
             reason = f"stream broken: {err.code().name}"
         except asyncio.CancelledError:
             reason = "the primary's connection dropped"
-            asyncio.get_running_loop().create_task(vm.primary_lost(reason))
             raise
-        await vm.primary_lost(reason)
+        finally:
+            # Detached: gRPC cancels this handler when the primary's connection dies, and a failover
+            # cancelled between the arbiter's claim and going live would leave the VM neither.
+            if reason:
+                self._detach(vm.primary_lost(reason))
+
+    def _detach(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
 
 _GUEST_FAULT_COMMANDS = {
