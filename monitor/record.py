@@ -134,6 +134,10 @@ class LogFileReader:
             raise LogError(f"{path}: cannot read log: {err.strerror}") from err
         data = self._data
         if data[: len(LOG_MAGIC)] != LOG_MAGIC:
+            if not data:
+                raise LogError(f"{path}: empty file, not a vmft event log")
+            if LOG_MAGIC.startswith(data):
+                raise LogError(f"{path}: truncated inside the magic number")
             raise LogError(f"{path}: not a vmft event log (bad magic)")
         offset = len(LOG_MAGIC)
         if len(data) < offset + 4:
@@ -264,6 +268,14 @@ class RecordJournal:
             self.flush(position - 1)
         elif self._flush_interval and time.monotonic() - self._last_flush >= self._flush_interval:
             self.flush(position - 1)
+
+    def switch_sink(self, sink: BatchSink, position: int) -> None:
+        """At a synchronous exit with the vCPU parked at `position` (a checkpoint's pause): every event up
+        to `position` goes to the old sink, every later one to `sink` (a new backup seeded from that
+        checkpoint)."""
+        self.flush(position)
+        with self._lock:
+            self._sink = sink
 
     def idle(self) -> None:
         """The guest is blocked: everything before the current position can go out."""

@@ -7,13 +7,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Callable
 
+from monitor.checkpoint import RestoreStats, restore_stream
 from monitor.journal import Journal
+from monitor.loader import GuestImage
 from monitor.machine import Machine, MachineResult
 from monitor.netserver import NicServer, parse_address
 from monitor.record import QueueSource, RecordJournal, ReplayJournal, check_header
 from proto import vmft_pb2
 from replica.arbiter import Arbiter
+from replica.output_gate import OutputGate
 from replica.stream_sink import StreamSink
 from replica.vm_common import FailoverTimes, Meter, NodeSettings, load_spec_image, machine_config
 
@@ -44,21 +48,57 @@ class BackupVm:
         self.machine: Machine | None = None
         self.nic: NicServer | None = None
         self.sink: StreamSink | None = None
+        self.journal: RecordJournal | None = None  # after going live
+        self.gate: OutputGate | None = None
+        self.on_promoted: Callable[[BackupVm], None] | None = None
+        self.checkpoint_records: list[bytes] = []
         self.result: MachineResult | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._live = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
-    def start(self) -> None:
-        """Build the VM and start replaying (raises if the pair cannot work here)."""
+    def check(self) -> GuestImage:
+        """Raise if the pair cannot work here (other image, memory size, CPUID)."""
         self._loop = asyncio.get_running_loop()
         image = load_spec_image(self.spec)
         mem_size = (self.spec.mem_mib or 64) << 20
         check_header(self.hello.header, image, mem_size, what="the primary's log")
-        journal = ReplayJournal(self.source, start_position=self.hello.header.start_position)
-        journal.promote = self._go_live_on_vcpu
+        return image
+
+    def start(self) -> None:
+        """Boot the VM and start replaying the log from position 0."""
+        image = self.check()
+        journal = self._replay_journal(self.hello.header.start_position)
         machine = Machine(machine_config(self.spec, self.disk), journal=journal, image=image)
         machine.load()
+        self._run(machine)
+
+    async def start_from_checkpoint(self) -> RestoreStats:
+        """Build the VM from the checkpoint records received so far (the last is the manifest), then
+        replay the log from the checkpoint's position."""
+        image = self.check()
+        records = self.checkpoint_records
+        self.checkpoint_records = []
+        machine, stats = await asyncio.to_thread(
+            restore_stream,
+            records,
+            journal=self._replay_journal,
+            image=image,
+            mem_size=(self.spec.mem_mib or 64) << 20,
+            disk=self.disk,
+            hang_timeout_s=self.spec.hang_timeout_s or 2.0,
+            what=f"checkpoint from {self.primary_node}",
+        )
+        self.received = machine.position
+        self._run(machine)
+        return stats
+
+    def _replay_journal(self, position: int) -> ReplayJournal:
+        journal = ReplayJournal(self.source, start_position=position)
+        journal.promote = self._go_live_on_vcpu
+        return journal
+
+    def _run(self, machine: Machine) -> None:
         self.machine = machine
         machine.start()
         self.state = "replaying"
@@ -78,7 +118,7 @@ class BackupVm:
     async def primary_lost(self, reason: str) -> None:
         if self.promoted or self.result is not None or self.state.startswith("promoting"):
             return
-        self.times.suspected_at = time.monotonic()
+        self.times.suspect()
         self.state = "promoting"
         log.warning(
             "%s: primary %s lost (%s); claiming generation %d",
@@ -111,12 +151,14 @@ class BackupVm:
             self.machine.net_backend, host, port, first_conn_id=self.machine.net.max_conn + 1
         )
         await self.nic.start()
-        self.times.serving_at = time.monotonic()
+        self.times.serving()
         self.promoted = True
         self.failovers += 1
         self.state = "running unprotected"
         self.message = self.times.describe()
         log.warning("%s: primary in generation %d; %s", self.name, self.generation, self.message)
+        if self.on_promoted is not None:
+            self.on_promoted(self)
 
     def _go_live_on_vcpu(self, position: int) -> Journal:
         """vCPU thread, at the first position the log does not cover: continue live, recording."""
@@ -126,9 +168,18 @@ class BackupVm:
         self.sink = StreamSink(self._loop)
         self.sink.drop_all()  # unprotected until re-protection attaches a new backup
         journal = RecordJournal(
-            self.sink, start_position=position - 1, hash_every=self.settings.hash_every, flush_on_output=True
+            self.sink,
+            start_position=position - 1,
+            hash_every=self.settings.hash_every,
+            batch_events=256,
+            flush_interval_s=0.002,
+            flush_on_output=True,
         )
-        machine.output_handler = None  # the arbiter made this node the only primary: deliver directly
+        self.journal = journal
+        # The arbiter made this node the only primary: outputs go out at once until re-protected.
+        self.gate = OutputGate(machine.deliver)
+        self.gate.release_unprotected()
+        machine.output_handler = self.gate.hold
         machine.net.connections_lost()
         self.times.live_at = time.monotonic()
         self._loop.call_soon_threadsafe(self._live.set)
@@ -166,6 +217,8 @@ class BackupVm:
             lag_ms=0.0,
             message=self.message,
             failovers=self.failovers,
+            suspected_at=self.times.suspected_wall,
+            serving_at=self.times.serving_wall,
         )
 
     async def stop(self) -> None:

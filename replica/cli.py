@@ -249,8 +249,28 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{vm.held_outputs:>5} {'yes' if vm.protected else 'no ':4} {vm.state}"
                 + (f" ({vm.message})" if vm.message else "")
                 + (f" log {vm.log_bytes_per_s / 1024:.1f} KiB/s" if vm.log_bytes_per_s else "")
+                + (f" re-protecting {vm.reprotect_progress:.0%}" if vm.state == "re-protecting" else "")
             )
     return 1 if failed == len(args.node) else 0
+
+
+def cmd_reprotect(args: argparse.Namespace) -> int:
+    import grpc
+
+    from proto import vmft_pb2, vmft_pb2_grpc
+
+    request = vmft_pb2.ReprotectRequest(
+        name=args.vm, backup_node=args.backup, backup_service=args.backup_service or _free_loopback_address()
+    )
+    with grpc.insecure_channel(args.primary) as channel:
+        try:
+            status = vmft_pb2_grpc.NodeStub(channel).Reprotect(request, timeout=120)
+        except grpc.RpcError as err:
+            print(f"vmft reprotect: {err.details()}", file=sys.stderr)
+            return 1
+    print(f"{status.name}: {status.message}")
+    print(f"service: {status.service} (after failover: {request.backup_service})")
+    return 0
 
 
 def cmd_fault(args: argparse.Namespace) -> int:
@@ -307,6 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--backup-service", metavar="HOST:PORT", help="where the backup serves once promoted"
     )
     protect.set_defaults(func=cmd_protect)
+
+    reprotect = sub.add_parser("reprotect", help="give an unprotected primary a new backup (live checkpoint)")
+    reprotect.add_argument("vm", help="the VM's name")
+    reprotect.add_argument("--primary", required=True, metavar="ADDR", help="node daemon running the primary")
+    reprotect.add_argument(
+        "--backup", required=True, metavar="ADDR", help="node daemon to run the new backup"
+    )
+    reprotect.add_argument(
+        "--backup-service", metavar="HOST:PORT", help="where the backup serves once promoted"
+    )
+    reprotect.set_defaults(func=cmd_reprotect)
 
     status = sub.add_parser("status", help="show every VM of the given nodes")
     status.add_argument(

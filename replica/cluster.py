@@ -73,6 +73,9 @@ class LocalCluster:
         self.failure_timeout_ms = failure_timeout_ms
         self.python = python
         self.nodes: list[NodeProcess] = []
+        # Each node serves a given VM on one fixed address, whatever its role, so clients that know every
+        # node's address for the VM find the primary after any number of failovers.
+        self._services: dict[tuple[str, str], str] = {}
 
     # ----- nodes ---------------------------------------------------------------------------------
 
@@ -191,8 +194,8 @@ class LocalCluster:
             arg=arg,
             hang_timeout_s=hang_timeout_s,
         )
-        service = f"127.0.0.1:{free_port()}"
-        backup_service = f"127.0.0.1:{free_port()}" if backup else ""
+        service = self.service_address(name, primary)
+        backup_service = self.service_address(name, backup) if backup else ""
         request = vmft_pb2.ProtectRequest(
             spec=spec,
             backup_node=backup.name if backup else "",
@@ -205,6 +208,31 @@ class LocalCluster:
             except grpc.RpcError as err:
                 raise ClusterError(f"protect failed: {err.details()}") from err
         return ProtectedVm(name, primary, backup, service, backup_service)
+
+    def service_address(self, vm: str, node: NodeProcess) -> str:
+        key = (vm, node.name)
+        if key not in self._services:
+            self._services[key] = f"127.0.0.1:{free_port()}"
+        return self._services[key]
+
+    def service_addresses(self, vm: str) -> list[str]:
+        """Every address the VM is or may be served on (give them all to clients)."""
+        return [address for (name, _node), address in self._services.items() if name == vm]
+
+    def reprotect(self, vm: ProtectedVm, primary: NodeProcess, backup: NodeProcess) -> vmft_pb2.VmStatus:
+        """Seed a new backup on `backup` from a live checkpoint of the primary running on `primary`."""
+        backup_service = self.service_address(vm.name, backup)
+        request = vmft_pb2.ReprotectRequest(
+            name=vm.name, backup_node=backup.name, backup_service=backup_service
+        )
+        with grpc.insecure_channel(primary.name) as channel:
+            try:
+                status: vmft_pb2.VmStatus = vmft_pb2_grpc.NodeStub(channel).Reprotect(request, timeout=60)
+            except grpc.RpcError as err:
+                raise ClusterError(f"re-protection failed: {err.details()}") from err
+        vm.primary, vm.backup = primary, backup
+        vm.service, vm.backup_service = status.service, backup_service
+        return status
 
     def wait_for(
         self, node: NodeProcess, name: str, predicate: str, timeout: float = 10.0

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import grpc
 
+from monitor.checkpoint import CheckpointError, RecordType
 from monitor.loader import ImageError
+from monitor.machine import install_kick_handler
 from monitor.record import LogError
 from proto import vmft_pb2, vmft_pb2_grpc
 from replica.arbiter import Arbiter, SqliteArbiter
@@ -61,14 +63,31 @@ class Node:
             except (OSError, ValueError) as err:
                 log.warning("ignoring unreadable VM record %s: %s", path, err)
 
+    def _disk_path(self, name: str, role: str) -> Path:
+        path = self.settings.data_dir / "disks" / f"{name}.{role}.img"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _adopt(self, backup: BackupVm) -> None:
+        """A backup went live: from now on it is this node's primary of that VM."""
+        primary = PrimaryVm.adopt(backup)
+        self.vms[backup.name] = primary
+        self._remember(primary, "primary")
+
+    async def reprotect(self, request: vmft_pb2.ReprotectRequest) -> PrimaryVm:
+        vm = self.vms.get(request.name)
+        if not isinstance(vm, PrimaryVm):
+            raise ReplicationRefused(f"this node is not the primary of {request.name}")
+        await vm.reprotect(request.backup_node, request.backup_service)
+        return vm
+
     def _disk_copy(self, spec: vmft_pb2.VmSpec, role: str) -> str | None:
         """Each side applies the guest's writes to its own copy of the disk image."""
         if not spec.disk_path:
             return None
         if spec.disk_sha256 and file_sha256(spec.disk_path) != spec.disk_sha256:
             raise ReplicationRefused(f"disk image {spec.disk_path} differs from the primary's (sha256)")
-        target = self.settings.data_dir / "disks" / f"{spec.name}.{role}.img"
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = self._disk_path(spec.name, role)
         shutil.copyfile(spec.disk_path, target)
         return str(target)
 
@@ -193,8 +212,15 @@ class Node:
         vm: BackupVm | None = None
         if refusal is None:
             try:
-                vm = BackupVm(self.settings, self.arbiter, hello, self._disk_copy(hello.spec, "backup"))
-                vm.start()
+                disk = None if hello.checkpoint_follows else self._disk_copy(hello.spec, "backup")
+                if hello.checkpoint_follows and hello.spec.disk_path:
+                    disk = str(self._disk_path(hello.spec.name, "backup"))  # written by the restore
+                vm = BackupVm(self.settings, self.arbiter, hello, disk)
+                vm.on_promoted = self._adopt
+                if hello.checkpoint_follows:
+                    vm.check()
+                else:
+                    vm.start()
             except (ImageError, LogError, ReplicationRefused, OSError, ValueError) as err:
                 refusal = str(err)
                 if vm is not None:
@@ -215,6 +241,31 @@ class Node:
         )
         timeout = max(hello.failure_timeout_ms / 1000, self.settings.failure_timeout_s)
         reason = "the primary closed the stream"
+        if hello.checkpoint_follows:
+            vm.state = "seeding from a checkpoint"
+            try:
+                async for message in requests:
+                    if not message.HasField("checkpoint_record"):
+                        raise ReplicationRefused("the checkpoint stream was interrupted by another message")
+                    record = message.checkpoint_record
+                    vm.checkpoint_records.append(record)
+                    if record[:1] == bytes([RecordType.MANIFEST]):
+                        break
+                stats = await vm.start_from_checkpoint()
+                log.warning(
+                    "%s: seeded from %s's checkpoint at position %d (%d MiB restored in %.0f ms)",
+                    vm.name,
+                    hello.primary_node,
+                    vm.received,
+                    stats.raw_bytes >> 20,
+                    stats.seconds * 1000,
+                )
+            except (CheckpointError, ReplicationRefused, OSError) as err:
+                log.error("%s: seeding from a checkpoint failed: %s", vm.name, err)
+                vm.state = f"failed: {err}"
+                await vm.stop()
+                return
+            yield vm.ack()
         try:
             while True:
                 try:
@@ -292,6 +343,16 @@ class NodeServicer(vmft_pb2_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no VM {request.name} on this node")
             raise
 
+    async def Reprotect(  # noqa: N802
+        self, request: vmft_pb2.ReprotectRequest, context: grpc.aio.ServicerContext
+    ) -> vmft_pb2.VmStatus:
+        try:
+            vm = await self.node.reprotect(request)
+        except ReplicationRefused as err:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+            raise
+        return vm.status()
+
     async def InjectFault(  # noqa: N802
         self, request: vmft_pb2.FaultRequest, context: grpc.aio.ServicerContext
     ) -> vmft_pb2.FaultReply:
@@ -321,6 +382,7 @@ class ReplicationServicer(vmft_pb2_grpc.ReplicationServicer):
 
 async def serve(settings: NodeSettings, arbiter_path: Path, ready: asyncio.Event | None = None) -> None:
     """Run a node until cancelled (SIGINT/SIGTERM in the command line)."""
+    install_kick_handler()  # VMs may be built on worker threads (restores); signals need the main thread
     node = Node(settings, SqliteArbiter(arbiter_path))
     server = grpc.aio.server()
     vmft_pb2_grpc.add_NodeServicer_to_server(NodeServicer(node), server)

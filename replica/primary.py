@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 
+from monitor.checkpoint import CheckpointError, Checkpointer
 from monitor.machine import Machine, MachineResult
 from monitor.netserver import NicServer, parse_address
 from monitor.record import RecordJournal, make_header
@@ -18,12 +20,16 @@ from replica.output_gate import OutputGate
 from replica.stream_sink import StreamSink
 from replica.vm_common import (
     PROTOCOL_VERSION,
+    FailoverTimes,
     Meter,
     NodeSettings,
     ReplicationRefused,
     load_spec_image,
     machine_config,
 )
+
+if TYPE_CHECKING:
+    from replica.backup import BackupVm
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +71,31 @@ class PrimaryVm:
         self.sink: StreamSink | None = None
         self.nic: NicServer | None = None
         self.result: MachineResult | None = None
+        self.journal: RecordJournal | None = None
+        self.times = FailoverTimes()
+        self.reprotect_progress = 0.0
+        self._checkpointer: Checkpointer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._call: grpc.aio.StreamStreamCall | None = None
         self._channel: grpc.aio.Channel | None = None
+
+    @classmethod
+    def adopt(cls, backup: BackupVm) -> PrimaryVm:
+        """A backup that went live becomes an ordinary (unprotected) primary, ready to be re-protected."""
+        assert backup.machine is not None and backup.journal is not None
+        vm = cls(backup.settings, backup.arbiter, backup.spec, backup.generation, "", backup.service, "", "")
+        vm.disk = backup.disk
+        vm.state = backup.state
+        vm.message = backup.message
+        vm.machine = backup.machine
+        vm.journal = backup.journal
+        vm.sink = backup.sink
+        vm.gate = backup.gate
+        vm.nic = backup.nic
+        vm.failovers = backup.failovers
+        vm.times = backup.times
+        vm._tasks.append(asyncio.create_task(vm._watch_machine()))
+        return vm
 
     # ----- start ------------------------------------------------------------------------------
 
@@ -86,6 +114,7 @@ class PrimaryVm:
         )
         machine = Machine(machine_config(self.spec, self.disk), journal=journal, image=image)
         self.machine = machine
+        self.journal = journal
         self.gate = OutputGate(machine.deliver)
         machine.output_handler = self.gate.hold
         machine.load()
@@ -104,7 +133,7 @@ class PrimaryVm:
         if self.backup_node:
             self._tasks.append(asyncio.create_task(self._replicate()))
 
-    async def _connect(self, header: vmft_pb2.LogHeader) -> None:
+    async def _connect(self, header: vmft_pb2.LogHeader, checkpoint_follows: bool = False) -> None:
         self._channel = grpc.aio.insecure_channel(self.backup_node)
         stub = vmft_pb2_grpc.ReplicationStub(self._channel)
         self._call = stub.Stream()
@@ -117,6 +146,7 @@ class PrimaryVm:
             backup_service=self.backup_service,
             heartbeat_interval_ms=int(self.settings.heartbeat_interval_s * 1000),
             failure_timeout_ms=int(self.settings.failure_timeout_s * 1000),
+            checkpoint_follows=checkpoint_follows,
         )
         try:
             await self._call.write(vmft_pb2.PrimaryMessage(hello=hello))
@@ -142,6 +172,71 @@ class PrimaryVm:
             await self._channel.close()
         self._call = None
         self._channel = None
+
+    # ----- re-protection ----------------------------------------------------------------------------
+
+    async def reprotect(self, backup_node: str, backup_service: str) -> None:
+        """Seed a new backup from a live checkpoint of this primary, streamed over gRPC, then stream the
+        log from the checkpoint's position. The guest keeps running; it is paused twice, briefly."""
+        assert self.machine is not None and self.journal is not None and self.gate is not None
+        if self.protected:
+            raise ReplicationRefused(f"{self.name} is already protected by {self.backup_node}")
+        if self.machine.result is not None:
+            raise ReplicationRefused(f"{self.name} is not running ({self.state})")
+        machine, journal, gate = self.machine, self.journal, self.gate
+        loop = asyncio.get_running_loop()
+        self.backup_node = backup_node
+        self.backup_service = backup_service
+        self.reprotect_progress = 0.0
+        self.state = "re-protecting"
+        header = make_header(machine.image, machine.memory.size, hash_every=self.settings.hash_every)
+        try:
+            await self._connect(header, checkpoint_follows=True)
+        except ReplicationRefused:
+            self.state = "running unprotected"
+            raise
+        assert self._call is not None
+        call = self._call
+        new_sink = StreamSink(loop)
+
+        def on_paused(position: int) -> None:  # vCPU parked at the checkpoint's position
+            journal.switch_sink(new_sink, position)
+            gate.protect_again(position)
+
+        if self._checkpointer is None:
+            self._checkpointer = Checkpointer(machine, name="reprotect")
+        checkpointer = self._checkpointer
+        records: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
+
+        def produce() -> None:  # a worker thread: taking the checkpoint pauses the vCPU twice
+            try:
+                for record in checkpointer.records(full=True, on_paused=on_paused):
+                    asyncio.run_coroutine_threadsafe(records.put(record), loop).result()
+            finally:
+                asyncio.run_coroutine_threadsafe(records.put(None), loop).result()
+
+        producer = asyncio.create_task(asyncio.to_thread(produce))
+        sent = 0
+        try:
+            while (record := await records.get()) is not None:
+                await call.write(vmft_pb2.PrimaryMessage(checkpoint_record=record))
+                sent += len(record)
+                self.reprotect_progress = min(0.99, sent / max(1, machine.memory.size // 4))
+            await producer
+        except (grpc.aio.AioRpcError, CheckpointError, OSError) as err:
+            producer.cancel()
+            await self._close_channel()
+            self.state = "running unprotected"
+            gate.release_unprotected()
+            raise ReplicationRefused(f"re-protection onto {backup_node} failed: {err}") from err
+        stats = checkpointer.last_stats
+        self.sink = new_sink
+        self.protected = True
+        self.reprotect_progress = 1.0
+        self.state = "running"
+        self.message = f"re-protected by {backup_node}" + (f" ({stats.describe()})" if stats else "")
+        log.warning("%s: %s", self.name, self.message)
+        self._tasks.append(asyncio.create_task(self._replicate()))
 
     # ----- replication ---------------------------------------------------------------------------
 
@@ -232,7 +327,7 @@ class PrimaryVm:
         position = machine.position if machine else 0
         return vmft_pb2.VmStatus(
             name=self.name,
-            role=vmft_pb2.ROLE_PRIMARY if self.state not in ("fenced",) else vmft_pb2.ROLE_STOPPED,
+            role=vmft_pb2.ROLE_STOPPED if self.state == "fenced" or self.result else vmft_pb2.ROLE_PRIMARY,
             state=self.state,
             generation=self.generation,
             position=position,
@@ -245,6 +340,9 @@ class PrimaryVm:
             held_outputs=self.gate.held if self.gate else 0,
             message=self.message,
             failovers=self.failovers,
+            suspected_at=self.times.suspected_wall,
+            serving_at=self.times.serving_wall,
+            reprotect_progress=self.reprotect_progress if not self.protected else 1.0,
         )
 
     async def stop(self) -> None:

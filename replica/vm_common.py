@@ -51,10 +51,21 @@ def machine_config(spec: vmft_pb2.VmSpec, disk: str | None) -> MachineConfig:
 
 @dataclass
 class FailoverTimes:
-    suspected_at: float = 0.0
+    suspected_at: float = 0.0  # monotonic
     claimed_at: float = 0.0
     live_at: float = 0.0  # the VM switched from replay to record
     serving_at: float = 0.0  # the service address accepts clients
+    suspected_wall: float = 0.0  # unix time, comparable across processes
+    serving_wall: float = 0.0
+
+    def suspect(self) -> None:
+        self.suspected_at = time.monotonic()
+        self.suspected_wall = time.time()
+        self.claimed_at = self.live_at = self.serving_at = self.serving_wall = 0.0
+
+    def serving(self) -> None:
+        self.serving_at = time.monotonic()
+        self.serving_wall = time.time()
 
     def describe(self) -> str:
         if not self.suspected_at:
