@@ -89,7 +89,8 @@ class Journal(Protocol):
         ...
 
     def finish(self, digest: bytes, reason: str) -> None:
-        """The VM stopped: record (or check) the final state hash and flush."""
+        """The VM stopped: record (or check) the final state hash and flush. `digest` is b"" when the VM
+        stopped between synchronous exits (hung, or stopped while paused): no replay reaches that state."""
         ...
 
 

@@ -180,6 +180,9 @@ class Machine:
         self.hasher: StateHasher | None = None
         self.exits_async = 0
         self.started_at = 0.0
+        # The vCPU stopped after re-entering KVM_RUN past its last synchronous exit (hung, or stopped while
+        # paused): guest code ran on, so no replay can reach this state and the final hash is not logged.
+        self.stopped_between_exits = False
 
     # ----- building -------------------------------------------------------------------------
 
@@ -333,7 +336,8 @@ class Machine:
             result = MachineResult(StopReason.ERROR, self.position, message=f"{type(err).__name__}: {err}")
         if result.reason is not StopReason.ERROR:
             try:
-                self.journal.finish(self.state_digest(), result.reason.value)
+                digest = b"" if self.stopped_between_exits else self.state_digest()
+                self.journal.finish(digest, result.reason.value)
             except DivergenceError as err:
                 result = MachineResult(StopReason.DIVERGED, self.position, message=str(err))
             except Exception as err:
@@ -363,12 +367,17 @@ class Machine:
                 self.exits_async += 1
                 run.immediate_exit = 0
                 if self._hung:
+                    self.stopped_between_exits = True
                     return MachineResult(
                         StopReason.HUNG,
                         self.position,
                         message=f"no exit for {self.config.hang_timeout_s} s",
                         registers=self.registers(),
                     )
+                if self._control == "stop" and self.journal.mode is JournalMode.RECORD:
+                    # A recording ends at a synchronous exit, where its replay stops in the same state:
+                    # run on to the next one (a guest that never makes one is reported hung).
+                    continue
                 if self._control is not None and self._handle_control(completed_io=True):
                     return MachineResult(StopReason.STOPPED, self.position)
                 continue
@@ -518,6 +527,7 @@ class Machine:
     def _handle_control(self, completed_io: bool) -> bool:
         """True if the machine must stop."""
         if self._control == "stop":
+            self.stopped_between_exits = completed_io
             return True
         if self._control == "pause":
             if not completed_io:
@@ -528,9 +538,11 @@ class Machine:
             self._paused.set()
             while not self._resume.wait(0.1):
                 if self._control == "stop":
+                    self.stopped_between_exits = True
                     return True
             self._paused.clear()
-            return self._control == "stop"
+            self.stopped_between_exits = self._control == "stop"
+            return self.stopped_between_exits
         return False
 
     def _watchdog(self) -> None:
@@ -539,7 +551,12 @@ class Machine:
         last_progress = time.monotonic()
         while not self._done.wait(min(0.05, timeout / 4)):
             now = time.monotonic()
-            if self.position != last_position or self._blocked or self._paused.is_set():
+            if (
+                self.position != last_position
+                or self._blocked
+                or self._paused.is_set()
+                or self._waiting_for_log()
+            ):
                 last_position = self.position
                 last_progress = now
             elif now - last_progress > timeout:
@@ -547,6 +564,15 @@ class Machine:
                 self._hung = True
                 self.kick()
                 return
+
+    def _waiting_for_log(self) -> bool:
+        """A replay that has caught up with its log waits for more at its next exit (a backup behind an
+        idle primary, for as long as the primary idles): that is not a hang."""
+        journal = self.journal
+        if journal.mode is not JournalMode.REPLAY:
+            return False
+        horizon: int = getattr(journal, "horizon", self.position + 1)
+        return self.position >= horizon
 
     def close(self) -> None:
         if self._thread is not None and not self._done.is_set():
