@@ -38,8 +38,12 @@ class FaultAction(enum.Enum):
 @dataclass
 class RestartPolicy:
     action: FaultAction = FaultAction.STOP
-    max_restarts: int = 5  # faults in a row without a newer checkpoint before giving up
+    max_restarts: int = 5  # faults in a row without a newer trusted checkpoint before giving up
     suspect_after: int = 2  # faults in a row from one checkpoint before it is marked bad
+    # A checkpoint is trusted for a restart only once the VM has run this long past it without a fault:
+    # one taken between a fatal request and the fault (or while the guest was already hung) would
+    # restore the fault. None: the hang timeout plus 0.1 s (a hung guest is caught within its timeout).
+    trust_after_s: float | None = None
 
 
 @dataclass
@@ -63,52 +67,69 @@ class FaultRecord:
 class FaultRestarter:
     """Decides, for each result of a VM run, whether and from which checkpoint to restart it."""
 
-    def __init__(self, policy: RestartPolicy, store: CheckpointStore | None) -> None:
+    def __init__(
+        self, policy: RestartPolicy, store: CheckpointStore | None, hang_timeout_s: float = 2.0
+    ) -> None:
         self.policy = policy
         self.store = store
+        self.trust_after_s = (
+            policy.trust_after_s if policy.trust_after_s is not None else hang_timeout_s + 0.1
+        )
         self.faults: list[FaultRecord] = []
         self.restarts = 0
-        self._streak = 0  # faults since the last checkpoint was saved
+        self._streak = 0  # faults in a row without a newer trusted checkpoint
         self._from = ""  # the checkpoint the current run was restored from
         self._from_faults = 0
-        self._saved_at_restart = 0
 
     @staticmethod
     def is_fault(result: MachineResult) -> bool:
         return result.reason in FAULTS
 
     def decide(self, result: MachineResult) -> Path | None:
-        """Record a fault; the checkpoint to restart from, or None to stop (no fault, policy stop, no good
-        checkpoint, or too many restarts)."""
+        """Record a fault; the checkpoint to restart from, or None to stop (no fault, policy stop, no
+        trusted checkpoint, or too many restarts)."""
         if not self.is_fault(result):
             return None
         record = FaultRecord(result.reason.value, result.position, result.message, time.time())
         self.faults.append(record)
-        store = self.store
-        progressed = store is not None and len(store.saved) > self._saved_at_restart
-        self._streak = 1 if progressed or not self._from else self._streak + 1
         log.warning("guest fault #%d: %s", len(self.faults), record.describe())
+        store = self.store
         if self.policy.action is not FaultAction.RESTART or store is None:
             return None
-        if self._from and not progressed:
-            self._from_faults += 1
-            if self._from_faults >= self.policy.suspect_after:
-                log.warning("checkpoint %s faulted %d times: marked bad", self._from[:12], self._from_faults)
-                store.mark_bad(self._from)
+        candidate = store.latest_entry(before=time.monotonic() - self.trust_after_s)
+        restored_from = store.find(self._from) if self._from else None
+        if restored_from is not None and restored_from.checkpoint_id not in store.bad:
+            if candidate is None or candidate.saved_at <= restored_from.saved_at:
+                # No newer trusted checkpoint since the last restart: the fault came back from it.
+                self._from_faults += 1
+                self._streak += 1
+                if self._from_faults >= self.policy.suspect_after:
+                    log.warning(
+                        "checkpoint %s faulted %d times: marked bad", self._from[:12], self._from_faults
+                    )
+                    store.mark_bad(self._from)
+                    candidate = store.latest_entry(before=restored_from.saved_at)
+                else:
+                    candidate = restored_from
+            else:
+                self._streak = 1
+        else:
+            self._streak += 1
         if self._streak > self.policy.max_restarts:
-            log.error("%d faults in a row without a newer checkpoint: giving up", self._streak)
+            log.error("%d faults in a row without a newer trusted checkpoint: giving up", self._streak)
             return None
-        path = store.latest()
-        if path is None:
-            log.error("no good checkpoint to restart from")
-        return path
+        if candidate is None:
+            log.error("no trusted checkpoint to restart from")
+            return None
+        return candidate.path
 
     def restarted(self, checkpoint_id: str, seconds: float) -> None:
         """The VM runs again, restored from `checkpoint_id`."""
         if checkpoint_id != self._from:
             self._from_faults = 0
         self._from = checkpoint_id
-        self._saved_at_restart = len(self.store.saved) if self.store is not None else 0
+        if self.store is not None:
+            self.store.rewind_to(checkpoint_id)
         self.restarts += 1
         self.faults[-1].restarted_from = checkpoint_id
         self.faults[-1].restart_s = seconds
@@ -151,7 +172,8 @@ class Supervisor:
         self.every_s = every_s
         self.attach = attach
         self.detach = detach
-        self.restarter = FaultRestarter(self.policy, store)
+        self.restarter = FaultRestarter(self.policy, store, machine.config.hang_timeout_s)
+        self.stopping = False
         self.checkpointer = Checkpointer(machine)
         self.stats = SupervisorStats()
         self._snapshotter: Checkpointer | None = None
@@ -181,10 +203,10 @@ class Supervisor:
         self.stats.snapshots += 1
         return stats
 
-    async def _periodic(self, machine: Machine) -> None:
+    async def _periodic(self, machine: Machine, first: bool) -> None:
+        """Checkpoints every `every_s`; the first at once unless the machine was just restored."""
         every = self.every_s
         assert every is not None
-        first = True
         while machine.result is None:
             if not first:
                 await asyncio.sleep(every)
@@ -211,7 +233,7 @@ class Supervisor:
                 self.restarter.restarted(self.checkpointer.last_id, time.perf_counter() - fault_at)
             periodic = None
             if self.store is not None and self.every_s:
-                periodic = asyncio.create_task(self._periodic(machine))
+                periodic = asyncio.create_task(self._periodic(machine, first=fault_at is None))
             try:
                 result = await machine.wait()
             finally:
@@ -220,6 +242,8 @@ class Supervisor:
                     await asyncio.gather(periodic, return_exceptions=True)
                 await self.detach(machine)
             fault_at = time.perf_counter()
+            if self.stopping:
+                return result
             path = await asyncio.to_thread(self._locked_decide, result)
             if path is None:
                 return result
@@ -231,6 +255,11 @@ class Supervisor:
                 return result
             machine.close()
             self.machine = restored
+
+    def stop(self) -> None:
+        """Stop the VM for good (no restart)."""
+        self.stopping = True
+        self.machine.stop()
 
     def _locked_decide(self, result: MachineResult) -> Path | None:
         with self._lock:  # a checkpoint in progress (of the now-stopped machine) finishes first

@@ -107,9 +107,12 @@ async def _serve_control(path: str, supervisor: Supervisor) -> asyncio.AbstractS
         finally:
             writer.close()
 
-    if os.path.exists(path):
-        os.unlink(path)
+    _remove_socket(path)
     return await asyncio.start_unix_server(handle, path)
+
+
+def _remove_socket(path: str) -> None:
+    Path(path).unlink(missing_ok=True)
 
 
 async def run_supervised(machine: Machine, args: argparse.Namespace, restored_from: str = "") -> Supervisor:
@@ -140,11 +143,8 @@ async def run_supervised(machine: Machine, args: argparse.Namespace, restored_fr
     )
     control = await _serve_control(args.control_socket, supervisor) if args.control_socket else None
 
-    def stop() -> None:
-        supervisor.machine.stop()
-
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
+        loop.add_signal_handler(sig, supervisor.stop)
     try:
         await supervisor.run()
     finally:
@@ -153,7 +153,7 @@ async def run_supervised(machine: Machine, args: argparse.Namespace, restored_fr
         if control is not None:
             control.close()
             await control.wait_closed()
-            Path(args.control_socket).unlink(missing_ok=True)
+            _remove_socket(args.control_socket)
     return supervisor
 
 
@@ -174,8 +174,8 @@ def finish_supervised(supervisor: Supervisor) -> int:
     assert result is not None
     if result.reason is not StopReason.EXITED:
         print(f"vmft: guest {result.describe()}", file=sys.stderr)
-    for fault in machine.guest_faults[-5:]:
-        print(f"vmft: guest fault: {fault}", file=sys.stderr)
+    for message in machine.guest_faults[-5:]:
+        print(f"vmft: guest fault: {message}", file=sys.stderr)
     return result_exit_status(result)
 
 

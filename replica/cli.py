@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from monitor.kvm import KvmError
+from replica import checkpoint_cli
 from monitor.loader import ImageError, load_image_file
 from monitor.machine import Machine, MachineConfig, MachineResult, StopReason
 from monitor.netserver import NicServer, parse_address
@@ -84,6 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     machine = Machine(machine_config(args), journal=journal, image=image)
     machine.on_console = write_console
     machine.load()
+    if checkpoint_cli.wants_supervision(args):  # checkpoints, fault restart, control socket
+        return checkpoint_cli.cmd_run_supervised(args, machine)
     try:
         result = asyncio.run(run_machine(machine, args.listen))
     finally:
@@ -297,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--hash-every", type=int, default=20000, metavar="N", help="state hash every N positions"
     )
+    checkpoint_cli.add_run_arguments(run)
     run.set_defaults(func=cmd_run)
 
     replay = sub.add_parser("replay", help="replay a recorded log and verify it")
@@ -368,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--client-id", default=None, help="client id for request ids (default: random)")
     kv.add_argument("--timeout", type=float, default=5.0)
     kv.set_defaults(func=cmd_kv)
+
+    checkpoint_cli.add_commands(sub)
     return parser
 
 

@@ -267,6 +267,7 @@ async def test_fault_restarts_from_checkpoint(guest_image: GuestImage, tmp_path:
             await kv.set("before", "1")
             await asyncio.to_thread(supervisor.checkpoint_now)
             await kv.set("lost", "2")  # after the checkpoint: the restart goes back before it
+        await asyncio.sleep(supervisor.restarter.trust_after_s + 0.05)  # the checkpoint is trusted now
         first = supervisor.machine
         await send_fault(address, command)
         for _ in range(500):
@@ -282,7 +283,7 @@ async def test_fault_restarts_from_checkpoint(guest_image: GuestImage, tmp_path:
             assert await kv.get("lost") is None
             await kv.set("again", "3")
             assert await kv.get("again") == "3"
-        supervisor.machine.stop()
+        supervisor.stop()
         result = await asyncio.wait_for(task, 10)
         assert result.reason is StopReason.STOPPED
     finally:
