@@ -269,6 +269,15 @@ class Machine:
                 self._poll_async()
         return self._events()
 
+    def _halt(self) -> None:
+        """HLT with interrupts on and none pending (live, recording): sleep until news makes one pending.
+        Unlike WAIT, the guest reads no EVENTS here, so none is logged (nor latched bits taken): replay
+        makes the logged interrupts pending at this exit and injects them by the same rule."""
+        self._poll_async()
+        while not self.irq.pending and self._control is None:
+            self._block_for_news()
+            self._poll_async()
+
     def _block_for_news(self) -> None:
         deadlines = [d for d in (s.deadline_ns() for s in self._sources) if d is not None]
         timeout = _MAX_BLOCK_S
@@ -436,7 +445,7 @@ class Machine:
                     registers=self.registers(),
                 )
             if self.journal.mode is not JournalMode.REPLAY:
-                self._wait()
+                self._halt()
             return None
         if reason == ExitReason.SHUTDOWN:
             return MachineResult(

@@ -159,6 +159,104 @@ async def test_a_hung_recording_replays_without_a_false_divergence(
     assert replayed.stats.outputs == recording.stats.outputs
 
 
+HLT_GUEST = r"""
+/* A guest that idles the way DESIGN.md says guests may: `sti; hlt` in ring 0, woken by the timer.
+ * Arms a 0.2 ms one-shot timer HALTS times, halting until each fires; the interrupt handler counts. */
+#define HALTS 30
+    .section .text.entry, "ax"
+    .code64
+    .globl _start
+_start:
+    mov $stack_top, %rsp
+    lidt idt_desc
+    mov $HALTS, %r12
+1:  mov $req, %eax
+    mov $0x610, %dx             /* CLOCK: now -> req.arg64 */
+    out %eax, %dx
+    mov req+16, %rax
+    add $200000, %rax
+    mov %rax, req+16
+    mov $req, %eax
+    mov $0x611, %dx             /* TIMER: arm at req.arg64 */
+    out %eax, %dx
+    sti
+    hlt
+    cli
+    mov $0x620, %dx             /* EVENTS: take the news (clears what the interrupt latched) */
+    in %dx, %eax
+    dec %r12
+    jnz 1b
+    mov counter, %eax
+    mov $0x660, %dx             /* POWER_EXIT with the interrupt count */
+    out %eax, %dx
+2:  jmp 2b
+irq_timer:
+    incl counter
+    iretq
+__shim_stubs_end:
+    .globl __shim_stubs_end
+
+    .data
+    .balign 16
+idt:
+    .fill 32 * 16, 1, 0
+    .word irq_timer - 0x100000
+    .word 0x8
+    .byte 0, 0x8E
+    .word 0x10
+    .long 0
+    .long 0
+idt_end:
+    .balign 8
+    .word 0, 0, 0
+idt_desc:
+    .word idt_end - idt - 1
+    .quad idt
+    .balign 8
+req:
+    .quad 0, 0, 0, 0
+counter:
+    .long 0
+    .bss
+    .balign 16
+    .skip 4096
+stack_top:
+"""
+
+
+@pytest.fixture(scope="module")
+def hlt_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("hlt")
+    (tmp / "hlt.S").write_text(HLT_GUEST)
+    image = tmp / "hlt.elf"
+    linker_script = ROOT / "guests" / "runtime" / "guest.ld"
+    subprocess.run(
+        [
+            "gcc",
+            "-nostdlib",
+            "-static",
+            "-no-pie",
+            "-Wl,--build-id=none",
+            f"-Wl,-T,{linker_script}",
+            "-o",
+            str(image),
+            str(tmp / "hlt.S"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return image
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_guest_idling_with_hlt_replays(hlt_image: Path, tmp_path: Path, seed: int) -> None:
+    """`sti; hlt` in ring 0 until the timer fires, then an EVENTS read: the recorder must not read EVENTS
+    for the guest at the HLT exit (it did: replay then found an event the guest never asked for)."""
+    recording = record_run(hlt_image, tmp_path / "hlt.log", rng=random.Random(seed))
+    assert recording.result.reason is StopReason.EXITED and recording.result.exit_code == 30
+    assert_identical(recording, replay_run(hlt_image, recording.log))
+
+
 # ----- tampering ----------------------------------------------------------------------------------------
 
 
