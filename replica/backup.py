@@ -19,7 +19,7 @@ from proto import vmft_pb2
 from replica.arbiter import Arbiter
 from replica.output_gate import OutputGate
 from replica.stream_sink import StreamSink
-from replica.vm_common import FailoverTimes, Meter, NodeSettings, load_spec_image, machine_config
+from replica.vm_common import spawn, FailoverTimes, Meter, NodeSettings, load_spec_image, machine_config
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class BackupVm:
         self.machine = machine
         machine.start()
         self.state = "replaying"
-        self._tasks.append(asyncio.create_task(self._watch_machine()))
+        spawn(self._tasks, self._watch_machine(), "_watch_machine")
 
     def on_batch(self, batch: vmft_pb2.EventBatch, size: int) -> None:
         self.source.put(batch)

@@ -183,7 +183,10 @@ class LocalCluster:
         arg: int = 0,
         disk: str | Path | None = None,
         hang_timeout_s: float = 2.0,
+        backup_address: str | None = None,
     ) -> ProtectedVm:
+        """Protect a VM: primary on `primary`, backup on `backup` (None: unprotected). `backup_address`
+        overrides the address the primary streams to (a fault-injecting relay in front of `backup`)."""
         loaded = load_image_file(image)
         spec = vmft_pb2.VmSpec(
             name=name,
@@ -198,7 +201,7 @@ class LocalCluster:
         backup_service = self.service_address(name, backup) if backup else ""
         request = vmft_pb2.ProtectRequest(
             spec=spec,
-            backup_node=backup.name if backup else "",
+            backup_node=(backup_address or backup.name) if backup else "",
             service=service,
             backup_service=backup_service,
         )

@@ -25,11 +25,13 @@ class OutputGate:
         self.acked = 0
         self.unprotected = False  # the arbiter confirmed this primary alone: release at once
         self.released = 0
+        self.released_position = 0  # position of the newest network output made visible (clients saw it)
 
     def hold(self, kind: OutputKind, data: bytes, position: int) -> None:
         with self._lock:
             if (self.unprotected or position <= self.acked) and not self._held:
                 self.released += 1
+                self._note(kind, position)
                 self._deliver(kind, data)
             else:
                 self._held.append((position, kind, data))
@@ -54,9 +56,16 @@ class OutputGate:
     def _release_while(self, covered: Callable[[int], bool]) -> None:
         held = self._held
         while held and covered(held[0][0]):
-            _position, kind, data = held.popleft()
+            position, kind, data = held.popleft()
             self.released += 1
+            self._note(kind, position)
             self._deliver(kind, data)
+
+    def _note(self, kind: OutputKind, position: int) -> None:
+        # Console lines are diagnostics (a guest announcing its own crash among them): the replay target
+        # of a restart is what the service's clients saw.
+        if kind is OutputKind.NET:
+            self.released_position = position
 
     @property
     def held(self) -> int:

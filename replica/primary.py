@@ -4,21 +4,24 @@ until the backup has acknowledged the log up to it, and handle losing the backup
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from typing import TYPE_CHECKING
 
 import grpc
 
-from monitor.checkpoint import CheckpointError, Checkpointer
-from monitor.machine import Machine, MachineResult
+from monitor.checkpoint import CheckpointError, Checkpointer, CheckpointStore, restore_files
+from monitor.loader import ImageError
+from monitor.machine import Machine, MachineResult, StopReason
 from monitor.netserver import NicServer, parse_address
-from monitor.record import RecordJournal, make_header
+from monitor.record import IteratorSource, RecordJournal, ReplayJournal, make_header
 from proto import vmft_pb2, vmft_pb2_grpc
 from replica.arbiter import Arbiter
 from replica.output_gate import OutputGate
 from replica.stream_sink import StreamSink
 from replica.vm_common import (
+    spawn,
     PROTOCOL_VERSION,
     FailoverTimes,
     Meter,
@@ -32,6 +35,22 @@ if TYPE_CHECKING:
     from replica.backup import BackupVm
 
 log = logging.getLogger(__name__)
+
+
+_GUEST_FAULTS = (StopReason.CRASHED, StopReason.PANICKED, StopReason.HUNG)
+
+
+def _truncated(batch: vmft_pb2.EventBatch, last: int) -> vmft_pb2.EventBatch:
+    """The part of `batch` at positions <= last, as an open batch (no end marker)."""
+    positions = list(itertools.accumulate(batch.position_deltas, initial=batch.first_position))[1:]
+    keep = sum(1 for position in positions if position <= last)
+    out = vmft_pb2.EventBatch(horizon=min(batch.horizon, last), first_position=batch.first_position)
+    out.position_deltas.extend(batch.position_deltas[:keep])
+    out.rips.extend(batch.rips[:keep])
+    out.kinds.extend(batch.kinds[:keep])
+    out.values.extend(batch.values[:keep])
+    out.data.extend(batch.data[:keep])
+    return out
 
 
 class PeerSilent(Exception):
@@ -75,6 +94,11 @@ class PrimaryVm:
         self.times = FailoverTimes()
         self.reprotect_progress = 0.0
         self._checkpointer: Checkpointer | None = None
+        self._periodic: Checkpointer | None = None
+        self._store: CheckpointStore | None = None
+        self._checkpoint_lock = asyncio.Lock()
+        self.faults_recovered = 0
+        self._restart_replayed_to: int | None = None  # the last restart's replay target
         self._tasks: list[asyncio.Task[None]] = []
         self._call: grpc.aio.StreamStreamCall | None = None
         self._channel: grpc.aio.Channel | None = None
@@ -94,7 +118,8 @@ class PrimaryVm:
         vm.nic = backup.nic
         vm.failovers = backup.failovers
         vm.times = backup.times
-        vm._tasks.append(asyncio.create_task(vm._watch_machine()))
+        spawn(vm._tasks, vm._watch_machine(), "_watch_machine")
+        spawn(vm._tasks, vm._checkpoint_loop(first_now=True), "_checkpoint_loop")
         return vm
 
     # ----- start ------------------------------------------------------------------------------
@@ -127,11 +152,13 @@ class PrimaryVm:
         host, port = parse_address(self.service)
         self.nic = NicServer(machine.net_backend, host, port)
         await self.nic.start()
+        await self._checkpoint()  # the first one, before the guest runs: a restart always has one
         machine.start()
         self.state = "running"
-        self._tasks.append(asyncio.create_task(self._watch_machine()))
+        spawn(self._tasks, self._watch_machine(), "_watch_machine")
+        spawn(self._tasks, self._checkpoint_loop(), "_checkpoint_loop")
         if self.backup_node:
-            self._tasks.append(asyncio.create_task(self._replicate()))
+            spawn(self._tasks, self._replicate(), "_replicate")
 
     async def _connect(self, header: vmft_pb2.LogHeader, checkpoint_follows: bool = False) -> None:
         self._channel = grpc.aio.insecure_channel(self.backup_node)
@@ -199,8 +226,12 @@ class PrimaryVm:
         call = self._call
         new_sink = StreamSink(loop)
 
+        old_sink = self.sink
+        assert old_sink is not None
+
         def on_paused(position: int) -> None:  # vCPU parked at the checkpoint's position
             journal.switch_sink(new_sink, position)
+            new_sink.retained = old_sink.retained  # the log since the last periodic checkpoint
             gate.protect_again(position)
 
         if self._checkpointer is None:
@@ -215,14 +246,15 @@ class PrimaryVm:
             finally:
                 asyncio.run_coroutine_threadsafe(records.put(None), loop).result()
 
-        producer = asyncio.create_task(asyncio.to_thread(produce))
         sent = 0
         try:
-            while (record := await records.get()) is not None:
-                await call.write(vmft_pb2.PrimaryMessage(checkpoint_record=record))
-                sent += len(record)
-                self.reprotect_progress = min(0.99, sent / max(1, machine.memory.size // 4))
-            await producer
+            async with self._checkpoint_lock:
+                producer = asyncio.create_task(asyncio.to_thread(produce))
+                while (record := await records.get()) is not None:
+                    await call.write(vmft_pb2.PrimaryMessage(checkpoint_record=record))
+                    sent += len(record)
+                    self.reprotect_progress = min(0.99, sent / max(1, machine.memory.size // 4))
+                await producer
         except (grpc.aio.AioRpcError, CheckpointError, OSError) as err:
             producer.cancel()
             await self._close_channel()
@@ -236,7 +268,7 @@ class PrimaryVm:
         self.state = "running"
         self.message = f"re-protected by {backup_node}" + (f" ({stats.describe()})" if stats else "")
         log.warning("%s: %s", self.name, self.message)
-        self._tasks.append(asyncio.create_task(self._replicate()))
+        spawn(self._tasks, self._replicate(), "_replicate")
 
     # ----- replication ---------------------------------------------------------------------------
 
@@ -292,7 +324,10 @@ class PrimaryVm:
 
     async def _backup_lost(self, reason: str) -> None:
         assert self.gate is not None and self.sink is not None
-        if self.result is not None:
+        if self.result is not None or self.state == "restarting" or (self.journal and self.journal.finished):
+            # The guest stopped here first (its log ended the stream): nothing to decide.
+            self.protected = False
+            await self._close_channel()
             return
         self.protected = False
         log.warning("%s: lost the backup (%s); asking the arbiter to stay primary", self.name, reason)
@@ -316,9 +351,143 @@ class PrimaryVm:
 
     async def _watch_machine(self) -> None:
         assert self.machine is not None
-        self.result = await self.machine.wait()
+        result = await self.machine.wait()
+        if result.reason in _GUEST_FAULTS and self.state != "fenced" and self.spec.on_fault != "stop":
+            try:
+                await self._restart_from_checkpoint(result)
+                return
+            except (CheckpointError, ImageError, OSError, ValueError) as err:
+                log.error("%s: restart from a checkpoint failed: %s", self.name, err)
+                self.message = f"restart after {result.reason.value} failed: {err}"
+        self.result = result
         if self.state != "fenced":
-            self.state = f"stopped: {self.result.describe()}"
+            self.state = f"stopped: {result.describe()}"
+
+    # ----- checkpoints and restart after a guest fault -------------------------------------------
+
+    async def _checkpoint_loop(self, first_now: bool = False) -> None:
+        if first_now:
+            await self._checkpoint()
+        while True:
+            await asyncio.sleep(self.settings.checkpoint_every_s)
+            if self.machine is None or self.machine.result is not None:
+                return
+            try:
+                await self._checkpoint()
+            except (CheckpointError, OSError) as err:
+                log.error("%s: periodic checkpoint failed: %s", self.name, err)
+
+    async def _checkpoint(self) -> None:
+        """A periodic checkpoint into the node's data directory; the log kept for a restart starts anew
+        at its position (so both stay bounded)."""
+        assert self.machine is not None and self.journal is not None and self.sink is not None
+        journal, sink = self.journal, self.sink
+        if self._store is None:
+            self._store = CheckpointStore(self.settings.data_dir / "checkpoints" / self.name)
+            self._periodic = Checkpointer(self.machine, name="periodic")
+        assert self._periodic is not None
+        store, checkpointer = self._store, self._periodic
+
+        def on_paused(position: int) -> None:
+            journal.flush(position)
+            sink.retained = []
+
+        async with self._checkpoint_lock:
+            await asyncio.to_thread(store.save, checkpointer, on_paused)
+
+    async def _restart_from_checkpoint(self, fault: MachineResult) -> None:
+        """The guest crashed, panicked or hung. Replaying into a deterministic fault is pointless, so:
+        restore the latest checkpoint, replay the log only up to the last output a client has seen (so
+        nothing a client saw is forgotten), and continue live from there. Inputs after that output are
+        dropped; their clients saw no reply and retry."""
+        assert (
+            self.gate is not None
+            and self.sink is not None
+            and self._store is not None
+            and self.nic is not None
+        )
+        loop = asyncio.get_running_loop()
+        old_machine, old_nic = self.machine, self.nic
+        assert old_machine is not None
+        self.state = "restarting"
+        started = time.monotonic()
+        path = self._store.latest()
+        if path is None:
+            raise CheckpointError("no checkpoint to restart from")
+        last_seen = self.gate.released_position
+        if self._restart_replayed_to is not None and last_seen <= self._restart_replayed_to:
+            # It faulted again before any new reply: the fault lies in the replayed log itself. Go live
+            # from the checkpoint alone (replies since then may be forgotten: said loudly).
+            log.error(
+                "%s: the guest faulted again after replaying to position %d; restarting from the checkpoint "
+                "without replay (replies after the checkpoint may be lost)",
+                self.name,
+                last_seen,
+            )
+            last_seen = 0
+        self._restart_replayed_to = last_seen
+        batches = [_truncated(batch, last_seen) for batch in self.sink.retained]
+        sink = StreamSink(loop)
+        sink.drop_all()  # unprotected until re-protected
+        sink.retained = list(batches)
+        gate = OutputGate(lambda kind, data: machine.deliver(kind, data))
+        gate.release_unprotected()
+        settings = self.settings
+
+        def go_live(position: int) -> RecordJournal:  # vCPU thread, at the first position not replayed
+            machine.clock.resume_from(machine.clock_device.last_seen_ns)
+            machine.net.connections_lost()
+            journal = RecordJournal(
+                sink,
+                start_position=position - 1,
+                hash_every=settings.hash_every,
+                batch_events=256,
+                flush_interval_s=0.002,
+                flush_on_output=True,
+            )
+            self.journal = journal
+            return journal
+
+        def make_journal(position: int) -> ReplayJournal:
+            replay = ReplayJournal(
+                IteratorSource(iter(batches), what="the retained log"), start_position=position
+            )
+            replay.promote = go_live
+            return replay
+
+        machine, stats = await asyncio.to_thread(
+            restore_files,
+            path,
+            journal=make_journal,
+            image=old_machine.image,
+            disk=self.disk,
+            hang_timeout_s=self.spec.hang_timeout_s or 2.0,
+        )
+        machine.output_handler = gate.hold
+        old_machine.close()
+        next_generation = self.generation + 1
+        if await asyncio.to_thread(self.arbiter.claim, self.name, next_generation, self.settings.name):
+            self.generation = next_generation  # fences the old pairing: its backup stopped at the fault
+        first_conn = old_nic.next_conn_id
+        await old_nic.close()
+        host, port = parse_address(self.service)
+        self.nic = NicServer(machine.net_backend, host, port, first_conn_id=first_conn)
+        self.machine, self.gate, self.sink = machine, gate, sink
+        self._periodic = Checkpointer(machine, name="periodic")
+        self._periodic.continue_from(stats.checkpoint_id)
+        self._checkpointer = None
+        await self.nic.start()
+        machine.start()
+        self.protected = False
+        self.faults_recovered += 1
+        self.state = "running unprotected"
+        self.message = (
+            f"restarted from checkpoint {stats.checkpoint_id[:12]} after {fault.reason.value} "
+            f"({fault.message}); replayed to position {last_seen}, "
+            f"live in {(time.monotonic() - started) * 1000:.0f} ms"
+        )
+        log.warning("%s: %s", self.name, self.message)
+        spawn(self._tasks, self._watch_machine(), "_watch_machine")
 
     # ----- status and stop ------------------------------------------------------------------------
 
@@ -343,6 +512,7 @@ class PrimaryVm:
             suspected_at=self.times.suspected_wall,
             serving_at=self.times.serving_wall,
             reprotect_progress=self.reprotect_progress if not self.protected else 1.0,
+            faults_recovered=self.faults_recovered,
         )
 
     async def stop(self) -> None:

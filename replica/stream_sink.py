@@ -29,9 +29,13 @@ class StreamSink:
         self.bytes_sent = 0
         self.batches_sent = 0
         self.horizon = 0
+        # The log since the primary's latest checkpoint, kept to restart the guest from that checkpoint
+        # (bounded: each checkpoint starts it afresh).
+        self.retained: list[vmft_pb2.EventBatch] = []
 
     def write_batch(self, batch: vmft_pb2.EventBatch) -> None:
         """vCPU thread."""
+        self.retained.append(batch)
         if self.discard:
             return
         with self._cond:

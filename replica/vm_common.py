@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Coroutine
 
 from monitor.loader import GuestImage, ImageError, load_image_file
 from monitor.machine import MachineConfig
 from proto import vmft_pb2
+
+log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 
@@ -22,6 +27,7 @@ class NodeSettings:
     failure_timeout_s: float = 0.3
     connect_timeout_s: float = 5.0
     hash_every: int = 20000
+    checkpoint_every_s: float = 2.0  # the primary's periodic checkpoints (restart after a guest fault)
 
 
 class ReplicationRefused(Exception):
@@ -93,3 +99,15 @@ class Meter:
     def rate(self) -> float:
         now = time.monotonic()
         return float(sum(n for t, n in self.samples if t >= now - 1.0))
+
+
+def spawn(tasks: list[asyncio.Task[None]], coro: Coroutine[Any, Any, None], what: str) -> None:
+    """Start a background task of a VM; an unexpected exception in it is logged, never lost."""
+    task = asyncio.create_task(coro, name=what)
+    tasks.append(task)
+    task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("task %s failed", task.get_name(), exc_info=task.exception())

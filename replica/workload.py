@@ -218,15 +218,18 @@ class Workload:
 
     # ----- recovery time ---------------------------------------------------------------------------
 
-    def recovery_after(self, fault_at: float) -> list[float]:
-        """Per client: first success ending after `fault_at` minus its last success ending before it."""
+    def recovery_after(self, fault_at: float, window_s: float = 5.0) -> list[float]:
+        """Per client, the recovery it saw from a fault injected at `fault_at`: the longest gap between two
+        consecutive successes of that client, from its last success before the fault to the end of
+        `window_s` after it (a fault can take effect a little after it is injected)."""
         gaps: list[float] = []
         for index in range(self.clients):
             ends = sorted(op.end for op in self.history if op.client == index and op.ok)
             before = [t for t in ends if t <= fault_at]
-            after = [t for t in ends if t > fault_at]
+            after = [t for t in ends if fault_at < t <= fault_at + window_s]
             if before and after:
-                gaps.append(after[0] - before[-1])
+                points = [before[-1], *after]
+                gaps.append(max(b - a for a, b in zip(points, points[1:])))
         return gaps
 
     def latencies(self) -> list[float]:
