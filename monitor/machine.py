@@ -385,7 +385,8 @@ class Machine:
                     )
                 if self._control == "stop" and self.journal.mode is JournalMode.RECORD:
                     # A recording ends at a synchronous exit, where its replay stops in the same state:
-                    # run on to the next one (a guest that never makes one is reported hung).
+                    # run on to the next one (a guest that never makes one is reported hung). So does a
+                    # recording stopped while paused (_handle_control).
                     continue
                 if self._control is not None and self._handle_control(completed_io=True):
                     return MachineResult(StopReason.STOPPED, self.position)
@@ -547,11 +548,14 @@ class Machine:
             self._paused.set()
             while not self._resume.wait(0.1):
                 if self._control == "stop":
-                    self.stopped_between_exits = True
-                    return True
+                    break
             self._paused.clear()
-            self.stopped_between_exits = self._control == "stop"
-            return self.stopped_between_exits
+            if self._control != "stop":
+                return False
+            if self.journal.mode is JournalMode.RECORD:
+                return False  # the I/O was completed: a recording runs on to stop at the next exit
+            self.stopped_between_exits = True
+            return True
         return False
 
     def _watchdog(self) -> None:

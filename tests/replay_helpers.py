@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from monitor.journal import EventKind
 from monitor.loader import load_image_file
@@ -123,12 +124,14 @@ def record_journal(
     log: Path,
     hash_every: int = DEFAULT_HASH_EVERY,
     tee: Callable[[vmft_pb2.EventBatch | None], None] | None = None,
+    **options: Any,
 ) -> RecordJournal:
-    """A RecordJournal writing `log`; `tee(batch)` also sees every batch, and `tee(None)` the close."""
+    """A RecordJournal writing `log`; `tee(batch)` also sees every batch, and `tee(None)` the close;
+    `options` go to RecordJournal (hash_interval_s, batch_events, flush_on_output, ...)."""
     header = make_header(load_image_file(str(image)), MEM_MIB << 20, hash_every=hash_every)
     writer = LogFileWriter(log, header)
     sink: BatchSink = writer if tee is None else _TeeSink(writer, tee)
-    return RecordJournal(sink, hash_every=hash_every)
+    return RecordJournal(sink, hash_every=hash_every, **options)
 
 
 def queue_tee(source: QueueSource) -> Callable[[vmft_pb2.EventBatch | None], None]:
@@ -273,10 +276,11 @@ async def served_recording(
     hash_every: int = DEFAULT_HASH_EVERY,
     rng: random.Random | None = None,
     tee: Callable[[vmft_pb2.EventBatch | None], None] | None = None,
+    **options: Any,
 ) -> AsyncIterator[tuple[Machine, RecordJournal, str, bytearray]]:
     """A recording machine whose NIC is served on a loopback port (kicked at random when `rng` is given).
     On leaving, the machine is stopped (if it still runs) and closed."""
-    journal = record_journal(image, log, hash_every, tee)
+    journal = record_journal(image, log, hash_every, tee, **options)
     machine = new_machine(image, journal, arg, disk)
     console = bytearray()
     machine.on_console = console.extend

@@ -111,6 +111,44 @@ def test_the_runs_really_differ(guest: str) -> None:
     assert len(set(outcomes.values())) == len(outcomes), f"{guest}: runs ended in the same state"
 
 
+@pytest.mark.parametrize("seed", range(4))
+async def test_kv_with_pauses_and_timed_hashes_replays_identically(
+    guest_image: GuestImage, tmp_path: Path, seed: int
+) -> None:
+    """Random pauses (as a checkpoint takes them: at an exit, I/O completed) during the recording, state
+    hashes by time rather than by position, small batches and a flush at every output."""
+    image = guest_image("kv")
+    rng = random.Random(3000 + seed)
+    replies: list[str] = []
+    pauses = 0
+    options = {"hash_every": 0, "hash_interval_s": 0.01, "batch_events": 16, "flush_on_output": True}
+    async with served_recording(image, tmp_path / "kv.log", rng=rng, **options) as (
+        machine,
+        journal,
+        address,
+        _,
+    ):
+        await asyncio.to_thread(machine.pause)  # (the first state hash reads all of memory: 0.1-0.3 s)
+        machine.resume()
+        until = time.monotonic() + 0.3
+        load = asyncio.gather(
+            *(
+                kv_client_load(address, f"p{seed}c{i}", random.Random(rng.random()), until, replies)
+                for i in range(3)
+            )
+        )
+        while time.monotonic() < until:
+            await asyncio.sleep(rng.random() * 0.02)
+            await asyncio.to_thread(machine.pause)
+            await asyncio.sleep(rng.random() * 0.005)
+            machine.resume()
+            pauses += 1
+        await load
+    recording = finish_recording(machine, journal, tmp_path / "kv.log", bytearray(), 0, None, None)
+    assert pauses >= 5 and recording.stats.state_hashes >= 5
+    assert_identical(recording, replay_run(image, recording.log))
+
+
 # ----- stops that land between synchronous exits ------------------------------------------------------
 
 
@@ -132,6 +170,27 @@ def test_stop_while_the_guest_computes_ends_the_recording_at_a_synchronous_exit(
     assert recording.result.reason is StopReason.STOPPED and recording.result.position >= 1
     replayed = replay_run(image, log, arg=arg)
     assert_identical(recording, replayed)
+
+
+@pytest.mark.parametrize("how", ["stop while paused", "stop right after resume"])
+async def test_stop_around_a_pause_ends_the_recording_at_a_synchronous_exit(
+    guest_image: GuestImage, tmp_path: Path, how: str
+) -> None:
+    """A pause completes the I/O of the exit it parks at (guest state moves past the exit): a recording
+    stopped then must still end at an exit that replay reaches in the same state, and log its hash."""
+    image = guest_image("kv")
+    replies: list[str] = []
+    async with served_recording(image, tmp_path / "kv.log") as (machine, journal, address, _):
+        await kv_client_load(address, "s1", random.Random(1), time.monotonic() + 0.1, replies)
+        await asyncio.to_thread(machine.pause)
+        if how == "stop right after resume":
+            machine.resume()
+        machine.stop()
+        result = await asyncio.wait_for(machine.wait(), 10)
+        assert result.reason is StopReason.STOPPED
+    recording = finish_recording(machine, journal, tmp_path / "kv.log", bytearray(), 0, None, None)
+    assert read_log(recording.log).events[-1][4] == recording.digest  # a final hash to check, and it is this
+    assert_identical(recording, replay_run(image, recording.log))
 
 
 async def test_a_hung_recording_replays_without_a_false_divergence(
