@@ -1,0 +1,160 @@
+"""Replication cost: the kv guest protected by a backup against the same guest unprotected, both in one
+LocalCluster (three `vmft node` processes on loopback: the replicated primary, its backup, and the
+unprotected VM's node), measured in interleaved phases. The client load runs in a separate process
+(scripts/kvload.py through multiprocessing) so that it takes no GIL from the nodes or from this process.
+
+Figures: throughput with many concurrent connections; the latency one sequential client pays (p50, p99) and
+what the output rule adds at p50, beside a gRPC unary round trip measured here; the log bandwidth under the
+concurrent load beside the clients' request bandwidth; the backup's lag behind the primary."""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import statistics
+import tempfile
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+import benchlib
+import kvload
+from proto import vmft_pb2, vmft_pb2_grpc
+from replica.cluster import LocalCluster, NodeProcess
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--connections", type=int, default=32, help="concurrent connections (default 32)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="one throughput phase (default 4)")
+    parser.add_argument("--latency-seconds", type=float, default=2.0,
+                        help="one sequential-latency phase (default 2)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
+    parser.add_argument("--quick", action="store_true", help="a few seconds in all (smoke test)")
+    parser.add_argument("--keep", metavar="DIR", help="run the cluster in DIR and keep its node logs")
+
+
+@dataclass
+class Samples:
+    lag_positions: list[float] = field(default_factory=list)
+    position_rate: list[float] = field(default_factory=list)  # positions per second on the primary
+    log_bytes_per_s: list[float] = field(default_factory=list)
+
+
+def _sample_during(
+    cluster: LocalCluster, primary: NodeProcess, name: str, future: Future[Any], start: float, seconds: float
+) -> Samples:
+    """While the load runs: the primary's view of the backup (acks carry the replayed position)."""
+    samples = Samples()
+    previous: tuple[float, int] | None = None
+    first = start + min(1.0, seconds / 3)
+    while not future.done() and time.monotonic() < start + seconds - 0.1:
+        if time.monotonic() < first:
+            time.sleep(0.05)
+            continue
+        status = cluster.vm_status(primary, name)
+        now = time.monotonic()
+        if status is not None:
+            samples.lag_positions.append(max(0, status.position - status.replayed_position))
+            samples.log_bytes_per_s.append(status.log_bytes_per_s)
+            if previous is not None and now > previous[0]:
+                samples.position_rate.append((status.position - previous[1]) / (now - previous[0]))
+            previous = (now, status.position)
+        time.sleep(0.1)
+    return samples
+
+
+def _unary_rtt(node: NodeProcess, count: int) -> list[float]:
+    with grpc.insecure_channel(node.name) as channel:
+        stub = vmft_pb2_grpc.NodeStub(channel)
+        stub.Status(vmft_pb2.StatusRequest(), timeout=5)
+        out = []
+        for _ in range(count):
+            start = time.perf_counter()
+            stub.Status(vmft_pb2.StatusRequest(), timeout=5)
+            out.append(time.perf_counter() - start)
+    return out
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def run(args: argparse.Namespace) -> list[benchlib.Figure]:
+    seconds, latency_seconds, rounds = args.seconds, args.latency_seconds, args.rounds
+    if args.quick:
+        seconds, latency_seconds, rounds = 0.8, 0.4, 1
+    image = benchlib.guest_path("kv.elf")
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="vmft-bench-replication.") as tmp:
+        workdir = Path(args.keep) if args.keep else Path(tmp)
+        with LocalCluster(workdir) as cluster, ProcessPoolExecutor(1, mp_context=context) as pool:
+            a, b, c = cluster.add_node(), cluster.add_node(), cluster.add_node()
+            rep = cluster.protect(image, a, b, name="rep")
+            cluster.wait_for(b, "rep", "backup", timeout=20)
+            solo = cluster.protect(image, c, None, name="solo")
+            services = {"replicated": rep.service, "unreplicated": solo.service}
+            for address in services.values():
+                pool.submit(kvload.warm, address).result(timeout=60)
+
+            throughput: dict[str, list[float]] = {k: [] for k in services}
+            request_rate: list[float] = []
+            samples = Samples()
+            latencies: dict[str, list[float]] = {k: [] for k in services}
+            order = list(services)
+            for r in range(rounds):
+                for which in order if r % 2 == 0 else reversed(order):
+                    start = time.monotonic()
+                    future = pool.submit(
+                        kvload.run_load, services[which], args.connections, seconds, False, f"t{r}"
+                    )
+                    if which == "replicated":
+                        got = _sample_during(cluster, a, "rep", future, start, seconds)
+                        samples.lag_positions += got.lag_positions
+                        samples.position_rate += got.position_rate
+                        samples.log_bytes_per_s += got.log_bytes_per_s
+                    result = future.result(timeout=seconds + 60)
+                    throughput[which].append(result["ops"] / result["seconds"])
+                    if which == "replicated":
+                        request_rate.append(result["request_bytes"] / result["seconds"])
+                for which in order if r % 2 else reversed(order):
+                    future = pool.submit(kvload.run_load, services[which], 1, latency_seconds, True, f"l{r}")
+                    result = future.result(timeout=latency_seconds + 60)
+                    latencies[which] += result["latencies"]
+            rtt = _unary_rtt(a, 50 if args.quick else 300)
+            status = cluster.vm_status(a, "rep")
+            if status is None or not status.protected:
+                raise RuntimeError(f"the replicated VM lost its backup during the benchmark: {status}")
+
+    ms = 1000.0
+    rep_tput, solo_tput = _median(throughput["replicated"]), _median(throughput["unreplicated"])
+    rep_p50 = benchlib.percentile(latencies["replicated"], 50) * ms
+    solo_p50 = benchlib.percentile(latencies["unreplicated"], 50) * ms
+    rep_p99 = benchlib.percentile(latencies["replicated"], 99) * ms
+    solo_p99 = benchlib.percentile(latencies["unreplicated"], 99) * ms
+    rate = _median(samples.position_rate)
+    lag_positions = _median(samples.lag_positions)
+    lag_ms = lag_positions / rate * ms if rate and rate == rate else float("nan")
+    failure_timeout_ms = cluster.failure_timeout_ms
+    conns = args.connections
+    rtt_p50 = benchlib.percentile(rtt, 50) * ms
+    log_rate = _median(samples.log_bytes_per_s) / 1024
+    return [
+        benchlib.Figure(f"kv throughput, {conns} connections, replicated", rep_tput, "ops/s",
+                        solo_tput, "the same, unreplicated (target ratio >= 0.9)"),
+        benchlib.Figure("kv latency p50, one sequential client, replicated", rep_p50, "ms",
+                        solo_p50, "the same, unreplicated"),
+        benchlib.Figure("kv latency p99, one sequential client, replicated", rep_p99, "ms",
+                        solo_p99, "the same, unreplicated"),
+        benchlib.Figure("latency the output rule adds at p50", rep_p50 - solo_p50, "ms",
+                        rtt_p50, "gRPC unary round trip p50 (target: < 1 ms added)"),
+        benchlib.Figure(f"log bandwidth, {conns} connections", log_rate, "KiB/s",
+                        _median(request_rate) / 1024, "client request bytes/s"),
+        benchlib.Figure(f"backup lag, {conns} connections", lag_positions, "positions",
+                        rate / ms if rate == rate else float("nan"), "positions the primary runs per ms"),
+        benchlib.Figure(f"backup lag, {conns} connections", lag_ms, "ms",
+                        failure_timeout_ms, "failure timeout (setting)"),
+    ]  # fmt: skip
