@@ -343,7 +343,7 @@ class Machine:
         except Exception as err:  # the monitor survives its own bugs: report, do not hang
             log.exception("vCPU thread failed")
             result = MachineResult(StopReason.ERROR, self.position, message=f"{type(err).__name__}: {err}")
-        if result.reason is not StopReason.ERROR:
+        if result.reason not in (StopReason.ERROR, StopReason.DIVERGED):  # report the first mismatch only
             try:
                 digest = b"" if self.stopped_between_exits else self.state_digest()
                 self.journal.finish(digest, result.reason.value)

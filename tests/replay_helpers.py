@@ -238,12 +238,13 @@ def assert_identical(recording: Recording, replayed: Replayed) -> None:
 
 
 async def kv_client_load(
-    address: str, client_id: str, rng: random.Random, until: float, replies: list[str]
+    address: str, client_id: str, rng: random.Random, until: float, replies: list[str], min_requests: int = 30
 ) -> None:
-    """Random SET/GET/INCR/DEL with random sleeps until `until`; sometimes reconnects."""
+    """Random SET/GET/INCR/DEL with random sleeps until `until` and until `replies` (shared by the clients)
+    holds `min_requests` (a loaded machine may be slow to start); sometimes reconnects."""
     kv = KvClient([address], client_id, timeout=5.0)
     try:
-        while time.monotonic() < until:
+        while time.monotonic() < until or len(replies) < min_requests:
             key = f"k{rng.randrange(24)}"
             op = rng.random()
             try:
