@@ -39,7 +39,14 @@ from monitor.journal import (
     OutputKind,
 )
 from monitor.kvm import Kvm, VcpuFd, is_eintr
-from monitor.kvm_abi import KVM_EXIT_IO_OUT, RUN_IO_OFFSET, RUN_SYNC_RIP_OFFSET, ExitReason, IoExit
+from monitor.kvm_abi import (
+    KVM_EXIT_IO_OUT,
+    RUN_EXIT_REASON_OFFSET,
+    RUN_IO_OFFSET,
+    RUN_SYNC_RIP_OFFSET,
+    ExitReason,
+    IoExit,
+)
 from monitor.loader import GuestImage, load_image_file
 from monitor.memory import GuestMemory, GuestMemoryError
 from monitor.statehash import StateHasher
@@ -52,6 +59,11 @@ KICK_SIGNAL = signal.SIGUSR1
 MEMORY_SLOT = 0
 _IO = struct.Struct("<BBHIQ")
 assert _IO.size == 16 and RUN_IO_OFFSET == IoExit.direction.offset + 32
+# One unpack per exit: exit_reason, then (skipping the fields in between) the io exit's fields. For other
+# exits the io fields are meaningless and unused.
+_EXIT = struct.Struct(f"<I{RUN_IO_OFFSET - RUN_EXIT_REASON_OFFSET - 4}xBBHIQ")
+assert _EXIT.size == RUN_IO_OFFSET - RUN_EXIT_REASON_OFFSET + _IO.size
+_REPLAY = JournalMode.REPLAY
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _MAX_BLOCK_S = 0.25  # longest a blocked WAIT sleeps before it rechecks control requests
@@ -164,6 +176,9 @@ class Machine:
             self._in.update({int(p): h for p, h in device.in_ports().items()})
         self._out[g.Port.NOP] = lambda value: None
         self._sources: list[AsyncSource] = [self.timer, self.net, self.console]
+        # (event bit as a plain int, source, its has_news) for the per-exit poll: IntFlag arithmetic costs
+        # over a microsecond per operation, a plain int `&` some nanoseconds.
+        self._source_checks = [(int(s.event_bit), s, s.has_news) for s in self._sources]
 
         self._thread: threading.Thread | None = None
         self._control: str | None = None
@@ -239,13 +254,13 @@ class Machine:
     def _poll_async(self) -> None:
         """At a synchronous exit: make interrupts pending for news (live), or as the log says (replay)."""
         journal = self.journal
-        if journal.mode is JournalMode.REPLAY:
+        if journal.mode is _REPLAY:
             for vector in journal.due_irqs():
                 self._apply_irq(vector)
             return
         irq = self.irq
-        for source in self._sources:
-            if not irq.latched & source.event_bit and source.has_news():
+        for bit, source, has_news in self._source_checks:
+            if not irq.latched & bit and has_news():
                 self._apply_irq(source.vector)
                 journal.irq(source.vector)
 
@@ -359,13 +374,14 @@ class Machine:
         run = vcpu.run
         buf = vcpu.run_buffer
         run_once = vcpu.run_once
-        out_handlers = self._out
-        in_handlers = self._in
+        out_handlers_get = self._out.get
+        in_handlers_get = self._in.get
         poll = self._poll_async
         irq = self.irq
-        io_unpack = _IO.unpack_from
-        u32 = _U32
-        exit_io = ExitReason.IO
+        exit_unpack = _EXIT.unpack_from
+        u32_unpack = _U32.unpack_from
+        exit_io = int(ExitReason.IO)
+        io_out = KVM_EXIT_IO_OUT
         while True:
             err = run_once()
             if err:
@@ -391,25 +407,25 @@ class Machine:
                 if self._control is not None and self._handle_control(completed_io=True):
                     return MachineResult(StopReason.STOPPED, self.position)
                 continue
-            reason = run.exit_reason
+            reason, direction, size, port, _count, offset = exit_unpack(buf, RUN_EXIT_REASON_OFFSET)
             journal = self.journal
-            journal.at_exit(self.position + 1)  # may wait for log (replay) or stop the machine
-            self.position += 1
+            position = self.position + 1
+            journal.at_exit(position)  # may wait for log (replay) or stop the machine
+            self.position = position
             try:
                 if reason == exit_io:
-                    direction, size, port, _count, offset = io_unpack(buf, RUN_IO_OFFSET)
-                    if direction == KVM_EXIT_IO_OUT:
-                        handler = out_handlers.get(port)
-                        value = u32.unpack_from(buf, offset)[0] if size == 4 else buf[offset]
+                    if direction == io_out:
+                        handler = out_handlers_get(port)
+                        value = u32_unpack(buf, offset)[0] if size == 4 else buf[offset]
                         if handler is not None:
                             handler(value)
                         else:
                             self._unknown_port(port, "out")
                     else:
-                        in_handler = in_handlers.get(port)
+                        in_handler = in_handlers_get(port)
                         result = in_handler() if in_handler is not None else self._unknown_port(port, "in")
                         if size == 4:
-                            u32.pack_into(buf, offset, result & 0xFFFFFFFF)
+                            _U32.pack_into(buf, offset, result & 0xFFFFFFFF)
                         else:
                             buf[offset : offset + size] = (result & 0xFFFFFFFF).to_bytes(4, "little")[:size]
                 else:
@@ -422,7 +438,7 @@ class Machine:
                 self.guest_faults.append(str(mem_err))
                 log.warning("guest fault: %s", mem_err)
             poll()
-            if journal.state_hash_due(self.position):
+            if journal.state_hash_due(position):
                 journal.state_hash(self.state_digest())
             if irq.pending and run.ready_for_interrupt_injection and run.if_flag:
                 vcpu.interrupt(irq.next_vector())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import statistics
 import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -88,6 +89,43 @@ def report(figures: list[Figure], as_json: bool = False, out: TextIO | None = No
     else:
         stream.write(format_table(figures) + "\n")
     stream.flush()
+
+
+# --- measuring on a noisy machine ------------------------------------------------------------------------
+
+GUEST_BUILD = ROOT / "guests" / "build"
+
+
+def guest_path(name: str) -> Path:
+    """guests/build/NAME (NAME.elf for a guest image); fails clearly if it is not built."""
+    path = GUEST_BUILD / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is not built: run scripts/setup")
+    return path
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def percentile(values: Iterable[float], p: float) -> float:
+    """The p-th percentile (0..100) by nearest rank."""
+    data = sorted(values)
+    if not data:
+        return math.nan
+    rank = max(1, math.ceil(p / 100 * len(data)))
+    return data[min(rank, len(data)) - 1]
+
+
+def interleaved(rounds: int, runs: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
+    """Call every run once per round, alternating their order from round to round (so that neither side
+    always goes first on a machine shared with other work); each run's results, in round order."""
+    results: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            results[name].append(runs[name]())
+    return results
 
 
 # --- the C reference for the exit benchmark --------------------------------------------------------------
