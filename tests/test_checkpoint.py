@@ -8,7 +8,11 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -34,7 +38,8 @@ from monitor.record import (
 )
 from monitor.restart import FaultAction, RestartPolicy, Supervisor
 from proto import vmft_pb2
-from replica.kv_client import KvClient
+from replica.checkpoint_cli import snapshot_request
+from replica.kv_client import KvClient, KvClientSync
 
 pytestmark = pytest.mark.kvm
 GuestImage = Callable[[str], Path]
@@ -78,8 +83,6 @@ def test_ticker_checkpoint_then_log_replays_to_the_same_end(guest_image: GuestIm
         machine.set_journal(RecordJournal(writer, start_position=position, hash_every=50))
 
     try:
-        import time
-
         time.sleep(0.05)
         stats = Checkpointer(machine).save(tmp_path / "t.vmck", on_paused=switch_log, digest=True)
         assert 0 < stats.position
@@ -420,3 +423,67 @@ def test_damaged_checkpoints_are_refused(guest_image: GuestImage, tmp_path: Path
             restore_stream(iter(data))
         with open(disk, "rb") as f:
             assert f.read(4096) == later_disk, f"stream {name}: the disk was touched"
+
+
+# ----- the command line and the benchmark ----------------------------------------------------------------
+
+
+def test_cli_run_snapshot_restore(
+    guest_image: GuestImage, tmp_path: Path, free_port: Callable[[], int]
+) -> None:
+    """vmft run with periodic checkpoints, a control socket and fault restart; vmft snapshot; vmft restore."""
+    root = Path(__file__).resolve().parent.parent
+    port, port2 = free_port(), free_port()
+    sock = tmp_path / "ctl.sock"
+    vmft = [sys.executable, "-m", "replica.cli"]
+    run = subprocess.Popen(
+        [*vmft, "run", str(guest_image("kv")), "--listen", f"127.0.0.1:{port}", "--checkpoint-dir",
+         str(tmp_path / "ck"), "--checkpoint-every", "0.2", "--on-fault", "restart", "--hang-timeout", "0.5",
+         "--control-socket", str(sock)],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    restore = None
+    try:
+        with KvClientSync([f"127.0.0.1:{port}"], "cli1", timeout=5.0) as kv:
+            kv.set("a", "1")
+            reply = snapshot_request(str(sock), str(tmp_path / "snap.vmck"))
+            assert reply.startswith("ok position="), reply
+            time.sleep(0.8)  # periodic checkpoints after the write, trusted by now
+            kv.command("CRASH")
+            assert kv.get("a") == "1"  # served again, restarted from a checkpoint
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(sock))
+            s.sendall(b"status\n")
+            assert b"restarts=1" in s.recv(1000)
+        run.send_signal(2)
+        _out, err = run.communicate(timeout=10)
+        assert b"1 faults, 1 restarts" in err, err
+        restore = subprocess.Popen(
+            [*vmft, "restore", str(tmp_path / "snap.vmck"), "--listen", f"127.0.0.1:{port2}"],
+            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        with KvClientSync([f"127.0.0.1:{port2}"], "cli2", timeout=5.0) as kv:
+            assert kv.get("a") == "1"
+        restore.send_signal(2)
+        _out, err = restore.communicate(timeout=10)
+        assert b"restored" in err, err
+    finally:
+        for proc in (run, restore):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_bench_checkpoint_smoke() -> None:
+    import argparse
+
+    import bench_checkpoint
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("name")
+    bench_checkpoint.add_arguments(parser)
+    args = parser.parse_args(["checkpoint", "--mem", "32", "--touched", "4", "--repeat", "1"])
+    figures = bench_checkpoint.run(args)
+    assert len(figures) == 8
+    for figure in figures:
+        assert figure.value > 0 and figure.reference > 0, figure
