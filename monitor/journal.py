@@ -26,6 +26,7 @@ class EventKind(enum.IntEnum):
     IRQ = 6  # an interrupt became pending (value = vector)
     OUTPUT = 7  # hash of an output (console bytes, network TX, exit code): checked on replay
     STATE_HASH = 8  # hash of guest memory and vCPU state
+    DISK_WRITE = 9  # outcome of a disk write (0 or an errno): the host's disk may fail one side only
 
 
 class OutputKind(enum.IntEnum):

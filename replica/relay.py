@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import random
 import socket
 import struct
 import sys
@@ -48,6 +49,7 @@ class RelayStats:
     refused: int = 0  # connections closed at once because the link was cut
     cuts: int = 0
     bytes_forwarded: int = 0
+    lost: int = 0  # segments "lost" (held for a retransmission timeout)
 
 
 class _Pipe:
@@ -66,7 +68,11 @@ class _Pipe:
                 data = await self.reader.read(_CHUNK)
                 if not data:
                     break
-                self.queue.put_nowait((time.monotonic() + self.relay._delay, data))
+                due = time.monotonic() + self.relay._delay
+                if self.relay._loss and self.relay._random.random() < self.relay._loss:
+                    due += self.relay._rto  # a lost segment: TCP resends it after a timeout; later ones wait
+                    self.relay.stats.lost += 1
+                self.queue.put_nowait((due, data))
         except (ConnectionError, OSError):
             pass
         finally:
@@ -99,6 +105,9 @@ class Relay:
         self.target = _split(target)
         self._listen = _split(listen)
         self._delay = 0.0
+        self._loss = 0.0
+        self._rto = 0.2
+        self._random = random.Random()
         self._cut = False
         self._silent = False
         self._flowing = asyncio.Event()  # set unless silently cut; used only on the relay's loop
@@ -179,6 +188,15 @@ class Relay:
         if seconds < 0:
             raise ValueError("a delay cannot be negative")
         self._delay = float(seconds)
+
+    def set_loss(self, fraction: float, rto_s: float = 0.2) -> None:
+        """Lose `fraction` of the segments read from now on. A TCP link cannot lose bytes, only time: a
+        lost segment arrives after a retransmission timeout (Linux's minimum RTO is 200 ms) and everything
+        behind it waits, which is what this does."""
+        if not 0 <= fraction <= 1 or rto_s < 0:
+            raise ValueError("loss is a fraction between 0 and 1, and the timeout is not negative")
+        self._loss = float(fraction)
+        self._rto = float(rto_s)
 
     @property
     def is_cut(self) -> bool:

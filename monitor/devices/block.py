@@ -7,11 +7,13 @@ guest state (raised directly, never logged).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from typing import Callable
 
 from monitor.devices.base import DeviceContext, check_buffer, complete, read_request, set_arg64
+from monitor.journal import EventKind, JournalMode
 from monitor.guest_abi import SECTOR_SIZE, BlockOp, Port, Status, Vector
 
 log = logging.getLogger(__name__)
@@ -88,20 +90,39 @@ class Block:
             complete(self._ctx, req, Status.EINVAL)
             return
         offset = req.arg64 * SECTOR_SIZE
-        try:
-            if op is BlockOp.READ:
+        if op is BlockOp.READ:
+            try:
                 self._ctx.memory.write(req.addr, os.pread(self._fd, req.len, offset))
+            except OSError as err:
+                log.error("block read at sector %d failed: %s", req.arg64, err)
+                complete(self._ctx, req, Status.EIO)
             else:
-                if self.fail_writes:
-                    raise OSError(5, "write failure injected")
-                if self._written:
-                    self._mark_written(offset, req.len)
-                os.pwrite(self._fd, self._ctx.memory.view(req.addr, req.len), offset)
-        except OSError as err:
-            log.error("block %s at sector %d failed: %s", op.name, req.arg64, err)
-            complete(self._ctx, req, Status.EIO)
+                complete(self._ctx, req, Status.OK, req.len)
         else:
-            complete(self._ctx, req, Status.OK, req.len)
+            fd, addr, length = self._fd, req.addr, req.len
+
+            def write() -> int:
+                if self.fail_writes:
+                    return errno.EIO
+                if self._written:
+                    self._mark_written(offset, length)
+                try:
+                    os.pwrite(fd, self._ctx.memory.view(addr, length), offset)
+                except OSError as err:
+                    log.error("block write at sector %d failed: %s", offset // SECTOR_SIZE, err)
+                    return err.errno or errno.EIO
+                return 0
+
+            # A write's outcome is an input: a host disk can fail on one side only. The backup applies
+            # the write itself when the primary's succeeded, and fails it when the primary's failed.
+            journal = self._ctx.journal
+            outcome = journal.value(EventKind.DISK_WRITE, write)
+            if journal.mode is JournalMode.REPLAY and outcome == 0 and write() != 0:
+                log.error("block write failed here but not on the primary: this disk now differs")
+            if outcome:
+                complete(self._ctx, req, Status.EIO)
+            else:
+                complete(self._ctx, req, Status.OK, req.len)
         self._ctx.interrupts.raise_irq(Vector.BLOCK)
 
     # ----- checkpoints: which parts of the disk the guest wrote --------------------------------
