@@ -168,6 +168,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         data_dir=Path(args.data_dir),
         heartbeat_interval_s=args.heartbeat_ms / 1000,
         failure_timeout_s=args.failure_timeout_ms / 1000,
+        checkpoint_every_s=args.checkpoint_every,
+        link_relay=args.link_relay,
     )
 
     async def main() -> None:
@@ -318,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--heartbeat-ms", type=float, default=5.0, help="heartbeat interval (default 5 ms)")
     node.add_argument(
         "--failure-timeout-ms", type=float, default=300.0, help="silence that means a dead peer"
+    )
+    node.add_argument(
+        "--checkpoint-every", type=float, default=2.0, metavar="S", help="primary checkpoints (default 2 s)"
+    )
+    node.add_argument(
+        "--link-relay",
+        action="store_true",
+        help="route replication links through a fault-injecting relay (for cut/delay/drop-link faults)",
     )
     node.set_defaults(func=cmd_node)
 

@@ -166,6 +166,17 @@ class Node:
         vm = self.vms.get(request.vm)
         if vm is None:
             raise KeyError(request.vm)
+        if kind in _LINK_FAULTS or kind == vmft_pb2.FAULT_HEAL:
+            return self._link_fault(vm, request)
+        if kind == vmft_pb2.FAULT_FAIL_DISK_WRITES:
+            if vm.machine is None or vm.machine.block.path is None:
+                raise ReplicationRefused(f"{vm.name} has no disk on this node")
+            block = vm.machine.block
+            block.fail_writes = True
+            asyncio.get_running_loop().call_later(
+                request.duration_s or 1.0, setattr, block, "fail_writes", False
+            )
+            return f"{vm.name}: disk writes fail for {request.duration_s or 1.0:.2f} s"
         command = _GUEST_FAULT_COMMANDS.get(kind)
         if command is not None:
             if vm.nic is None:
@@ -173,6 +184,39 @@ class Node:
             conn = vm.nic.inject(command)
             return f"sent {command.decode()} to {vm.name} on connection {conn}"
         raise ReplicationRefused(f"fault {vmft_pb2.FaultKind.Name(kind)} is not supported by this node")
+
+    def _link_fault(self, vm: ReplicatedVm, request: vmft_pb2.FaultRequest) -> str:
+        relay = getattr(vm, "relay", None)
+        if not isinstance(vm, PrimaryVm) or relay is None:
+            raise ReplicationRefused(
+                f"{vm.name} has no replication link through a relay on this node "
+                "(start the primary's node with --link-relay, and the VM must be protected)"
+            )
+        loop = asyncio.get_running_loop()
+        duration = request.duration_s or 1.0
+        kind = request.kind
+        if kind == vmft_pb2.FAULT_HEAL:
+            relay.heal()
+            relay.set_delay(0)
+            relay.set_loss(0)
+            if vm.machine is not None:
+                vm.machine.block.fail_writes = False
+            return f"{vm.name}: link healed, disk writes work"
+        if kind == vmft_pb2.FAULT_CUT_LINK:
+            relay.cut()
+            loop.call_later(duration, relay.heal)
+            return f"{vm.name}: replication link cut for {duration:.2f} s"
+        if kind == vmft_pb2.FAULT_DELAY_LINK:
+            relay.set_delay(request.delay_ms / 1000)
+            loop.call_later(duration, relay.set_delay, 0)
+            return (
+                f"{vm.name}: replication link delayed {request.delay_ms:.0f} ms each way for {duration:.2f} s"
+            )
+        relay.set_loss(request.fraction)
+        loop.call_later(duration, relay.set_loss, 0)
+        return (
+            f"{vm.name}: replication link loses {request.fraction:.0%} of its segments for {duration:.2f} s"
+        )
 
     async def stop_vm(self, name: str) -> vmft_pb2.VmStatus:
         vm = self.vms.get(name)
@@ -266,30 +310,63 @@ class Node:
                 await vm.stop()
                 return
             yield vm.ack()
+        # A reader task takes the primary's messages as they come and hands their batches to the replay;
+        # this generator sends one acknowledgement per group of messages read while the previous one was
+        # being written (under load, one per drained group; idle, one per message). A loop timer, not a
+        # task per message, notices a silent primary.
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        last_heard = time.monotonic()
+        ended = False  # the reader is done: `reason` says why ("" = the guest stopped on the primary)
+        timer: asyncio.TimerHandle | None = None
+
+        async def reader() -> None:
+            nonlocal last_heard, reason, ended
+            try:
+                async for message in requests:
+                    last_heard = time.monotonic()
+                    if vm.promoted or vm.result is not None:
+                        break
+                    if message.HasField("batch"):
+                        vm.on_batch(message.batch, message.ByteSize())
+                        if message.batch.ended:
+                            reason = ""  # the guest stopped on the primary; replay finishes by itself
+                            break
+                    wake.set()
+            except grpc.aio.AioRpcError as err:
+                reason = f"stream broken: {err.code().name}"
+            finally:
+                ended = True
+                wake.set()
+
+        def check_silence() -> None:
+            nonlocal reason, ended, timer
+            silent = time.monotonic() - last_heard
+            if silent > timeout:
+                reason = f"no word from the primary for {silent * 1000:.0f} ms"
+                ended = True
+                wake.set()
+            else:
+                timer = loop.call_later(timeout - silent + 0.001, check_silence)
+
+        reading = loop.create_task(reader())
+        timer = loop.call_later(timeout, check_silence)
         try:
             while True:
-                try:
-                    message = await asyncio.wait_for(anext(requests), timeout)
-                except StopAsyncIteration:
+                await wake.wait()
+                wake.clear()
+                if ended:
+                    if not reason:
+                        yield vm.ack()  # the last acknowledgement: the primary's final outputs go out
                     break
-                except TimeoutError:
-                    reason = f"no word from the primary for {timeout * 1000:.0f} ms"
-                    break
-                if vm.promoted or vm.result is not None:
-                    break
-                if message.HasField("batch"):
-                    vm.on_batch(message.batch, message.ByteSize())
-                    if message.batch.ended:
-                        reason = ""  # the guest stopped on the primary; replay finishes by itself
-                        yield vm.ack()
-                        return
                 yield vm.ack()
-        except grpc.aio.AioRpcError as err:
-            reason = f"stream broken: {err.code().name}"
         except asyncio.CancelledError:
-            reason = "the primary's connection dropped"
+            reason = reason or "the primary's connection dropped"
             raise
         finally:
+            if timer is not None:
+                timer.cancel()
+            reading.cancel()  # no batch is taken after this: the failover replays exactly what was acked
             # Detached: gRPC cancels this handler when the primary's connection dies, and a failover
             # cancelled between the arbiter's claim and going live would leave the VM neither.
             if reason:
@@ -301,6 +378,7 @@ class Node:
         task.add_done_callback(self._background.discard)
 
 
+_LINK_FAULTS = (vmft_pb2.FAULT_CUT_LINK, vmft_pb2.FAULT_DELAY_LINK, vmft_pb2.FAULT_DROP_LINK)
 _GUEST_FAULT_COMMANDS = {
     vmft_pb2.FAULT_CRASH_GUEST: b"CRASH",
     vmft_pb2.FAULT_PANIC_GUEST: b"PANIC",

@@ -19,7 +19,8 @@ from monitor.record import IteratorSource, RecordJournal, ReplayJournal, make_he
 from proto import vmft_pb2, vmft_pb2_grpc
 from replica.arbiter import Arbiter
 from replica.output_gate import OutputGate
-from replica.stream_sink import StreamSink
+from replica.relay import Relay
+from replica.stream_sink import StreamSink, merge_batches
 from replica.vm_common import (
     spawn,
     PROTOCOL_VERSION,
@@ -94,6 +95,7 @@ class PrimaryVm:
         self.times = FailoverTimes()
         self.reprotect_progress = 0.0
         self._checkpointer: Checkpointer | None = None
+        self.relay: Relay | None = None
         self._periodic: Checkpointer | None = None
         self._store: CheckpointStore | None = None
         self._checkpoint_lock = asyncio.Lock()
@@ -161,7 +163,14 @@ class PrimaryVm:
             spawn(self._tasks, self._replicate(), "_replicate")
 
     async def _connect(self, header: vmft_pb2.LogHeader, checkpoint_follows: bool = False) -> None:
-        self._channel = grpc.aio.insecure_channel(self.backup_node)
+        target = self.backup_node
+        if self.settings.link_relay:
+            # A real link in the path that fault injection can cut, slow or make lossy.
+            if self.relay is not None:
+                self.relay.close()
+            self.relay = Relay(self.backup_node).start()
+            target = self.relay.address
+        self._channel = grpc.aio.insecure_channel(target)
         stub = vmft_pb2_grpc.ReplicationStub(self._channel)
         self._call = stub.Stream()
         hello = vmft_pb2.Hello(
@@ -282,12 +291,14 @@ class PrimaryVm:
             while True:
                 batches = await self.sink.take(self.settings.heartbeat_interval_s)
                 if batches:
-                    for batch in batches:
-                        message = vmft_pb2.PrimaryMessage(batch=batch)
-                        await call.write(message)
-                        self.meter.add(message.ByteSize())
-                        if batch.ended:
-                            return
+                    # One message for everything queued while the previous write was in flight: the
+                    # stream's cost is per message, and the backup acknowledges per message group.
+                    batch = merge_batches(batches)
+                    message = vmft_pb2.PrimaryMessage(batch=batch)
+                    await call.write(message)
+                    self.meter.add(message.ByteSize())
+                    if batch.ended:
+                        return
                 else:
                     await call.write(
                         vmft_pb2.PrimaryMessage(heartbeat=vmft_pb2.Heartbeat(position=self.machine.position))
@@ -516,16 +527,19 @@ class PrimaryVm:
         )
 
     async def stop(self) -> None:
+        if self.nic is not None:  # first: clients learn at once to try the other address
+            await self.nic.close()
+            self.nic = None
         if self.machine is not None:
             self.machine.stop()
             try:
                 await asyncio.wait_for(self.machine.wait(), 5)
             except TimeoutError:
                 log.error("%s: the vCPU did not stop within 5 s", self.name)
-        if self.nic is not None:
-            await self.nic.close()
-            self.nic = None
         await self._close_channel()
+        if self.relay is not None:
+            self.relay.close()
+            self.relay = None
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current:

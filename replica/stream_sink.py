@@ -23,6 +23,7 @@ class StreamSink:
         self._pending: collections.deque[vmft_pb2.EventBatch] = collections.deque()
         self._cond = threading.Condition()
         self._ready = asyncio.Event()
+        self._signalled = False  # a wake-up of the loop is on its way (set and cleared under _cond)
         self._max_pending = max_pending
         self.discard = False
         self.throttled = 0  # times the vCPU had to wait for the stream
@@ -45,6 +46,9 @@ class StreamSink:
                 log.warning("replication backlog of %d batches: throttling the vCPU", len(self._pending))
                 while len(self._pending) > self._max_pending // 2 and not self.discard:
                     self._cond.wait(0.1)
+            if self._signalled:
+                return  # the loop has not taken the queue yet: it will find this batch with the others
+            self._signalled = True
         self._loop.call_soon_threadsafe(self._ready.set)
 
     def close(self) -> None:
@@ -58,15 +62,49 @@ class StreamSink:
             self._cond.notify_all()
 
     async def take(self, wait_s: float) -> list[vmft_pb2.EventBatch]:
-        """Event loop: the queued batches, waiting up to `wait_s` for at least one."""
+        """Event loop: the queued batches, waiting up to `wait_s` for at least one (a loop timer bounds
+        the wait: no task per call, as asyncio.wait_for would make)."""
         if not self._pending:
+            timer = self._loop.call_later(wait_s, self._ready.set)
             try:
-                await asyncio.wait_for(self._ready.wait(), wait_s)
-            except TimeoutError:
-                return []
+                await self._ready.wait()
+            finally:
+                timer.cancel()
         self._ready.clear()
         with self._cond:
             batches = list(self._pending)
             self._pending.clear()
+            self._signalled = False
             self._cond.notify_all()
         return batches
+
+
+def merge_batches(batches: list[vmft_pb2.EventBatch]) -> vmft_pb2.EventBatch:
+    """One batch carrying the events of `batches` (consecutive, in order), the highest horizon and the
+    end marker of the last: one stream message, and one acknowledgement, for a whole drained queue."""
+    if len(batches) == 1:
+        return batches[0]
+    out = vmft_pb2.EventBatch()
+    last = 0  # position of the last event in `out`
+    started = False
+    for batch in batches:
+        deltas = batch.position_deltas
+        if deltas:
+            if not started:
+                out.first_position = batch.first_position
+                out.position_deltas.extend(deltas)
+                started = True
+            else:
+                out.position_deltas.append(batch.first_position + deltas[0] - last)
+                out.position_deltas.extend(deltas[1:])
+            last = batch.first_position + sum(deltas)
+            out.rips.extend(batch.rips)
+            out.kinds.extend(batch.kinds)
+            out.values.extend(batch.values)
+            out.data.extend(batch.data)
+        out.horizon = max(out.horizon, batch.horizon)
+        if batch.ended:
+            out.ended = True
+            out.end_position = batch.end_position
+            out.end_reason = batch.end_reason
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import time
@@ -28,6 +29,7 @@ class NodeSettings:
     connect_timeout_s: float = 5.0
     hash_every: int = 20000
     checkpoint_every_s: float = 2.0  # the primary's periodic checkpoints (restart after a guest fault)
+    link_relay: bool = False  # route each replication link through a fault-injecting relay (cut/delay/drop)
 
 
 class ReplicationRefused(Exception):
@@ -86,19 +88,25 @@ class FailoverTimes:
 
 @dataclass
 class Meter:
-    """Bytes per second over a sliding second."""
+    """Bytes per second over a sliding second (a deque and a running total: O(1) per message)."""
 
-    samples: list[tuple[float, int]] = field(default_factory=list)
+    samples: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
+    total: int = 0
 
     def add(self, nbytes: int) -> None:
         now = time.monotonic()
         self.samples.append((now, nbytes))
-        while self.samples and self.samples[0][0] < now - 1.0:
-            self.samples.pop(0)
+        self.total += nbytes
+        self._expire(now)
+
+    def _expire(self, now: float) -> None:
+        samples = self.samples
+        while samples and samples[0][0] < now - 1.0:
+            self.total -= samples.popleft()[1]
 
     def rate(self) -> float:
-        now = time.monotonic()
-        return float(sum(n for t, n in self.samples if t >= now - 1.0))
+        self._expire(time.monotonic())
+        return float(self.total)
 
 
 def spawn(tasks: list[asyncio.Task[None]], coro: Coroutine[Any, Any, None], what: str) -> None:
