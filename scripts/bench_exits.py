@@ -22,8 +22,8 @@ _IO = struct.Struct("<BBHIQ")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--exits", type=int, default=15000, help="NOP exits per run (default 15000)")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    parser.add_argument("--exits", type=int, default=5000, help="NOP exits per run (default 5000)")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare Python KVM_RUN loop")
 
 

@@ -33,8 +33,8 @@ IDLE_TARGET_MBIT = 0.1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--exits", type=int, default=15000, help="exitloop exits per run (default 15000)")
-    parser.add_argument("--exit-rounds", type=int, default=5, help="exitloop rounds (default 5)")
+    parser.add_argument("--exits", type=int, default=5000, help="exitloop exits per run (default 5000)")
+    parser.add_argument("--exit-rounds", type=int, default=11, help="exitloop rounds (default 11)")
     bench_kv.add_load_arguments(parser)
     parser.add_argument("--kv-rounds", type=int, default=3, help="kv rounds, on and off (default 3)")
     parser.add_argument("--idle-seconds", type=float, default=5.0, help="idle kv guest time (default 5)")
