@@ -290,6 +290,44 @@ def cmd_fault(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from replica.chaos import run_campaign
+    from replica.faults import Fault
+
+    faults = [Fault(name) for name in args.faults.split(",")] if args.faults else None
+    workdir = Path(tempfile.mkdtemp(prefix="vmft-chaos."))
+    started = time.monotonic()
+
+    def progress(line: str) -> None:
+        print(f"chaos {time.monotonic() - started:6.1f}s {line}", flush=True)
+
+    print(f"chaos: work directory {workdir}, report into {args.out}", flush=True)
+    report = asyncio.run(
+        run_campaign(
+            workdir,
+            args.image,
+            args.out,
+            progress,
+            faults=faults,
+            count=args.count,
+            seed=args.seed,
+            clients=args.clients,
+            settle_s=args.settle,
+        )
+    )
+    print(report.table())
+    print(
+        f"chaos: {len(report.faults)} faults in {report.seconds:.0f} s, {report.operations} operations, "
+        f"{report.acknowledged_writes} acknowledged writes checked: verdict {report.verdict}"
+    )
+    for violation in report.violations[:20]:
+        print(f"chaos: VIOLATION {violation}")
+    print(f"chaos: wrote {args.out}/report.json, report.txt and timeline.png")
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmft", description="fault-tolerant virtual machines on Linux KVM")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -373,6 +411,16 @@ def build_parser() -> argparse.ArgumentParser:
     fault.add_argument("--delay-ms", type=float, default=20.0, help="delay-link: added delay each way")
     fault.add_argument("--fraction", type=float, default=0.1, help="drop-link: fraction of segments lost")
     fault.set_defaults(func=cmd_fault)
+
+    chaos = sub.add_parser("chaos", help="a fault campaign against a protected kv VM, with a report")
+    chaos.add_argument("--image", default="guests/build/kv.elf", help="the kv guest image")
+    chaos.add_argument("--faults", help="comma-separated faults in order (default: random)")
+    chaos.add_argument("--count", type=int, default=10, help="random faults to inject (default 10)")
+    chaos.add_argument("--seed", type=int, default=0, help="seed for the random faults and the load")
+    chaos.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
+    chaos.add_argument("--settle", type=float, default=0.3, metavar="S", help="load between faults")
+    chaos.add_argument("--out", default="chaos-report", metavar="DIR", help="where the report goes")
+    chaos.set_defaults(func=cmd_chaos)
 
     kv = sub.add_parser("kv", help="talk to a kv guest")
     kv.add_argument("address", help="HOST:PORT of the service (comma-separated: primary's, backup's)")

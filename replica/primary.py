@@ -341,6 +341,7 @@ class PrimaryVm:
             await self._close_channel()
             return
         self.protected = False
+        self.times.suspect()
         log.warning("%s: lost the backup (%s); asking the arbiter to stay primary", self.name, reason)
         await self._close_channel()
         next_generation = self.generation + 1
@@ -349,6 +350,7 @@ class PrimaryVm:
             self.generation = next_generation
             self.sink.drop_all()
             self.gate.release_unprotected()
+            self.times.serving()
             self.state = "running unprotected"
             self.message = f"backup lost ({reason}); primary alone in generation {next_generation}"
             log.warning("%s: %s", self.name, self.message)
@@ -421,6 +423,7 @@ class PrimaryVm:
         old_machine, old_nic = self.machine, self.nic
         assert old_machine is not None
         self.state = "restarting"
+        self.times.suspect()
         started = time.monotonic()
         path = self._store.latest()
         if path is None:
@@ -489,6 +492,7 @@ class PrimaryVm:
         self._checkpointer = None
         await self.nic.start()
         machine.start()
+        self.times.serving()
         self.protected = False
         self.faults_recovered += 1
         self.state = "running unprotected"

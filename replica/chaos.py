@@ -1,0 +1,354 @@
+"""Fault campaigns: a client workload against a protected kv VM on a local cluster of real node processes,
+a sequence of faults (chosen, or random with a seed), recovery and re-protection after each, the history
+checker's verdict, and the recovery times as a client sees them.
+
+For each fault it measures: detection (fault injected -> the surviving primary suspected it), failover
+(suspected -> serving again), recovery (the longest gap a client saw between two successful replies
+around the fault), and re-protection (repair started -> a new backup replaying). It also watches that
+never two nodes serve the VM as primary at the same moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from proto import vmft_pb2
+from replica.cluster import ClusterError, LocalCluster, NodeProcess, ProtectedVm
+from replica.faults import Fault, FaultError, inject
+from replica.workload import Verdict, Workload, percentile
+
+# Faults a campaign draws from (HEAL is a repair, not a fault).
+CAMPAIGN_FAULTS = [f for f in Fault if f is not Fault.HEAL]
+# Faults after which the pair needs a new backup.
+_BREAKS_PROTECTION = {
+    Fault.KILL_PRIMARY,
+    Fault.KILL_BACKUP,
+    Fault.STOP_PRIMARY,
+    Fault.STOP_BACKUP,
+    Fault.CRASH,
+    Fault.PANIC,
+    Fault.HANG,
+    Fault.SCRIBBLE,
+    Fault.CUT_LINK,
+}
+
+
+@dataclass
+class FaultOutcome:
+    index: int
+    fault: str
+    injected_at: float  # seconds since the campaign started
+    detection_ms: float | None = None
+    failover_ms: float | None = None
+    recovery_ms: float | None = None
+    reprotect_ms: float | None = None
+    max_primaries: int = 0
+    detail: str = ""
+    error: str = ""
+
+
+@dataclass
+class CampaignReport:
+    seed: int
+    faults: list[FaultOutcome]
+    verdict: str
+    violations: list[str]
+    operations: int
+    acknowledged_writes: int
+    seconds: float
+    latency_samples: list[tuple[float, float]] = field(default_factory=list)  # (t since start, ms)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations and not any(f.error for f in self.faults)
+
+    def table(self) -> str:
+        """p50/p95/p99/max per fault kind for each measured time, in ms."""
+        lines = [
+            f"{'fault':14} {'n':>3}  {'recovery p50/p95/p99/max':>28}  {'detection p50/max':>18}  "
+            f"{'failover p50/max':>17}  {'reprotect p50/max':>18}"
+        ]
+        kinds = sorted({f.fault for f in self.faults})
+        for kind in kinds:
+            rows = [f for f in self.faults if f.fault == kind]
+
+            def stat(values: list[float | None], quantiles: tuple[float, ...]) -> str:
+                present = [v for v in values if v is not None]
+                if not present:
+                    return "-"
+                return "/".join(
+                    f"{max(present) if q == 1.0 else percentile(present, q):.0f}" for q in quantiles
+                )
+
+            lines.append(
+                f"{kind:14} {len(rows):>3}  "
+                f"{stat([r.recovery_ms for r in rows], (0.5, 0.95, 0.99, 1.0)):>28}  "
+                f"{stat([r.detection_ms for r in rows], (0.5, 1.0)):>18}  "
+                f"{stat([r.failover_ms for r in rows], (0.5, 1.0)):>17}  "
+                f"{stat([r.reprotect_ms for r in rows], (0.5, 1.0)):>18}"
+            )
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.pop("latency_samples")
+        data["ok"] = self.ok
+        return json.dumps(data, indent=2)
+
+    def plot(self, path: str | Path) -> None:
+        """A timeline of client latency with the faults marked (PNG)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(12, 4.5), dpi=100)
+        if self.latency_samples:
+            xs, ys = zip(*self.latency_samples, strict=True)
+            ax.scatter(xs, ys, s=2, alpha=0.4, color="tab:blue", label="client request latency")
+        ax.set_yscale("log")
+        colours = matplotlib.colormaps["tab10"]
+        kinds = sorted({f.fault for f in self.faults})
+        for outcome in self.faults:
+            colour = colours(kinds.index(outcome.fault) % 10)
+            ax.axvline(outcome.injected_at, color=colour, alpha=0.7, linewidth=1)
+        for i, kind in enumerate(kinds):
+            ax.plot([], [], color=colours(i % 10), label=kind)
+        ax.set_xlabel("seconds since the campaign started")
+        ax.set_ylabel("latency (ms)")
+        ax.set_title(f"vmft fault campaign: {len(self.faults)} faults, verdict {self.verdict}")
+        ax.legend(loc="upper right", fontsize="small", ncol=2, markerscale=4)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+class PairController:
+    """Knows the protected VM on a LocalCluster of two nodes: who is primary, how to repair after a fault
+    (restart a killed node, wait for a stopped one, heal a link) and how to re-protect the pair."""
+
+    def __init__(self, cluster: LocalCluster, vm: ProtectedVm, nodes: list[NodeProcess]) -> None:
+        self.cluster = cluster
+        self.vm = vm
+        self.nodes = nodes
+
+    def statuses(self, timeout: float = 0.5) -> dict[str, vmft_pb2.VmStatus]:
+        out: dict[str, vmft_pb2.VmStatus] = {}
+        for node in self.nodes:
+            if not node.alive():
+                continue
+            try:
+                status = self.cluster.vm_status(node, self.vm.name, timeout=timeout)
+            except Exception:  # a stopped (SIGSTOP) or dying node does not answer
+                continue
+            if status is not None:
+                out[node.name] = status
+        return out
+
+    def serving_primaries(self) -> list[str]:
+        return [
+            name
+            for name, status in self.statuses().items()
+            if status.role == vmft_pb2.ROLE_PRIMARY and status.state.startswith("running")
+        ]
+
+    def node(self, name: str) -> NodeProcess:
+        return next(n for n in self.nodes if n.name == name)
+
+    def protected(self) -> bool:
+        statuses = self.statuses()
+        return any(s.role == vmft_pb2.ROLE_PRIMARY and s.protected for s in statuses.values()) and any(
+            s.role == vmft_pb2.ROLE_BACKUP and s.state == "replaying" for s in statuses.values()
+        )
+
+    def repair(self, timeout: float = 30.0) -> float:
+        """Bring the pair back to protected; returns the seconds it took."""
+        started = time.monotonic()
+        deadline = started + timeout
+        for node in self.nodes:
+            if not node.alive():
+                self.cluster.start_node(node)
+        while time.monotonic() < deadline:
+            if self.protected():
+                return time.monotonic() - started
+            primaries = self.serving_primaries()
+            statuses = self.statuses()
+            if len(primaries) == 1 and len(statuses) == len(self.nodes):
+                primary = self.node(primaries[0])
+                other = next(n for n in self.nodes if n is not primary)
+                status = statuses[primary.name]
+                other_status = statuses.get(other.name)
+                backup_busy = other_status is not None and other_status.state in ("replaying", "promoting")
+                if not status.protected and status.state == "running unprotected" and not backup_busy:
+                    try:
+                        self.cluster.reprotect(self.vm, primary, other)
+                    except ClusterError:
+                        time.sleep(0.05)  # e.g. the old backup still winding down: try again
+                    continue
+            time.sleep(0.02)
+        raise ClusterError(f"the pair was not protected again within {timeout} s: {self.statuses()}")
+
+
+class Campaign:
+    def __init__(
+        self,
+        workdir: str | Path,
+        image: str | Path,
+        faults: list[Fault] | None = None,
+        count: int = 10,
+        seed: int = 0,
+        clients: int = 4,
+        settle_s: float = 0.3,
+        fault_duration_s: float = 0.5,
+        recovery_timeout_s: float = 20.0,
+        failure_timeout_ms: float = 300.0,
+        hang_timeout_s: float = 0.5,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.image = Path(image)
+        rng = random.Random(seed)
+        self.plan = list(faults) if faults else [rng.choice(CAMPAIGN_FAULTS) for _ in range(count)]
+        self.seed = seed
+        self.clients = clients
+        self.settle_s = settle_s
+        self.fault_duration_s = fault_duration_s
+        self.recovery_timeout_s = recovery_timeout_s
+        self.failure_timeout_ms = failure_timeout_ms
+        self.hang_timeout_s = hang_timeout_s
+
+    async def run(self, progress: Callable[[str], None] = lambda line: None) -> CampaignReport:
+        started = time.monotonic()
+        with LocalCluster(self.workdir, failure_timeout_ms=self.failure_timeout_ms) as cluster:
+            nodes = [cluster.add_node(["--link-relay"]) for _ in range(2)]
+            disk = self.workdir / "kv.disk"
+            await asyncio.to_thread(make_disk, disk, 16 << 20)
+            vm = cluster.protect(
+                self.image, nodes[0], nodes[1], disk=disk, hang_timeout_s=self.hang_timeout_s
+            )
+            controller = PairController(cluster, vm, nodes)
+            cluster.wait_for(nodes[1], vm.name, "backup")
+            workload = Workload(cluster.service_addresses(vm.name), clients=self.clients, seed=self.seed)
+            load = asyncio.create_task(workload.run())
+            outcomes: list[FaultOutcome] = []
+            try:
+                for index, fault in enumerate(self.plan):
+                    await asyncio.sleep(self.settle_s)
+                    outcome = await self._one(index, fault, controller, workload, started)
+                    outcomes.append(outcome)
+                    progress(_describe(outcome, len(self.plan)))
+                    if outcome.error:
+                        break
+            finally:
+                await asyncio.sleep(self.settle_s)
+                workload.stop()
+                await load
+            verdict: Verdict = await workload.verify_final()  # while the cluster still serves
+        violations = [f"client {v.client} {v.kind}: {v.detail}" for v in verdict.violations]
+        for outcome in outcomes:
+            if outcome.max_primaries > 1:
+                violations.append(
+                    f"fault {outcome.index} ({outcome.fault}): {outcome.max_primaries} primaries serving"
+                )
+        samples = [(op.start - started, (op.end - op.start) * 1000) for op in workload.history if op.ok]
+        return CampaignReport(
+            seed=self.seed,
+            faults=outcomes,
+            verdict="ok" if not violations else "VIOLATIONS",
+            violations=violations,
+            operations=verdict.ops,
+            acknowledged_writes=verdict.acknowledged_writes,
+            seconds=time.monotonic() - started,
+            latency_samples=samples,
+        )
+
+    async def _one(
+        self, index: int, fault: Fault, controller: PairController, workload: Workload, started: float
+    ) -> FaultOutcome:
+        nodes = [n.name for n in controller.nodes]
+        injected_at = time.monotonic()
+        injected_wall = time.time()
+        outcome = FaultOutcome(index, fault.value, injected_at - started)
+        try:
+            reply = await asyncio.to_thread(
+                inject, nodes, controller.vm.name, fault, self.fault_duration_s, 30.0, 0.2
+            )
+            outcome.detail = reply.detail
+        except FaultError as err:
+            outcome.error = str(err)
+            return outcome
+        # Watch until a primary serves again and the clients got through, counting serving primaries.
+        deadline = injected_at + self.recovery_timeout_s
+        effect_window = self.fault_duration_s + self.hang_timeout_s + self.failure_timeout_ms / 1000 + 0.3
+        while time.monotonic() < deadline:
+            primaries = await asyncio.to_thread(controller.serving_primaries)
+            outcome.max_primaries = max(outcome.max_primaries, len(primaries))
+            if time.monotonic() - injected_at > effect_window and primaries:
+                recent = [op for op in workload.history[-50:] if op.ok and op.end > time.monotonic() - 0.2]
+                if recent:
+                    break
+            await asyncio.sleep(0.02)
+        else:
+            outcome.error = f"no recovery within {self.recovery_timeout_s} s"
+            return outcome
+        gaps = workload.recovery_after(injected_at, window_s=time.monotonic() - injected_at)
+        outcome.recovery_ms = max(gaps) * 1000 if gaps else None
+        statuses = await asyncio.to_thread(controller.statuses)
+        for status in statuses.values():
+            if status.role == vmft_pb2.ROLE_PRIMARY and status.suspected_at >= injected_wall:
+                outcome.detection_ms = (status.suspected_at - injected_wall) * 1000
+                if status.serving_at >= status.suspected_at:
+                    outcome.failover_ms = (status.serving_at - status.suspected_at) * 1000
+        if fault in _BREAKS_PROTECTION or not await asyncio.to_thread(controller.protected):
+            try:
+                seconds = await asyncio.to_thread(controller.repair)
+                outcome.reprotect_ms = seconds * 1000
+            except ClusterError as err:
+                outcome.error = str(err)
+        return outcome
+
+
+def make_disk(path: Path, size: int) -> None:
+    """An empty (sparse) disk image for the kv guest's write log."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def _describe(outcome: FaultOutcome, total: int) -> str:
+    def ms(value: float | None) -> str:
+        return f"{value:.0f} ms" if value is not None else "-"
+
+    text = (
+        f"[{outcome.index + 1}/{total}] {outcome.fault:12} recovery {ms(outcome.recovery_ms)}, "
+        f"detection {ms(outcome.detection_ms)}, failover {ms(outcome.failover_ms)}, "
+        f"re-protection {ms(outcome.reprotect_ms)}"
+    )
+    if outcome.error:
+        text += f" ERROR: {outcome.error}"
+    return text
+
+
+async def run_campaign(
+    workdir: str | Path,
+    image: str | Path,
+    out_dir: str | Path,
+    progress: Callable[[str], None],
+    **options: object,
+) -> CampaignReport:
+    """Run a campaign and write report.json, report.txt and timeline.png into `out_dir`."""
+    campaign = Campaign(workdir, image, **options)  # type: ignore[arg-type]
+    report = await campaign.run(progress)
+    await asyncio.to_thread(write_report, report, Path(out_dir))
+    return report
+
+
+def write_report(report: CampaignReport, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(report.to_json())
+    (out / "report.txt").write_text(report.table() + "\n")
+    report.plot(out / "timeline.png")
