@@ -113,13 +113,13 @@ class CampaignReport:
             xs, ys = zip(*self.latency_samples, strict=True)
             ax.scatter(xs, ys, s=2, alpha=0.4, color="tab:blue", label="client request latency")
         ax.set_yscale("log")
-        colours = matplotlib.colormaps["tab10"]
+        colours = matplotlib.colormaps["tab20"]
         kinds = sorted({f.fault for f in self.faults})
         for outcome in self.faults:
-            colour = colours(kinds.index(outcome.fault) % 10)
+            colour = colours(kinds.index(outcome.fault) % 20)
             ax.axvline(outcome.injected_at, color=colour, alpha=0.7, linewidth=1)
         for i, kind in enumerate(kinds):
-            ax.plot([], [], color=colours(i % 10), label=kind)
+            ax.plot([], [], color=colours(i % 20), label=kind)
         ax.set_xlabel("seconds since the campaign started")
         ax.set_ylabel("latency (ms)")
         ax.set_title(f"vmft fault campaign: {len(self.faults)} faults, verdict {self.verdict}")

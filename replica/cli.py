@@ -170,6 +170,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         failure_timeout_s=args.failure_timeout_ms / 1000,
         checkpoint_every_s=args.checkpoint_every,
         link_relay=args.link_relay,
+        unsafe_release_outputs=args.unsafe_release_outputs,
     )
 
     async def main() -> None:
@@ -366,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--link-relay",
         action="store_true",
         help="route replication links through a fault-injecting relay (for cut/delay/drop-link faults)",
+    )
+    node.add_argument(
+        "--unsafe-release-outputs",
+        action="store_true",
+        help="BROKEN ON PURPOSE (tests): release outputs without the backup's acknowledgement",
     )
     node.set_defaults(func=cmd_node)
 

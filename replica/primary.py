@@ -144,6 +144,9 @@ class PrimaryVm:
         self.journal = journal
         self.gate = OutputGate(machine.deliver)
         machine.output_handler = self.gate.hold
+        if self.settings.unsafe_release_outputs:
+            log.error("%s: UNSAFE: outputs are released without the backup's acknowledgement", self.name)
+            self.gate.unprotected = True
         machine.load()
         header = make_header(image, machine.memory.size, hash_every=self.settings.hash_every)
         if self.backup_node:
