@@ -21,7 +21,7 @@ async def _client(
     host: str, port: int, tag: str, deadline: float, latencies: list[float] | None, counts: list[int]
 ) -> None:
     reader, writer = await asyncio.open_connection(host, port)
-    seq = 0
+    seq = time.time_ns() // 1000  # request ids keep increasing even when a tag is used again
     sent = 0
     try:
         while time.perf_counter() < deadline:

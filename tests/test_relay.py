@@ -82,12 +82,14 @@ def test_relay_cut_resets_and_refuses_then_heals(echo: str) -> None:
             if not sock.recv(10):
                 raise ConnectionResetError("EOF")
         sock.close()
-        refused = _connect(relay.address)  # the relay accepts, then resets at once
-        refused.settimeout(2)
         with pytest.raises(OSError):
-            if not refused.recv(10):
-                raise ConnectionResetError("EOF")
-        refused.close()
+            refused = _connect(relay.address)  # the relay accepts, then resets at once
+            try:
+                refused.settimeout(2)
+                if not refused.recv(10):
+                    raise ConnectionResetError("EOF")
+            finally:
+                refused.close()
         assert relay.stats.refused >= 1
         relay.heal()
         with _connect(relay.address) as again:
