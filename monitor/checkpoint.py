@@ -961,6 +961,7 @@ class _Loader:
         if size != chunk.raw_len:
             raise CheckpointError(f"{what}: {chunk.describe()} holds {size} bytes")
         view = self.mem[chunk.offset : chunk.offset + chunk.raw_len]
+        self.machine.memory.mark_dirty(chunk.offset, chunk.raw_len)  # a monitor write: hashes and logs see it
         got = 0
         try:
             with dctx.stream_reader(frame) as reader:

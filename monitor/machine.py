@@ -140,6 +140,7 @@ class Machine:
         self.vcpu.set_cpuid(cpuid.kvm_entries())
         self.vcpu.enable_sync_regs()
         self.dirty = DirtyTracker(self.vm, MEMORY_SLOT, self.memory)
+        self.hasher: StateHasher | None = StateHasher(self.memory, self.dirty)  # memory is all zero here
 
         self.position = 0
         self.irq = InterruptState()
@@ -192,7 +193,6 @@ class Machine:
         self._blocked = False  # in a WAIT: not making exits, but not hung either
         self._hung = False
         self.sync_exits_at_last_check = 0
-        self.hasher: StateHasher | None = None
         self.exits_async = 0
         self.started_at = 0.0
         # The vCPU stopped after re-entering KVM_RUN past its last synchronous exit (hung, or stopped while
@@ -506,8 +506,7 @@ class Machine:
         return out
 
     def state_digest(self) -> bytes:
-        if self.hasher is None:
-            self.hasher = StateHasher(self.memory, self.dirty)
+        assert self.hasher is not None
         regs = self.vcpu.get_regs()
         sregs = self.vcpu.get_sregs()
         return self.hasher.digest(bytes(regs) + bytes(sregs))
@@ -612,7 +611,6 @@ class Machine:
         self.vm.close()
         if self._own_kvm:
             self.kvm.close()
-
 
     # ----- checkpoints ----------------------------------------------------------------------
     # monitor/checkpoint.py takes and restores checkpoints through these; they touch no file.

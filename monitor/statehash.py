@@ -14,12 +14,18 @@ from monitor.memory import PAGE_SIZE, GuestMemory
 _CONSUMER = "statehash"
 
 
+_ZERO_PAGE_HASH = hashlib.blake2b(bytes(PAGE_SIZE), digest_size=8).digest()
+
+
 class StateHasher:
+    """Create it while guest memory is still all zero (a new machine): every page starts with the zero
+    page's hash and only pages written since are hashed, so even the first digest is cheap."""
+
     def __init__(self, memory: GuestMemory, dirty: DirtyTracker) -> None:
         self._memory = memory
         self._dirty = dirty
-        self._page_hashes = bytearray(8 * (memory.size // PAGE_SIZE))
-        dirty.register(_CONSUMER)
+        self._page_hashes = bytearray(_ZERO_PAGE_HASH * (memory.size // PAGE_SIZE))
+        dirty.register(_CONSUMER, all_dirty=False)
 
     def digest(self, cpu_state: bytes) -> bytes:
         mem = self._memory.buffer()

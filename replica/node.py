@@ -253,6 +253,17 @@ class Node:
             return
         hello = first.hello
         refusal = self._refusal(hello)
+        stale = self.vms.get(hello.spec.name)
+        if refusal is None and stale is not None and stale.result is None:
+            # A machine of an older generation of this VM still runs here (a backup that has not yet
+            # noticed its primary is gone): it is stale; stop it before starting the new backup.
+            log.warning(
+                "%s: stopping generation %d here for generation %d",
+                stale.name,
+                stale.generation,
+                hello.generation,
+            )
+            await stale.stop()
         vm: BackupVm | None = None
         if refusal is None:
             try:

@@ -113,7 +113,7 @@ class Workload:
             timeout=self.attempt_timeout_s,
             total_timeout=self.op_timeout_s,
             backoff_initial=0.002,
-            backoff_max=0.05,
+            backoff_max=0.01,
         )
 
     def _key(self, client: int, name: str) -> str:
