@@ -41,16 +41,21 @@ log = logging.getLogger(__name__)
 _GUEST_FAULTS = (StopReason.CRASHED, StopReason.PANICKED, StopReason.HUNG)
 
 
-def _truncated(batch: vmft_pb2.EventBatch, last: int) -> vmft_pb2.EventBatch:
-    """The part of `batch` at positions <= last, as an open batch (no end marker)."""
+def _window(batch: vmft_pb2.EventBatch, after: int, last: int) -> vmft_pb2.EventBatch:
+    """The events of `batch` at positions in (after, last], as an open batch (no end marker)."""
     positions = list(itertools.accumulate(batch.position_deltas, initial=batch.first_position))[1:]
-    keep = sum(1 for position in positions if position <= last)
-    out = vmft_pb2.EventBatch(horizon=min(batch.horizon, last), first_position=batch.first_position)
-    out.position_deltas.extend(batch.position_deltas[:keep])
-    out.rips.extend(batch.rips[:keep])
-    out.kinds.extend(batch.kinds[:keep])
-    out.values.extend(batch.values[:keep])
-    out.data.extend(batch.data[:keep])
+    keep = [i for i, position in enumerate(positions) if after < position <= last]
+    out = vmft_pb2.EventBatch(horizon=min(batch.horizon, last))
+    if keep:
+        first, end = keep[0], keep[-1] + 1
+        out.first_position = positions[first]
+        out.position_deltas.extend(
+            [0, *(b - a for a, b in zip(positions[first : end - 1], positions[first + 1 : end]))]
+        )
+        out.rips.extend(batch.rips[first:end])
+        out.kinds.extend(batch.kinds[first:end])
+        out.values.extend(batch.values[first:end])
+        out.data.extend(batch.data[first:end])
     return out
 
 
@@ -394,22 +399,27 @@ class PrimaryVm:
                 log.error("%s: periodic checkpoint failed: %s", self.name, err)
 
     async def _checkpoint(self) -> None:
-        """A periodic checkpoint into the node's data directory; the log kept for a restart starts anew
-        at its position (so both stay bounded)."""
+        """A periodic checkpoint into the node's data directory. Once it is saved, the log kept for a
+        restart drops what the checkpoint covers (so both stay bounded)."""
         assert self.machine is not None and self.journal is not None and self.sink is not None
-        journal, sink = self.journal, self.sink
+        machine, journal, sink = self.machine, self.journal, self.sink
         if self._store is None:
             self._store = CheckpointStore(self.settings.data_dir / "checkpoints" / self.name)
-            self._periodic = Checkpointer(self.machine, name="periodic")
+            self._periodic = Checkpointer(machine, name="periodic")
         assert self._periodic is not None
         store, checkpointer = self._store, self._periodic
 
-        def on_paused(position: int) -> None:
-            journal.flush(position)
-            sink.retained = []
-
         async with self._checkpoint_lock:
-            await asyncio.to_thread(store.save, checkpointer, on_paused)
+            if machine.result is not None:
+                return
+            stats = await asyncio.to_thread(
+                store.save, checkpointer, lambda position: journal.flush(position)
+            )
+            if machine.result is not None:
+                # The guest faulted while this checkpoint was being taken: it may hold the faulted state.
+                store.mark_bad(stats.checkpoint_id)
+                return
+            sink.retained = [batch for batch in sink.retained if batch.horizon > stats.position]
 
     async def _restart_from_checkpoint(self, fault: MachineResult) -> None:
         """The guest crashed, panicked or hung. Replaying into a deterministic fault is pointless, so:
@@ -428,9 +438,16 @@ class PrimaryVm:
         self.state = "restarting"
         self.times.suspect()
         started = time.monotonic()
-        path = self._store.latest()
-        if path is None:
+        # Close the service now: clients waiting on the dead guest learn at once and retry (and reconnect
+        # when the restarted guest serves on the same address).
+        first_conn = old_nic.next_conn_id
+        await old_nic.close()
+        async with self._checkpoint_lock:  # a checkpoint in flight finishes (or is marked bad) first
+            entry = self._store.latest_entry()
+        if entry is None:
             raise CheckpointError("no checkpoint to restart from")
+        path = entry.path
+        self._store.rewind_to(entry.checkpoint_id)
         last_seen = self.gate.released_position
         if self._restart_replayed_to is not None and last_seen <= self._restart_replayed_to:
             # It faulted again before any new reply: the fault lies in the replayed log itself. Go live
@@ -443,7 +460,8 @@ class PrimaryVm:
             )
             last_seen = 0
         self._restart_replayed_to = last_seen
-        batches = [_truncated(batch, last_seen) for batch in self.sink.retained]
+        batches = [_window(batch, entry.position, last_seen) for batch in self.sink.retained]
+        batches = [batch for batch in batches if batch.position_deltas or batch.horizon > entry.position]
         sink = StreamSink(loop)
         sink.drop_all()  # unprotected until re-protected
         sink.retained = list(batches)
@@ -485,8 +503,6 @@ class PrimaryVm:
         next_generation = self.generation + 1
         if await asyncio.to_thread(self.arbiter.claim, self.name, next_generation, self.settings.name):
             self.generation = next_generation  # fences the old pairing: its backup stopped at the fault
-        first_conn = old_nic.next_conn_id
-        await old_nic.close()
         host, port = parse_address(self.service)
         self.nic = NicServer(machine.net_backend, host, port, first_conn_id=first_conn)
         self.machine, self.gate, self.sink = machine, gate, sink
