@@ -908,9 +908,10 @@ class _Loader:
         self._load(chunk, what, self.dctx)
 
     def chunks(self, items: list[tuple[_Chunk, str]], threads: int = DEFAULT_THREADS) -> None:
-        """Many chunks (a whole file): memory pre-faulted in one call per run of chunks, then decompressed
-        on `threads` threads. Order is kept where it matters: the list is cut where a chunk overlaps one
-        before it (pre-copy, then its delta; a chain's files), and each piece is loaded before the next."""
+        """Many chunks (a whole file), on `threads` threads, each pre-faulting its part of memory in one
+        call per run of chunks, then decompressing into it. Order is kept where it matters: the list is
+        cut where a chunk overlaps one before it (pre-copy, then its delta; a chain's files), and each
+        piece is loaded before the next."""
         memory: list[tuple[_Chunk, str]] = []
         for chunk, what in items:
             if chunk.region is Region.DISK:
@@ -919,8 +920,11 @@ class _Loader:
                 self._check_bounds(chunk, what)
                 memory.append((chunk, what))
         base = self.machine.memory.host_address
-        for start, length in _coalesce([(c.offset, c.raw_len) for c, _w in memory]):
-            _populate(base + start, length)
+
+        def populate(part: list[tuple[_Chunk, str]]) -> None:
+            for start, length in _coalesce([(c.offset, c.raw_len) for c, _w in part]):
+                _populate(base + start, length)
+
         pieces: list[list[tuple[_Chunk, str]]] = [[]]
         end = -1
         for chunk, what in memory:
@@ -929,11 +933,13 @@ class _Loader:
             pieces[-1].append((chunk, what))
             end = chunk.offset + chunk.raw_len
         if threads < 2 or len(memory) < 8:
+            populate(memory)
             for chunk, what in memory:
                 self._load(chunk, what, self.dctx)
             return
 
-        def work(part: list[tuple[_Chunk, str]]) -> None:
+        def work(part: list[tuple[_Chunk, str]]) -> None:  # each thread faults in its own part too
+            populate(part)
             dctx = zstandard.ZstdDecompressor()
             for chunk, what in part:
                 self._load(chunk, what, dctx)

@@ -7,7 +7,7 @@ it touched, idle in WAIT (monitor.checkpoint: pre-copy, zstd in chunks, files in
 - size against the touched memory, and compression ratio;
 - restore time to running (monitor.checkpoint.restore_files + Machine.start) against the 20 ms target;
 - restart from the checkpoint against a cold boot of the same guest to the same point (its console line).
-Medians of --repeat runs."""
+Medians of --repeat runs (and the best restore: the floor on a quiet core)."""
 
 from __future__ import annotations
 
@@ -116,6 +116,8 @@ def scenario(args: argparse.Namespace, touched_mib: int, label: str, tmp: Path) 
                         ref_ratio, "zstd -1, one thread, touched memory in place"),
         benchlib.Figure(f"{label}: restore to running", med(restores) * 1e3, "ms", TARGET_RESTORE_S * 1e3,
                         "target"),
+        benchlib.Figure(f"{label}: restore to running, best run", min(restores) * 1e3, "ms",
+                        TARGET_RESTORE_S * 1e3, "target"),
         benchlib.Figure(f"{label}: restart from checkpoint", med(restores) * 1e3, "ms", med(boots) * 1e3,
                         "cold boot to the same point"),
     ]

@@ -484,6 +484,6 @@ def test_bench_checkpoint_smoke() -> None:
     bench_checkpoint.add_arguments(parser)
     args = parser.parse_args(["checkpoint", "--mem", "32", "--touched", "4", "--repeat", "1"])
     figures = bench_checkpoint.run(args)
-    assert len(figures) == 8
+    assert len(figures) == 9
     for figure in figures:
         assert figure.value > 0 and figure.reference > 0, figure
