@@ -99,6 +99,8 @@ class PrimaryVm:
         self.journal: RecordJournal | None = None
         self.times = FailoverTimes()
         self.reprotect_progress = 0.0
+        self.last_reprotect = (0.0, 0.0, 0)  # seconds, pause ms, bytes
+        self._ack_seen = asyncio.Event()
         self._checkpointer: Checkpointer | None = None
         self.relay: Relay | None = None
         self._periodic: Checkpointer | None = None
@@ -229,6 +231,7 @@ class PrimaryVm:
             raise ReplicationRefused(f"{self.name} is not running ({self.state})")
         machine, journal, gate = self.machine, self.journal, self.gate
         loop = asyncio.get_running_loop()
+        began = time.monotonic()
         self.backup_node = backup_node
         self.backup_service = backup_service
         self.reprotect_progress = 0.0
@@ -283,9 +286,19 @@ class PrimaryVm:
         self.protected = True
         self.reprotect_progress = 1.0
         self.state = "running"
+        self.last_reprotect = (0.0, stats.pause_s * 1000 if stats else 0.0, sent)
+        started_wait = time.monotonic()
         self.message = f"re-protected by {backup_node}" + (f" ({stats.describe()})" if stats else "")
         log.warning("%s: %s", self.name, self.message)
         spawn(self._tasks, self._replicate(), "_replicate")
+        position = stats.position if stats else 0
+        while self.acked < position and self.protected and time.monotonic() - started_wait < 30:
+            self._ack_seen.clear()  # the new backup restores, then acknowledges the checkpoint
+            try:
+                await asyncio.wait_for(self._ack_seen.wait(), 0.1)
+            except TimeoutError:
+                pass
+        self.last_reprotect = (time.monotonic() - began, self.last_reprotect[1], sent)
 
     # ----- replication ---------------------------------------------------------------------------
 
@@ -324,6 +337,7 @@ class PrimaryVm:
                     self.acked = max(self.acked, message.ack.received)
                     self.replayed = message.ack.replayed
                     self.gate.ack(message.ack.received)
+                    self._ack_seen.set()
 
         async def watchdog() -> None:
             while True:
@@ -528,10 +542,17 @@ class PrimaryVm:
     def status(self) -> vmft_pb2.VmStatus:
         machine = self.machine
         position = machine.position if machine else 0
+        state = self.state
+        if self.protected and state.startswith("running"):
+            # Resumed after a SIGSTOP, it may answer before its watchdog notices the backup is gone: if a
+            # newer generation exists it serves nothing (its outputs wait for acks that never come).
+            current = self.arbiter.current(self.name)
+            if current is not None and current.generation > self.generation:
+                state = f"superseded by generation {current.generation} on {current.node} (outputs held)"
         return vmft_pb2.VmStatus(
             name=self.name,
             role=vmft_pb2.ROLE_STOPPED if self.state == "fenced" or self.result else vmft_pb2.ROLE_PRIMARY,
-            state=self.state,
+            state=state,
             generation=self.generation,
             position=position,
             acked_position=self.acked,
@@ -547,6 +568,9 @@ class PrimaryVm:
             serving_at=self.times.serving_wall,
             reprotect_progress=self.reprotect_progress if not self.protected else 1.0,
             faults_recovered=self.faults_recovered,
+            reprotect_s=self.last_reprotect[0],
+            reprotect_pause_ms=self.last_reprotect[1],
+            reprotect_bytes=self.last_reprotect[2],
         )
 
     async def stop(self) -> None:
