@@ -13,6 +13,7 @@ file outlives any node's crash. A cross-machine arbiter (etcd) implements the sa
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -87,3 +88,12 @@ class SqliteArbiter:
         finally:
             db.close()
         return Claim(row[0], int(row[1]), row[2], float(row[3])) if row else None
+
+
+async def claim_or_owner(arbiter: Arbiter, vm: str, generation: int, node: str) -> str | None:
+    """Claim `generation` of `vm` for `node` (off the event loop): None if this node won it, else the node
+    that holds it now."""
+    if await asyncio.to_thread(arbiter.claim, vm, generation, node):
+        return None
+    current = await asyncio.to_thread(arbiter.current, vm)
+    return current.node if current else "?"

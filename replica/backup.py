@@ -16,7 +16,7 @@ from monitor.machine import Machine, MachineResult
 from monitor.netserver import NicServer, parse_address
 from monitor.record import QueueSource, RecordJournal, ReplayJournal, check_header
 from proto import vmft_pb2
-from replica.arbiter import Arbiter
+from replica.arbiter import Arbiter, claim_or_owner
 from replica.output_gate import OutputGate
 from replica.stream_sink import StreamSink
 from replica.vm_common import spawn, FailoverTimes, Meter, NodeSettings, load_spec_image, machine_config
@@ -127,11 +127,9 @@ class BackupVm:
             reason,
             self.generation + 1,
         )
-        won = await asyncio.to_thread(self.arbiter.claim, self.name, self.generation + 1, self.settings.name)
+        owner = await claim_or_owner(self.arbiter, self.name, self.generation + 1, self.settings.name)
         self.times.claimed_at = time.monotonic()
-        if not won:
-            current = await asyncio.to_thread(self.arbiter.current, self.name)
-            owner = current.node if current else "?"
+        if owner is not None:
             self.state = "stopped"
             self.message = f"lost the arbiter's generation {self.generation + 1} to {owner}"
             log.warning("%s: %s", self.name, self.message)

@@ -17,7 +17,7 @@ from monitor.machine import Machine, MachineResult, StopReason
 from monitor.netserver import NicServer, parse_address
 from monitor.record import IteratorSource, RecordJournal, ReplayJournal, make_header
 from proto import vmft_pb2, vmft_pb2_grpc
-from replica.arbiter import Arbiter
+from replica.arbiter import Arbiter, claim_or_owner
 from replica.output_gate import OutputGate
 from replica.relay import Relay
 from replica.stream_sink import StreamSink, merge_batches
@@ -367,8 +367,8 @@ class PrimaryVm:
         log.warning("%s: lost the backup (%s); asking the arbiter to stay primary", self.name, reason)
         await self._close_channel()
         next_generation = self.generation + 1
-        won = await asyncio.to_thread(self.arbiter.claim, self.name, next_generation, self.settings.name)
-        if won:
+        owner = await claim_or_owner(self.arbiter, self.name, next_generation, self.settings.name)
+        if owner is None:
             self.generation = next_generation
             self.sink.drop_all()
             self.gate.release_unprotected()
@@ -377,8 +377,6 @@ class PrimaryVm:
             self.message = f"backup lost ({reason}); primary alone in generation {next_generation}"
             log.warning("%s: %s", self.name, self.message)
         else:
-            current = await asyncio.to_thread(self.arbiter.current, self.name)
-            owner = current.node if current else "?"
             self.state = "fenced"
             self.message = f"generation {next_generation} belongs to {owner}: stopping (outputs withheld)"
             log.warning("%s: %s", self.name, self.message)
