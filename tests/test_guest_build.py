@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 GUESTS = ROOT / "guests"
 BUILD = GUESTS / "build"
-PROGRAMS = ["hello", "spin", "exitloop", "kv", "ticker", "mixed", "badfault"]
+PROGRAMS = ["hello", "spin", "exitloop", "kv", "ticker", "mixed", "badfault", "memtouch"]
 IMAGE_BASE = 0x100000
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("objdump") is None,
