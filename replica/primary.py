@@ -63,6 +63,12 @@ class PeerSilent(Exception):
     pass
 
 
+# How a broken replication link shows. InvalidStateError ("RPC already finished") is a write after the backup
+# ended the RPC (e.g. it went live while this node was stopped): uncaught, it killed the replication task and
+# left the primary protected in name, holding every output, never asking the arbiter.
+_LINK_ERRORS = (PeerSilent, grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
+
+
 class PrimaryVm:
     def __init__(
         self,
@@ -351,7 +357,7 @@ class PrimaryVm:
                 group.create_task(sender())
                 group.create_task(receiver())
                 group.create_task(watchdog())
-        except* (PeerSilent, grpc.aio.AioRpcError, grpc.aio.UsageError) as group_error:
+        except* _LINK_ERRORS as group_error:
             reason = "; ".join(str(e).splitlines()[0] for e in group_error.exceptions)
             await self._backup_lost(reason)
 
@@ -541,9 +547,9 @@ class PrimaryVm:
         machine = self.machine
         position = machine.position if machine else 0
         state = self.state
-        if self.protected and state.startswith("running"):
-            # Resumed after a SIGSTOP, it may answer before its watchdog notices the backup is gone: if a
-            # newer generation exists it serves nothing (its outputs wait for acks that never come).
+        if state.startswith("running"):
+            # Resumed after a SIGSTOP, it may answer before it has noticed (or asked the arbiter) that the
+            # backup took over: then it serves nothing (its outputs wait for acks that never come).
             current = self.arbiter.current(self.name)
             if current is not None and current.generation > self.generation:
                 state = f"superseded by generation {current.generation} on {current.node} (outputs held)"
