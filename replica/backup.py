@@ -52,6 +52,7 @@ class BackupVm:
         self.gate: OutputGate | None = None
         self.on_promoted: Callable[[BackupVm], None] | None = None
         self.checkpoint_records: list[bytes] = []
+        self.live_from = 0
         self.result: MachineResult | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._live = asyncio.Event()
@@ -174,6 +175,7 @@ class BackupVm:
             flush_on_output=True,
         )
         self.journal = journal
+        self.live_from = position - 1  # the log this node keeps for restarts begins here
         # The arbiter made this node the only primary: outputs go out at once until re-protected.
         self.gate = OutputGate(machine.deliver)
         self.gate.release_unprotected()

@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--failure-timeout-ms", type=float, default=300.0, help="silence that means a dead peer"
     )
     node.add_argument(
-        "--checkpoint-every", type=float, default=2.0, metavar="S", help="primary checkpoints (default 2 s)"
+        "--checkpoint-every", type=float, default=1.0, metavar="S", help="primary checkpoints (default 1 s)"
     )
     node.add_argument(
         "--link-relay",

@@ -113,7 +113,11 @@ class PrimaryVm:
         self._store: CheckpointStore | None = None
         self._checkpoint_lock = asyncio.Lock()
         self.faults_recovered = 0
-        self._restart_replayed_to: int | None = None  # the last restart's replay target
+        self._last_restart: tuple[str, int] | None = (
+            None  # (checkpoint id, replay target) of the last restart
+        )
+        self._refaults = 0  # restarts in a row that faulted again before any new reply
+        self._retained_from = 0  # the sink's retained log covers every position after this one
         self._tasks: list[asyncio.Task[None]] = []
         self._call: grpc.aio.StreamStreamCall | None = None
         self._channel: grpc.aio.Channel | None = None
@@ -133,6 +137,7 @@ class PrimaryVm:
         vm.nic = backup.nic
         vm.failovers = backup.failovers
         vm.times = backup.times
+        vm._retained_from = backup.live_from
         spawn(vm._tasks, vm._watch_machine(), "_watch_machine")
         spawn(vm._tasks, vm._checkpoint_loop(first_now=True), "_checkpoint_loop")
         return vm
@@ -437,7 +442,12 @@ class PrimaryVm:
                 # The guest faulted while this checkpoint was being taken: it may hold the faulted state.
                 store.mark_bad(stats.checkpoint_id)
                 return
-            sink.retained = [batch for batch in sink.retained if batch.horizon > stats.position]
+            # Keep the log back to the checkpoint before this one: a restart may have to distrust the newest.
+            saved = store.saved
+            keep_from = saved[-2].position if len(saved) >= 2 else self._retained_from
+            if keep_from > self._retained_from:
+                sink.retained = [batch for batch in sink.retained if batch.horizon > keep_from]
+                self._retained_from = keep_from
 
     async def _restart_from_checkpoint(self, fault: MachineResult) -> None:
         """The guest crashed, panicked or hung. Replaying into a deterministic fault is pointless, so:
@@ -460,24 +470,38 @@ class PrimaryVm:
         # when the restarted guest serves on the same address).
         first_conn = old_nic.next_conn_id
         await old_nic.close()
+        last_seen = self.gate.released_position
+        if self._last_restart is not None and last_seen <= self._last_restart[1]:
+            # It faulted again before any new reply: the checkpoint it restarted from (or the log replayed
+            # onto it) leads to the fault. Never use that checkpoint again.
+            self._store.mark_bad(self._last_restart[0])
+            self._refaults += 1
+        else:
+            self._refaults = 0
+        if self._refaults >= 3:
+            raise CheckpointError(f"the guest faulted again right after {self._refaults} restarts")
+        # A checkpoint taken shortly before the fault was detected may already hold it (a corruption not
+        # yet noticed, a loop not yet long enough to count as hung): trust only older ones.
+        trusted_before = time.monotonic() - (self.spec.hang_timeout_s or 2.0) - 0.1
         async with self._checkpoint_lock:  # a checkpoint in flight finishes (or is marked bad) first
-            entry = self._store.latest_entry()
+            entry = self._store.latest_entry(before=trusted_before) or self._store.latest_entry()
         if entry is None:
             raise CheckpointError("no checkpoint to restart from")
         path = entry.path
         self._store.rewind_to(entry.checkpoint_id)
-        last_seen = self.gate.released_position
-        if self._restart_replayed_to is not None and last_seen <= self._restart_replayed_to:
-            # It faulted again before any new reply: the fault lies in the replayed log itself. Go live
-            # from the checkpoint alone (replies since then may be forgotten: said loudly).
+        if entry.position < self._retained_from:
             log.error(
-                "%s: the guest faulted again after replaying to position %d; restarting from the checkpoint "
-                "without replay (replies after the checkpoint may be lost)",
+                "%s: the log kept for restarts starts at position %d, after checkpoint %s (position %d): "
+                "restarting without replay, replies since that checkpoint may be lost",
                 self.name,
-                last_seen,
+                self._retained_from,
+                entry.checkpoint_id[:12],
+                entry.position,
             )
-            last_seen = 0
-        self._restart_replayed_to = last_seen
+            last_seen = entry.position
+        last_seen = max(last_seen, entry.position)
+        self._last_restart = (entry.checkpoint_id, last_seen)
+        self._retained_from = entry.position
         batches = [_window(batch, entry.position, last_seen) for batch in self.sink.retained]
         batches = [batch for batch in batches if batch.position_deltas or batch.horizon > entry.position]
         sink = StreamSink(loop)
@@ -521,6 +545,9 @@ class PrimaryVm:
         next_generation = self.generation + 1
         if await asyncio.to_thread(self.arbiter.claim, self.name, next_generation, self.settings.name):
             self.generation = next_generation  # fences the old pairing: its backup stopped at the fault
+        # End the old pairing's stream too: a backup that has not replayed into the fault (its last batch
+        # not yet sent) would otherwise take heartbeats forever, "replaying", and block re-protection.
+        await self._close_channel()
         host, port = parse_address(self.service)
         self.nic = NicServer(machine.net_backend, host, port, first_conn_id=first_conn)
         self.machine, self.gate, self.sink = machine, gate, sink

@@ -28,7 +28,7 @@ class NodeSettings:
     failure_timeout_s: float = 0.3
     connect_timeout_s: float = 5.0
     hash_every: int = 20000
-    checkpoint_every_s: float = 2.0  # the primary's periodic checkpoints (restart after a guest fault)
+    checkpoint_every_s: float = 1.0  # the primary's periodic checkpoints (restart after a guest fault)
     link_relay: bool = False  # route each replication link through a fault-injecting relay (cut/delay/drop)
     # BROKEN ON PURPOSE, for tests only: release outputs without waiting for the backup's acknowledgement
     # (breaks the output rule; the history checker must then find lost writes after a failover).
