@@ -21,7 +21,8 @@ from typing import Callable
 from proto import vmft_pb2
 from replica.cluster import ClusterError, LocalCluster, NodeProcess, ProtectedVm
 from replica.faults import Fault, FaultError, inject
-from replica.workload import Verdict, Workload, percentile
+from replica.kv_client import KvUnavailable
+from replica.workload import Verdict, Violation, Workload, percentile
 
 # Faults a campaign draws from (HEAL is a repair, not a fault).
 CAMPAIGN_FAULTS = [f for f in Fault if f is not Fault.HEAL]
@@ -248,7 +249,10 @@ class Campaign:
                 await asyncio.sleep(self.settle_s)
                 workload.stop()
                 await load
-            verdict: Verdict = await workload.verify_final()  # while the cluster still serves
+            try:
+                verdict: Verdict = await workload.verify_final()  # while the cluster still serves
+            except KvUnavailable as err:
+                verdict = Verdict(len(workload.history), 0, 0, [Violation(-1, "unavailable", str(err))])
         violations = [f"client {v.client} {v.kind}: {v.detail}" for v in verdict.violations]
         for outcome in outcomes:
             if outcome.max_primaries > 1:
