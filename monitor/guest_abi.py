@@ -1,6 +1,7 @@
 """The vmft guest platform ABI: the one table of device ports, interrupt vectors, boot layout and
 request-block layout. The C header the guests build against is generated from this module
-(`python -m monitor.guest_abi > guests/build/include/vmft_abi.h`, done by the guests' Makefile), so there is one definition of each.
+(`python -m monitor.guest_abi > guests/build/include/vmft_abi.h`, done by the guests' Makefile), so
+there is one definition of each.
 
 Every device request is a doorbell: the guest writes a `Request` block (32 bytes, 8-aligned) into its
 memory and executes `out PORT, eax` with the block's guest-physical address. The monitor reads the block,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import threading
 
 from monitor.devices.net import MAX_MESSAGE, NetBackend, NetMessage
 from monitor.guest_abi import NetKind
@@ -36,6 +37,9 @@ class NicServer:
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._scheduled = 0  # transmissions queued on the loop and not yet written
+        self._scheduled_lock = threading.Lock()
+        self._loop_thread = 0
         backend.transmit = self._transmit_threadsafe
 
     @property
@@ -59,6 +63,7 @@ class NicServer:
 
     async def start(self) -> tuple[str, int]:
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._server = await asyncio.start_server(self._accept, self._host, self._port, reuse_address=True)
         return self.address
 
@@ -106,10 +111,25 @@ class NicServer:
 
     def _transmit_threadsafe(self, messages: list[NetMessage]) -> None:
         loop = self._loop
-        if loop is not None and not loop.is_closed():
+        if loop is None or loop.is_closed():
+            return
+        with self._scheduled_lock:
+            # On the loop's own thread (outputs released by an acknowledgement) with nothing scheduled
+            # ahead: write now and save a trip through the loop; otherwise queue behind what is scheduled.
+            direct = self._scheduled == 0 and threading.get_ident() == self._loop_thread
+            if not direct:
+                self._scheduled += 1
+        if direct:
+            self._write(messages)
+        else:
             loop.call_soon_threadsafe(self._transmit, messages)
 
     def _transmit(self, messages: list[NetMessage]) -> None:
+        with self._scheduled_lock:
+            self._scheduled -= 1
+        self._write(messages)
+
+    def _write(self, messages: list[NetMessage]) -> None:
         for msg in messages:
             writer = self._writers.get(msg.conn)
             if writer is None:
