@@ -594,13 +594,11 @@ class Machine:
                 return
 
     def _waiting_for_log(self) -> bool:
-        """A replay that has caught up with its log waits for more at its next exit (a backup behind an
-        idle primary, for as long as the primary idles): that is not a hang."""
+        """A replay blocked at an exit for more log (a backup behind an idle primary, for as long as the
+        primary idles) is not hung. A replay running guest code without exits is: it replays a hang (the
+        primary's log ends where the guest stopped making exits)."""
         journal = self.journal
-        if journal.mode is not JournalMode.REPLAY:
-            return False
-        horizon: int = getattr(journal, "horizon", self.position + 1)
-        return self.position >= horizon
+        return journal.mode is JournalMode.REPLAY and bool(getattr(journal, "waiting", False))
 
     def close(self) -> None:
         if self._thread is not None and not self._done.is_set():

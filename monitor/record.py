@@ -408,6 +408,7 @@ class ReplayJournal:
         self._request_stop: Callable[[], None] = lambda: None
         self.stats = ReplayStats()
         self.stopping = False  # set by the owner to abandon a wait for more log
+        self.waiting = False  # the vCPU thread is blocked in at_exit for more log
         # A backup going live: when the log has ended and is drained, `promote(position)` returns the
         # journal the machine continues with (recording), and this one delegates to it from then on.
         self.promote: Callable[[int], Journal] | None = None
@@ -449,20 +450,24 @@ class ReplayJournal:
             raise DivergenceError(
                 pos, "an event the guest never asked for", EventKind(kind).name, "the guest moved on"
             )
-        while position > self.horizon and self.end_position is None:
-            if self.stopping:
-                raise JournalStop(f"replay stopped at position {position - 1}")
-            try:
-                batch = self._source.next_batch(0.05)
-            except JournalStop:
-                if self.promote is None:
-                    raise
-                self._go_live(position)
-                assert self.delegate is not None
-                self.delegate.at_exit(position)
-                return
-            if batch is not None:
-                self._take_batch(batch)
+        try:
+            while position > self.horizon and self.end_position is None:
+                self.waiting = True  # blocked here for more log: the watchdog must not call it a hang
+                if self.stopping:
+                    raise JournalStop(f"replay stopped at position {position - 1}")
+                try:
+                    batch = self._source.next_batch(0.05)
+                except JournalStop:
+                    if self.promote is None:
+                        raise
+                    self._go_live(position)
+                    assert self.delegate is not None
+                    self.delegate.at_exit(position)
+                    return
+                if batch is not None:
+                    self._take_batch(batch)
+        finally:
+            self.waiting = False
         if self.end_position is not None:
             if position > self.end_position:
                 raise JournalStop(f"replay ran past the end of the log ({self.end_position})")

@@ -238,7 +238,7 @@ class PrimaryVm:
         assert self.machine is not None and self.journal is not None and self.gate is not None
         if self.protected:
             raise ReplicationRefused(f"{self.name} is already protected by {self.backup_node}")
-        if self.machine.result is not None:
+        if self.machine.result is not None or not self.state.startswith("running"):
             raise ReplicationRefused(f"{self.name} is not running ({self.state})")
         machine, journal, gate = self.machine, self.journal, self.gate
         loop = asyncio.get_running_loop()
@@ -500,6 +500,11 @@ class PrimaryVm:
             )
             last_seen = entry.position
         last_seen = max(last_seen, entry.position)
+        log.info(
+            "%s: restart from %s (position %d, saved %.1f s ago), log kept from %d, %d batches, replay to %d",
+            self.name, entry.checkpoint_id[:12], entry.position, time.monotonic() - entry.saved_at,
+            self._retained_from, len(self.sink.retained), last_seen,
+        )  # fmt: skip
         self._last_restart = (entry.checkpoint_id, last_seen)
         self._retained_from = entry.position
         batches = [_window(batch, entry.position, last_seen) for batch in self.sink.retained]
@@ -507,11 +512,14 @@ class PrimaryVm:
         sink = StreamSink(loop)
         sink.drop_all()  # unprotected until re-protected
         sink.retained = list(batches)
+        live = asyncio.Event()
         gate = OutputGate(lambda kind, data: machine.deliver(kind, data))
         gate.release_unprotected()
         settings = self.settings
 
         def go_live(position: int) -> RecordJournal:  # vCPU thread, at the first position not replayed
+            log.info("%s: live again at position %d (replay target %d)", self.name, position - 1, last_seen)
+            loop.call_soon_threadsafe(live.set)
             machine.clock.resume_from(machine.clock_device.last_seen_ns)
             machine.net.connections_lost()
             journal = RecordJournal(
@@ -554,8 +562,17 @@ class PrimaryVm:
         self._periodic = Checkpointer(machine, name="periodic")
         self._periodic.continue_from(stats.checkpoint_id)
         self._checkpointer = None
-        await self.nic.start()
+        spawn(self._tasks, self._watch_machine(), "_watch_machine")
         machine.start()
+        # Serve (and allow re-protection) only once the replay has reached the last reply and the VM is
+        # live: a checkpoint taken mid-replay would seed a backup with a log it can never receive.
+        try:
+            await asyncio.wait_for(live.wait(), 120)
+        except TimeoutError:
+            raise CheckpointError(
+                "the restarted guest did not finish replaying its log within 120 s"
+            ) from None
+        await self.nic.start()
         self.times.serving()
         self.protected = False
         self.faults_recovered += 1
@@ -566,7 +583,6 @@ class PrimaryVm:
             f"live in {(time.monotonic() - started) * 1000:.0f} ms"
         )
         log.warning("%s: %s", self.name, self.message)
-        spawn(self._tasks, self._watch_machine(), "_watch_machine")
 
     # ----- status and stop ------------------------------------------------------------------------
 
