@@ -332,7 +332,9 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmft", description="fault-tolerant virtual machines on Linux KVM")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log everything (default: VMFT_LOG or WARNING)")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log everything (default: $VMFT_LOG or WARNING)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a guest image, show its console, exit with its code")
