@@ -62,6 +62,7 @@ class CampaignReport:
     violations: list[str]
     operations: int
     acknowledged_writes: int
+    failed_operations: int
     seconds: float
     latency_samples: list[tuple[float, float]] = field(default_factory=list)  # (t since start, ms)
 
@@ -228,7 +229,9 @@ class Campaign:
         with LocalCluster(self.workdir, failure_timeout_ms=self.failure_timeout_ms) as cluster:
             nodes = [cluster.add_node(["--link-relay"]) for _ in range(2)]
             disk = self.workdir / "kv.disk"
-            await asyncio.to_thread(make_disk, disk, 16 << 20)
+            # kv's write log never compacts: size the disk for the whole campaign (sparse, so it costs
+            # nothing until written; a full disk would turn every later write into an ERR reply).
+            await asyncio.to_thread(make_disk, disk, 512 << 20)
             vm = cluster.protect(
                 self.image, nodes[0], nodes[1], disk=disk, hang_timeout_s=self.hang_timeout_s
             )
@@ -267,6 +270,7 @@ class Campaign:
             violations=violations,
             operations=verdict.ops,
             acknowledged_writes=verdict.acknowledged_writes,
+            failed_operations=verdict.failed_ops,
             seconds=time.monotonic() - started,
             latency_samples=samples,
         )

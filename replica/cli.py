@@ -322,7 +322,8 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     print(report.table())
     print(
         f"chaos: {len(report.faults)} faults in {report.seconds:.0f} s, {report.operations} operations, "
-        f"{report.acknowledged_writes} acknowledged writes checked: verdict {report.verdict}"
+        f"{report.acknowledged_writes} acknowledged writes checked, {report.failed_operations} failed "
+        f"(not acknowledged): verdict {report.verdict}"
     )
     for violation in report.violations[:20]:
         print(f"chaos: VIOLATION {violation}")
