@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import logging
-import shutil
 import time
 from typing import Any
 from collections.abc import AsyncIterator, Coroutine
@@ -30,7 +29,7 @@ from proto import vmft_pb2, vmft_pb2_grpc
 from replica.arbiter import Arbiter, SqliteArbiter
 from replica.backup import BackupVm
 from replica.primary import PrimaryVm
-from replica.vm_common import PROTOCOL_VERSION, NodeSettings, ReplicationRefused, file_sha256
+from replica.vm_common import PROTOCOL_VERSION, NodeSettings, ReplicationRefused, copy_sparse, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ class Node:
         if spec.disk_sha256 and file_sha256(spec.disk_path) != spec.disk_sha256:
             raise ReplicationRefused(f"disk image {spec.disk_path} differs from the primary's (sha256)")
         target = self._disk_path(spec.name, role)
-        shutil.copyfile(spec.disk_path, target)
+        copy_sparse(spec.disk_path, target)
         return str(target)
 
     # ----- node API ----------------------------------------------------------------------------------
@@ -100,8 +99,8 @@ class Node:
         current = await asyncio.to_thread(self.arbiter.current, spec.name)
         generation = (current.generation if current else 0) + 1
         if spec.disk_path and not spec.disk_sha256:
-            spec.disk_sha256 = file_sha256(spec.disk_path)
-        disk = self._disk_copy(spec, "primary")
+            spec.disk_sha256 = await asyncio.to_thread(file_sha256, spec.disk_path)
+        disk = await asyncio.to_thread(self._disk_copy, spec, "primary")  # hashing and copying take a while
         if not await asyncio.to_thread(self.arbiter.claim, spec.name, generation, self.settings.name):
             raise ReplicationRefused(f"another node claimed generation {generation} of {spec.name} first")
         vm = PrimaryVm(
@@ -267,7 +266,9 @@ class Node:
         vm: BackupVm | None = None
         if refusal is None:
             try:
-                disk = None if hello.checkpoint_follows else self._disk_copy(hello.spec, "backup")
+                disk = None
+                if not hello.checkpoint_follows:
+                    disk = await asyncio.to_thread(self._disk_copy, hello.spec, "backup")
                 if hello.checkpoint_follows and hello.spec.disk_path:
                     disk = str(self._disk_path(hello.spec.name, "backup"))  # written by the restore
                 vm = BackupVm(self.settings, self.arbiter, hello, disk)
