@@ -19,7 +19,16 @@ from proto import vmft_pb2
 from replica.arbiter import Arbiter, claim_or_owner
 from replica.output_gate import OutputGate
 from replica.stream_sink import StreamSink
-from replica.vm_common import spawn, FailoverTimes, Meter, NodeSettings, load_spec_image, machine_config
+from replica.vm_common import (
+    cancel_other_tasks,
+    spawn,
+    stop_machine,
+    FailoverTimes,
+    Meter,
+    NodeSettings,
+    load_spec_image,
+    machine_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -222,16 +231,8 @@ class BackupVm:
         )
 
     async def stop(self) -> None:
-        if self.machine is not None:
-            self.machine.stop()
-            try:
-                await asyncio.wait_for(self.machine.wait(), 5)
-            except TimeoutError:
-                log.error("%s: the vCPU did not stop within 5 s", self.name)
-        if self.nic is not None:
+        if self.nic is not None:  # first: clients learn at once to try the other address
             await self.nic.close()
             self.nic = None
-        current = asyncio.current_task()
-        for task in self._tasks:
-            if task is not current:
-                task.cancel()
+        await stop_machine(self.machine, self.name)
+        cancel_other_tasks(self._tasks)

@@ -22,6 +22,8 @@ from replica.output_gate import OutputGate
 from replica.relay import Relay
 from replica.stream_sink import StreamSink, merge_batches
 from replica.vm_common import (
+    cancel_other_tasks,
+    stop_machine,
     spawn,
     PROTOCOL_VERSION,
     FailoverTimes,
@@ -624,20 +626,12 @@ class PrimaryVm:
         if self.nic is not None:  # first: clients learn at once to try the other address
             await self.nic.close()
             self.nic = None
-        if self.machine is not None:
-            self.machine.stop()
-            try:
-                await asyncio.wait_for(self.machine.wait(), 5)
-            except TimeoutError:
-                log.error("%s: the vCPU did not stop within 5 s", self.name)
+        await stop_machine(self.machine, self.name)
         await self._close_channel()
         if self.relay is not None:
             self.relay.close()
             self.relay = None
-        current = asyncio.current_task()
-        for task in self._tasks:
-            if task is not current:
-                task.cancel()
+        cancel_other_tasks(self._tasks)
 
     def close(self) -> None:
         if self.machine is not None and self.machine.result is not None:

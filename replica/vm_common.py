@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Coroutine
 
 from monitor.loader import GuestImage, ImageError, load_image_file
-from monitor.machine import MachineConfig
+from monitor.machine import Machine, MachineConfig
 from proto import vmft_pb2
 
 log = logging.getLogger(__name__)
@@ -147,3 +147,22 @@ def spawn(tasks: list[asyncio.Task[None]], coro: Coroutine[Any, Any, None], what
 def _log_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+
+async def stop_machine(machine: Machine | None, name: str, within_s: float = 5.0) -> None:
+    """Stop a VM's machine at its next synchronous exit and wait (bounded) until it has."""
+    if machine is None:
+        return
+    machine.stop()
+    try:
+        await asyncio.wait_for(machine.wait(), within_s)
+    except TimeoutError:
+        log.error("%s: the vCPU did not stop within %.0f s", name, within_s)
+
+
+def cancel_other_tasks(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel a VM's background tasks, except the one running this (it may be one of them)."""
+    current = asyncio.current_task()
+    for task in tasks:
+        if task is not current:
+            task.cancel()
