@@ -171,6 +171,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         failure_timeout_s=args.failure_timeout_ms / 1000,
         checkpoint_every_s=args.checkpoint_every,
         link_relay=args.link_relay,
+        auto_reprotect_s=args.auto_reprotect,
         unsafe_release_outputs=args.unsafe_release_outputs,
     )
 
@@ -366,6 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument(
         "--checkpoint-every", type=float, default=1.0, metavar="S", help="primary checkpoints (default 1 s)"
+    )
+    node.add_argument(
+        "--auto-reprotect",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="retry re-protecting an unprotected primary onto the pair's other node every S s (0: off)",
     )
     node.add_argument(
         "--link-relay",

@@ -65,12 +65,15 @@ class LocalCluster:
         heartbeat_ms: float = 5.0,
         failure_timeout_ms: float = 300.0,
         python: str = sys.executable,
+        auto_reprotect_s: float = 0.0,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.arbiter_path = self.workdir / "arbiter.sqlite"
         self.heartbeat_ms = heartbeat_ms
         self.failure_timeout_ms = failure_timeout_ms
+        # Off by default here: tests and campaigns re-protect explicitly (PairController) to measure it.
+        self.auto_reprotect_s = auto_reprotect_s
         self.python = python
         self.nodes: list[NodeProcess] = []
         # Each node serves a given VM on one fixed address, whatever its role, so clients that know every
@@ -99,6 +102,7 @@ class LocalCluster:
             "--arbiter", str(self.arbiter_path),
             "--heartbeat-ms", str(self.heartbeat_ms),
             "--failure-timeout-ms", str(self.failure_timeout_ms),
+            "--auto-reprotect", str(self.auto_reprotect_s),
             *node.extra_args,
         ]  # fmt: skip
         log_file = open(node.log_path, "ab")  # noqa: SIM115 - handed to the child

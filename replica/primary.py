@@ -110,6 +110,7 @@ class PrimaryVm:
         self.last_reprotect = (0.0, 0.0, 0)  # seconds, pause ms, bytes
         self._ack_seen = asyncio.Event()
         self._checkpointer: Checkpointer | None = None
+        self._connecting = False
         self.relay: Relay | None = None
         self._periodic: Checkpointer | None = None
         self._store: CheckpointStore | None = None
@@ -139,9 +140,12 @@ class PrimaryVm:
         vm.nic = backup.nic
         vm.failovers = backup.failovers
         vm.times = backup.times
+        vm.backup_node = backup.primary_node  # the old primary's node: re-protect onto it when it returns
+        vm.backup_service = backup.hello.primary_service
         vm._retained_from = backup.live_from
         spawn(vm._tasks, vm._watch_machine(), "_watch_machine")
         spawn(vm._tasks, vm._checkpoint_loop(first_now=True), "_checkpoint_loop")
+        spawn(vm._tasks, vm._auto_reprotect(), "_auto_reprotect")
         return vm
 
     # ----- start ------------------------------------------------------------------------------
@@ -184,6 +188,7 @@ class PrimaryVm:
         spawn(self._tasks, self._checkpoint_loop(), "_checkpoint_loop")
         if self.backup_node:
             spawn(self._tasks, self._replicate(), "_replicate")
+            spawn(self._tasks, self._auto_reprotect(), "_auto_reprotect")
 
     async def _connect(self, header: vmft_pb2.LogHeader, checkpoint_follows: bool = False) -> None:
         target = self.backup_node
@@ -206,6 +211,7 @@ class PrimaryVm:
             heartbeat_interval_ms=int(self.settings.heartbeat_interval_s * 1000),
             failure_timeout_ms=int(self.settings.failure_timeout_s * 1000),
             checkpoint_follows=checkpoint_follows,
+            primary_service=self.service,
         )
         try:
             await self._call.write(vmft_pb2.PrimaryMessage(hello=hello))
@@ -242,19 +248,25 @@ class PrimaryVm:
             raise ReplicationRefused(f"{self.name} is already protected by {self.backup_node}")
         if self.machine.result is not None or not self.state.startswith("running"):
             raise ReplicationRefused(f"{self.name} is not running ({self.state})")
+        if self._connecting:
+            raise ReplicationRefused(f"{self.name} is already being re-protected")
         machine, journal, gate = self.machine, self.journal, self.gate
         loop = asyncio.get_running_loop()
         began = time.monotonic()
         self.backup_node = backup_node
         self.backup_service = backup_service
         self.reprotect_progress = 0.0
-        self.state = "re-protecting"
         header = make_header(machine.image, machine.memory.size, hash_every=self.settings.hash_every)
+        self._connecting = True  # the state says "re-protecting" only once the new backup has accepted
         try:
             await self._connect(header, checkpoint_follows=True)
-        except ReplicationRefused:
-            self.state = "running unprotected"
-            raise
+        finally:
+            self._connecting = False
+        if self.machine is not machine or machine.result is not None or not self.state.startswith("running"):
+            await self._close_channel()  # the guest faulted meanwhile: a restart is under way
+            raise ReplicationRefused(f"{self.name} stopped running while its new backup was reached")
+        self.state = "re-protecting"
+        self.protected = False  # not until the new backup holds the checkpoint
         assert self._call is not None
         call = self._call
         new_sink = StreamSink(loop)
@@ -312,6 +324,29 @@ class PrimaryVm:
             except TimeoutError:
                 pass
         self.last_reprotect = (time.monotonic() - began, self.last_reprotect[1], sent)
+
+    async def _auto_reprotect(self) -> None:
+        """The node brings up a new backup by itself: whenever this primary runs unprotected (its backup
+        died, it took over from its primary, or it restarted its guest), try the pair's other node again
+        and again until it accepts (a killed node must first be restarted by whoever runs it)."""
+        interval = self.settings.auto_reprotect_s
+        if interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            if self.result is not None or self.state == "fenced":
+                return
+            if self.protected or self.state != "running unprotected" or not self.backup_node:
+                continue
+            try:
+                await self.reprotect(self.backup_node, self.backup_service)
+            except ReplicationRefused as err:
+                log.info(
+                    "%s: automatic re-protection onto %s not yet possible: %s",
+                    self.name,
+                    self.backup_node,
+                    err,
+                )
 
     # ----- replication ---------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ class NodeSettings:
     connect_timeout_s: float = 5.0
     hash_every: int = 20000
     checkpoint_every_s: float = 1.0  # the primary's periodic checkpoints (restart after a guest fault)
+    auto_reprotect_s: float = 1.0  # retry re-protection onto the pair's other node this often (0: never)
     link_relay: bool = False  # route each replication link through a fault-injecting relay (cut/delay/drop)
     # BROKEN ON PURPOSE, for tests only: release outputs without waiting for the backup's acknowledgement
     # (breaks the output rule; the history checker must then find lost writes after a failover).
