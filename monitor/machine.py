@@ -192,7 +192,6 @@ class Machine:
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[MachineResult]]] = []
         self._blocked = False  # in a WAIT: not making exits, but not hung either
         self._hung = False
-        self.sync_exits_at_last_check = 0
         self.exits_async = 0
         self.started_at = 0.0
         # The vCPU stopped after re-entering KVM_RUN past its last synchronous exit (hung, or stopped while

@@ -186,6 +186,10 @@ def cmd_run_supervised(args: argparse.Namespace, machine: Machine) -> int:
         machine.close()
         print(f"vmft: error: {problem}", file=sys.stderr)
         return 2
+    return _supervise(machine, args)
+
+
+def _supervise(machine: Machine, args: argparse.Namespace) -> int:
     try:
         supervisor = asyncio.run(run_supervised(machine, args))
     except BaseException:
@@ -215,12 +219,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     machine.on_console = write_console
-    try:
-        supervisor = asyncio.run(run_supervised(machine, args))
-    except BaseException:
-        machine.close()
-        raise
-    return finish_supervised(supervisor)
+    return _supervise(machine, args)
 
 
 def snapshot_request(socket_path: str, file: str, timeout: float = 60.0) -> str:

@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from monitor.kvm import KvmError
 from replica import checkpoint_cli
@@ -198,10 +198,22 @@ def _free_loopback_address() -> str:
         return f"127.0.0.1:{sock.getsockname()[1]}"
 
 
-def cmd_protect(args: argparse.Namespace) -> int:
+def _node_call(address: str, method: str, request: Any, timeout: float, what: str) -> Any:
+    """One call of the node API; on failure print the node's reason and return None."""
     import grpc
 
-    from proto import vmft_pb2, vmft_pb2_grpc
+    from proto import vmft_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return getattr(vmft_pb2_grpc.NodeStub(channel), method)(request, timeout=timeout)
+        except grpc.RpcError as err:
+            print(f"{what}: {err.details()}", file=sys.stderr)
+            return None
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    from proto import vmft_pb2
 
     image = load_image_file(args.image)
     spec = vmft_pb2.VmSpec(
@@ -218,12 +230,9 @@ def cmd_protect(args: argparse.Namespace) -> int:
     request = vmft_pb2.ProtectRequest(
         spec=spec, backup_node=args.backup or "", service=service, backup_service=backup_service
     )
-    with grpc.insecure_channel(args.primary) as channel:
-        try:
-            status = vmft_pb2_grpc.NodeStub(channel).Protect(request, timeout=30)
-        except grpc.RpcError as err:
-            print(f"vmft protect: {err.details()}", file=sys.stderr)
-            return 1
+    status = _node_call(args.primary, "Protect", request, 30, "vmft protect")
+    if status is None:
+        return 1
     print(f"protected {status.name}: generation {status.generation}, primary {args.primary}, ", end="")
     print(f"backup {args.backup or '(none: unprotected)'}")
     print(f"service: {service}" + (f" (after failover: {backup_service})" if backup_service else ""))
@@ -263,19 +272,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reprotect(args: argparse.Namespace) -> int:
-    import grpc
-
-    from proto import vmft_pb2, vmft_pb2_grpc
+    from proto import vmft_pb2
 
     request = vmft_pb2.ReprotectRequest(
         name=args.vm, backup_node=args.backup, backup_service=args.backup_service or _free_loopback_address()
     )
-    with grpc.insecure_channel(args.primary) as channel:
-        try:
-            status = vmft_pb2_grpc.NodeStub(channel).Reprotect(request, timeout=120)
-        except grpc.RpcError as err:
-            print(f"vmft reprotect: {err.details()}", file=sys.stderr)
-            return 1
+    status = _node_call(args.primary, "Reprotect", request, 120, "vmft reprotect")
+    if status is None:
+        return 1
     print(f"{status.name}: {status.message}")
     print(f"service: {status.service} (after failover: {request.backup_service})")
     return 0

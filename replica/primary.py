@@ -667,7 +667,3 @@ class PrimaryVm:
             self.relay.close()
             self.relay = None
         cancel_other_tasks(self._tasks)
-
-    def close(self) -> None:
-        if self.machine is not None and self.machine.result is not None:
-            self.machine.close()

@@ -27,9 +27,6 @@ class StreamSink:
         self._max_pending = max_pending
         self.discard = False
         self.throttled = 0  # times the vCPU had to wait for the stream
-        self.bytes_sent = 0
-        self.batches_sent = 0
-        self.horizon = 0
         # The log since the primary's latest checkpoint, kept to restart the guest from that checkpoint
         # (bounded: each checkpoint starts it afresh).
         self.retained: list[vmft_pb2.EventBatch] = []

@@ -375,15 +375,17 @@ def test_untampered_logs_replay(logs: dict[str, Recording], guest_image: GuestIm
         assert_identical(recording, replay_run(image, recording.log, arg=recording.arg))
 
 
+def _flip_middle_clock(contents: LogContents) -> int:
+    """Change the value of the middle CLOCK event; returns its position."""
+    event = contents.events[middle(events_of(contents, EventKind.CLOCK))]
+    event[3] ^= 1 << 12
+    return int(event[0])
+
+
 def test_flipped_clock_value_is_caught_where_it_was_given(
     logs: dict[str, Recording], guest_image: GuestImage, tmp_path: Path
 ) -> None:
-    def flip(contents: LogContents) -> int:
-        event = contents.events[middle(events_of(contents, EventKind.CLOCK))]
-        event[3] ^= 1 << 12
-        return int(event[0])
-
-    log, position = tampered(logs["ticker1"], tmp_path, flip)
+    log, position = tampered(logs["ticker1"], tmp_path, _flip_middle_clock)
     message = replay_diverges_at(guest_image("ticker"), log, position, "state hash", arg=40)
     assert re.search(r"expected [0-9a-f]{32}, found [0-9a-f]{32}$", message)
 
@@ -391,12 +393,7 @@ def test_flipped_clock_value_is_caught_where_it_was_given(
 def test_flipped_clock_value_is_caught_without_per_position_hashes(
     logs: dict[str, Recording], guest_image: GuestImage, tmp_path: Path
 ) -> None:
-    def flip(contents: LogContents) -> int:
-        event = contents.events[middle(events_of(contents, EventKind.CLOCK))]
-        event[3] ^= 1 << 12
-        return int(event[0])
-
-    log, position = tampered(logs["ticker"], tmp_path, flip)
+    log, position = tampered(logs["ticker"], tmp_path, _flip_middle_clock)
     replayed = replay_run(guest_image("ticker"), log, arg=40)
     assert replayed.result.reason is StopReason.DIVERGED, replayed.result.describe()
     assert replayed.result.position >= position
