@@ -56,6 +56,7 @@ from typing import Callable, Iterable, Iterator
 import zstandard
 
 from monitor import cpuid
+from monitor.errors import CheckpointError
 from monitor.guest_abi import ABI_VERSION
 from monitor.journal import Journal, JournalMode, LiveJournal
 from monitor.kvm import Kvm, VcpuState
@@ -89,10 +90,6 @@ class RecordType(enum.IntEnum):
 class Region(enum.IntEnum):
     MEMORY = 0
     DISK = 1
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message names what is wrong."""
 
 
 # ----- records ------------------------------------------------------------------------------------

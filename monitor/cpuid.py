@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from monitor.errors import HostError
 from monitor.kvm_abi import CpuidEntry2
 
 
@@ -52,8 +53,8 @@ _FEATURE_WORDS = ((0x1, "edx"), (0x80000001, "edx"), (0x80000001, "ecx"))
 CPUID_TABLE_VERSION = 1
 
 
-class CpuidMismatch(Exception):
-    pass
+class CpuidMismatch(HostError):
+    """This host's KVM lacks CPUID features the vmft platform needs."""
 
 
 def cpuid_hash() -> str:

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 
 from monitor import kvm_abi as abi
+from monitor.errors import HostError
 from monitor.kvm_abi import Ioctl
 
 KVM_DEVICE = "/dev/kvm"
@@ -19,8 +20,8 @@ _libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _libc_ioctl.restype = ctypes.c_int
 
 
-class KvmError(Exception):
-    pass
+class KvmError(HostError):
+    """A KVM ioctl failed or KVM cannot run VMs as asked."""
 
 
 class KvmUnavailable(KvmError):

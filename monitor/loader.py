@@ -7,6 +7,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from monitor.errors import ImageError
 from monitor.guest_abi import IMAGE_MIN_ADDR
 from monitor.memory import GuestMemory
 
@@ -16,10 +17,6 @@ _PT_LOAD = 1
 _PF_X = 1
 _ET_EXEC = 2
 _EM_X86_64 = 62
-
-
-class ImageError(Exception):
-    """A guest image that cannot be loaded; the message names the problem."""
 
 
 @dataclass(frozen=True)

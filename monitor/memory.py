@@ -9,10 +9,12 @@ from __future__ import annotations
 import ctypes
 import mmap
 
+from monitor.errors import GuestError
+
 PAGE_SIZE = 4096
 
 
-class GuestMemoryError(Exception):
+class GuestMemoryError(GuestError):
     """A guest-physical range that lies (partly) outside guest RAM."""
 
     def __init__(self, addr: int, length: int, size: int) -> None:

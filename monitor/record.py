@@ -30,6 +30,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Protocol
 import zstandard
 
 from monitor import cpuid
+from monitor.errors import LogError
 from monitor.guest_abi import ABI_VERSION, Vector
 from monitor.journal import DivergenceError, EventKind, Journal, JournalMode, JournalStop, OutputKind
 from monitor.loader import GuestImage
@@ -43,10 +44,6 @@ _FRAME = struct.Struct("<II")
 _U32 = struct.Struct("<I")
 MAX_FRAME = 64 << 20
 DEFAULT_HASH_EVERY = 20000
-
-
-class LogError(Exception):
-    """A log that cannot be used; the message names the problem."""
 
 
 def output_hash(data: bytes) -> bytes:

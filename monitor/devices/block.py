@@ -13,6 +13,7 @@ import os
 from typing import Callable
 
 from monitor.devices.base import DeviceContext, check_buffer, complete, read_request, set_arg64
+from monitor.errors import DiskError
 from monitor.journal import EventKind, JournalMode
 from monitor.guest_abi import SECTOR_SIZE, BlockOp, Port, Status, Vector
 
@@ -20,10 +21,6 @@ log = logging.getLogger(__name__)
 
 MAX_BLOCK_REQUEST = 4 << 20
 WRITE_TRACK_BLOCK = 4096  # granularity of the written-ranges tracking for checkpoints (8 sectors)
-
-
-class BlockDeviceError(Exception):
-    pass
 
 
 class Block:
@@ -41,11 +38,11 @@ class Block:
             try:
                 self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             except OSError as err:
-                raise BlockDeviceError(f"cannot open disk image {path}: {err.strerror}") from err
+                raise DiskError(f"cannot open disk image {path}: {err.strerror}") from err
             size = os.fstat(self._fd).st_size
             if size % SECTOR_SIZE:
                 os.close(self._fd)
-                raise BlockDeviceError(f"disk image {path} is {size} bytes, not a multiple of {SECTOR_SIZE}")
+                raise DiskError(f"disk image {path} is {size} bytes, not a multiple of {SECTOR_SIZE}")
             self.sectors = size // SECTOR_SIZE
 
     def out_ports(self) -> dict[Port, Callable[[int], None]]:

@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from monitor.errors import GuestError
 from monitor.devices.base import DeviceContext, check_buffer, complete, read_request
 from monitor.guest_abi import NET_MESSAGE, EventBit, NetKind, Port, Status, Vector, net_message_padded_len
 from monitor.journal import EventKind, OutputKind
@@ -38,7 +39,7 @@ def pack_messages(messages: list[NetMessage]) -> bytes:
     return bytes(out)
 
 
-class MalformedMessages(ValueError):
+class MalformedMessages(GuestError, ValueError):
     pass
 
 
