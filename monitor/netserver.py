@@ -13,18 +13,12 @@ import logging
 import struct
 import threading
 
+from monitor.address import parse_address as parse_address  # callers' import path
 from monitor.devices.net import MAX_MESSAGE, NetBackend, NetMessage
 from monitor.guest_abi import NetKind
 
 log = logging.getLogger(__name__)
 _LENGTH = struct.Struct(">I")
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
 
 
 class NicServer:

@@ -18,10 +18,12 @@ import socket
 import sys
 from pathlib import Path
 
+from monitor.address import parse_address
 from monitor.checkpoint import CheckpointError, CheckpointStats, CheckpointStore, restore_files
 from monitor.machine import Machine, MachineResult, StopReason
-from monitor.netserver import NicServer, parse_address
+from monitor.netserver import NicServer
 from monitor.restart import FaultAction, RestartPolicy, Supervisor
+from replica.cli_common import EXIT_UNREACHABLE, fail, result_exit_status, write_console
 
 log = logging.getLogger("vmft")
 
@@ -159,8 +161,6 @@ async def run_supervised(machine: Machine, args: argparse.Namespace, restored_fr
 
 def finish_supervised(supervisor: Supervisor) -> int:
     """Report how a supervised run ended; the exit status."""
-    from replica.cli import result_exit_status
-
     machine = supervisor.machine
     result: MachineResult | None = machine.result
     machine.close()
@@ -184,8 +184,7 @@ def cmd_run_supervised(args: argparse.Namespace, machine: Machine) -> int:
     problem = _check_args(args)
     if problem:
         machine.close()
-        print(f"vmft: error: {problem}", file=sys.stderr)
-        return 2
+        return fail(problem)
     return _supervise(machine, args)
 
 
@@ -199,20 +198,13 @@ def _supervise(machine: Machine, args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from replica.cli import write_console
-
-    if args.on_fault == FaultAction.RESTART.value and not args.checkpoint_dir:
-        print("vmft: error: --on-fault restart needs --checkpoint-dir", file=sys.stderr)
-        return 2
     problem = _check_args(args)
     if problem:
-        print(f"vmft: error: {problem}", file=sys.stderr)
-        return 2
+        return fail(problem)
     try:
         machine, stats = restore_files(args.file, disk=args.disk, hang_timeout_s=args.hang_timeout)
     except CheckpointError as err:
-        print(f"vmft: error: refused: {err}", file=sys.stderr)
-        return 2
+        return fail(f"refused: {err}")
     print(
         f"vmft: restored {args.file} (chain of {stats.chain_length}) at position {stats.position} "
         f"in {stats.seconds * 1e3:.1f} ms",
@@ -243,7 +235,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         reply = snapshot_request(args.socket, args.file)
     except OSError as err:
         print(f"vmft snapshot: cannot reach {args.socket}: {err}", file=sys.stderr)
-        return 3
+        return EXIT_UNREACHABLE
     if not reply.startswith("ok"):
         print(f"vmft snapshot: {reply or 'no reply'}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""The `vmft` command line."""
+"""The `vmft` command line: one sub-command each, every error told in one line (replica/cli_common.py)."""
 
 from __future__ import annotations
 
@@ -12,18 +12,24 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from monitor.kvm import KvmError
-from replica import checkpoint_cli
-from monitor.loader import ImageError, load_image_file
+from monitor.address import parse_address
+from monitor.errors import VmftError
+from monitor.loader import load_image_file
 from monitor.machine import Machine, MachineConfig, MachineResult, StopReason
-from monitor.netserver import NicServer, parse_address
-from monitor.record import LogError, open_recording, open_replay
+from monitor.netserver import NicServer
+from monitor.record import open_recording, open_replay
+from replica import checkpoint_cli
+from replica.cli_common import (
+    EXIT_DIVERGED,
+    EXIT_GUEST_FAILED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    error_line,
+    result_exit_status,
+    write_console,
+)
 
 log = logging.getLogger("vmft")
-
-EXIT_GUEST_FAILED = 70  # the guest crashed, panicked or hung
-EXIT_DIVERGED = 71
-EXIT_USAGE = 2
 
 
 def _add_machine_args(parser: argparse.ArgumentParser) -> None:
@@ -42,21 +48,6 @@ def _add_machine_args(parser: argparse.ArgumentParser) -> None:
 
 def machine_config(args: argparse.Namespace) -> MachineConfig:
     return MachineConfig(args.image, args.mem, args.disk, args.arg, args.hang_timeout)
-
-
-def result_exit_status(result: MachineResult) -> int:
-    if result.reason is StopReason.EXITED and result.exit_code is not None:
-        return result.exit_code & 0xFF
-    if result.reason is StopReason.STOPPED:
-        return 0
-    if result.reason is StopReason.DIVERGED:
-        return EXIT_DIVERGED
-    return EXIT_GUEST_FAILED
-
-
-def write_console(data: bytes) -> None:
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
 
 
 async def run_machine(machine: Machine, listen: str | None) -> MachineResult:
@@ -149,7 +140,7 @@ def cmd_kv(args: argparse.Namespace) -> int:
         return 0
     except KvUnavailable as err:
         print(f"vmft kv: {err}", file=sys.stderr)
-        return 3
+        return EXIT_UNREACHABLE
     except KvError as err:
         print(f"vmft kv: {err}", file=sys.stderr)
         return 1
@@ -336,13 +327,10 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vmft", description="fault-tolerant virtual machines on Linux KVM")
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log everything (default: $VMFT_LOG or WARNING)"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+Subparsers = argparse._SubParsersAction  # what `add_subparsers()` returns
 
+
+def _add_run_parsers(sub: Subparsers) -> None:
     run = sub.add_parser("run", help="run a guest image, show its console, exit with its code")
     _add_machine_args(run)
     run.add_argument("--listen", metavar="HOST:PORT", help="serve the guest's NIC on this TCP address")
@@ -359,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("-q", "--quiet", action="store_true")
     replay.set_defaults(func=cmd_replay)
 
+
+def _add_node_parser(sub: Subparsers) -> None:
     node = sub.add_parser("node", help="run a node daemon hosting primaries and backups")
     node.add_argument("--listen", required=True, metavar="HOST:PORT", help="gRPC address of this node")
     node.add_argument("--data-dir", required=True, metavar="DIR", help="where the node keeps its state")
@@ -391,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.set_defaults(func=cmd_node)
 
+
+def _add_pair_parsers(sub: Subparsers) -> None:
     protect = sub.add_parser("protect", help="start a protected primary/backup pair")
     _add_machine_args(protect)
     protect.add_argument("--name", default="vm1", help="the VM's name (default vm1)")
@@ -419,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.set_defaults(func=cmd_status)
 
+
+def _add_fault_parsers(sub: Subparsers) -> None:
     from replica.faults import Fault
 
     fault = sub.add_parser("fault", help="inject a fault into a running protected VM")
@@ -434,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     fault.add_argument("--fraction", type=float, default=0.1, help="drop-link: fraction of segments lost")
     fault.set_defaults(func=cmd_fault)
 
+
+def _add_chaos_parser(sub: Subparsers) -> None:
     chaos = sub.add_parser("chaos", help="a fault campaign against a protected kv VM, with a report")
     chaos.add_argument("--image", default="guests/build/kv.elf", help="the kv guest image")
     chaos.add_argument("--faults", help="comma-separated faults in order (default: random)")
@@ -444,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--out", default="chaos-report", metavar="DIR", help="where the report goes")
     chaos.set_defaults(func=cmd_chaos)
 
+
+def _add_kv_parser(sub: Subparsers) -> None:
     kv = sub.add_parser("kv", help="talk to a kv guest")
     kv.add_argument("address", help="HOST:PORT of the service (comma-separated: primary's, backup's)")
     kv.add_argument("op", choices=["get", "set", "incr", "del", "stats"])
@@ -453,7 +451,23 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--timeout", type=float, default=5.0)
     kv.set_defaults(func=cmd_kv)
 
-    checkpoint_cli.add_commands(sub)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmft", description="fault-tolerant virtual machines on Linux KVM")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log everything (default: $VMFT_LOG or WARNING)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_run_parsers,
+        _add_node_parser,
+        _add_pair_parsers,
+        _add_fault_parsers,
+        _add_chaos_parser,
+        _add_kv_parser,
+        checkpoint_cli.add_commands,
+    ):
+        add(sub)
     return parser
 
 
@@ -466,8 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ImageError, KvmError, LogError, ValueError, OSError) as err:
-        print(f"vmft: error: {err}", file=sys.stderr)
+    except (VmftError, ValueError, OSError) as err:
+        log.debug("command failed", exc_info=True)
+        print(error_line(err), file=sys.stderr)
         return EXIT_USAGE
 
 

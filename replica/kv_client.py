@@ -24,6 +24,8 @@ import time
 from types import TracebackType
 from typing import Any
 
+from monitor.address import parse_address
+
 __all__ = ["KvClient", "KvClientSync", "SyncKvClient", "KvError", "KvProtocolError", "KvUnavailable"]
 
 MAX_KEY = 128
@@ -50,15 +52,6 @@ class KvProtocolError(KvError):
 
 class KvUnavailable(Exception):
     """No address answered within the client's total time budget."""
-
-
-def _split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"address {address!r} is not host:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host or "127.0.0.1", int(port)
 
 
 def _check_key(key: str) -> bytes:
@@ -95,7 +88,7 @@ class KvClient:
             raise ValueError(
                 f"a client id is 1..{MAX_CLIENT_ID} bytes without spaces or colons: {client_id!r}"
             )
-        self.addresses = [_split_address(a) for a in addresses]
+        self.addresses = [parse_address(a, default_host="127.0.0.1") for a in addresses]
         self.client_id = client_id
         self.timeout = timeout
         self.total_timeout = total_timeout if total_timeout is not None else max(10.0, 5 * timeout)

@@ -29,18 +29,13 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from monitor.address import parse_address
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _CHUNK = 1 << 16
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, like a dead host's stack
-
-
-def _split(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"address {address!r} is not HOST:PORT")
-    return host or "127.0.0.1", int(port)
 
 
 @dataclass
@@ -102,8 +97,8 @@ class Relay:
     """Listens on `listen` (default: a free loopback port) and forwards every connection to `target`."""
 
     def __init__(self, target: str, listen: str = "127.0.0.1:0") -> None:
-        self.target = _split(target)
-        self._listen = _split(listen)
+        self.target = parse_address(target, default_host="127.0.0.1")
+        self._listen = parse_address(listen, default_host="127.0.0.1")
         self._delay = 0.0
         self._loss = 0.0
         self._rto = 0.2
