@@ -17,6 +17,7 @@ import grpc
 
 from monitor.loader import load_image_file
 from proto import vmft_pb2, vmft_pb2_grpc
+from monitor.errors import VmftError
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -25,8 +26,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-class ClusterError(Exception):
-    pass
+class ClusterError(VmftError):
+    """Local test cluster could not be brought up or driven."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import grpc
 
 from proto import vmft_pb2, vmft_pb2_grpc
+from monitor.errors import VmftError
 
 
 class Fault(enum.Enum):
@@ -55,8 +56,8 @@ CATALOGUE: dict[Fault, FaultTarget] = {
 }
 
 
-class FaultError(Exception):
-    pass
+class FaultError(VmftError):
+    """A fault that cannot be injected (unknown VM, no node answered, nothing to act on)."""
 
 
 def find_roles(nodes: list[str], vm: str, timeout: float = 2.0) -> tuple[str | None, str | None]:

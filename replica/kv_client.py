@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from monitor.address import parse_address
+from monitor.errors import PeerError
 
 __all__ = ["KvClient", "KvClientSync", "SyncKvClient", "KvError", "KvProtocolError", "KvUnavailable"]
 
@@ -37,7 +38,7 @@ _LEN = struct.Struct(">I")
 _NO_REPLY = frozenset({"CRASH", "PANIC", "HANG"})
 
 
-class KvError(Exception):
+class KvError(PeerError):
     """The service answered `ERR ...`. `reason` is the text after `ERR `."""
 
     def __init__(self, reason: str, request: str = "") -> None:
@@ -50,7 +51,7 @@ class KvProtocolError(KvError):
     """The service answered something this client does not understand."""
 
 
-class KvUnavailable(Exception):
+class KvUnavailable(PeerError):
     """No address answered within the client's total time budget."""
 
 
