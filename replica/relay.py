@@ -1,5 +1,5 @@
 """A fault-injecting TCP relay: put it between two nodes (or a client and a service) and cut, delay or heal
-the link while they talk. The network faults this kernel cannot make (no netem, no iptables: FACTS.md).
+the link while they talk. The network faults this kernel cannot make (no netem, no iptables: docs/design.md).
 
     with Relay("127.0.0.1:7001") as relay:       # listens on relay.address, forwards to 127.0.0.1:7001
         ...                                       # point the peer at relay.address

@@ -2,7 +2,7 @@
 
 A benchmark is a module scripts/bench_NAME.py with `run(args: argparse.Namespace) -> list[Figure]` and,
 optionally, `add_arguments(parser: argparse.ArgumentParser) -> None` for its own options. Every figure is
-printed beside a reference figure measured in the same process (DESIGN.md, Measuring), so that the ratio
+printed beside a reference figure measured in the same process (docs/design.md), so that the ratio
 survives a noisy machine.
 """
 
