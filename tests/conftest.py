@@ -1,7 +1,13 @@
 """Shared test fixtures for vmft.
 
 Tests that need a usable /dev/kvm carry the `kvm` marker (or take the `kvm_required` fixture); where KVM is
-not usable they are skipped and the reason is shown in the summary (addopts has -rs).
+not usable they are skipped and the reason is shown in the summary (addopts has -rs). Tests without either
+run everywhere: they must not touch KVM.
+
+The count of tests skipped for lack of KVM ends the terminal summary and, when VMFT_KVM_SKIP_REPORT names a
+file, is written there (scripts/test reads it and fails unless VMFT_ALLOW_NO_KVM=1).
+VMFT_TEST_KVM_PATH (default /dev/kvm) points the check, and the monitor in this process, at another path:
+`VMFT_TEST_KVM_PATH=/nonexistent` shows what runs on a machine without KVM.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ import fcntl
 import functools
 import os
 import socket
+import threading
 from collections.abc import Callable
+from typing import IO, AnyStr
 from pathlib import Path
 
 import pytest
@@ -22,12 +30,14 @@ GUEST_BUILD = ROOT / "guests" / "build"
 KVM_GET_API_VERSION = 0xAE00
 KVM_CREATE_VM = 0xAE01
 KVM_API_VERSION = 12
+KVM_PATH = os.environ.get("VMFT_TEST_KVM_PATH", "/dev/kvm")
+NO_KVM_PREFIX = "needs KVM: "
 
 
 @functools.cache
 def kvm_unusable_reason() -> str | None:
     """None when /dev/kvm can create a VM; otherwise a plain sentence saying why not."""
-    path = "/dev/kvm"
+    path = KVM_PATH
     if not os.path.exists(path):
         return f"{path} does not exist (no KVM on this machine)"
     try:
@@ -55,6 +65,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # Also declared in pyproject.toml; repeated here so the markers exist however pytest is started.
     config.addinivalue_line("markers", "kvm: needs a usable /dev/kvm")
     config.addinivalue_line("markers", "slow: long-running test")
+    if KVM_PATH != "/dev/kvm":
+        # A test wrongly left without the kvm marker then fails here instead of passing on real KVM.
+        import monitor.kvm
+
+        monitor.kvm.KVM_DEVICE = KVM_PATH
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -66,7 +81,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     reason = kvm_unusable_reason()
     if reason is None:
         return
-    skip = pytest.mark.skip(reason=f"needs KVM: {reason}")
+    skip = pytest.mark.skip(reason=f"{NO_KVM_PREFIX}{reason}")
     for item in items:
         if "kvm" in item.keywords or "kvm_required" in getattr(item, "fixturenames", ()):
             item.add_marker(skip)
@@ -77,7 +92,34 @@ def kvm_required() -> None:
     """Depend on this fixture (or mark the test `kvm`) to be skipped where /dev/kvm is unusable."""
     reason = kvm_unusable_reason()
     if reason is not None:
-        pytest.skip(f"needs KVM: {reason}")
+        pytest.skip(f"{NO_KVM_PREFIX}{reason}")
+
+
+_KVM_SKIPPED: list[str] = []  # node ids of the tests skipped for lack of KVM in this run
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:  # (path, line, "Skipped: reason")
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+@pytest.hookimpl
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and _skip_reason(report).startswith(NO_KVM_PREFIX):
+        _KVM_SKIPPED.append(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    count = len(_KVM_SKIPPED)
+    if count:
+        terminalreporter.write_line(
+            f"kvm: {count} tests skipped for lack of KVM ({kvm_unusable_reason()})", yellow=True
+        )
+    report = os.environ.get("VMFT_KVM_SKIP_REPORT")
+    if report:
+        Path(report).write_text(f"{count}\n")
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:
@@ -115,3 +157,15 @@ def guest_image() -> Callable[[str], Path]:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+def readline_within(stream: IO[AnyStr], timeout_s: float, what: str = "a line") -> AnyStr:
+    """stream.readline(), failing the test if no line comes within timeout_s (a pipe from a child that
+    hangs would block forever). The reading thread is left behind on timeout: killing the child ends it."""
+    result: list[AnyStr] = []
+    reader = threading.Thread(target=lambda: result.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    if not result:
+        raise AssertionError(f"no {what} within {timeout_s} s")
+    return result[0]

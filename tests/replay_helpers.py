@@ -335,7 +335,7 @@ async def _framed_exchange(address: str, messages: list[bytes], rng: random.Rand
             writer.write(_LEN.pack(len(message)) + message)
             await writer.drain()
             (n,) = _LEN.unpack(await asyncio.wait_for(reader.readexactly(4), 5))
-            replies.append((await reader.readexactly(n)).decode())
+            replies.append((await asyncio.wait_for(reader.readexactly(n), 5)).decode())
             if rng.random() < 0.5:
                 await asyncio.sleep(rng.random() * 0.004)
     finally:

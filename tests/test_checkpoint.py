@@ -452,6 +452,7 @@ def test_cli_run_snapshot_restore(
             kv.command("CRASH")
             assert kv.get("a") == "1"  # served again, restarted from a checkpoint
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
             s.connect(str(sock))
             s.sendall(b"status\n")
             assert b"restarts=1" in s.recv(1000)

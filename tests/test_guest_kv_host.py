@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import readline_within
 
 from replica.kv_client import KvClient, KvClientSync, KvError, KvUnavailable
 
@@ -45,8 +46,12 @@ class KvHost:
         env = dict(os.environ, VMFT_HOST_PORT=str(self.port), VMFT_HOST_DISK=str(self.disk or ""))
         self.proc = subprocess.Popen([str(KV_HOST)], env=env, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.startswith("kv: ready"), line
+        try:
+            line = readline_within(self.proc.stdout, 10, "ready line from kv-host")
+            assert line.startswith("kv: ready"), line
+        except BaseException:
+            self.stop()  # a host that never became ready must not outlive the test
+            raise
         return line
 
     def stop(self) -> None:
@@ -72,8 +77,10 @@ def disk(tmp_path: Path) -> Path:
 def kv_host(disk: Path) -> Iterator[KvHost]:
     host = KvHost(disk)
     host.start()
-    yield host
-    host.stop()
+    try:
+        yield host
+    finally:
+        host.stop()
 
 
 def raw(address: str, *requests: str) -> list[str]:
@@ -135,8 +142,8 @@ def test_log_replay_restores_data_and_dedup(kv_host: KvHost) -> None:
 
 def test_no_disk_still_serves() -> None:
     host = KvHost(None)
-    assert "no disk" in host.start()
     try:
+        assert "no disk" in host.start()
         assert raw(host.address, "SET c:1 a b", "GET a") == ["OK", "VALUE b"]
     finally:
         host.stop()
@@ -179,8 +186,8 @@ class FlakyProxy:
                 body = await reader.readexactly(struct.unpack(">I", head)[0])
                 up_w.write(head + body)
                 await up_w.drain()
-                rhead = await up_r.readexactly(4)
-                rbody = await up_r.readexactly(struct.unpack(">I", rhead)[0])
+                rhead = await asyncio.wait_for(up_r.readexactly(4), 10)
+                rbody = await asyncio.wait_for(up_r.readexactly(struct.unpack(">I", rhead)[0]), 10)
                 self.count += 1
                 if self.count % self.drop_every == 0:
                     self.dropped += 1

@@ -175,8 +175,8 @@ async def test_mixed_echo_and_quit(guest_image: GuestImage, tmp_path: Path) -> N
         await writer.drain()
         replies = []
         for _ in messages:
-            (n,) = struct.unpack(">I", await reader.readexactly(4))
-            replies.append((await reader.readexactly(n)).decode())
+            (n,) = struct.unpack(">I", await asyncio.wait_for(reader.readexactly(4), 10))
+            replies.append((await asyncio.wait_for(reader.readexactly(n), 10)).decode())
         writer.close()
         assert [r.split()[0] for r in replies] == ["HASH", "HASH", "HASH", "BYE"]
         assert replies[2].split()[1] == replies[3].split()[1]

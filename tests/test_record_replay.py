@@ -799,7 +799,8 @@ async def test_replay_behind_an_idle_recording_is_not_hung(guest_image: GuestIma
             assert replay.result is None, replay.result.describe()
             writer.write(len(message).to_bytes(4, "big") + message)
             await writer.drain()
-            await reader.readexactly(int.from_bytes(await reader.readexactly(4), "big"))
+            size = int.from_bytes(await asyncio.wait_for(reader.readexactly(4), 10), "big")
+            await asyncio.wait_for(reader.readexactly(size), 10)
         writer.close()
         assert (await asyncio.wait_for(machine.wait(), 10)).reason is StopReason.EXITED
     digest = machine.state_digest()

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from conftest import readline_within
 
 from replica.relay import Relay
 
@@ -121,7 +122,7 @@ def test_relay_process_mode_commands(echo: str) -> None:
     )
     try:
         assert proc.stdout is not None and proc.stdin is not None
-        first = proc.stdout.readline().split()
+        first = readline_within(proc.stdout, 10, "the relay's address").split()
         assert first[0] == "relay"
         address = first[1]
         with _connect(address) as sock:
@@ -129,7 +130,7 @@ def test_relay_process_mode_commands(echo: str) -> None:
         for command in ("delay 0.01", "cut", "heal"):
             proc.stdin.write(command + "\n")
             proc.stdin.flush()
-            assert proc.stdout.readline().strip() == "ok"
+            assert readline_within(proc.stdout, 10, f"an answer to {command}").strip() == "ok"
         proc.stdin.write("quit\n")
         proc.stdin.flush()
         assert proc.wait(timeout=10) == 0
