@@ -16,8 +16,6 @@ import bench_record
 import bench_spin
 import benchlib
 
-pytestmark = pytest.mark.kvm
-
 
 def parse(module: ModuleType, *argv: str) -> argparse.Namespace:
     """The benchmark's own options, as scripts/bench parses them."""
@@ -52,11 +50,13 @@ def test_percentile_and_interleaving() -> None:
     assert order == ["a", "b", "b", "a", "a", "b"]
 
 
+@pytest.mark.kvm
 def test_exits_smoke() -> None:
     figures = check(bench_exits.run(parse(bench_exits, "--exits", "300", "--rounds", "1")), 2)
     assert all(f.value > 0 for f in figures.values())
 
 
+@pytest.mark.kvm
 def test_spin_smoke() -> None:
     # Both sides run the same two counts and must print the same checksum line (run() raises otherwise).
     args = parse(bench_spin, "--iterations", "40000000", "--short", "2000000", "--rounds", "1")
@@ -65,6 +65,7 @@ def test_spin_smoke() -> None:
     assert bench_spin.checksum("spin: iterations=5 checksum=abc123") == "abc123"
 
 
+@pytest.mark.kvm
 def test_kv_smoke() -> None:
     args = parse(
         bench_kv, "--connections", "4", "--seconds", "0.4", "--latency-seconds", "0.3", "--rounds", "1"
@@ -76,6 +77,7 @@ def test_kv_smoke() -> None:
     assert p50.value <= p99.value and p50.reference <= p99.reference
 
 
+@pytest.mark.kvm
 def test_record_smoke() -> None:
     args = parse(
         bench_record,

@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,12 +21,11 @@ from pathlib import Path
 import pytest
 from conftest import guest_image_path
 
-from monitor.journal import EventKind, JournalStop
+from monitor.journal import EventKind
 from monitor.loader import load_image_file
 from monitor.machine import StopReason
 from monitor.netserver import NicServer
 from monitor.record import LogError, QueueSource, ReplayJournal, open_replay
-from proto import vmft_pb2
 from replica.kv_client import KvClient
 from replay_helpers import (
     MEM_MIB,
@@ -679,31 +677,6 @@ def test_bad_logs_through_the_cli(kv_log: Path, guest_image: GuestImage, tmp_pat
 
 
 # ----- incremental replay behind a live recording --------------------------------------------------------
-
-
-def test_queue_source_drains_then_stops() -> None:
-    source = QueueSource()
-    assert source.next_batch(0.01) is None
-    first, second = vmft_pb2.EventBatch(horizon=1), vmft_pb2.EventBatch(horizon=2)
-
-    def feed() -> None:  # another thread, as the replication stream's reader would be
-        source.put(first)
-        time.sleep(0.05)
-        source.put(second)
-        source.close()
-
-    feeder = threading.Thread(target=feed)
-    feeder.start()
-    got = []
-    with pytest.raises(JournalStop):
-        while True:
-            batch = source.next_batch(1.0)
-            if batch is not None:
-                got.append(batch.horizon)
-    feeder.join()
-    assert got == [1, 2]
-    with pytest.raises(JournalStop):  # and stays closed
-        source.next_batch(0.01)
 
 
 async def test_replay_follows_a_live_recording_with_a_horizon(

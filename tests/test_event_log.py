@@ -1,0 +1,118 @@
+"""The event log without a VM: a golden log file (tests/data/ticker-format1.vmlog, written by the format-1
+writer: `vmft run --record F --arg 3 guests/build/ticker.elf`) read by this version exactly as it was
+recorded, and refused clearly once the format version moves on; the queue a live replay reads from.
+
+tests/data/ticker-format1.json is the golden log's contents as the format-1 reader decoded them when the
+file was made (header, then each batch with its events as [position, rip, kind, value, data hex]). A
+reader that changes how it reads old logs fails here even if the writer changed with it."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import guest_image_path
+
+from monitor import record
+from monitor.errors import LogError
+from monitor.journal import EventKind, JournalStop
+from monitor.loader import load_image_file
+from monitor.record import LogFileReader, QueueSource
+from proto import vmft_pb2
+
+DATA = Path(__file__).resolve().parent / "data"
+GOLDEN_LOG = DATA / "ticker-format1.vmlog"
+GOLDEN_CONTENTS = DATA / "ticker-format1.json"
+
+
+def decode(path: Path) -> dict[str, Any]:
+    reader = LogFileReader(path)
+    h = reader.header
+    batches = []
+    for batch in reader.batches():
+        position = batch.first_position
+        events = []
+        for i, delta in enumerate(batch.position_deltas):
+            position += delta
+            kind = EventKind(batch.kinds[i]).name
+            events.append([position, batch.rips[i], kind, batch.values[i], batch.data[i].hex()])
+        batches.append({
+            "first_position": batch.first_position, "horizon": batch.horizon, "ended": batch.ended,
+            "end_position": batch.end_position, "end_reason": batch.end_reason, "events": events,
+        })  # fmt: skip
+    header = {
+        "format_version": h.format_version, "abi_version": h.abi_version, "image_sha256": h.image_sha256,
+        "mem_size": h.mem_size, "cpuid_hash": h.cpuid_hash, "start_position": h.start_position,
+        "hash_every": h.hash_every, "started_at": h.started_at,
+    }  # fmt: skip
+    return {"header": header, "batches": batches}
+
+
+def test_golden_log_reads_as_it_was_recorded() -> None:
+    expected = json.loads(GOLDEN_CONTENTS.read_text())
+    got = decode(GOLDEN_LOG)
+    assert got["header"] == expected["header"]
+    assert len(got["batches"]) == len(expected["batches"])
+    for i, (ours, theirs) in enumerate(zip(got["batches"], expected["batches"])):
+        assert ours == theirs, f"batch {i}"
+    # What the recording was: ticker's three ticks (a CLOCK read, then per tick an IRQ, an EVENTS read
+    # and a CLOCK read), its console output and exit code, and the final state hash.
+    kinds = [e[2] for b in got["batches"] for e in b["events"]]
+    assert kinds.count("IRQ") == 3 and kinds.count("OUTPUT") == 2 and kinds[-1] == "STATE_HASH"
+    assert got["batches"][-1]["ended"] and got["batches"][-1]["end_reason"] == "exited"
+
+
+def test_golden_log_is_refused_once_the_format_moves_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    reader = LogFileReader(GOLDEN_LOG)
+    image = load_image_file(str(guest_image_path("ticker")))
+    mem_size = reader.header.mem_size
+    assert reader.header.format_version == record.LOG_FORMAT_VERSION == 1
+    monkeypatch.setattr(record, "LOG_FORMAT_VERSION", 2)
+    with pytest.raises(LogError) as err:
+        record.check_header(reader.header, image, mem_size, what=str(GOLDEN_LOG))
+    assert re.search(r"format version 1\b.*reads 2\b", str(err.value)), err.value
+
+
+def test_damaged_golden_log_is_refused(tmp_path: Path) -> None:
+    data = GOLDEN_LOG.read_bytes()
+    flipped = bytearray(data)
+    flipped[-3] ^= 0xFF  # inside the last frame
+    (tmp_path / "flipped.vmlog").write_bytes(bytes(flipped))
+    with pytest.raises(LogError, match="fails its checksum"):
+        list(LogFileReader(tmp_path / "flipped.vmlog").batches())
+    (tmp_path / "short.vmlog").write_bytes(data[:-3])
+    with pytest.raises(LogError, match="truncated"):
+        list(LogFileReader(tmp_path / "short.vmlog").batches())
+    (tmp_path / "magic.vmlog").write_bytes(b"NOTALOG!" + data[8:])
+    with pytest.raises(LogError, match="not a vmft event log"):
+        LogFileReader(tmp_path / "magic.vmlog")
+
+
+def test_queue_source_drains_then_stops() -> None:
+    source = QueueSource()
+    assert source.next_batch(0.01) is None
+    first, second = vmft_pb2.EventBatch(horizon=1), vmft_pb2.EventBatch(horizon=2)
+
+    def feed() -> None:  # another thread, as the replication stream's reader would be
+        source.put(first)
+        time.sleep(0.05)
+        source.put(second)
+        source.close()
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    got = []
+    with pytest.raises(JournalStop):
+        while True:
+            batch = source.next_batch(1.0)
+            if batch is not None:
+                got.append(batch.horizon)
+    feeder.join(10)
+    assert got == [1, 2]
+    with pytest.raises(JournalStop):  # and stays closed
+        source.next_batch(0.01)
