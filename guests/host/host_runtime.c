@@ -2,7 +2,8 @@
  * A host stand-in for the vmft devices, so guest programs' logic (kv, mixed) can be tested as an
  * ordinary process without a VM: NET_RX/NET_TX become a TCP listener with the monitor's framing
  * (4-byte big-endian length + payload), the disk is a file, the clock is CLOCK_MONOTONIC.
- * Not part of any guest image. Environment: VMFT_HOST_PORT (default 7070), VMFT_HOST_DISK (a file
+ * Not part of any guest image. Environment: VMFT_HOST_PORT (default 7070; 0 = an ephemeral port, printed
+ * on stderr as "host runtime: listening on 127.0.0.1:PORT"), VMFT_HOST_DISK (a file
  * whose size gives the sectors; absent: no disk), VMFT_HOST_ARG.
  */
 #define _GNU_SOURCE
@@ -22,7 +23,7 @@
 
 #include "vmft.h"
 
-#define MAX_CONNS 64
+#define MAX_CONNS 256
 #define MAX_FRAME (1 << 20)
 
 struct conn {
@@ -30,6 +31,8 @@ struct conn {
     uint32_t id;
     uint8_t *buf;
     size_t len, cap;
+    uint8_t *out; /* replies of the batch being sent: one write per connection per NET_TX */
+    size_t out_len, out_cap;
     int opened_reported;
 };
 
@@ -60,10 +63,15 @@ static void setup(void)
     setsockopt(listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port ? atoi(port) : 7070)};
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(listen_fd, (struct sockaddr *)&a, sizeof a) < 0 || listen(listen_fd, 64) < 0) {
+    socklen_t alen = sizeof a;
+    if (bind(listen_fd, (struct sockaddr *)&a, sizeof a) < 0 || listen(listen_fd, 256) < 0 ||
+        getsockname(listen_fd, (struct sockaddr *)&a, &alen) < 0) {
         perror("host runtime: bind/listen");
         exit(3);
     }
+    /* VMFT_HOST_PORT=0: an ephemeral port, told on stderr so that a harness need not guess a free one. */
+    if (port && strcmp(port, "0") == 0)
+        fprintf(stderr, "host runtime: listening on 127.0.0.1:%u\n", ntohs(a.sin_port));
     for (int i = 0; i < MAX_CONNS; i++)
         conns[i].fd = -1;
     const char *disk = getenv("VMFT_HOST_DISK");
@@ -98,6 +106,9 @@ static void close_conn(struct conn *c, int report)
     free(c->buf);
     c->buf = NULL;
     c->len = c->cap = 0;
+    free(c->out);
+    c->out = NULL;
+    c->out_len = c->out_cap = 0;
     if (report && npending_close < (int)(sizeof pending_close / sizeof pending_close[0]))
         pending_close[npending_close++] = c->id;
 }
@@ -237,6 +248,44 @@ int vmft_net_rx(void *buf, uint32_t cap)
     return count;
 }
 
+/* Write a connection's queued replies (blocking: the socket was accepted blocking). */
+static void flush_out(struct conn *c)
+{
+    size_t off = 0;
+    while (off < c->out_len) {
+        ssize_t n = write(c->fd, c->out + off, c->out_len - off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            close_conn(c, 1);
+            return;
+        }
+        off += (size_t)n;
+    }
+    c->out_len = 0;
+}
+
+static int queue_out(struct conn *c, const void *payload, uint32_t len)
+{
+    if (c->out_cap - c->out_len < 4 + (size_t)len) {
+        size_t cap = c->out_cap ? c->out_cap : 16384;
+        while (cap - c->out_len < 4 + (size_t)len)
+            cap *= 2;
+        uint8_t *b = realloc(c->out, cap);
+        if (!b)
+            return -1;
+        c->out = b;
+        c->out_cap = cap;
+    }
+    uint8_t *h = c->out + c->out_len;
+    h[0] = (uint8_t)(len >> 24), h[1] = (uint8_t)(len >> 16), h[2] = (uint8_t)(len >> 8), h[3] = (uint8_t)len;
+    memcpy(h + 4, payload, len);
+    c->out_len += 4 + (size_t)len;
+    return 0;
+}
+
+/* One NET_TX: replies are gathered per connection and written once each, as a NIC would send a batch
+ * (two small writes per reply would measure the host's syscalls, not the guest program). */
 int vmft_tx_send(struct vmft_tx *tx)
 {
     struct vmft_net_iter it;
@@ -253,13 +302,17 @@ int vmft_tx_send(struct vmft_tx *tx)
             continue;
         }
         if (m->kind == VMFT_NET_CLOSE) {
-            close_conn(c, 0);
+            flush_out(c);
+            if (c->fd >= 0)
+                close_conn(c, 0);
             continue;
         }
-        uint8_t hdr[4] = {(uint8_t)(m->len >> 24), (uint8_t)(m->len >> 16), (uint8_t)(m->len >> 8), (uint8_t)m->len};
-        if (write(c->fd, hdr, 4) != 4 || write(c->fd, vmft_net_payload(m), m->len) != (ssize_t)m->len)
+        if (queue_out(c, vmft_net_payload(m), m->len) < 0)
             close_conn(c, 1);
     }
+    for (int i = 0; i < MAX_CONNS; i++)
+        if (conns[i].fd >= 0 && conns[i].out_len)
+            flush_out(&conns[i]);
     tx->len = 0;
     tx->count = 0;
     return status;
