@@ -9,16 +9,33 @@ generation sees that someone holds a newer one and stays fenced.
 `SqliteArbiter` is the default for one machine: a SQLite database file that every node of the machine
 opens. SQLite's write lock (BEGIN IMMEDIATE) makes read-max-then-insert atomic across processes, and the
 file outlives any node's crash. A cross-machine arbiter (etcd) implements the same interface.
+
+Opening a fresh file from several processes at once: switching it to WAL needs an exclusive lock, and
+SQLite answers "database is locked" there at once, without its busy handler (which would deadlock two
+readers upgrading). So the switch is retried, after a short random back-off, until `timeout_s`. WAL is a
+property of the file: once switched, later connections need no pragma for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from monitor.errors import ArbiterError
+
+log = logging.getLogger(__name__)
+
+
+class ArbiterUnavailable(ArbiterError):
+    """The arbiter's database could not be opened, or failed a query."""
+
+    hint = "check that the --arbiter file is on a local, writable file system"
 
 
 @dataclass(frozen=True)
@@ -40,23 +57,46 @@ class Arbiter(Protocol):
         ...
 
 
+def _busy(err: sqlite3.OperationalError) -> bool:
+    text = str(err)
+    return "locked" in text or "busy" in text
+
+
 class SqliteArbiter:
     def __init__(self, path: str | Path, timeout_s: float = 5.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._timeout = timeout_s
-        with self._connect() as db:
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS claims ("
-                " vm TEXT NOT NULL, generation INTEGER NOT NULL, node TEXT NOT NULL,"
-                " claimed_at REAL NOT NULL,"
-                " PRIMARY KEY (vm, generation))"
-            )
+        self._initialise()
+
+    def _initialise(self) -> None:
+        """WAL mode and the table, retried while other processes do the same (see the module's doc)."""
+        deadline = time.monotonic() + self._timeout
+        while True:
+            db = self._connect()
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS claims ("
+                    " vm TEXT NOT NULL, generation INTEGER NOT NULL, node TEXT NOT NULL,"
+                    " claimed_at REAL NOT NULL,"
+                    " PRIMARY KEY (vm, generation))"
+                )
+                return
+            except sqlite3.OperationalError as err:
+                if not _busy(err) or time.monotonic() > deadline:
+                    raise ArbiterUnavailable(f"arbiter {self.path}: {err}") from err
+                log.debug("arbiter %s busy while opening (%s): retrying", self.path, err)
+            finally:
+                db.close()
+            time.sleep(random.uniform(0.001, 0.02))
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
+            db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as err:
+            raise ArbiterUnavailable(f"arbiter {self.path}: {err}") from err
         return db
 
     def claim(self, vm: str, generation: int, node: str) -> bool:
@@ -74,6 +114,8 @@ class SqliteArbiter:
             )
             db.execute("COMMIT")
             return True
+        except sqlite3.Error as err:
+            raise ArbiterUnavailable(f"arbiter {self.path}: claim of {vm} failed: {err}") from err
         finally:
             db.close()
 
@@ -85,6 +127,8 @@ class SqliteArbiter:
                 " ORDER BY generation DESC LIMIT 1",
                 (vm,),
             ).fetchone()
+        except sqlite3.Error as err:
+            raise ArbiterUnavailable(f"arbiter {self.path}: {err}") from err
         finally:
             db.close()
         return Claim(row[0], int(row[1]), row[2], float(row[3])) if row else None
