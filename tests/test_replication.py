@@ -173,7 +173,15 @@ async def test_link_cut_leaves_exactly_one_primary(cluster: LocalCluster, silent
         winner = next(s for s in roles if s is not None and s.role == vmft_pb2.ROLE_PRIMARY)
         assert winner.generation == 2 and not winner.protected
         loser = next(s for s in roles if s is not None and s.role == vmft_pb2.ROLE_STOPPED)
-        assert loser.held_outputs == 0 or "withheld" in loser.message or loser.state.startswith("stopped")
+        if loser is roles[0]:
+            # The old primary lost generation 2 to the backup: fenced, says to whom, serves nothing more.
+            assert loser.state == "fenced", loser
+            assert "generation 2" in loser.message and b.name in loser.message, loser.message
+            assert _refuses(cluster.service_address(vm.name, a)), "a fenced primary still serves"
+        else:
+            # The backup lost generation 2 to the primary: it stopped, and says to whom it lost.
+            assert loser.state == "stopped", loser
+            assert "generation 2" in loser.message and a.name in loser.message, loser.message
 
 
 # ----- the old primary comes back ------------------------------------------------------------------------
@@ -193,6 +201,15 @@ async def test_restarted_old_primary_is_fenced(cluster: LocalCluster) -> None:
         socket.create_connection((host, int(port)), timeout=1).close()  # it serves nothing
     new = cluster.vm_status(b, vm.name)
     assert new is not None and new.role == vmft_pb2.ROLE_PRIMARY and new.generation == 2
+
+
+def _refuses(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=1.0).close()
+    except OSError:
+        return True
+    return False
 
 
 def _kv_request(text: str) -> bytes:
@@ -230,7 +247,9 @@ async def test_sigstopped_primary_resumed_after_failover_stops_and_withholds(clu
     assert verdict.ok, verdict.summary() + "".join(f"\n{v}" for v in verdict.violations[:5])
     old = cluster.vm_status(a, vm.name)
     assert old is not None and old.role == vmft_pb2.ROLE_STOPPED, old
-    assert old.state == "fenced" or "lost" in old.state or "generation 2" in old.message, old
+    # Resumed, it found its backup gone, asked the arbiter for generation 2 and learnt that B holds it.
+    assert old.state == "fenced", old
+    assert "generation 2" in old.message and b.name in old.message, old.message
     assert probe_reply and not probe_reply[0].startswith(b"\x00"), f"a reply escaped: {probe_reply!r}"
     new = cluster.vm_status(b, vm.name)
     assert new is not None and new.role == vmft_pb2.ROLE_PRIMARY and new.generation == 2
