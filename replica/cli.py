@@ -18,7 +18,7 @@ from monitor.loader import load_image_file
 from monitor.machine import Machine, MachineConfig, MachineResult, StopReason
 from monitor.netserver import NicServer
 from monitor.record import open_recording, open_replay
-from replica import checkpoint_cli
+from replica import ca_cli, checkpoint_cli
 from replica.cli_common import (
     EXIT_DIVERGED,
     EXIT_GUEST_FAILED,
@@ -466,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_chaos_parser,
         _add_kv_parser,
         checkpoint_cli.add_commands,
+        ca_cli.add_commands,
     ):
         add(sub)
     return parser
