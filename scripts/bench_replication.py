@@ -1,7 +1,7 @@
 """Replication cost: the kv guest protected by a backup against the same guest unprotected, both in one
 LocalCluster (three `vmft node` processes on loopback: the replicated primary, its backup, and the
-unprotected VM's node), measured in interleaved phases. The client load runs in a separate process
-(scripts/kvload.py through multiprocessing) so that it takes no GIL from the nodes or from this process.
+unprotected VM's node), measured in interleaved phases. The client load is build/kvload (scripts/kvload.c),
+a C epoll generator in its own process, on the last core (--no-pin: anywhere); the nodes are not pinned.
 
 Figures: throughput with many concurrent connections; the latency one sequential client pays (p50, p99) and
 what the output rule adds at p50, beside a gRPC unary round trip measured here; the log bandwidth under the
@@ -10,14 +10,11 @@ concurrent load beside the clients' request bandwidth; the backup's lag behind t
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import statistics
 import tempfile
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -35,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
     parser.add_argument("--quick", action="store_true", help="a few seconds in all (smoke test)")
     parser.add_argument("--keep", metavar="DIR", help="run the cluster in DIR and keep its node logs")
+    parser.add_argument("--no-pin", action="store_true", help="leave the load generator unpinned")
 
 
 @dataclass
@@ -45,13 +43,13 @@ class Samples:
 
 
 def _sample_during(
-    cluster: LocalCluster, primary: NodeProcess, name: str, future: Future[Any], start: float, seconds: float
+    cluster: LocalCluster, primary: NodeProcess, name: str, load: kvload.Running, start: float, seconds: float
 ) -> Samples:
     """While the load runs: the primary's view of the backup (acks carry the replayed position)."""
     samples = Samples()
     previous: tuple[float, int] | None = None
     first = start + min(1.0, seconds / 3)
-    while not future.done() and time.monotonic() < start + seconds - 0.1:
+    while not load.done() and time.monotonic() < start + seconds - 0.1:
         if time.monotonic() < first:
             time.sleep(0.05)
             continue
@@ -88,42 +86,39 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
     if args.quick:
         seconds, latency_seconds, rounds = 0.8, 0.4, 1
     image = benchlib.guest_path("kv.elf")
-    context = multiprocessing.get_context("spawn")
+    cpu = None if args.no_pin else kvload.cpu_layout()[0]
     with tempfile.TemporaryDirectory(prefix="vmft-bench-replication.") as tmp:
         workdir = Path(args.keep) if args.keep else Path(tmp)
-        with LocalCluster(workdir) as cluster, ProcessPoolExecutor(1, mp_context=context) as pool:
+        with LocalCluster(workdir) as cluster:
             a, b, c = cluster.add_node(), cluster.add_node(), cluster.add_node()
             rep = cluster.protect(image, a, b, name="rep")
             cluster.wait_for(b, "rep", "backup", timeout=20)
             solo = cluster.protect(image, c, None, name="solo")
             services = {"replicated": rep.service, "unreplicated": solo.service}
             for address in services.values():
-                pool.submit(kvload.warm, address).result(timeout=60)
+                kvload.run([address], 1, requests=20, tag="warm", timeout=60)  # connects the service
 
             throughput: dict[str, list[float]] = {k: [] for k in services}
             request_rate: list[float] = []
             samples = Samples()
-            latencies: dict[str, list[float]] = {k: [] for k in services}
+            latencies: dict[str, list[kvload.Histogram]] = {k: [] for k in services}
             order = list(services)
             for r in range(rounds):
                 for which in order if r % 2 == 0 else reversed(order):
                     start = time.monotonic()
-                    future = pool.submit(
-                        kvload.run_load, services[which], args.connections, seconds, False, f"t{r}"
-                    )
+                    load = kvload.start([services[which]], args.connections, seconds, tag=f"t{r}", cpu=cpu)
                     if which == "replicated":
-                        got = _sample_during(cluster, a, "rep", future, start, seconds)
+                        got = _sample_during(cluster, a, "rep", load, start, seconds)
                         samples.lag_positions += got.lag_positions
                         samples.position_rate += got.position_rate
                         samples.log_bytes_per_s += got.log_bytes_per_s
-                    result = future.result(timeout=seconds + 60)
-                    throughput[which].append(result["ops"] / result["seconds"])
+                    result = load.result()
+                    throughput[which].append(result.rate)
                     if which == "replicated":
-                        request_rate.append(result["request_bytes"] / result["seconds"])
+                        request_rate.append(result.request_bytes / result.seconds)
                 for which in order if r % 2 else reversed(order):
-                    future = pool.submit(kvload.run_load, services[which], 1, latency_seconds, True, f"l{r}")
-                    result = future.result(timeout=latency_seconds + 60)
-                    latencies[which] += result["latencies"]
+                    result = kvload.run([services[which]], 1, latency_seconds, tag=f"l{r}", cpu=cpu)
+                    latencies[which].append(result.histogram)
             rtt = _unary_rtt(a, 50 if args.quick else 300)
             status = cluster.vm_status(a, "rep")
             if status is None or not status.protected:
@@ -131,10 +126,10 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
 
     ms = 1000.0
     rep_tput, solo_tput = _median(throughput["replicated"]), _median(throughput["unreplicated"])
-    rep_p50 = benchlib.percentile(latencies["replicated"], 50) * ms
-    solo_p50 = benchlib.percentile(latencies["unreplicated"], 50) * ms
-    rep_p99 = benchlib.percentile(latencies["replicated"], 99) * ms
-    solo_p99 = benchlib.percentile(latencies["unreplicated"], 99) * ms
+    rep_lat = kvload.Histogram.merge(latencies["replicated"])
+    solo_lat = kvload.Histogram.merge(latencies["unreplicated"])
+    rep_p50, solo_p50 = rep_lat.percentile(50) * ms, solo_lat.percentile(50) * ms
+    rep_p99, solo_p99 = rep_lat.percentile(99) * ms, solo_lat.percentile(99) * ms
     rate = _median(samples.position_rate)
     lag_positions = _median(samples.lag_positions)
     lag_ms = lag_positions / rate * ms if rate and rate == rate else float("nan")
