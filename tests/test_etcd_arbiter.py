@@ -19,7 +19,7 @@ import pytest
 from replica.arbiter import SqliteArbiter
 from replica.etcd_arbiter import EtcdArbiter
 from replica.etcd_client import EtcdClient, EtcdError
-from replica.etcd_server import EtcdCluster
+from replica.etcd_server import EtcdCluster, EtcdTls
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd-server is not installed")
 
@@ -217,3 +217,39 @@ def test_bad_vm_names_are_refused(etcd1: EtcdCluster) -> None:
                 arb.claim(bad, 1, "n1")
     finally:
         arb.close()
+
+
+def test_etcd_with_mutual_tls(tmp_path: Path) -> None:
+    """etcd members certified by the cluster CA require client certificates from it: a node's
+    certificate gets claims through, plaintext and another CA's certificates get nothing."""
+    from replica import tls
+
+    ca = tls.init_ca(tmp_path / "ca")
+    members = [tls.issue(ca, tls.Role.NODE, f"etcd{i}") for i in range(3)]
+    node = tls.issue(ca, tls.Role.NODE, "n1")
+    other = tls.init_ca(tmp_path / "other")
+    stranger = tls.issue(other, tls.Role.NODE, "n1")
+    files = [EtcdTls(ca=m.ca, cert=m.cert, key=m.key) for m in members]
+    cluster = EtcdCluster(tmp_path / "etcd", 3, tls=files)
+    cluster.start(credentials=tls.channel_credentials(node))
+    try:
+        arb = EtcdArbiter(cluster.endpoints, credentials=tls.channel_credentials(node))
+        try:
+            assert arb.claim("vm", 1, "n1")
+        finally:
+            arb.close()
+        for creds in (None, tls.channel_credentials(stranger)):
+            bad = EtcdArbiter(cluster.endpoints, credentials=creds, timeout_s=0.6, attempt_timeout_s=0.2)
+            try:
+                with pytest.raises(EtcdError):
+                    bad.claim("vm", 2, "intruder")
+            finally:
+                bad.close()
+        arb = EtcdArbiter(cluster.endpoints, credentials=tls.channel_credentials(node))
+        try:
+            current = arb.current("vm")
+            assert current is not None and (current.generation, current.node) == (1, "n1")
+        finally:
+            arb.close()
+    finally:
+        cluster.stop()
