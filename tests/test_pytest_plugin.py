@@ -49,6 +49,10 @@ def test_my_service_survives_a_crash(vmft_pair):
     recovery = pair.inject("crash")
     assert client.get("k") == "v"
     assert recovery.recovery_s < 5.0
+    # The fault really happened: the guest crashed and its primary restarted it from a checkpoint.
+    status = pair.cluster.vm_status(pair.vm.primary, pair.vm.name)
+    assert status is not None and status.faults_recovered == 1, status
+    assert "CRASH" in recovery.detail, recovery
     client.close()
 '''
 
