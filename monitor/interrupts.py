@@ -8,15 +8,20 @@ The interrupt window is never requested: its exit lands at timing-dependent inst
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
+from monitor.component import parse_state
 from monitor.guest_abi import VECTOR_EVENT_BITS, EventBit, Vector
+from proto import vmft_pb2
 
 _FIRST_VECTOR = int(Vector.TIMER)
+_STATE = struct.Struct("<IIQ")
 
 
 @dataclass
 class InterruptState:
+    name = "interrupts"  # a monitor/component.py Component
     pending: int = 0  # bit i: vector 0x20 + i is pending
     latched: int = 0  # EventBit mask reported by the next EVENTS/WAIT read
     injected: int = 0  # count, for statistics
@@ -37,3 +42,15 @@ class InterruptState:
         self.pending &= ~lowest
         self.injected += 1
         return _FIRST_VECTOR + lowest.bit_length() - 1
+
+    # ----- monitor/component.py: all of it is a function of guest execution and the log -----
+
+    def save(self) -> vmft_pb2.InterruptsState:
+        return vmft_pb2.InterruptsState(pending=self.pending, latched=self.latched, injected=self.injected)
+
+    def restore(self, data: bytes, live: bool) -> None:
+        state = parse_state(vmft_pb2.InterruptsState, data, self.name)
+        self.pending, self.latched, self.injected = state.pending, state.latched, state.injected
+
+    def replicated(self) -> bytes:
+        return _STATE.pack(self.pending, self.latched, self.injected)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from monitor import kvm_abi as abi
 from monitor.errors import HostError
+from proto import vmft_pb2
 from monitor.kvm_abi import Ioctl
 
 KVM_DEVICE = "/dev/kvm"
@@ -129,6 +130,33 @@ class VcpuState:
     vcpu_events: bytes
     mp_state: int
     debugregs: bytes
+
+    def to_proto(self) -> vmft_pb2.VcpuState:
+        return vmft_pb2.VcpuState(
+            regs=self.regs,
+            sregs=self.sregs,
+            fpu=self.fpu,
+            xsave=self.xsave,
+            xcrs=self.xcrs,
+            msrs=[vmft_pb2.Msr(index=i, value=v) for i, v in self.msrs],
+            vcpu_events=self.vcpu_events,
+            mp_state=self.mp_state,
+            debugregs=self.debugregs,
+        )
+
+    @classmethod
+    def from_proto(cls, msg: vmft_pb2.VcpuState) -> VcpuState:
+        return cls(
+            regs=msg.regs,
+            sregs=msg.sregs,
+            fpu=msg.fpu,
+            xsave=msg.xsave,
+            xcrs=msg.xcrs,
+            msrs=[(m.index, m.value) for m in msg.msrs],
+            vcpu_events=msg.vcpu_events,
+            mp_state=msg.mp_state,
+            debugregs=msg.debugregs,
+        )
 
 
 # MSRs that long-mode ring-3 guests of this platform depend on (no SYSCALL used, but saved for safety).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import logging
 import signal
 import struct
@@ -17,17 +18,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from monitor import boot, cpuid
+from monitor import boot
 from monitor import guest_abi as g
+from monitor.component import Component, replicated_state, restore_all, save_all
 from monitor.devices.base import AsyncSource, Device, DeviceContext
-from monitor.devices.block import Block
+from monitor.devices.block import Block, DiskImage
 from monitor.devices.clock import Clock, Timer, VirtualClock
 from monitor.devices.console import Console
 from monitor.devices.entropy import Entropy
-from monitor.devices.net import Net, NetBackend, NetMessage, deliver_tx, iter_messages, pack_messages
+from monitor.devices.net import Net, NetBackend, deliver_tx
 from monitor.devices.power import GuestStop, Power
 from monitor.dirty import DirtyTracker
-from monitor.guest_abi import NetKind, Vector
+from monitor.guest_abi import Vector
 from monitor.interrupts import InterruptState
 from monitor.journal import (
     DivergenceError,
@@ -35,10 +37,10 @@ from monitor.journal import (
     Journal,
     JournalMode,
     JournalStop,
-    LiveJournal,
     OutputKind,
 )
-from monitor.kvm import Kvm, VcpuFd, is_eintr
+from monitor.config import MachineConfig
+from monitor.kvm import Kvm, VcpuFd, VmFd, is_eintr
 from monitor.kvm_abi import (
     KVM_EXIT_IO_OUT,
     RUN_EXIT_REASON_OFFSET,
@@ -47,10 +49,10 @@ from monitor.kvm_abi import (
     ExitReason,
     IoExit,
 )
-from monitor.loader import GuestImage, load_image_file
+from monitor.loader import GuestImage
 from monitor.memory import GuestMemory, GuestMemoryError
 from monitor.statehash import StateHasher
-from monitor.kvm import VcpuState  # checkpoints
+from monitor.kvm import VcpuState
 from proto import vmft_pb2
 
 log = logging.getLogger(__name__)
@@ -99,12 +101,18 @@ class MachineResult:
 
 
 @dataclass
-class MachineConfig:
-    image: str
-    mem_mib: int = 64
-    disk: str | None = None
-    arg: int = 0
-    hang_timeout_s: float = 2.0
+class MachineParts:
+    """The resources of one machine, acquired by monitor/builder.py (the only maker of machines), which
+    closes them if building fails; afterwards Machine.close() does."""
+
+    config: MachineConfig
+    image: GuestImage
+    kvm: Kvm
+    own_kvm: bool  # close it with the machine (not a shared handle)
+    memory: GuestMemory
+    vm: VmFd
+    vcpu: VcpuFd
+    disk: DiskImage | None
 
 
 OutputHandler = Callable[[OutputKind, bytes, int], None]
@@ -117,28 +125,17 @@ def install_kick_handler() -> None:
 
 
 class Machine:
-    def __init__(
-        self,
-        config: MachineConfig,
-        journal: Journal | None = None,
-        image: GuestImage | None = None,
-        kvm: Kvm | None = None,
-    ) -> None:
-        self.config = config
-        self.journal: Journal = journal or LiveJournal()
-        self.image = image or load_image_file(config.image)
-        mem_size = config.mem_mib << 20
-        self.image.check_fits(mem_size)
-        install_kick_handler()
-        self._own_kvm = kvm is None
-        self.kvm = kvm or Kvm()
-        cpuid.check_host_supports(self.kvm.supported_cpuid())
-        self.memory = GuestMemory(mem_size)
-        self.vm = self.kvm.create_vm()
-        self.vm.set_memory_region(MEMORY_SLOT, 0, mem_size, self.memory.host_address, log_dirty=True)
-        self.vcpu: VcpuFd = self.vm.create_vcpu(0)
-        self.vcpu.set_cpuid(cpuid.kvm_entries())
-        self.vcpu.enable_sync_regs()
+    """One VM. Obtained only from monitor/builder.py (`build`, `restore`)."""
+
+    def __init__(self, parts: MachineParts, journal: Journal) -> None:
+        self.config = parts.config
+        self.journal: Journal = journal
+        self.image = parts.image
+        self._own_kvm = parts.own_kvm
+        self.kvm = parts.kvm
+        self.memory = parts.memory
+        self.vm = parts.vm
+        self.vcpu: VcpuFd = parts.vcpu
         self.dirty = DirtyTracker(self.vm, MEMORY_SLOT, self.memory)
         self.hasher: StateHasher | None = StateHasher(self.memory, self.dirty)  # memory is all zero here
 
@@ -160,7 +157,7 @@ class Machine:
         self.clock_device = Clock(ctx, self.clock)
         self.timer = Timer(ctx, self.clock)
         self.net = Net(ctx, self.net_backend)
-        self.block = Block(ctx, config.disk)
+        self.block = Block(ctx, parts.disk)
         self.devices: list[Device] = [
             self.console,
             self.clock_device,
@@ -176,6 +173,8 @@ class Machine:
             self._out.update({int(p): h for p, h in device.out_ports().items()})
             self._in.update({int(p): h for p, h in device.in_ports().items()})
         self._out[g.Port.NOP] = lambda value: None
+        # What persists itself in checkpoints and is covered by the state hash (monitor/component.py).
+        self.components: list[Component] = [self.irq, self.clock_device, self.timer, self.console, self.net]
         self._sources: list[AsyncSource] = [self.timer, self.net, self.console]
         # (event bit as a plain int, source, its has_news) for the per-exit poll: IntFlag arithmetic costs
         # over a microsecond per operation, a plain int `&` some nanoseconds.
@@ -510,6 +509,14 @@ class Machine:
         sregs = self.vcpu.get_sregs()
         return self.hasher.digest(bytes(regs) + bytes(sregs))
 
+    def checkpoint_digest(self) -> bytes:
+        """The state hash of a checkpoint: `state_digest()` (memory, registers) and every component's
+        replicated state. The event log's per-position hashes stay `state_digest()`: interrupt state in
+        them would report a dropped interrupt at its own position instead of at the next one, where the
+        log's consumers (and tests) expect a missing injection to show."""
+        parts = self.state_digest() + replicated_state(self.components)
+        return hashlib.blake2b(parts, digest_size=16).digest()
+
     # ----- control --------------------------------------------------------------------------
 
     def kick(self) -> None:
@@ -616,66 +623,28 @@ class Machine:
         """The vCPU thread is started and has not finished."""
         return self._thread is not None and not self._done.is_set()
 
-    def capture_state(self) -> tuple[VcpuState, vmft_pb2.MachineState]:
-        """The vCPU and the monitor's state of the VM at the current position. Only with the vCPU parked
+    def capture_state(self) -> vmft_pb2.MachineState:
+        """The vCPU and every component's state at the current position. Only with the vCPU parked
         (Machine.pause(), or before start / after the machine finished), with its I/O completed."""
-        net = self.net
-        open_conns: set[int] = getattr(net, "open_conns", set())
-        state = vmft_pb2.MachineState(
+        return vmft_pb2.MachineState(
             position=self.position,
-            irq_pending=self.irq.pending,
-            irq_latched=int(self.irq.latched),
-            irq_injected=self.irq.injected,
-            clock_ns=max(self.clock.now_ns(), self.clock_device.last_seen_ns),
-            clock_last_seen_ns=self.clock_device.last_seen_ns,
-            timer_deadline_ns=self.timer.deadline,
-            console_input=self.console.state(),
-            net_rx_queue=pack_messages(self.net_backend.queued()),
-            net_open_conns=sorted(open_conns),
-            net_conn_high=int(getattr(net, "max_conn", 0)),
-            net_rx_messages=self.net_backend.rx_messages,
-            net_tx_messages=self.net_backend.tx_messages,
+            vcpu=self.vcpu.save_state().to_proto(),
+            components=save_all(self.components),
         )
-        return self.vcpu.save_state(), state
 
-    def restore_state(self, vcpu: VcpuState, state: vmft_pb2.MachineState, live: bool) -> None:
+    def restore_state(self, state: vmft_pb2.MachineState, live: bool) -> None:
         """Put a freshly built machine (not loaded, not started; its memory already written) at a
-        checkpoint's position. `live`: the machine will run on live (not replay a log), so host-side
-        input queued at the checkpoint is queued again and connections open then are reported closed
-        (their clients are gone); replaying, the log supplies all input instead."""
+        checkpoint's position. `live`: the machine will run on live (not replay a log); each component
+        decides what that means for its host-side state (monitor/component.py)."""
         if self._thread is not None:
             raise RuntimeError("restore_state needs a machine that has not started")
-        self.vcpu.restore_state(vcpu)
+        self.vcpu.restore_state(VcpuState.from_proto(state.vcpu))
         self.position = state.position
-        self.irq.pending = state.irq_pending
-        self.irq.latched = state.irq_latched
-        self.irq.injected = state.irq_injected
-        self.clock.resume_from(max(state.clock_ns, state.clock_last_seen_ns))
-        self.clock_device.last_seen_ns = state.clock_last_seen_ns
-        self.timer.deadline = state.timer_deadline_ns
-        self.net_backend.rx_messages = state.net_rx_messages
-        self.net_backend.tx_messages = state.net_tx_messages
-        net = self.net
-        if hasattr(net, "open_conns"):
-            net.open_conns = set(state.net_open_conns)
-            net.max_conn = state.net_conn_high
-        if not live:
-            return
-        self.console.load_state(list(state.console_input))
-        queued = list(iter_messages(state.net_rx_queue))
-        self.net_backend.requeue(queued)
-        gone = set(state.net_open_conns)
-        for msg in queued:
-            if msg.kind is NetKind.OPEN:
-                gone.add(msg.conn)
-            elif msg.kind is NetKind.CLOSE:
-                gone.discard(msg.conn)
-        for conn in sorted(gone):
-            self.net_backend.push(NetMessage(conn, NetKind.CLOSE, b""))
+        restore_all(self.components, dict(state.components), live)
 
     def next_conn_id(self) -> int:
         """The first connection id a NIC server may give out without reusing one the guest has seen."""
-        high = max(int(getattr(self.net, "max_conn", 0)), *(m.conn for m in self.net_backend.queued()), 0)
+        high = max(self.net.max_conn, *(m.conn for m in self.net_backend.queued()), 0)
         return high + 1
 
 

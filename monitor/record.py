@@ -30,6 +30,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Protocol
 import zstandard
 
 from monitor import cpuid
+from monitor.checkpoint.compat import Provenance, check_format, check_provenance
 from monitor.errors import LogError
 from monitor.guest_abi import ABI_VERSION, Vector
 from monitor.journal import DivergenceError, EventKind, Journal, JournalMode, JournalStop, OutputKind
@@ -66,28 +67,11 @@ def make_header(
 
 
 def check_header(header: vmft_pb2.LogHeader, image: GuestImage, mem_size: int, what: str = "log") -> None:
-    """Refuse a log recorded for another image, memory size, CPUID table, ABI or format."""
-    if header.format_version != LOG_FORMAT_VERSION:
-        raise LogError(
-            f"{what} has format version {header.format_version}; this vmft reads {LOG_FORMAT_VERSION}"
-        )
-    if header.abi_version != ABI_VERSION:
-        raise LogError(
-            f"{what} was recorded with guest ABI {header.abi_version}; this vmft has {ABI_VERSION}"
-        )
-    if header.image_sha256 != image.sha256:
-        raise LogError(
-            f"{what} was recorded with image sha256 {header.image_sha256[:16]}..., "
-            f"not {image.path} ({image.sha256[:16]}...)"
-        )
-    if header.mem_size != mem_size:
-        raise LogError(
-            f"{what} was recorded with {header.mem_size >> 20} MiB of guest RAM, not {mem_size >> 20} MiB"
-        )
-    if header.cpuid_hash != cpuid.cpuid_hash():
-        raise LogError(
-            f"{what} was recorded with CPUID table {header.cpuid_hash}, this node has {cpuid.cpuid_hash()}"
-        )
+    """Refuse a log recorded for another image, memory size, CPUID table, ABI or format (the checks
+    checkpoints make too: monitor/checkpoint/compat.py)."""
+    check_format(header.format_version, LOG_FORMAT_VERSION, what, "log", LogError)
+    found = Provenance(header.abi_version, header.cpuid_hash, header.image_sha256, header.mem_size)
+    check_provenance(found, image, mem_size, what, made=" was recorded", error=LogError)
 
 
 # ----- sinks ------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from monitor.checkpoint import Checkpointer, CheckpointStats, CheckpointStore, restore_files
+from monitor import builder
+from monitor.checkpoint import Checkpointer, CheckpointStats, CheckpointStore
 from monitor.machine import Machine, MachineResult, StopReason
 
 log = logging.getLogger(__name__)
@@ -267,15 +268,15 @@ class Supervisor:
 
     def _restore(self, path: Path) -> Machine:
         old = self.machine
-        restored, stats = restore_files(
+        restored, stats = builder.restore(
             path,
             image=old.image,
             mem_size=old.memory.size,
             disk=old.config.disk,
             hang_timeout_s=old.config.hang_timeout_s,
+            on_console=old.on_console,
+            output_handler=old.output_handler,
         )
-        restored.on_console = old.on_console
-        restored.output_handler = old.output_handler
         self.checkpointer = Checkpointer(restored)
         self.checkpointer.continue_from(stats.checkpoint_id)
         self._snapshotter = None

@@ -9,7 +9,8 @@ import logging
 import time
 from typing import Callable
 
-from monitor.checkpoint import RestoreStats, restore_stream
+from monitor import builder
+from monitor.checkpoint import RecordStream, RestoreStats
 from monitor.journal import Journal
 from monitor.loader import GuestImage
 from monitor.machine import Machine, MachineResult
@@ -71,7 +72,7 @@ class BackupVm:
         """Raise if the pair cannot work here (other image, memory size, CPUID)."""
         self._loop = asyncio.get_running_loop()
         image = load_spec_image(self.spec)
-        mem_size = (self.spec.mem_mib or 64) << 20
+        mem_size = machine_config(self.spec, self.disk).mem_size
         check_header(self.hello.header, image, mem_size, what="the primary's log")
         return image
 
@@ -79,8 +80,7 @@ class BackupVm:
         """Boot the VM and start replaying the log from position 0."""
         image = self.check()
         journal = self._replay_journal(self.hello.header.start_position)
-        machine = Machine(machine_config(self.spec, self.disk), journal=journal, image=image)
-        machine.load()
+        machine = builder.build(machine_config(self.spec, self.disk), journal=journal, image=image)
         self._run(machine)
 
     async def start_from_checkpoint(self) -> RestoreStats:
@@ -90,14 +90,13 @@ class BackupVm:
         records = self.checkpoint_records
         self.checkpoint_records = []
         machine, stats = await asyncio.to_thread(
-            restore_stream,
-            records,
+            builder.restore,
+            RecordStream(records, what=f"checkpoint from {self.primary_node}"),
             journal=self._replay_journal,
             image=image,
-            mem_size=(self.spec.mem_mib or 64) << 20,
+            mem_size=machine_config(self.spec, self.disk).mem_size,
             disk=self.disk,
-            hang_timeout_s=self.spec.hang_timeout_s or 2.0,
-            what=f"checkpoint from {self.primary_node}",
+            hang_timeout_s=self.spec.hang_timeout_s or None,
         )
         self.received = machine.position
         self._run(machine)

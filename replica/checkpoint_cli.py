@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from monitor.address import parse_address
-from monitor.checkpoint import CheckpointError, CheckpointStats, CheckpointStore, restore_files
+from monitor import builder
+from monitor.checkpoint import CheckpointError, CheckpointStats, CheckpointStore
 from monitor.machine import Machine, MachineResult, StopReason
 from monitor.netserver import NicServer
 from monitor.restart import FaultAction, RestartPolicy, Supervisor
@@ -202,7 +203,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if problem:
         return fail(problem)
     try:
-        machine, stats = restore_files(args.file, disk=args.disk, hang_timeout_s=args.hang_timeout)
+        machine, stats = builder.restore(
+            args.file, disk=args.disk, hang_timeout_s=args.hang_timeout, on_console=write_console
+        )
     except CheckpointError as err:
         return fail(f"refused: {err}")
     print(
@@ -210,7 +213,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
         f"in {stats.seconds * 1e3:.1f} ms",
         file=sys.stderr,
     )
-    machine.on_console = write_console
     return _supervise(machine, args)
 
 

@@ -15,7 +15,9 @@ from typing import Any, Callable
 from monitor.address import parse_address
 from monitor.errors import VmftError
 from monitor.loader import load_image_file
-from monitor.machine import Machine, MachineConfig, MachineResult, StopReason
+from monitor import builder
+from monitor.config import MachineConfig
+from monitor.machine import Machine, MachineResult, StopReason
 from monitor.netserver import NicServer
 from monitor.record import open_recording, open_replay
 from replica import ca_cli, checkpoint_cli
@@ -74,9 +76,7 @@ async def run_machine(machine: Machine, listen: str | None) -> MachineResult:
 def cmd_run(args: argparse.Namespace) -> int:
     image = load_image_file(args.image)
     journal = open_recording(args.record, image, args.mem << 20, args.hash_every) if args.record else None
-    machine = Machine(machine_config(args), journal=journal, image=image)
-    machine.on_console = write_console
-    machine.load()
+    machine = builder.build(machine_config(args), journal=journal, image=image, on_console=write_console)
     if checkpoint_cli.wants_supervision(args):  # checkpoints, fault restart, control socket
         return checkpoint_cli.cmd_run_supervised(args, machine)
     try:
@@ -93,8 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     image = load_image_file(args.image)
     journal = open_replay(args.log, image, args.mem << 20)
-    machine = Machine(machine_config(args), journal=journal, image=image)
-    machine.load()
+    machine = builder.build(machine_config(args), journal=journal, image=image)
     started = time.monotonic()
     try:
         result = machine.run_blocking()

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from monitor.checkpoint import CheckpointError, Checkpointer, CheckpointStore, restore_files
+from monitor import builder
+from monitor.checkpoint import CheckpointError, Checkpointer, CheckpointStore
 from monitor.loader import ImageError
 from monitor.machine import Machine, MachineResult, StopReason
 from monitor.netserver import NicServer, parse_address
@@ -163,7 +164,7 @@ class PrimaryVm:
             flush_interval_s=0.002,
             flush_on_output=True,
         )
-        machine = Machine(machine_config(self.spec, self.disk), journal=journal, image=image)
+        machine = builder.build(machine_config(self.spec, self.disk), journal=journal, image=image)
         self.machine = machine
         self.journal = journal
         self.gate = OutputGate(machine.deliver)
@@ -171,7 +172,6 @@ class PrimaryVm:
         if self.settings.unsafe_release_outputs:
             log.error("%s: UNSAFE: outputs are released without the backup's acknowledgement", self.name)
             self.gate.unprotected = True
-        machine.load()
         header = make_header(image, machine.memory.size, hash_every=self.settings.hash_every)
         if self.backup_node:
             await self._connect(header)
@@ -519,7 +519,7 @@ class PrimaryVm:
             raise CheckpointError(f"the guest faulted again right after {self._refaults} restarts")
         # A checkpoint taken shortly before the fault was detected may already hold it (a corruption not
         # yet noticed, a loop not yet long enough to count as hung): trust only older ones.
-        trusted_before = time.monotonic() - (self.spec.hang_timeout_s or 2.0) - 0.1
+        trusted_before = time.monotonic() - machine_config(self.spec, self.disk).hang_timeout_s - 0.1
         async with self._checkpoint_lock:  # a checkpoint in flight finishes (or is marked bad) first
             entry = self._store.latest_entry(before=trusted_before) or self._store.latest_entry()
         if entry is None:
@@ -578,14 +578,14 @@ class PrimaryVm:
             return replay
 
         machine, stats = await asyncio.to_thread(
-            restore_files,
+            builder.restore,
             path,
             journal=make_journal,
             image=old_machine.image,
             disk=self.disk,
-            hang_timeout_s=self.spec.hang_timeout_s or 2.0,
+            hang_timeout_s=self.spec.hang_timeout_s or None,
+            output_handler=gate.hold,
         )
-        machine.output_handler = gate.hold
         old_machine.close()
         next_generation = self.generation + 1
         if await asyncio.to_thread(self.arbiter.claim, self.name, next_generation, self.settings.name):

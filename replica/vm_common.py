@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Coroutine
 
 from monitor.loader import GuestImage, ImageError, load_image_file
-from monitor.machine import Machine, MachineConfig
+from monitor.config import MachineConfig
+from monitor.machine import Machine
 from proto import vmft_pb2
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def load_spec_image(spec: vmft_pb2.VmSpec) -> GuestImage:
 
 
 def machine_config(spec: vmft_pb2.VmSpec, disk: str | None) -> MachineConfig:
-    return MachineConfig(spec.image_path, spec.mem_mib or 64, disk, spec.arg, spec.hang_timeout_s or 2.0)
+    return MachineConfig(spec.image_path, spec.mem_mib, disk, spec.arg, spec.hang_timeout_s)  # 0: default
 
 
 @dataclass

@@ -5,7 +5,7 @@ it touched, idle in WAIT (monitor.checkpoint: pre-copy, zstd in chunks, files in
 - save throughput (guest RAM per second of checkpoint) against zstd level 1 on one thread compressing the
   same memory in place, in this process;
 - size against the touched memory, and compression ratio;
-- restore time to running (monitor.checkpoint.restore_files + Machine.start) against the 20 ms target;
+- restore time to running (monitor.builder.restore + Machine.start) against the 20 ms target;
 - restart from the checkpoint against a cold boot of the same guest to the same point (its console line).
 Medians of --repeat runs (and the best restore: the floor on a quiet core)."""
 
@@ -21,9 +21,11 @@ from pathlib import Path
 import benchlib
 import zstandard
 
-from monitor.checkpoint import Checkpointer, restore_files
+from monitor import builder
+from monitor.checkpoint import Checkpointer
 from monitor.loader import load_image_file
-from monitor.machine import Machine, MachineConfig
+from monitor.config import MachineConfig
+from monitor.machine import Machine
 
 TARGET_PAUSE_S = 0.020
 TARGET_RESTORE_S = 0.020
@@ -42,9 +44,7 @@ def cold_boot(config: MachineConfig) -> tuple[Machine, float]:
     """Boot memtouch until its console line (it has touched its memory and idles); returns it running."""
     ready = threading.Event()
     started = time.perf_counter()
-    machine = Machine(config)
-    machine.on_console = lambda data: ready.set()
-    machine.load()
+    machine = builder.build(config, on_console=lambda data: ready.set())
     machine.start()
     if not ready.wait(120):
         machine.close()
@@ -91,7 +91,7 @@ def scenario(args: argparse.Namespace, touched_mib: int, label: str, tmp: Path) 
             machine.wait_blocking(10)
             machine.close()
         started = time.perf_counter()
-        restored, _ = restore_files(path, image=image)
+        restored, _ = builder.restore(path, image=image)
         restored.start()
         restores.append(time.perf_counter() - started)
         restored.stop()

@@ -14,7 +14,9 @@ import benchlib
 from monitor import guest_abi as g
 from monitor.journal import Journal
 from monitor.kvm_abi import RUN_IO_OFFSET, ExitReason
-from monitor.machine import Machine, MachineConfig, StopReason
+from monitor import builder
+from monitor.config import MachineConfig
+from monitor.machine import Machine, StopReason
 
 NOP_PORT = int(g.Port.NOP)
 EXIT_PORT = int(g.Port.POWER_EXIT)
@@ -29,11 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def new_machine(exits: int, journal: Journal | None = None) -> Machine:
     """The exitloop guest loaded into a fresh VM: the same set-up for every driver."""
-    machine = Machine(
-        MachineConfig(str(benchlib.guest_path("exitloop.elf")), 64, None, exits, 30.0), journal=journal
-    )
-    machine.load()
-    return machine
+    config = MachineConfig(str(benchlib.guest_path("exitloop.elf")), 64, None, exits, 30.0)
+    return builder.build(config, journal=journal)
 
 
 def monitor_run(exits: int, journal_factory: Callable[[], Journal] | None = None) -> float:

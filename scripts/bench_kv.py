@@ -25,7 +25,9 @@ from typing import Any
 import benchlib
 from monitor.journal import Journal
 from monitor.loader import GuestImage
-from monitor.machine import Machine, MachineConfig
+from monitor import builder
+from monitor.config import MachineConfig
+from monitor.machine import Machine
 from monitor.netserver import NicServer
 
 _LEN = struct.Struct(">I")
@@ -131,9 +133,8 @@ async def kv_guest(
     journal: Journal | None = None, image: GuestImage | None = None
 ) -> AsyncIterator[tuple[Machine, str]]:
     """The kv guest served on a loopback port (as tests/test_guests_run.py's `served`)."""
-    machine = Machine(MachineConfig(str(benchlib.guest_path("kv.elf")), MEM_MIB, None, 0, 5.0),
-                      journal=journal, image=image)
-    machine.load()
+    config = MachineConfig(str(benchlib.guest_path("kv.elf")), MEM_MIB, None, 0, 5.0)
+    machine = builder.build(config, journal=journal, image=image)
     machine.state_digest()  # the first digest hashes all RAM: a once-per-VM cost, paid before serving
     server = NicServer(machine.net_backend, "127.0.0.1", 0)
     host, port = await server.start()

@@ -7,7 +7,8 @@ zstd frames to a LogFileWriter in a temporary directory), and what it produces:
     clients' input bandwidth) and for an idle kv guest ticking its 50 ms timer (against 0.1 Mbit/s);
 (d) replay speed: each recorded kv log replayed (monitor.record.open_replay + Machine), wall time per
     position against the recording's.
-The kv client load runs in a separate process, as in `scripts/bench kv`."""
+The kv client load is build/kvload (scripts/kvload.c) in its own process, placed as in `scripts/bench kv`
+(generator on the last core, this process on the others; --no-pin)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ import benchlib
 from monitor.devices.net import NetMessage
 from monitor.journal import Journal
 from monitor.loader import GuestImage, load_image_file
-from monitor.machine import Machine, MachineConfig, StopReason
+from monitor import builder
+from monitor.config import MachineConfig
+from monitor.machine import Machine, StopReason
 from monitor.record import DEFAULT_HASH_EVERY, LogFileWriter, RecordJournal, make_header, open_replay
 from proto import vmft_pb2
 
@@ -169,10 +172,9 @@ async def idle_phase(seconds: float, image: GuestImage, tmp: Path, hash_every: i
 def replay(rec: Recorded, image: GuestImage) -> float:
     """Wall seconds per position replaying `rec` from its log; checks the replay is identical."""
     journal = open_replay(rec.path, image, bench_kv.MEM_MIB << 20)
-    machine = Machine(MachineConfig(str(image.path), bench_kv.MEM_MIB, None, 0, 5.0), journal=journal,
-                      image=image)
+    config = MachineConfig(str(image.path), bench_kv.MEM_MIB, None, 0, 5.0)
+    machine = builder.build(config, journal=journal, image=image)
     try:
-        machine.load()
         machine.state_digest()  # as for the recording VM (bench_kv.kv_guest)
         start = time.perf_counter()
         result = machine.run_blocking(300)
@@ -209,7 +211,8 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
                                        med(exits["off"]), "recording off"))
 
         # (b) kv throughput, (c) log size under load, (d) replay
-        kv = asyncio.run(kv_phases(args, image, tmp))
+        with bench_kv.servers_pinned(args):
+            kv = asyncio.run(kv_phases(args, image, tmp))
         figures.append(benchlib.Figure(f"kv throughput, {args.connections} connections, recording on",
                                        med(kv.on.requests_per_s), "req/s", med(kv.off.requests_per_s),
                                        "recording off"))

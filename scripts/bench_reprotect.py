@@ -15,7 +15,8 @@ from pathlib import Path
 
 import benchlib
 from monitor.checkpoint import Checkpointer
-from monitor.machine import Machine, MachineConfig
+from monitor import builder
+from monitor.config import MachineConfig
 from replica.cluster import LocalCluster
 
 RANDOM = 1 << 32  # memtouch's arg bit for incompressible data
@@ -28,8 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _local_checkpoint(image: Path, mem_mib: int, arg: int, workdir: Path) -> tuple[float, float]:
     """Seconds and pause ms of a local full checkpoint of the same guest, once it has touched its memory."""
-    machine = Machine(MachineConfig(str(image), mem_mib))
-    machine.load()
+    machine = builder.build(MachineConfig(str(image), mem_mib))
     machine.start()
     try:
         deadline = time.monotonic() + 60

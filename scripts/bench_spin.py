@@ -12,7 +12,9 @@ import time
 from collections.abc import Callable
 
 import benchlib
-from monitor.machine import Machine, MachineConfig, StopReason
+from monitor import builder
+from monitor.config import MachineConfig
+from monitor.machine import StopReason
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,11 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def vm_run(iterations: int) -> tuple[float, str]:
     """Seconds from starting the vCPU to the guest's exit, and the guest's console line."""
     image = benchlib.guest_path("spin.elf")
-    machine = Machine(MachineConfig(str(image), 64, None, iterations, hang_timeout_s=600.0))
     console = bytearray()
-    machine.on_console = console.extend
+    config = MachineConfig(str(image), 64, None, iterations, hang_timeout_s=600.0)
+    machine = builder.build(config, on_console=console.extend)
     try:
-        machine.load()
         machine.state_digest()  # the first digest hashes all RAM: do it before timing (see bench_exits)
         start = time.perf_counter()
         result = machine.run_blocking(600)

@@ -17,7 +17,8 @@ from typing import Any
 
 from monitor.journal import EventKind
 from monitor.loader import load_image_file
-from monitor.machine import Machine, MachineConfig, MachineResult, StopReason
+from monitor.builder import MachineConfig, build
+from monitor.machine import Machine, MachineResult, StopReason
 from monitor.netserver import NicServer
 from monitor.record import (
     DEFAULT_HASH_EVERY,
@@ -110,13 +111,11 @@ def new_machine(
     disk: Path | None = None,
     hang_timeout: float = 3.0,
 ) -> Machine:
-    machine = Machine(
+    return build(
         MachineConfig(str(image), MEM_MIB, str(disk) if disk else None, arg, hang_timeout),
         journal=journal,
         image=load_image_file(str(image)),
     )
-    machine.load()
-    return machine
 
 
 def record_journal(

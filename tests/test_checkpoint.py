@@ -21,10 +21,12 @@ from pathlib import Path
 import pytest
 
 from monitor import checkpoint as ck
-from monitor.checkpoint import CheckpointError, Checkpointer, CheckpointStore, restore_files, restore_stream
+from monitor import builder
+from monitor.builder import MachineConfig, build
+from monitor.checkpoint import CheckpointError, Checkpointer, CheckpointStore, RecordStream
 from monitor.journal import OutputKind
 from monitor.loader import load_image_file
-from monitor.machine import Machine, MachineConfig, StopReason
+from monitor.machine import Machine, StopReason
 from monitor.netserver import NicServer
 from monitor.record import (
     IteratorSource,
@@ -72,8 +74,7 @@ def test_ticker_checkpoint_then_log_replays_to_the_same_end(guest_image: GuestIm
     position. Restored, the checkpoint replays that log to the recording's final state hash and output."""
     image = load_image_file(str(guest_image("ticker")))
     journal = open_recording(tmp_path / "boot.log", image, MEM, hash_every=50)
-    machine = Machine(MachineConfig(image.path, 64, None, 150), journal=journal, image=image)
-    machine.load()
+    machine = build(MachineConfig(image.path, 64, None, 150), journal=journal, image=image)
     machine.start()
     after = tmp_path / "after.log"
 
@@ -95,7 +96,7 @@ def test_ticker_checkpoint_then_log_replays_to_the_same_end(guest_image: GuestIm
         machine.close()
     assert output.startswith(b"ticker: ticks=150 ")
 
-    restored, rstats = restore_files(
+    restored, rstats = builder.restore(
         tmp_path / "t.vmck",
         journal=lambda pos: showing_replay(after, guest_image("ticker")),
         verify_digest=True,
@@ -110,7 +111,7 @@ def test_ticker_checkpoint_then_log_replays_to_the_same_end(guest_image: GuestIm
         restored.close()
 
     # Restored live (no log), it finishes its ticks too, with its own clock values.
-    live, _ = restore_files(tmp_path / "t.vmck")
+    live, _ = builder.restore(tmp_path / "t.vmck")
     try:
         result = live.run_blocking(30)
         assert result.reason is StopReason.EXITED and result.exit_code == 0
@@ -137,8 +138,7 @@ async def serving(machine: Machine, port: int = 0) -> AsyncIterator[str]:
 async def test_kv_restore_same_state_memory_and_disk(guest_image: GuestImage, tmp_path: Path) -> None:
     disk = make_disk(tmp_path / "kv.img", 4 << 20)
     image = guest_image("kv")
-    machine = Machine(MachineConfig(str(image), 64, str(disk), 0, 3.0))
-    machine.load()
+    machine = build(MachineConfig(str(image), 64, str(disk), 0, 3.0))
     try:
         async with serving(machine) as address:
             async with KvClient([address], "c1", timeout=5.0) as kv:
@@ -153,7 +153,7 @@ async def test_kv_restore_same_state_memory_and_disk(guest_image: GuestImage, tm
     finally:
         machine.close()
 
-    restored, _ = restore_files(tmp_path / "kv.vmck", verify_digest=True)  # the digest check is the test
+    restored, _ = builder.restore(tmp_path / "kv.vmck", verify_digest=True)  # the digest check is the test
     try:
         async with serving(restored) as address:
             async with KvClient([address], "c2", timeout=5.0) as kv:
@@ -166,10 +166,8 @@ async def test_kv_restore_same_state_memory_and_disk(guest_image: GuestImage, tm
 
     # The disk was rewritten to the checkpoint's contents plus what the restored guest wrote: a cold boot
     # replays its log to exactly that.
-    cold = Machine(MachineConfig(str(image), 64, str(disk), 0, 3.0))
     console = bytearray()
-    cold.on_console = console.extend
-    cold.load()
+    cold = build(MachineConfig(str(image), 64, str(disk), 0, 3.0), on_console=console.extend)
     try:
         async with serving(cold) as address:
             async with KvClient([address], "c3", timeout=5.0) as kv:
@@ -183,8 +181,7 @@ async def test_kv_restore_same_state_memory_and_disk(guest_image: GuestImage, tm
 
 async def test_incremental_chain_and_stream(guest_image: GuestImage, tmp_path: Path) -> None:
     disk = make_disk(tmp_path / "kv.img", 2 << 20)
-    machine = Machine(MachineConfig(str(guest_image("kv")), 64, str(disk), 0, 3.0))
-    machine.load()
+    machine = build(MachineConfig(str(guest_image("kv")), 64, str(disk), 0, 3.0))
     store = CheckpointStore(tmp_path / "ckpts", full_every=10)
     checkpointer = Checkpointer(machine)
     digests = []
@@ -208,7 +205,7 @@ async def test_incremental_chain_and_stream(guest_image: GuestImage, tmp_path: P
     assert latest is not None and len(ck.find_chain(latest)) == 3
     assert all(d == b"" for d in digests)  # digests are opt-in
 
-    restored, rstats = restore_files(latest)
+    restored, rstats = builder.restore(latest)
     try:
         assert rstats.chain_length == 3
         async with serving(restored) as address:
@@ -220,7 +217,7 @@ async def test_incremental_chain_and_stream(guest_image: GuestImage, tmp_path: P
         restored.close()
 
     disk2 = tmp_path / "other-disk.img"
-    streamed, _ = restore_stream(iter(records), disk=str(disk2), verify_digest=True)
+    streamed, _ = builder.restore(RecordStream(iter(records)), disk=str(disk2), verify_digest=True)
     try:
         assert disk2.stat().st_size == 2 << 20
         async with serving(streamed) as address:
@@ -243,8 +240,7 @@ async def send_fault(address: str, command: str) -> None:
 
 @pytest.mark.parametrize("command", ["CRASH", "HANG"])
 async def test_fault_restarts_from_checkpoint(guest_image: GuestImage, tmp_path: Path, command: str) -> None:
-    machine = Machine(MachineConfig(str(guest_image("kv")), 64, None, 0, 0.5))
-    machine.load()
+    machine = build(MachineConfig(str(guest_image("kv")), 64, None, 0, 0.5))
     store = CheckpointStore(tmp_path / "ckpts")
     server: list[NicServer] = []
     port = 0
@@ -330,8 +326,7 @@ def _edit_header(records: list[bytes], edit: Callable[[vmft_pb2.CheckpointHeader
 def test_damaged_checkpoints_are_refused(guest_image: GuestImage, tmp_path: Path) -> None:
     disk = make_disk(tmp_path / "d.img", 1 << 20, fill=os.urandom(8192))
     image = guest_image("ticker")
-    machine = Machine(MachineConfig(str(image), 64, str(disk), 0, 3.0))
-    machine.load()  # not started: a checkpoint of a machine at position 0 is as good as any
+    machine = build(MachineConfig(str(image), 64, str(disk), 0, 3.0))  # not started: position 0 will do
     checkpointer = Checkpointer(machine)
     good = tmp_path / "good" / "full.vmck"
     good.parent.mkdir()
@@ -339,13 +334,12 @@ def test_damaged_checkpoints_are_refused(guest_image: GuestImage, tmp_path: Path
     machine.memory.write(0x300000, b"incremental")
     incr = tmp_path / "good" / "incr.vmck"
     checkpointer.save(incr)
-    other = Machine(MachineConfig(str(image), 64, str(disk), 0, 3.0))
-    other.load()
+    other = build(MachineConfig(str(image), 64, str(disk), 0, 3.0))
     other_full = tmp_path / "other.vmck"
     Checkpointer(other).save(other_full)
     machine.close()
     other.close()
-    restored, _ = restore_files(incr)  # the good chain restores
+    restored, _ = builder.restore(incr)  # the good chain restores
     assert restored.memory.read(0x300000, 11) == b"incremental"
     restored.close()
 
@@ -412,7 +406,7 @@ def test_damaged_checkpoints_are_refused(guest_image: GuestImage, tmp_path: Path
 
     for name, (path, kwargs, expected) in cases.items():
         with pytest.raises(CheckpointError) as err:
-            restore_files(path, **kwargs)  # type: ignore[arg-type]
+            builder.restore(path, **kwargs)  # type: ignore[arg-type]
         assert expected in str(err.value), f"{name}: {err.value}"
         with open(disk, "rb") as f:
             assert f.read(4096) == later_disk, f"{name}: the disk was touched"
@@ -420,7 +414,7 @@ def test_damaged_checkpoints_are_refused(guest_image: GuestImage, tmp_path: Path
     # The stream reader refuses the same damage.
     for name, data in (("truncated", records[:-1]), ("chunk checksum", _records(tmp_path / "chunkcrc.vmck"))):
         with pytest.raises(CheckpointError):
-            restore_stream(iter(data))
+            builder.restore(RecordStream(iter(data)))
         with open(disk, "rb") as f:
             assert f.read(4096) == later_disk, f"stream {name}: the disk was touched"
 

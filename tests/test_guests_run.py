@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from monitor.machine import Machine, MachineConfig, MachineResult, StopReason
+from monitor.builder import MachineConfig, build
+from monitor.machine import Machine, MachineResult, StopReason
 from monitor.netserver import NicServer
 from replica.kv_client import KvClient
 
@@ -30,11 +31,10 @@ def make_disk(path: Path, size: int) -> Path:
 
 def run_guest(image: Path, arg: int = 0, disk: Path | None = None, timeout: float = 60.0,
               hang_timeout: float = 3.0) -> tuple[MachineResult, str]:
-    machine = Machine(MachineConfig(str(image), 64, str(disk) if disk else None, arg, hang_timeout))
     console = bytearray()
-    machine.on_console = console.extend
+    machine = build(MachineConfig(str(image), 64, str(disk) if disk else None, arg, hang_timeout),
+                    on_console=console.extend)
     try:
-        machine.load()
         result = machine.run_blocking(timeout)
     finally:
         machine.close()
@@ -44,10 +44,9 @@ def run_guest(image: Path, arg: int = 0, disk: Path | None = None, timeout: floa
 @asynccontextmanager
 async def served(image: Path, disk: Path | None = None, hang_timeout: float = 3.0
                  ) -> AsyncIterator[tuple[Machine, str, bytearray]]:
-    machine = Machine(MachineConfig(str(image), 64, str(disk) if disk else None, 0, hang_timeout))
     console = bytearray()
-    machine.on_console = console.extend
-    machine.load()
+    machine = build(MachineConfig(str(image), 64, str(disk) if disk else None, 0, hang_timeout),
+                    on_console=console.extend)
     server = NicServer(machine.net_backend, "127.0.0.1", 0)
     host, port = await server.start()
     machine.start()

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from monitor.devices.net import MAX_MESSAGE
-from monitor.machine import Machine, MachineConfig
+from monitor.builder import MachineConfig, build
+from monitor.machine import Machine
 from monitor.netserver import NicServer
 from replica.kv_client import KvClient
 
@@ -19,8 +20,7 @@ pytestmark = pytest.mark.kvm
 
 
 async def serve_kv(image: Path) -> tuple[Machine, NicServer, str]:
-    machine = Machine(MachineConfig(str(image)))
-    machine.load()
+    machine = build(MachineConfig(str(image)))
     server = NicServer(machine.net_backend, "127.0.0.1", 0)
     host, port = await server.start()
     machine.start()

@@ -23,27 +23,41 @@ MAX_BLOCK_REQUEST = 4 << 20
 WRITE_TRACK_BLOCK = 4096  # granularity of the written-ranges tracking for checkpoints (8 sectors)
 
 
+class DiskImage:
+    """An open disk image file: the block device's backing store. Opened by the VM builder before any
+    KVM resource, so a bad disk fails the build with nothing else to undo."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as err:
+            raise DiskError(f"cannot open disk image {path}: {err.strerror}") from err
+        size = os.fstat(fd).st_size
+        if size % SECTOR_SIZE:
+            os.close(fd)
+            raise DiskError(f"disk image {path} is {size} bytes, not a multiple of {SECTOR_SIZE}")
+        self.fd: int | None = fd
+        self.sectors = size // SECTOR_SIZE
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class Block:
     name = "block"
 
-    def __init__(self, ctx: DeviceContext, path: str | None) -> None:
+    def __init__(self, ctx: DeviceContext, disk: DiskImage | None) -> None:
         self._ctx = ctx
-        self.path = path
-        self._fd: int | None = None
-        self.sectors = 0
+        self._disk = disk
+        self.path = disk.path if disk is not None else None
+        self._fd: int | None = disk.fd if disk is not None else None
+        self.sectors = disk.sectors if disk is not None else 0
         self.fail_writes = False  # fault injection: writes return EIO
         # Checkpoints: per consumer, one byte per WRITE_TRACK_BLOCK of the disk the guest wrote.
         self._written: dict[str, bytearray] = {}
-        if path is not None:
-            try:
-                self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            except OSError as err:
-                raise DiskError(f"cannot open disk image {path}: {err.strerror}") from err
-            size = os.fstat(self._fd).st_size
-            if size % SECTOR_SIZE:
-                os.close(self._fd)
-                raise DiskError(f"disk image {path} is {size} bytes, not a multiple of {SECTOR_SIZE}")
-            self.sectors = size // SECTOR_SIZE
 
     def out_ports(self) -> dict[Port, Callable[[int], None]]:
         return {Port.BLOCK: self._request, Port.BLOCK_INFO: self._info}
@@ -160,6 +174,6 @@ class Block:
         return ranges
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._fd = None
+        if self._disk is not None:
+            self._disk.close()

@@ -11,9 +11,13 @@ import struct
 import time
 from typing import Callable
 
+from monitor.component import parse_state
 from monitor.devices.base import DeviceContext, complete, read_request, set_arg64
 from monitor.guest_abi import EventBit, Port, Status, Vector
 from monitor.journal import EventKind
+from proto import vmft_pb2
+
+_U64 = struct.Struct("<Q")
 
 
 class VirtualClock:
@@ -51,6 +55,21 @@ class Clock:
         set_arg64(self._ctx, req, now)
         complete(self._ctx, req, Status.OK)
 
+    # ----- monitor/component.py: the virtual clock and the last time the guest read -----
+
+    def save(self) -> vmft_pb2.ClockState:
+        return vmft_pb2.ClockState(
+            now_ns=max(self._clock.now_ns(), self.last_seen_ns), last_seen_ns=self.last_seen_ns
+        )
+
+    def restore(self, data: bytes, live: bool) -> None:
+        state = parse_state(vmft_pb2.ClockState, data, self.name)
+        self._clock.resume_from(max(state.now_ns, state.last_seen_ns))  # never backwards for the guest
+        self.last_seen_ns = state.last_seen_ns
+
+    def replicated(self) -> bytes:
+        return _U64.pack(self.last_seen_ns)  # the current time is host state; what the guest saw is not
+
 
 class Timer:
     name = "timer"
@@ -84,8 +103,13 @@ class Timer:
     def on_raised(self) -> None:
         self.deadline = 0  # one-shot: the guest re-arms
 
-    def state(self) -> bytes:
-        return struct.pack("<Q", self.deadline)
+    # ----- monitor/component.py: the deadline is set by the guest, so replicated state -----
 
-    def load_state(self, data: bytes) -> None:
-        (self.deadline,) = struct.unpack("<Q", data)
+    def save(self) -> vmft_pb2.TimerState:
+        return vmft_pb2.TimerState(deadline_ns=self.deadline)
+
+    def restore(self, data: bytes, live: bool) -> None:
+        self.deadline = parse_state(vmft_pb2.TimerState, data, self.name).deadline_ns
+
+    def replicated(self) -> bytes:
+        return _U64.pack(self.deadline)

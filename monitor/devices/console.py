@@ -6,9 +6,11 @@ import collections
 import threading
 from typing import Callable
 
+from monitor.component import parse_state
 from monitor.devices.base import DeviceContext, check_buffer, complete, read_request
 from monitor.guest_abi import EventBit, Port, Status, Vector
 from monitor.journal import EventKind, OutputKind
+from proto import vmft_pb2
 
 MAX_CONSOLE_WRITE = 1 << 20
 
@@ -39,16 +41,23 @@ class Console:
     def has_news(self) -> bool:
         return bool(self._input)
 
-    def state(self) -> list[bytes]:
-        """Host input not yet read by the guest (for checkpoints)."""
-        with self._lock:
-            return list(self._input)
+    # ----- monitor/component.py: only host input not yet read, which is host state -----
 
-    def load_state(self, pending: list[bytes]) -> None:
+    def save(self) -> vmft_pb2.ConsoleState:
+        with self._lock:
+            return vmft_pb2.ConsoleState(input=list(self._input))
+
+    def restore(self, data: bytes, live: bool) -> None:
+        if not live:
+            return  # replaying, the log supplies the input the guest reads
+        pending = list(parse_state(vmft_pb2.ConsoleState, data, self.name).input)
         with self._lock:
             self._input = collections.deque(pending)
         if pending:
             self._wake()
+
+    def replicated(self) -> bytes:
+        return b""
 
     def deadline_ns(self) -> int | None:
         return None

@@ -13,10 +13,12 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from monitor.component import parse_state
 from monitor.errors import GuestError
 from monitor.devices.base import DeviceContext, check_buffer, complete, read_request
 from monitor.guest_abi import NET_MESSAGE, EventBit, NetKind, Port, Status, Vector, net_message_padded_len
 from monitor.journal import EventKind, OutputKind
+from proto import vmft_pb2
 
 MAX_MESSAGE = 64 * 1024
 MAX_TX_BUFFER = 4 << 20
@@ -177,6 +179,45 @@ class Net:
                 self.open_conns.discard(msg.conn)
         self._ctx.emit(OutputKind.NET, data)
         complete(self._ctx, req, Status.OK, count)
+
+    # ----- monitor/component.py -----
+
+    def save(self) -> vmft_pb2.NetState:
+        backend = self.backend
+        return vmft_pb2.NetState(
+            rx_queue=pack_messages(backend.queued()),
+            open_conns=sorted(self.open_conns),
+            conn_high=self.max_conn,
+            rx_messages=backend.rx_messages,
+            tx_messages=backend.tx_messages,
+        )
+
+    def restore(self, data: bytes, live: bool) -> None:
+        """Live, host-side input queued at the checkpoint is queued again and connections open then are
+        reported closed (their clients are gone); replaying, the log supplies all input instead."""
+        state = parse_state(vmft_pb2.NetState, data, self.name)
+        backend = self.backend
+        backend.rx_messages = state.rx_messages
+        backend.tx_messages = state.tx_messages
+        self.open_conns = set(state.open_conns)
+        self.max_conn = state.conn_high
+        if not live:
+            return
+        queued = list(iter_messages(state.rx_queue))
+        backend.requeue(queued)
+        gone = set(state.open_conns)
+        for msg in queued:
+            if msg.kind is NetKind.OPEN:
+                gone.add(msg.conn)
+            elif msg.kind is NetKind.CLOSE:
+                gone.discard(msg.conn)
+        for conn in sorted(gone):
+            backend.push(NetMessage(conn, NetKind.CLOSE, b""))
+
+    def replicated(self) -> bytes:
+        """The connections the guest believes open (host queues and counters are host state)."""
+        conns = sorted(self.open_conns)
+        return struct.pack(f"<I{len(conns)}I", self.max_conn, *conns)
 
 
     def connections_lost(self) -> None:
