@@ -215,12 +215,13 @@ def test_exceptions_report_a_panic_with_vector_and_rip(tmp_path: Path, vector: i
     assert console == f"trap: {vector}\n"
     assert result.reason is StopReason.PANICKED, result.describe()
     assert result.message == f"exception {vector}"
-    fault_rip = result.registers.get("fault_rip")
-    if fault_rip is not None:  # the faulting instruction is in main()
-        symbols = subprocess.run(["nm", str(image)], capture_output=True, text=True, check=True).stdout
-        main_addr = next(int(line.split()[0], 16) for line in symbols.splitlines()
-                         if line.endswith(" T main"))
-        assert main_addr <= fault_rip < main_addr + 256
+    # The shim reports where the fault happened: the faulting instruction is in main().
+    assert "fault_rip" in result.registers, result.registers
+    assert result.registers["vector"] == vector, result.registers
+    fault_rip = result.registers["fault_rip"]
+    symbols = subprocess.run(["nm", str(image)], capture_output=True, text=True, check=True).stdout
+    main_addr = next(int(line.split()[0], 16) for line in symbols.splitlines() if line.endswith(" T main"))
+    assert main_addr <= fault_rip < main_addr + 256, (hex(main_addr), hex(fault_rip))
 
 
 def test_ticker_record_and_replay_identical(guest_image: GuestImage, tmp_path: Path) -> None:
