@@ -1,28 +1,28 @@
-"""The kv guest as a network service: requests/s with many concurrent connections (mixed SET/GET) and the
-latency of one sequential client, against a trivial asyncio kv server in the same process that speaks the
-same framing (4-byte big-endian length + payload) and the same commands.
+"""The kv guest as a network service: requests/s with many concurrent connections (SET/GET half and half over
+1000 keys, writes with request ids) and the latency of one sequential client, against the same program,
+guests/programs/kv.c, built for the host (guests/build/kv-host over guests/host/host_runtime.c: TCP with the
+same framing instead of the NIC) under the same load.
 
-The client load (replica/kv_client.py) runs in a separate Python process (one per phase, started with
-asyncio's subprocess support and answering in JSON) so that the Python client does not compete with the
-monitor, or the reference server, for this process's GIL. The two
-servers are started once and measured in interleaved phases; medians are reported."""
+The load is scripts/kvload.c (build/kvload): a C epoll generator in its own process, so that the client is
+not what the figures measure. `load generator ceiling` is that generator against a trivial echo server it
+forks itself (its requests per CPU-second there: what one core of generator sustains), beside the rate it
+drove the kv guest at; `load generator CPU` is the share of its core it used while driving the guest.
+
+Where things run (with 2 or more cores): the generator on the last core; this process (the VM's vCPU thread
+and the event loop serving its NIC) and the native kv on the others. --no-pin leaves placement to the
+scheduler. The two servers are started once and measured in interleaved phases; medians are reported."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import random
-import struct
-import sys
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 
 import benchlib
+import kvload
 from monitor.journal import Journal
 from monitor.loader import GuestImage
 from monitor import builder
@@ -30,99 +30,52 @@ from monitor.config import MachineConfig
 from monitor.machine import Machine
 from monitor.netserver import NicServer
 
-_LEN = struct.Struct(">I")
 KEYS = 1000
 MEM_MIB = 64
-VALUE = "v" * 48
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_load_arguments(parser)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
+    parser.add_argument("--ceiling-seconds", type=float, default=2.0,
+                        help="the generator against its own echo server (default 2)")
 
 
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections", type=int, default=32, help="concurrent connections (default 32)")
+    parser.add_argument("--depth", type=int, default=1,
+                        help="requests in flight per connection (default 1: no pipelining)")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of a throughput phase (default 4)")
     parser.add_argument("--latency-seconds", type=float, default=1.5,
                         help="length of a sequential-latency phase (default 1.5)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not pin the load generator and the servers to separate cores")
 
 
-# ----- the client load (runs in a child process) ---------------------------------------------------------
+# ----- where the load and the servers run ---------------------------------------------------------------
 
 
-async def _throughput(address: str, connections: int, seconds: float, tag: str) -> tuple[int, float, float]:
-    from replica.kv_client import KvClient
+def placement(args: argparse.Namespace) -> tuple[int | None, set[int] | None]:
+    """(the generator's core, the servers' cores); (None, None) with --no-pin or on one core."""
+    generator, servers = kvload.cpu_layout()
+    if args.no_pin or generator is None:
+        return None, None
+    return generator, servers
 
-    clients = [KvClient([address], f"{tag}x{i}", timeout=10.0) for i in range(connections)]
+
+@contextmanager
+def servers_pinned(args: argparse.Namespace) -> Iterator[None]:
+    """This process (and the vCPU threads it starts meanwhile) on the servers' cores; restored after."""
+    _, servers = placement(args)
+    if servers is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    kvload.pin_threads(os.getpid(), servers)
     try:
-        await asyncio.gather(*(c.set(f"k{i % KEYS}", VALUE) for i, c in enumerate(clients)))  # connect
-        start = time.perf_counter()
-        deadline = start + seconds
-
-        async def worker(i: int, client: KvClient) -> int:
-            rnd = random.Random(f"{tag}{i}")
-            done = 0
-            while time.perf_counter() < deadline:
-                key = f"k{rnd.randrange(KEYS)}"
-                if rnd.random() < 0.5:
-                    await client.set(key, VALUE)
-                else:
-                    await client.get(key)
-                done += 1
-            return done
-
-        started_at = time.monotonic()  # CLOCK_MONOTONIC: comparable with the parent process's
-        counts = await asyncio.gather(*(worker(i, c) for i, c in enumerate(clients)))
-        return sum(counts), time.perf_counter() - start, started_at
+        yield
     finally:
-        await asyncio.gather(*(c.close() for c in clients))
-
-
-async def _latency(address: str, seconds: float, tag: str) -> list[float]:
-    from replica.kv_client import KvClient
-
-    rnd = random.Random(tag)
-    latencies: list[float] = []
-    async with KvClient([address], f"{tag}seq", timeout=10.0) as client:
-        await client.get("k0")  # connect
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            key = f"k{rnd.randrange(KEYS)}"
-            start = time.perf_counter()
-            if rnd.random() < 0.5:
-                await client.set(key, VALUE)
-            else:
-                await client.get(key)
-            latencies.append(time.perf_counter() - start)
-    return latencies
-
-
-def client_main(argv: list[str]) -> None:
-    """Entry point of the client process: `throughput ADDRESS CONNECTIONS SECONDS TAG` prints
-    {"requests": N, "seconds": S, "started_at": monotonic}; `latency ADDRESS SECONDS TAG` prints
-    {"latencies": [s, ...]}."""
-    if argv[0] == "throughput":
-        count, seconds, started_at = asyncio.run(_throughput(argv[1], int(argv[2]), float(argv[3]), argv[4]))
-        print(json.dumps({"requests": count, "seconds": seconds, "started_at": started_at}))
-    elif argv[0] == "latency":
-        print(json.dumps({"latencies": asyncio.run(_latency(argv[1], float(argv[2]), argv[3]))}))
-    else:
-        raise SystemExit(f"unknown client command {argv[0]!r}")
-
-
-async def in_client_process(*argv: object) -> dict[str, Any]:
-    """Run client_main(argv) in a fresh Python process; its JSON answer."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(benchlib.ROOT), str(benchlib.SCRIPTS)]))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "import sys, bench_kv; bench_kv.client_main(sys.argv[1:])", *map(str, argv),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=str(benchlib.ROOT),
-    )
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"kv client process {argv[0]} failed ({proc.returncode}): {err.decode()[-2000:]}")
-    answer: dict[str, Any] = json.loads(out)
-    return answer
+        kvload.pin_threads(os.getpid(), before)
 
 
 # ----- the servers ---------------------------------------------------------------------------------------
@@ -149,43 +102,9 @@ async def kv_guest(
         machine.close()
 
 
-class ReferenceKv:
-    """The reference: a trivial asyncio kv server with the same framing and GET/SET replies."""
-
-    def __init__(self) -> None:
-        self.data: dict[bytes, bytes] = {}
-        self.requests = 0
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        data = self.data
-        try:
-            while True:
-                (length,) = _LEN.unpack(await reader.readexactly(4))
-                words = (await reader.readexactly(length)).split(b" ", 3)
-                self.requests += 1
-                if words[0] == b"GET" and len(words) == 2:
-                    value = data.get(words[1])
-                    reply = b"NOTFOUND" if value is None else b"VALUE " + value
-                elif words[0] == b"SET" and len(words) == 4:
-                    data[words[2]] = words[3]
-                    reply = b"OK"
-                else:
-                    reply = b"ERR unknown command"
-                writer.write(_LEN.pack(len(reply)) + reply)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    @asynccontextmanager
-    async def serving(self) -> AsyncIterator[str]:
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        host, port = server.sockets[0].getsockname()[:2]
-        try:
-            yield f"{host}:{port}"
-        finally:
-            server.close()
-            await server.wait_closed()
+class ReferenceKv(kvload.NativeKv):
+    """The reference: kv.c built for the host (guests/build/kv-host), started with `with`; `requests` is what
+    its host runtime handed to kv.c, counted by the server."""
 
 
 # ----- measuring -----------------------------------------------------------------------------------------
@@ -196,41 +115,52 @@ class Load:
     requests_per_s: list[float]
     p50_ms: list[float]
     p99_ms: list[float]
+    generator_cpu: list[float] = field(default_factory=list)  # the generator's CPU share in throughput phases
 
 
 async def measure(
     address: str, args: argparse.Namespace, tag: str, load: Load, latency: bool = True
 ) -> tuple[float, float]:
-    """One throughput phase (and one latency phase) against `address`, appended to `load`. Returns when the
-    throughput phase started and ended (time.monotonic)."""
-    answer = await in_client_process("throughput", address, args.connections, args.seconds, tag)
-    count, seconds = int(answer["requests"]), float(answer["seconds"])
-    if count <= 0:
+    """One throughput phase (and one latency phase) of build/kvload against `address`, appended to `load`.
+    Returns when the throughput phase started and ended (time.monotonic)."""
+    cpu, _ = placement(args)
+    result = await kvload.run_async([address], args.connections, args.seconds, depth=args.depth,
+                                    keys=KEYS, tag=f"{tag}t", cpu=cpu)  # fmt: skip
+    if result.requests <= 0:
         raise RuntimeError(f"no request completed against {address}")
-    load.requests_per_s.append(count / seconds)
-    window = float(answer["started_at"]), float(answer["started_at"]) + seconds
+    load.requests_per_s.append(result.rate)
+    load.generator_cpu.append(result.cpu_seconds / result.seconds)
+    window = result.started_at, result.started_at + result.seconds
     if latency:
-        latencies = (await in_client_process("latency", address, args.latency_seconds, tag))["latencies"]
-        load.p50_ms.append(benchlib.percentile(latencies, 50) * 1e3)
-        load.p99_ms.append(benchlib.percentile(latencies, 99) * 1e3)
+        seq = await kvload.run_async([address], 1, args.latency_seconds, keys=KEYS, tag=f"{tag}l", cpu=cpu)
+        load.p50_ms.append(seq.latency(50) * 1e3)
+        load.p99_ms.append(seq.latency(99) * 1e3)
     return window
 
 
 async def _run(args: argparse.Namespace) -> tuple[Load, Load]:
     vm, ref = Load([], [], []), Load([], [], [])
     reference = ReferenceKv()
-    async with kv_guest() as (_machine, vm_address), reference.serving() as ref_address:
-        for r in range(args.rounds):
-            order = [("vm", vm_address, vm), ("ref", ref_address, ref)]
-            for name, address, load in order if r % 2 == 0 else reversed(order):
-                await measure(address, args, f"{name}{r}", load)
+    reference.cpus = placement(args)[1]
+    with reference:
+        async with kv_guest() as (_machine, vm_address):
+            for r in range(args.rounds):
+                order = [("vm", vm_address, vm), ("ref", reference.address, ref)]
+                for name, address, load in order if r % 2 == 0 else reversed(order):
+                    await measure(address, args, f"{name}{r}", load)
     return vm, ref
 
 
 def run(args: argparse.Namespace) -> list[benchlib.Figure]:
-    vm, ref = asyncio.run(_run(args))
+    generator, servers = placement(args)
+    with servers_pinned(args):
+        vm, ref = asyncio.run(_run(args))
+    server_cpu = min(servers) if servers else None
+    ceiling = kvload.run_ceiling(args.connections, args.ceiling_seconds, depth=args.depth, cpu=generator,
+                                 server_cpu=server_cpu)  # fmt: skip
     med = benchlib.median
-    ref_name = "asyncio kv server, same process"
+    ref_name = "kv.c native on the host, same load"
+    where = f"generator on cpu {generator}" if generator is not None else "not pinned"
     return [
         benchlib.Figure(f"kv throughput, {args.connections} connections", med(vm.requests_per_s), "req/s",
                         med(ref.requests_per_s), ref_name),
@@ -238,4 +168,11 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
                         ref_name),
         benchlib.Figure("kv latency p99, 1 sequential client", med(vm.p99_ms), "ms", med(ref.p99_ms),
                         ref_name),
+        # What one core of generator sustains: its requests per CPU-second against the echo server with the
+        # same connections and depth (conservative: a busier generator batches more per wake-up).
+        benchlib.Figure(f"load generator ceiling, {args.connections} connections",
+                        ceiling.requests / ceiling.cpu_seconds, "req/s", med(vm.requests_per_s),
+                        f"the rate it drove the kv guest at ({where})"),
+        benchlib.Figure("load generator CPU, driving the kv guest", med(vm.generator_cpu) * 100,
+                        "% of a core", 100.0, "one core"),
     ]

@@ -101,9 +101,10 @@ def test_kv_smoke(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(bench_kv, "ReferenceKv", recorded)
     args = parse(
-        bench_kv, "--connections", "4", "--seconds", "0.4", "--latency-seconds", "0.3", "--rounds", "1"
+        bench_kv, "--connections", "4", "--seconds", "0.4", "--latency-seconds", "0.3", "--rounds", "1",
+        "--ceiling-seconds", "0.3",
     )
-    figures = check(bench_kv.run(args), 3)
+    figures = check(bench_kv.run(args), 5)
     tput = figures["kv throughput, 4 connections"]
     p50 = figures["kv latency p50, 1 sequential client"]
     p99 = figures["kv latency p99, 1 sequential client"]
@@ -111,7 +112,7 @@ def test_kv_smoke(monkeypatch: pytest.MonkeyPatch) -> None:
     # The reference server answered what its figure says (throughput phase plus latency phase).
     (reference,) = references
     assert reference.requests >= 0.9 * tput.reference * 0.4, (reference.requests, tput)
-    # A request to the guest costs VM exits (tens of µs each); the in-process asyncio server has none.
+    # A request to the guest costs VM exits (tens of µs each); kv.c native on the host has none.
     assert p50.value > p50.reference, p50
 
 
