@@ -6,6 +6,7 @@ of damaged checkpoint is refused before anything is loaded."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -326,22 +327,25 @@ def _edit_header(records: list[bytes], edit: Callable[[vmft_pb2.CheckpointHeader
 def test_damaged_checkpoints_are_refused(guest_image: GuestImage, tmp_path: Path) -> None:
     disk = make_disk(tmp_path / "d.img", 1 << 20, fill=os.urandom(8192))
     image = guest_image("ticker")
-    machine = build(MachineConfig(str(image), 64, str(disk), 0, 3.0))  # not started: position 0 will do
-    checkpointer = Checkpointer(machine)
     good = tmp_path / "good" / "full.vmck"
     good.parent.mkdir()
-    checkpointer.save(good)
-    machine.memory.write(0x300000, b"incremental")
     incr = tmp_path / "good" / "incr.vmck"
-    checkpointer.save(incr)
-    other = build(MachineConfig(str(image), 64, str(disk), 0, 3.0))
     other_full = tmp_path / "other.vmck"
-    Checkpointer(other).save(other_full)
-    machine.close()
-    other.close()
+    with contextlib.ExitStack() as machines:  # closed even when a save fails
+        machine = build(MachineConfig(str(image), 64, str(disk), 0, 3.0))  # not started: position 0 will do
+        machines.callback(machine.close)
+        checkpointer = Checkpointer(machine)
+        checkpointer.save(good)
+        machine.memory.write(0x300000, b"incremental")
+        checkpointer.save(incr)
+        other = build(MachineConfig(str(image), 64, str(disk), 0, 3.0))
+        machines.callback(other.close)
+        Checkpointer(other).save(other_full)
     restored, _ = builder.restore(incr)  # the good chain restores
-    assert restored.memory.read(0x300000, 11) == b"incremental"
-    restored.close()
+    try:
+        assert restored.memory.read(0x300000, 11) == b"incremental"
+    finally:
+        restored.close()
 
     later_disk = os.urandom(4096)
     with open(disk, "r+b") as out:
@@ -422,6 +426,29 @@ def test_damaged_checkpoints_are_refused(guest_image: GuestImage, tmp_path: Path
 # ----- the command line and the benchmark ----------------------------------------------------------------
 
 
+def control_status(sock: Path) -> dict[str, int]:
+    """`status` on a `vmft run --control-socket`: position, faults, restarts, checkpoints."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(sock))
+        s.sendall(b"status\n")
+        reply = s.makefile("r").readline().split()
+    assert reply and reply[0] == "ok", reply
+    return {k: int(v) for k, v in (word.split("=", 1) for word in reply[1:])}
+
+
+def wait_for_trusted_checkpoint(sock: Path, trust_after_s: float, limit_s: float = 20.0) -> None:
+    """Until a periodic checkpoint begun after this call is older than the restarter's trust window. The
+    next checkpoint to complete may have begun earlier; the one after it began later. Its age counts from
+    when it was seen complete, which is no earlier than when it was taken."""
+    deadline = time.monotonic() + limit_s
+    first = control_status(sock)["checkpoints"]
+    while control_status(sock)["checkpoints"] < first + 2:
+        assert time.monotonic() < deadline, f"no two periodic checkpoints within {limit_s} s"
+        time.sleep(0.02)
+    time.sleep(trust_after_s + 0.05)  # its age, not a guess at how long the machine takes
+
+
 def test_cli_run_snapshot_restore(
     guest_image: GuestImage, tmp_path: Path, free_port: Callable[[], int]
 ) -> None:
@@ -442,14 +469,10 @@ def test_cli_run_snapshot_restore(
             kv.set("a", "1")
             reply = snapshot_request(str(sock), str(tmp_path / "snap.vmck"))
             assert reply.startswith("ok position="), reply
-            time.sleep(0.8)  # periodic checkpoints after the write, trusted by now
+            wait_for_trusted_checkpoint(sock, trust_after_s=0.5 + 0.1)  # --hang-timeout + 0.1
             kv.command("CRASH")
             assert kv.get("a") == "1"  # served again, restarted from a checkpoint
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(10)
-            s.connect(str(sock))
-            s.sendall(b"status\n")
-            assert b"restarts=1" in s.recv(1000)
+        assert control_status(sock)["restarts"] == 1
         run.send_signal(2)
         _out, err = run.communicate(timeout=10)
         assert b"1 faults, 1 restarts" in err, err
@@ -477,8 +500,15 @@ def test_bench_checkpoint_smoke() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("name")
     bench_checkpoint.add_arguments(parser)
-    args = parser.parse_args(["checkpoint", "--mem", "32", "--touched", "4", "--repeat", "1"])
-    figures = bench_checkpoint.run(args)
-    assert len(figures) == 9
-    for figure in figures:
+    # Incompressible data: a checkpoint stores about what the guest touched, so six times the memory
+    # touched makes a checkpoint six times larger.
+    args = parser.parse_args(["checkpoint", "--mem", "32", "--touched", "2,12", "--repeat", "1", "--random"])
+    figures = {f.name: f for f in bench_checkpoint.run(args)}
+    assert len(figures) == 18
+    for figure in figures.values():
         assert figure.value > 0 and figure.reference > 0, figure
+    small = figures["32 MiB guest, 2 MiB touched: checkpoint size"]
+    large = figures["32 MiB guest, 12 MiB touched: checkpoint size"]
+    for size, touched in ((small, 2), (large, 12)):
+        assert size.reference == touched and touched <= size.value < 1.2 * touched + 0.5, size
+    assert large.value > 4 * small.value, (small, large)
