@@ -27,6 +27,9 @@ from monitor.loader import GuestImage, load_image_file
 from monitor.machine import MEMORY_SLOT, Machine, MachineParts, OutputHandler, install_kick_handler
 from monitor.memory import GuestMemory
 
+MachineFactory = Callable[[MachineParts, Journal], Machine]
+
+
 @dataclass
 class Hooks:
     """What the caller attaches to a machine at build time."""
@@ -45,15 +48,23 @@ def build(
     image: GuestImage | None = None,
     kvm: Kvm | None = None,
     boot: bool = True,
+    factory: MachineFactory = Machine,
 ) -> Machine:
-    """A machine for `config`, booted (boot structures, image, entry registers) unless `boot=False`
-    (a checkpoint restore writes memory itself). `image`: the already loaded image of config.image.
-    `kvm`: a shared /dev/kvm handle (the machine then does not close it)."""
-    return _build(config, Hooks(journal, output_handler, on_console), image, kvm, boot)
+    """A machine for `config`, booted (`Machine.load()`) unless `boot=False` (a checkpoint restore
+    writes memory itself). `image`: the already loaded image of config.image. `kvm`: a shared /dev/kvm
+    handle (the machine then does not close it). `factory`: makes the machine from its acquired parts
+    (a Machine subclass for a guest personality, e.g. `lambda parts, journal: LinuxMachine(parts,
+    journal, ...)`); if it or the boot raises, every part is closed."""
+    return _build(config, Hooks(journal, output_handler, on_console), image, kvm, boot, factory)
 
 
 def _build(
-    config: MachineConfig, hooks: Hooks, image: GuestImage | None, kvm: Kvm | None, boot: bool
+    config: MachineConfig,
+    hooks: Hooks,
+    image: GuestImage | None,
+    kvm: Kvm | None,
+    boot: bool,
+    factory: MachineFactory = Machine,
 ) -> Machine:
     image = image or load_image_file(config.image)
     image.check_fits(config.mem_size)
@@ -77,7 +88,7 @@ def _build(
         vcpu.set_cpuid(cpuid.kvm_entries())
         vcpu.enable_sync_regs()
         parts = MachineParts(config, image, kvm, own_kvm, memory, vm, vcpu, disk)
-        machine = Machine(parts, hooks.journal or LiveJournal())
+        machine = factory(parts, hooks.journal or LiveJournal())
         machine.output_handler = hooks.output_handler
         machine.on_console = hooks.on_console
         if boot:
@@ -101,16 +112,18 @@ def restore(
     hang_timeout_s: float | None = None,
     kvm: Kvm | None = None,
     verify_digest: bool = False,
+    factory: MachineFactory = Machine,
 ) -> tuple[Machine, RestoreStats]:
     """A machine at a checkpoint's position, not started. `source`: a checkpoint file (its parents are
     found in the same directory), an explicit chain of files (full first), or a `RecordStream` (a full
     checkpoint's records, e.g. received over gRPC). `journal`: a journal, or a function of the
     checkpoint's position that makes one (default: live). `image`, `mem_size`: what the checkpoint
     must match. `disk`: where its disk goes (default: the path it records); rewritten to its contents.
-    Refuses a damaged or mismatched checkpoint with a CheckpointError before anything is loaded."""
+    `factory`: as for `build`. Refuses a damaged or mismatched checkpoint with a CheckpointError before
+    anything is loaded."""
 
     def make(config: MachineConfig, loaded: GuestImage) -> Machine:
-        return _build(config, Hooks(None, output_handler, on_console), loaded, kvm, boot=False)
+        return _build(config, Hooks(None, output_handler, on_console), loaded, kvm, False, factory)
 
     options = checkpoint_restore.Options(
         journal=journal,
