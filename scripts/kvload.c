@@ -18,6 +18,13 @@
  * `--echo-server` forks a trivial server on a loopback port first (OK to a SET, NOTFOUND to a GET) and
  * drives it instead: the generator's own ceiling.
  *
+ * `--reconnect` (for failover): a connection that breaks is reopened to the next address, with a short
+ * bounded backoff, and its unanswered requests are sent again with the same request ids (the service
+ * applies a write once). Each connection's recovery (its last reply before the break to its first after)
+ * is reported; a connection that finds no address for --reconnect-timeout fails the run.
+ *
+ * SIGTERM or SIGINT ends a run early, as its duration would: no new requests, replies drained, JSON printed.
+ *
  * Output: one JSON object on stdout (see print_json); exit 0 when every request got a reply that is not
  * ERR, 1 when the run failed (the JSON says why in "error", and so does stderr), 2 on bad usage.
  */
@@ -58,14 +65,18 @@
 struct options {
     const char *addresses[MAX_ADDRESSES];
     int naddresses;
-    int connections, depth, keys, value_size, cpu, server_cpu, echo_server;
-    double seconds, warmup, timeout, connect_timeout, set_ratio;
+    int connections, depth, keys, value_size, cpu, server_cpu, echo_server, reconnect;
+    double seconds, warmup, timeout, connect_timeout, set_ratio, reconnect_timeout;
     uint64_t requests;
     const char *tag, *key_prefix;
 };
 
+#define MAX_RECOVERIES 4096
+
 struct stats {
-    uint64_t replies, sets, gets, found, notfound, errors, request_bytes, reply_bytes;
+    uint64_t replies, sets, gets, found, notfound, errors, request_bytes, reply_bytes, reconnects;
+    uint64_t recoveries[MAX_RECOVERIES]; /* ns, one per connection per break, in the order they ended */
+    unsigned nrecoveries;
     uint64_t hist[NBUCKETS];
     uint64_t lat_min, lat_max, lat_sum;
 };
@@ -73,6 +84,7 @@ struct stats {
 static struct options opt = {
     .connections = 32, .depth = 1, .keys = 1000, .value_size = 48, .cpu = -1, .server_cpu = -1,
     .seconds = 0, .timeout = 0, .connect_timeout = 5.0, .set_ratio = 0.5, .key_prefix = "k",
+    .reconnect_timeout = 10.0,
 };
 static struct stats st = {.lat_min = UINT64_MAX};
 static char first_error[256];
@@ -146,27 +158,43 @@ static double percentile_ns(double p)
 
 /* ------------------------------------------------------------------ connections */
 
-enum conn_state { CONNECTING, OPEN, CLOSED };
+enum conn_state { CONNECTING, OPEN, BROKEN };
 
 struct conn {
     int fd, index;
     enum conn_state state;
     char client[MAX_TAG + 16];
     uint64_t seq, rng;
-    uint8_t *wbuf; /* queued request bytes, [woff, wlen) not yet written */
-    size_t wlen, woff, wcap;
+    /* Request bytes: [wstart, woff) sent and not answered (kept to send again after a reconnect),
+     * [woff, wlen) not yet sent. */
+    uint8_t *wbuf;
+    size_t wstart, wlen, woff, wcap;
+    uint32_t *req_len; /* ring beside sent_at: each in-flight request's bytes in wbuf */
     uint8_t *rbuf;
     size_t rlen, rcap;
     uint64_t *sent_at; /* ring of the in-flight requests' queueing times (0: not counted) */
     uint8_t *is_set;
     int head, inflight;
     int want_out;
+    int address;                 /* index into opt.addresses */
+    uint64_t last_reply_at;      /* for the recovery gap */
+    uint64_t broken_since, retry_at, backoff_ns;
+    int in_gap;                  /* broken since its last reply */
 };
 
 static struct conn *conns;
 static int epfd = -1;
+static struct sockaddr_storage addr[MAX_ADDRESSES];
+static socklen_t alen[MAX_ADDRESSES];
 static uint64_t issued_counted, measure_start, end_at, last_counted_reply;
 static int stopping;
+static volatile sig_atomic_t stop_requested; /* SIGTERM or SIGINT: stop issuing, drain, report */
+
+static void on_stop_signal(int sig)
+{
+    (void)sig;
+    stop_requested = 1;
+}
 static char value[MAX_VALUE + 1];
 
 static uint64_t next_rand(struct conn *c)
@@ -200,12 +228,13 @@ static void set_events(struct conn *c)
 static void refill(struct conn *c, uint64_t now)
 {
     while (c->inflight < opt.depth && may_issue()) {
-        if (c->woff == c->wlen)
-            c->woff = c->wlen = 0;
+        if (c->wstart == c->wlen)
+            c->wstart = c->woff = c->wlen = 0;
         if (c->wcap - c->wlen < (size_t)opt.value_size + 512) {
-            memmove(c->wbuf, c->wbuf + c->woff, c->wlen - c->woff);
-            c->wlen -= c->woff;
-            c->woff = 0;
+            memmove(c->wbuf, c->wbuf + c->wstart, c->wlen - c->wstart);
+            c->wlen -= c->wstart;
+            c->woff -= c->wstart;
+            c->wstart = 0;
         }
         uint64_t r = next_rand(c);
         uint64_t key = (r >> 11) % (uint64_t)opt.keys;
@@ -229,6 +258,7 @@ static void refill(struct conn *c, uint64_t now)
         int counted = now >= measure_start;
         c->sent_at[slot] = counted ? now : 0;
         c->is_set[slot] = (uint8_t)is_set;
+        c->req_len[slot] = 4 + (uint32_t)n;
         c->inflight++;
         if (counted) {
             issued_counted++;
@@ -237,8 +267,12 @@ static void refill(struct conn *c, uint64_t now)
     }
 }
 
+static void broken(struct conn *c, const char *why, int err);
+
 static void do_write(struct conn *c)
 {
+    if (c->state != OPEN)
+        return;
     while (c->woff < c->wlen) {
         ssize_t n = send(c->fd, c->wbuf + c->woff, c->wlen - c->woff, MSG_NOSIGNAL);
         if (n < 0) {
@@ -246,7 +280,7 @@ static void do_write(struct conn *c)
                 break;
             if (errno == EINTR)
                 continue;
-            fail("connection %d: send: %s", c->index, strerror(errno));
+            broken(c, "send", errno);
             return;
         }
         c->woff += (size_t)n;
@@ -263,8 +297,15 @@ static void handle_reply(struct conn *c, const uint8_t *p, uint32_t n, uint64_t 
     }
     uint64_t sent = c->sent_at[c->head];
     int is_set = c->is_set[c->head];
+    c->wstart += c->req_len[c->head];
     c->head = (c->head + 1) % opt.depth;
     c->inflight--;
+    if (c->in_gap) {
+        if (st.nrecoveries < MAX_RECOVERIES)
+            st.recoveries[st.nrecoveries++] = now - c->last_reply_at;
+        c->in_gap = 0;
+    }
+    c->last_reply_at = now;
     if (!sent)
         return; /* warm-up */
     st.replies++;
@@ -315,12 +356,11 @@ static void do_read(struct conn *c)
                 break;
             if (errno == EINTR)
                 continue;
-            fail("connection %d: recv: %s (%d requests in flight)", c->index, strerror(errno), c->inflight);
+            broken(c, "recv", errno);
             return;
         }
         if (n == 0) {
-            fail("connection %d: closed by the server with %d requests in flight", c->index, c->inflight);
-            c->state = CLOSED;
+            broken(c, "closed by the server", 0);
             return;
         }
         c->rlen += (size_t)n;
@@ -345,6 +385,91 @@ static void do_read(struct conn *c)
     c->rlen -= off;
     refill(c, now);
     do_write(c);
+}
+
+/* ------------------------------------------------------------------ failures and reconnecting */
+
+static int open_socket(struct conn *c)
+{
+    int a = c->address;
+    c->fd = socket(addr[a].ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (c->fd < 0) {
+        fail("socket: %s", strerror(errno));
+        return -1;
+    }
+    int one = 1;
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (connect(c->fd, (struct sockaddr *)&addr[a], alen[a]) < 0 && errno != EINPROGRESS)
+        return errno;
+    c->state = CONNECTING;
+    struct epoll_event ev = {.events = EPOLLOUT, .data.u32 = (uint32_t)c->index};
+    if (epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0) {
+        fail("epoll_ctl: %s", strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* A connection failed (err: an errno, or 0 for a close). Without --reconnect the run fails; with it the
+ * socket is dropped and, after a backoff, reopened to the next address with its requests sent again. */
+static void broken(struct conn *c, const char *why, int err)
+{
+    if (!opt.reconnect) {
+        fail("connection %d: %s%s%s (%d requests in flight)", c->index, why, err ? ": " : "",
+             err ? strerror(err) : "", c->inflight);
+        return;
+    }
+    uint64_t now = now_ns();
+    if (c->fd >= 0)
+        close(c->fd); /* also leaves the epoll set */
+    c->fd = -1;
+    c->state = BROKEN;
+    c->rlen = 0;          /* a partial reply: its request is sent again */
+    c->woff = c->wstart;  /* every unanswered request is sent again, same request id */
+    c->want_out = -1;
+    if (!c->in_gap) {
+        c->in_gap = 1;
+        c->broken_since = now;
+        c->backoff_ns = 2000000;
+        st.reconnects++;
+    } else if (c->backoff_ns < 50000000) {
+        c->backoff_ns *= 2;
+    }
+    if (now - c->broken_since > (uint64_t)(opt.reconnect_timeout * 1e9)) {
+        fail("connection %d: no address answered within %.1f s (last: %s%s%s)", c->index, opt.reconnect_timeout,
+             why, err ? ": " : "", err ? strerror(err) : "");
+        return;
+    }
+    c->address = (c->address + 1) % opt.naddresses;
+    c->retry_at = now + c->backoff_ns;
+}
+
+/* A CONNECTING socket became writable: established, or failed. */
+static void finish_connect(struct conn *c)
+{
+    int err = 0;
+    socklen_t len = sizeof err;
+    getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    if (err) {
+        broken(c, "connect", err);
+        return;
+    }
+    c->state = OPEN;
+    c->want_out = -1;
+    set_events(c);
+    do_write(c);
+}
+
+static void retry_broken(uint64_t now)
+{
+    for (int i = 0; i < opt.connections && !failure[0]; i++) {
+        struct conn *c = &conns[i];
+        if (c->state != BROKEN || now < c->retry_at)
+            continue;
+        int err = open_socket(c);
+        if (err > 0)
+            broken(c, "connect", err);
+    }
 }
 
 /* ------------------------------------------------------------------ addresses and connecting */
@@ -376,33 +501,20 @@ static int resolve(const char *address, struct sockaddr_storage *out, socklen_t 
     return 0;
 }
 
+/* Open every connection (connection i to address i mod count); at the start a failure is fatal. */
 static int connect_all(void)
 {
-    struct sockaddr_storage addr[MAX_ADDRESSES];
-    socklen_t alen[MAX_ADDRESSES];
     for (int i = 0; i < opt.naddresses; i++)
         if (resolve(opt.addresses[i], &addr[i], &alen[i]) < 0)
             return -1;
     for (int i = 0; i < opt.connections; i++) {
         struct conn *c = &conns[i];
-        int a = i % opt.naddresses;
-        c->fd = socket(addr[a].ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (c->fd < 0) {
-            fail("socket: %s", strerror(errno));
+        c->address = i % opt.naddresses;
+        int err = open_socket(c);
+        if (err > 0)
+            fail("connect %s: %s", opt.addresses[c->address], strerror(err));
+        if (err)
             return -1;
-        }
-        int one = 1;
-        setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        if (connect(c->fd, (struct sockaddr *)&addr[a], alen[a]) < 0 && errno != EINPROGRESS) {
-            fail("connect %s: %s", opt.addresses[a], strerror(errno));
-            return -1;
-        }
-        c->state = CONNECTING;
-        struct epoll_event ev = {.events = EPOLLOUT, .data.u32 = (uint32_t)i};
-        if (epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0) {
-            fail("epoll_ctl: %s", strerror(errno));
-            return -1;
-        }
     }
     int pending = opt.connections;
     uint64_t deadline = now_ns() + (uint64_t)(opt.connect_timeout * 1e9);
@@ -427,7 +539,7 @@ static int connect_all(void)
             socklen_t len = sizeof err;
             getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
             if (err) {
-                fail("connect %s: %s", opt.addresses[c->index % opt.naddresses], strerror(err));
+                fail("connect %s: %s", opt.addresses[c->address], strerror(err));
                 return -1;
             }
             c->state = OPEN;
@@ -614,6 +726,10 @@ static void print_json(double seconds)
            (unsigned long long)st.sets, (unsigned long long)st.gets, (unsigned long long)st.found,
            (unsigned long long)st.notfound, (unsigned long long)st.errors, (unsigned long long)st.request_bytes,
            (unsigned long long)st.reply_bytes);
+    printf("\"reconnects\": %llu, \"recoveries_us\": [", (unsigned long long)st.reconnects);
+    for (unsigned i = 0; i < st.nrecoveries; i++)
+        printf("%s%.1f", i ? ", " : "", (double)st.recoveries[i] / 1e3);
+    printf("], ");
     printf("\"started_at\": %.6f, \"cpu_seconds\": %.4f, \"cpu\": ", (double)measure_start / 1e9, cpu_seconds());
     if (opt.cpu >= 0)
         printf("%d, ", opt.cpu);
@@ -658,6 +774,8 @@ static void usage(FILE *f)
             "  --tag T               client id prefix (default L<pid>); client ids are T<connection>\n"
             "  --timeout S           hard bound on the whole run (default: warmup + seconds + 10, or 60)\n"
             "  --connect-timeout S   (default 5)\n"
+            "  --reconnect           survive broken connections: reopen to the next address, resend\n"
+            "  --reconnect-timeout S a connection without any address for S fails the run (default 10)\n"
             "  --cpu N               pin the generator to cpu N\n"
             "  --server-cpu N        pin the echo server to cpu N\n",
             MAX_VALUE);
@@ -698,6 +816,7 @@ int main(int argc, char **argv)
         {"value-size", required_argument, 0, 'v'}, {"tag", required_argument, 0, 't'},
         {"timeout", required_argument, 0, 'T'},   {"connect-timeout", required_argument, 0, 'C'},
         {"cpu", required_argument, 0, 'p'},       {"server-cpu", required_argument, 0, 'S'},
+        {"reconnect", no_argument, 0, 'R'},       {"reconnect-timeout", required_argument, 0, 'X'},
         {"help", no_argument, 0, 'h'},            {0, 0, 0, 0},
     };
     static char default_tag[32];
@@ -726,6 +845,8 @@ int main(int argc, char **argv)
         case 'C': opt.connect_timeout = parse_double(optarg, "--connect-timeout"); break;
         case 'p': opt.cpu = (int)parse_long(optarg, "--cpu", 0, CPU_SETSIZE - 1); break;
         case 'S': opt.server_cpu = (int)parse_long(optarg, "--server-cpu", 0, CPU_SETSIZE - 1); break;
+        case 'R': opt.reconnect = 1; break;
+        case 'X': opt.reconnect_timeout = parse_double(optarg, "--reconnect-timeout"); break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -750,6 +871,9 @@ int main(int argc, char **argv)
         opt.timeout = opt.seconds > 0 ? opt.warmup + opt.seconds + 10.0 : 60.0;
     memset(value, 'v', (size_t)opt.value_size);
     signal(SIGPIPE, SIG_IGN);
+    struct sigaction sa = {.sa_handler = on_stop_signal}; /* no SA_RESTART: epoll_wait returns EINTR */
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
 
     uint64_t t_begin = now_ns();
     uint64_t hard_deadline = t_begin + (uint64_t)(opt.timeout * 1e9);
@@ -779,13 +903,14 @@ int main(int argc, char **argv)
         snprintf(c->client, sizeof c->client, "%s%d", opt.tag, i);
         c->seq = seq0;
         c->rng = 0x9E3779B97F4A7C15ull * (uint64_t)(i + 1) ^ (uint64_t)opt.connections;
-        c->wcap = (size_t)opt.depth * ((size_t)opt.value_size + 256) + 4096;
+        c->wcap = (size_t)opt.depth * ((size_t)opt.value_size + 300) + 4096;
         c->wbuf = malloc(c->wcap);
         c->rcap = 65536;
         c->rbuf = malloc(c->rcap);
         c->sent_at = calloc((size_t)opt.depth, sizeof *c->sent_at);
         c->is_set = calloc((size_t)opt.depth, 1);
-        if (!c->wbuf || !c->rbuf || !c->sent_at || !c->is_set) {
+        c->req_len = calloc((size_t)opt.depth, sizeof *c->req_len);
+        if (!c->wbuf || !c->rbuf || !c->sent_at || !c->is_set || !c->req_len) {
             fail("out of memory");
             goto out;
         }
@@ -797,13 +922,14 @@ int main(int argc, char **argv)
     measure_start = t0 + (uint64_t)(opt.warmup * 1e9);
     end_at = opt.seconds > 0 ? measure_start + (uint64_t)(opt.seconds * 1e9) : 0;
     for (int i = 0; i < opt.connections; i++) {
+        conns[i].last_reply_at = t0;
         refill(&conns[i], t0);
         do_write(&conns[i]);
     }
     struct epoll_event evs[256];
     while (!failure[0]) {
         uint64_t now = now_ns();
-        if (end_at && now >= end_at)
+        if ((end_at && now >= end_at) || stop_requested)
             stopping = 1;
         int busy = 0;
         for (int i = 0; i < opt.connections && !busy; i++)
@@ -818,9 +944,15 @@ int main(int argc, char **argv)
                  (unsigned long long)inflight, (unsigned long long)st.replies);
             break;
         }
+        retry_broken(now);
+        if (failure[0])
+            break;
         uint64_t wake = hard_deadline;
         if (end_at && !stopping && end_at < wake)
             wake = end_at;
+        for (int i = 0; i < opt.connections; i++)
+            if (conns[i].state == BROKEN && conns[i].retry_at < wake)
+                wake = conns[i].retry_at > now ? conns[i].retry_at : now;
         int timeout_ms = (int)((wake - now) / 1000000 + 1);
         if (timeout_ms > 100)
             timeout_ms = 100;
@@ -833,9 +965,15 @@ int main(int argc, char **argv)
         }
         for (int k = 0; k < n && !failure[0]; k++) {
             struct conn *c = &conns[evs[k].data.u32];
+            if (c->state == CONNECTING) {
+                finish_connect(c);
+                continue;
+            }
+            if (c->state != OPEN)
+                continue; /* broke earlier in this batch */
             if (evs[k].events & (EPOLLIN | EPOLLERR | EPOLLHUP))
                 do_read(c);
-            if (!failure[0] && (evs[k].events & EPOLLOUT))
+            if (!failure[0] && c->state == OPEN && (evs[k].events & EPOLLOUT))
                 do_write(c);
         }
     }

@@ -96,6 +96,7 @@ class LoadResult:
     started_at: float  # time.monotonic() when counting began
     cpu_seconds: float  # the generator's own CPU time (user + system)
     histogram: Histogram
+    recoveries: tuple[float, ...]  # --reconnect: per break, last reply before to first reply after (s)
     raw: dict[str, Any]
 
     @staticmethod
@@ -108,6 +109,7 @@ class LoadResult:
             started_at=float(answer["started_at"]),
             cpu_seconds=float(answer["cpu_seconds"]),
             histogram=Histogram(tuple((int(a), int(b), int(c)) for a, b, c in answer["histogram"])),
+            recoveries=tuple(float(us) / 1e6 for us in answer["recoveries_us"]),
             raw=answer,
         )
 
@@ -131,6 +133,8 @@ def command(
     cpu: int | None = None,
     server_cpu: int | None = None,
     echo_server: bool = False,
+    reconnect: bool = False,
+    reconnect_timeout: float | None = None,
     timeout: float | None = None,
 ) -> list[str]:
     """kvload's command line (see `build/kvload --help`)."""
@@ -152,6 +156,10 @@ def command(
         argv += ["--cpu", str(cpu)]
     if server_cpu is not None:
         argv += ["--server-cpu", str(server_cpu)]
+    if reconnect:
+        argv.append("--reconnect")
+    if reconnect_timeout is not None:
+        argv += ["--reconnect-timeout", str(reconnect_timeout)]
     if timeout is not None:
         argv += ["--timeout", str(timeout)]
     return argv
@@ -232,6 +240,12 @@ class Running:
             self.kill()
             raise LoadError("kvload did not finish in time") from None
         return parse_output(self._proc.returncode, out, err)
+
+    def stop(self) -> LoadResult:
+        """End the run now (SIGTERM: kvload stops issuing, drains its replies and reports)."""
+        if self._proc.poll() is None:
+            self._proc.terminate()
+        return self.result()
 
     def kill(self) -> None:
         if self._proc.poll() is None:

@@ -265,3 +265,35 @@ def test_pinned_generator(native: kvload.NativeKv) -> None:
     generator, _ = kvload.cpu_layout()
     result = kvload.run([native.address], 2, requests=200, cpu=generator or 0)
     assert result.raw["cpu"] == (generator or 0)
+
+
+def test_reconnect_moves_to_the_next_address() -> None:
+    with kvload.NativeKv() as a, kvload.NativeKv() as b:
+        load = kvload.start([a.address, b.address], 4, 1.5, reconnect=True, tag="move")
+        time.sleep(0.5)
+        a.__exit__(None, None, None)  # the first address goes away under load
+        result = load.result()
+    assert result.raw["ok"] is True and result.raw["errors"] == 0
+    assert result.raw["reconnects"] == 2  # connections 0 and 2 were on the first address
+    recoveries = result.raw["recoveries_us"]
+    assert len(recoveries) == 2 and all(0 < r < 1.5e6 for r in recoveries)
+    assert result.recoveries == pytest.approx([r / 1e6 for r in recoveries])
+    # Every counted reply came from one of the two servers (requests sent again may be counted twice there).
+    assert a.requests + b.requests >= result.requests > 0
+    assert b.requests > 0
+
+
+def test_reconnect_gives_up_when_no_address_answers() -> None:
+    with kvload.NativeKv() as a:
+        load = kvload.start([a.address], 2, 5.0, reconnect=True, reconnect_timeout=0.5)
+        time.sleep(0.3)
+        a.__exit__(None, None, None)
+        with pytest.raises(kvload.LoadError, match="no address answered within 0.5 s"):
+            load.result()
+
+
+def test_stop_ends_a_run_early(native: kvload.NativeKv) -> None:
+    load = kvload.start([native.address], 2, 600.0, tag="stop")
+    time.sleep(0.3)
+    result = load.stop()  # SIGTERM: drained and reported, not killed
+    assert result.raw["ok"] is True and 0 < result.seconds < 60 and result.requests > 0
