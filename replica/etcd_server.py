@@ -79,6 +79,7 @@ class EtcdCluster:
         self.tls = list(tls) if tls else None
         self.scheme = "https" if tls else "http"
         self._prefix = [list(p) for p in argv_prefix] if argv_prefix else [[] for _ in range(members)]
+        self._in_hosts = argv_prefix is not None
         addrs = list(hosts) if hosts else ["127.0.0.1"] * members
         self.members = [
             EtcdMember(
@@ -142,16 +143,29 @@ class EtcdCluster:
     def start(
         self, timeout_s: float = 15.0, credentials: grpc.ChannelCredentials | None = None
     ) -> EtcdCluster:
-        """Start every member and wait until the cluster serves a linearizable read."""
+        """Start every member and wait until the cluster serves a linearizable read. A free port can be
+        taken by someone else between picking it and etcd binding it: then every member starts again on
+        new ports (a few times) with fresh data directories."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        try:
-            for i in range(len(self.members)):
-                self.launch(i)
-            self.wait_ready(timeout_s, credentials)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        for attempt in range(3):
+            try:
+                for i in range(len(self.members)):
+                    self.launch(i)
+                self.wait_ready(timeout_s, credentials)
+                return self
+            except EtcdServerError as e:
+                self.stop()
+                if "address already in use" not in str(e) or attempt == 2 or self._in_hosts:
+                    raise
+                log.warning("etcd: a port was taken meanwhile, starting again on new ports")
+                self.token = f"vmft-{time.time_ns():x}"
+                for m in self.members:
+                    shutil.rmtree(m.data_dir, ignore_errors=True)
+                    m.client_port, m.peer_port = free_port(m.host), free_port(m.host)
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
 
     def wait_ready(self, timeout_s: float = 15.0, credentials: grpc.ChannelCredentials | None = None) -> None:
         deadline = time.monotonic() + timeout_s
