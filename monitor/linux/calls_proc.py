@@ -1,0 +1,324 @@
+"""System calls about the process itself: identity, time, randomness, signals, limits, exit."""
+
+from __future__ import annotations
+
+import errno
+import struct
+import time
+
+from monitor.linux.mm import LinuxError
+from monitor.linux.process import PID, PPID, ProcessState
+from monitor.linux.signals import IGNORED_BY_DEFAULT, SIG_DFL, SIG_IGN, FatalSignal, Sig, signal_name
+
+ARCH_SET_GS, ARCH_SET_FS, ARCH_GET_FS, ARCH_GET_GS = 0x1001, 0x1002, 0x1003, 0x1004
+CLOCKS = {
+    0: time.CLOCK_REALTIME,
+    1: time.CLOCK_MONOTONIC,
+    2: time.CLOCK_PROCESS_CPUTIME_ID,
+    3: time.CLOCK_THREAD_CPUTIME_ID,
+    4: time.CLOCK_MONOTONIC_RAW,
+    5: time.CLOCK_REALTIME,
+    6: time.CLOCK_MONOTONIC,
+    7: time.CLOCK_BOOTTIME,
+}
+RLIM_INFINITY = (1 << 64) - 1
+RLIMITS = {3: (8 << 20, RLIM_INFINITY), 7: (1024, 1024), 4: (0, RLIM_INFINITY)}  # STACK, NOFILE, CORE
+FUTEX_WAIT, FUTEX_WAKE, FUTEX_CMD_MASK = 0, 1, 0x7F
+PR_SET_NAME, PR_GET_NAME, PR_GET_DUMPABLE, PR_SET_DUMPABLE = 15, 16, 3, 4
+
+
+class ProcessExit(Exception):
+    """The process ended: exit_group, or a fatal signal."""
+
+    def __init__(self, status: int, fatal: FatalSignal | None = None) -> None:
+        super().__init__(fatal.message if fatal else f"exit {status}")
+        self.status = status
+        self.fatal = fatal
+
+
+class ProcessCalls(ProcessState):
+    comm = b""
+
+    # ----- identity --------------------------------------------------------------------------------
+
+    def sys_getpid(self, *_: int) -> int:
+        return PID
+
+    sys_gettid = sys_getpid
+    sys_getpgrp = sys_getpid
+    sys_getpgid = sys_getpid
+    sys_getsid = sys_getpid
+
+    def sys_getppid(self, *_: int) -> int:
+        return PPID
+
+    def sys_getuid(self, *_: int) -> int:
+        return 0
+
+    sys_geteuid = sys_getuid
+    sys_getgid = sys_getuid
+    sys_getegid = sys_getuid
+
+    def sys_getresuid(self, a: int, b: int, c: int, *_: int) -> int:
+        for addr in (a, b, c):
+            self.space.write(addr, struct.pack("<I", 0))
+        return 0
+
+    sys_getresgid = sys_getresuid
+
+    def sys_getgroups(self, *_: int) -> int:
+        return 0
+
+    def sys_setuid(self, uid: int, *_: int) -> int:
+        return 0 if uid == 0 else -errno.EPERM
+
+    sys_setgid = sys_setuid
+
+    def sys_setpgid(self, *_: int) -> int:
+        return 0
+
+    def sys_setsid(self, *_: int) -> int:
+        raise LinuxError(errno.EPERM)
+
+    def sys_uname(self, buf: int, *_: int) -> int:
+        fields = (b"Linux", b"vmft", b"6.1.0-vmft", b"#1 SMP PREEMPT_DYNAMIC vmft", b"x86_64", b"(none)")
+        self.space.write(buf, b"".join(f.ljust(65, b"\0") for f in fields))
+        return 0
+
+    def sys_personality(self, persona: int, *_: int) -> int:
+        return 0
+
+    def sys_prctl(self, option: int, arg2: int, *_: int) -> int:
+        if option == PR_SET_NAME:
+            self.comm = self.space.read_cstring(arg2, 16)[:15]
+            return 0
+        if option == PR_GET_NAME:
+            self.space.write(arg2, self.comm.ljust(16, b"\0"))
+            return 0
+        if option == PR_GET_DUMPABLE:
+            return 1
+        if option == PR_SET_DUMPABLE:
+            return 0
+        raise LinuxError(errno.EINVAL)
+
+    def sys_arch_prctl(self, code: int, addr: int, *_: int) -> int:
+        if code == ARCH_SET_FS:
+            self.fs_base = addr
+            self.host.set_fs_base(addr)
+            return 0
+        if code == ARCH_GET_FS:
+            self.space.write(addr, struct.pack("<Q", self.fs_base))
+            return 0
+        raise LinuxError(errno.EINVAL)
+
+    def sys_set_tid_address(self, addr: int, *_: int) -> int:
+        self.clear_child_tid = addr
+        return PID
+
+    def sys_set_robust_list(self, head: int, length: int, *_: int) -> int:
+        self.robust_list = (head, length)
+        return 0
+
+    # ----- resources and scheduling -----------------------------------------------------------------
+
+    def sys_prlimit64(self, pid: int, resource: int, new: int, old: int, *_: int) -> int:
+        if old:
+            self.space.write(old, struct.pack("<QQ", *RLIMITS.get(resource, (RLIM_INFINITY, RLIM_INFINITY))))
+        return 0
+
+    def sys_getrlimit(self, resource: int, old: int, *_: int) -> int:
+        return self.sys_prlimit64(0, resource, 0, old)
+
+    def sys_setrlimit(self, *_: int) -> int:
+        return 0
+
+    def sys_getrusage(self, who: int, buf: int, *_: int) -> int:
+        self.space.write(buf, bytes(144))
+        return 0
+
+    def sys_sysinfo(self, buf: int, *_: int) -> int:
+        mem = self.space.memory.size
+        info = struct.pack(
+            "<qQQQQQQQHxxxxxxQQI", 0, 0, 0, 0, mem, mem - self.space.phys.used_bytes, 0, 0, 1, 0, 0, 1
+        )
+        self.space.write(buf, info.ljust(112, b"\0"))
+        return 0
+
+    def sys_sched_yield(self, *_: int) -> int:
+        return 0
+
+    def sys_sched_getaffinity(self, pid: int, size: int, mask: int, *_: int) -> int:
+        if size < 8:
+            raise LinuxError(errno.EINVAL)
+        self.space.write(mask, struct.pack("<Q", 1))  # one CPU
+        return 8
+
+    def sys_sched_setaffinity(self, *_: int) -> int:
+        return 0
+
+    def sys_getcpu(self, cpu: int, node: int, *_: int) -> int:
+        for addr in (cpu, node):
+            if addr:
+                self.space.write(addr, struct.pack("<I", 0))
+        return 0
+
+    # ----- time: every reading is an event ---------------------------------------------------------
+
+    def _clock(self, clock_id: int) -> int:
+        clock = CLOCKS.get(clock_id)
+        if clock is None:
+            raise LinuxError(errno.EINVAL)
+        return self.now_ns(clock)
+
+    def sys_clock_gettime(self, clock_id: int, tp: int, *_: int) -> int:
+        ns = self._clock(clock_id)
+        self.space.write(tp, struct.pack("<qq", ns // 1_000_000_000, ns % 1_000_000_000))
+        return 0
+
+    def sys_clock_getres(self, clock_id: int, tp: int, *_: int) -> int:
+        if clock_id not in CLOCKS:
+            raise LinuxError(errno.EINVAL)
+        if tp:
+            self.space.write(tp, struct.pack("<qq", 0, 1))
+        return 0
+
+    def sys_gettimeofday(self, tv: int, tz: int, *_: int) -> int:
+        if tv:
+            ns = self.now_ns()
+            self.space.write(tv, struct.pack("<qq", ns // 1_000_000_000, ns % 1_000_000_000 // 1000))
+        if tz:
+            self.space.write(tz, bytes(8))
+        return 0
+
+    def sys_time(self, tloc: int, *_: int) -> int:
+        seconds = self.now_ns() // 1_000_000_000
+        if tloc:
+            self.space.write(tloc, struct.pack("<q", seconds))
+        return seconds
+
+    def sys_times(self, buf: int, *_: int) -> int:
+        if buf:
+            self.space.write(buf, bytes(32))
+        return self.now_ns(time.CLOCK_MONOTONIC) // 10_000_000
+
+    def _sleep(self, ns: int) -> None:
+        if ns > 0 and not self.replaying:
+            time.sleep(ns / 1e9)
+
+    def sys_nanosleep(self, req: int, rem: int, *_: int) -> int:
+        sec, nsec = struct.unpack("<qq", self.space.read(req, 16))
+        if sec < 0 or not 0 <= nsec < 1_000_000_000:
+            raise LinuxError(errno.EINVAL)
+        self._sleep(sec * 1_000_000_000 + nsec)
+        return 0
+
+    def sys_clock_nanosleep(self, clock_id: int, flags: int, req: int, rem: int, *_: int) -> int:
+        sec, nsec = struct.unpack("<qq", self.space.read(req, 16))
+        ns = sec * 1_000_000_000 + nsec
+        if flags & 1:  # TIMER_ABSTIME
+            ns -= self._clock(clock_id)
+        self._sleep(ns)
+        return 0
+
+    def sys_alarm(self, *_: int) -> int:
+        return 0
+
+    def sys_setitimer(self, which: int, new: int, old: int, *_: int) -> int:
+        if old:
+            self.space.write(old, bytes(32))
+        return 0
+
+    # ----- randomness ----------------------------------------------------------------------------
+
+    def sys_getrandom(self, buf: int, length: int, flags: int, *_: int) -> int:
+        length = min(length, 1 << 20)
+        self.space.write(buf, self.entropy(length))
+        return length
+
+    # ----- signals ---------------------------------------------------------------------------------
+
+    def sys_rt_sigaction(self, sig: int, act: int, oldact: int, size: int, *_: int) -> int:
+        if not 1 <= sig <= 64 or sig in (Sig.SIGKILL, Sig.SIGSTOP) and act:
+            raise LinuxError(errno.EINVAL)
+        if oldact:
+            self.space.write(oldact, self.signals.actions.get(sig, bytes(32)))
+        if act:
+            self.signals.actions[sig] = self.space.read(act, 32)
+        return 0
+
+    def sys_rt_sigprocmask(self, how: int, new: int, old: int, size: int, *_: int) -> int:
+        if old:
+            self.space.write(old, struct.pack("<Q", self.signals.mask))
+        if new:
+            value = struct.unpack("<Q", self.space.read(new, 8))[0]
+            if how == 0:
+                self.signals.mask |= value
+            elif how == 1:
+                self.signals.mask &= ~value
+            elif how == 2:
+                self.signals.mask = value
+            else:
+                raise LinuxError(errno.EINVAL)
+            self.signals.mask &= ~((1 << (Sig.SIGKILL - 1)) | (1 << (Sig.SIGSTOP - 1)))
+        return 0
+
+    def sys_sigaltstack(self, new: int, old: int, *_: int) -> int:
+        if old:
+            self.space.write(old, self.signals.altstack)
+        if new:
+            self.signals.altstack = self.space.read(new, 24)
+        return 0
+
+    def _signal_self(self, sig: int) -> int:
+        if sig == 0:
+            return 0
+        if not 1 <= sig <= 64:
+            raise LinuxError(errno.EINVAL)
+        handler = struct.unpack_from("<Q", self.signals.actions.get(sig, bytes(32)))[0]
+        if sig != Sig.SIGKILL and (handler == SIG_IGN or handler == SIG_DFL and sig in IGNORED_BY_DEFAULT):
+            return 0
+        message = f"killed by {signal_name(sig)} (sent by the program itself)"
+        if handler not in (SIG_DFL, SIG_IGN):
+            message += "; signal handlers are not delivered yet"
+        raise ProcessExit(128 + sig, FatalSignal(sig, message))
+
+    def sys_kill(self, pid: int, sig: int, *_: int) -> int:
+        if pid not in (PID, 0, (1 << 64) - 1):
+            raise LinuxError(errno.ESRCH)
+        return self._signal_self(sig)
+
+    def sys_tgkill(self, tgid: int, tid: int, sig: int, *_: int) -> int:
+        if tid != PID:
+            raise LinuxError(errno.ESRCH)
+        return self._signal_self(sig)
+
+    def sys_tkill(self, tid: int, sig: int, *_: int) -> int:
+        return self.sys_tgkill(PID, tid, sig)
+
+    def sys_rseq(self, *_: int) -> int:
+        raise LinuxError(errno.ENOSYS)  # restartable sequences: glibc works without them (one thread)
+
+    # ----- the network: not yet ------------------------------------------------------------------
+
+    def sys_socket(self, *_: int) -> int:
+        raise LinuxError(errno.EACCES)  # no network for Linux guests yet (glibc's nscd probe lands here)
+
+    # ----- threads (one, for now) ---------------------------------------------------------------
+
+    def sys_futex(self, uaddr: int, op: int, val: int, *_: int) -> int:
+        cmd = op & FUTEX_CMD_MASK
+        if cmd in (FUTEX_WAKE, 10):  # WAKE, WAKE_BITSET: nobody else waits
+            return 0
+        if cmd in (FUTEX_WAIT, 9):
+            current = struct.unpack("<I", self.space.read(uaddr, 4))[0]
+            if current != val & 0xFFFFFFFF:
+                raise LinuxError(errno.EAGAIN)
+            raise LinuxError(errno.EDEADLK, "futex wait with no other thread to wake it")
+        raise LinuxError(errno.ENOSYS)
+
+    # ----- the end ---------------------------------------------------------------------------------
+
+    def sys_exit_group(self, status: int, *_: int) -> int:
+        raise ProcessExit(status & 0xFF)
+
+    sys_exit = sys_exit_group

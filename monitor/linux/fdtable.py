@@ -1,0 +1,453 @@
+"""Open files and the descriptor table.
+
+An open file (Linux's `struct file`) is shared by descriptors made with dup; each keeps its own offset
+here, never in a host descriptor, so the whole table can be saved and compared. Host files are read
+and written with pread/pwrite at that offset.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+import struct
+from dataclasses import dataclass, field
+from typing import Callable
+
+from monitor.linux.mm import LinuxError
+
+O_ACCMODE, O_WRONLY, O_RDWR = 3, 1, 2
+O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC, O_APPEND, O_NONBLOCK = 0o100, 0o200, 0o400, 0o1000, 0o2000, 0o4000
+O_DIRECTORY, O_NOFOLLOW, O_CLOEXEC, O_PATH, O_TMPFILE = 0o200000, 0o400000, 0o2000000, 0o10000000, 0o20200000
+STATUS_FLAGS = O_APPEND | O_NONBLOCK
+MAX_FDS = 1024
+DT_UNKNOWN, DT_FIFO, DT_CHR, DT_DIR, DT_REG, DT_LNK = 0, 1, 2, 4, 8, 10
+ROOT_DEV, LAYER_DEV, PROC_DEV, DEV_DEV, PIPE_DEV = 0x801, 0x802, 0x4, 0x5, 0xC
+
+_STAT = struct.Struct("<QQQIIIIQqqqqqqqqq24x")
+assert _STAT.size == 144
+
+
+@dataclass
+class StatInfo:
+    dev: int
+    ino: int
+    mode: int
+    size: int = 0
+    nlink: int = 1
+    uid: int = 0
+    gid: int = 0
+    rdev: int = 0
+    blksize: int = 4096
+    blocks: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+
+    def pack(self) -> bytes:
+        return _STAT.pack(
+            self.dev, self.ino, self.nlink, self.mode, self.uid, self.gid, 0, self.rdev, self.size,
+            self.blksize, self.blocks, *_ts(self.atime_ns), *_ts(self.mtime_ns), *_ts(self.ctime_ns),
+        )  # fmt: skip
+
+    def pack_statx(self) -> bytes:
+        out = bytearray(256)
+        struct.pack_into(
+            "<IIQIIIHxxQQQQ", out, 0, 0x7FF, self.blksize, 0, self.nlink, self.uid, self.gid, self.mode,
+            self.ino, self.size, self.blocks, 0,
+        )  # fmt: skip
+        for at, ns in (
+            (0x40, self.atime_ns),
+            (0x50, self.ctime_ns),
+            (0x60, self.ctime_ns),
+            (0x70, self.mtime_ns),
+        ):
+            struct.pack_into("<qI", out, at, *_ts(ns))
+        struct.pack_into("<IIII", out, 0x80, self.rdev >> 8, self.rdev & 0xFF, self.dev >> 8, self.dev & 0xFF)
+        return bytes(out)
+
+
+def _ts(ns: int) -> tuple[int, int]:
+    return ns // 1_000_000_000, ns % 1_000_000_000
+
+
+def path_ino(guest_path: str) -> int:
+    """Inode numbers from the guest path: the same on every replica, whatever the host's file system."""
+    return int.from_bytes(hashlib.blake2b(guest_path.encode(), digest_size=4).digest(), "little") | 1
+
+
+def host_stat(host: str, guest: str, writable: bool, follow: bool = False) -> StatInfo:
+    st = os.stat(host, follow_symlinks=follow)
+    mtime = st.st_mtime_ns
+    return StatInfo(
+        dev=LAYER_DEV if writable else ROOT_DEV,
+        ino=path_ino(guest),
+        mode=st.st_mode,
+        size=st.st_size,
+        nlink=st.st_nlink if stat.S_ISDIR(st.st_mode) else 1,
+        uid=st.st_uid if not writable else 0,
+        gid=st.st_gid if not writable else 0,
+        blocks=(st.st_size + 4095) // 4096 * 8,
+        atime_ns=mtime,  # the host's atime changes with every read: not part of the guest's world
+        mtime_ns=mtime,
+        ctime_ns=mtime,
+    )
+
+
+class OpenFile:
+    """Base: a file that can do nothing (each kind overrides what it supports)."""
+
+    kind = "file"
+
+    def __init__(self, path: str, flags: int) -> None:
+        self.path = path
+        self.flags = flags
+        self.offset = 0
+
+    @property
+    def readable(self) -> bool:
+        return self.flags & O_ACCMODE in (0, O_RDWR)
+
+    @property
+    def writable(self) -> bool:
+        return self.flags & O_ACCMODE in (O_WRONLY, O_RDWR)
+
+    def read(self, n: int) -> bytes:
+        raise LinuxError(errno.EINVAL)
+
+    def write(self, data: bytes) -> int:
+        raise LinuxError(errno.EINVAL)
+
+    def pread(self, n: int, offset: int) -> bytes:
+        raise LinuxError(errno.ESPIPE)
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        raise LinuxError(errno.ESPIPE)
+
+    def seek(self, offset: int, whence: int) -> int:
+        raise LinuxError(errno.ESPIPE)
+
+    def stat(self) -> StatInfo:
+        raise LinuxError(errno.EBADF)
+
+    def entries(self) -> list[tuple[int, int, str]]:
+        raise LinuxError(errno.ENOTDIR)
+
+    def truncate(self, length: int) -> None:
+        raise LinuxError(errno.EINVAL)
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> tuple[object, ...]:
+        """What the state hash covers."""
+        return (self.kind, self.path, self.flags, self.offset)
+
+
+class HostFile(OpenFile):
+    kind = "host"
+
+    def __init__(self, path: str, flags: int, host: str, fd: int, layer: bool, touch: Callable[[int], None]):
+        super().__init__(path, flags)
+        self.host = host
+        self.fd = fd
+        self.layer = layer
+        self._touch = touch  # stamps a changed layer file with the guest's time
+
+    def read(self, n: int) -> bytes:
+        data = self.pread(n, self.offset)
+        self.offset += len(data)
+        return data
+
+    def pread(self, n: int, offset: int) -> bytes:
+        if not self.readable:
+            raise LinuxError(errno.EBADF)
+        try:
+            return os.pread(self.fd, n, offset)
+        except IsADirectoryError as err:
+            raise LinuxError(errno.EISDIR) from err
+
+    def write(self, data: bytes) -> int:
+        if self.flags & O_APPEND:
+            self.offset = os.fstat(self.fd).st_size
+        n = self.pwrite(data, self.offset)
+        self.offset += n
+        return n
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        if not self.writable:
+            raise LinuxError(errno.EBADF)
+        n = os.pwrite(self.fd, data, offset)
+        self._touch(self.fd)
+        return n
+
+    def seek(self, offset: int, whence: int) -> int:
+        if whence == 0:
+            new = offset
+        elif whence == 1:
+            new = self.offset + offset
+        elif whence == 2:
+            new = os.fstat(self.fd).st_size + offset
+        elif whence in (3, 4):  # SEEK_DATA, SEEK_HOLE: the file is all data
+            size = os.fstat(self.fd).st_size
+            if offset >= size:
+                raise LinuxError(errno.ENXIO)
+            new = offset if whence == 3 else size
+        else:
+            raise LinuxError(errno.EINVAL)
+        if new < 0:
+            raise LinuxError(errno.EINVAL)
+        self.offset = new
+        return new
+
+    def stat(self) -> StatInfo:
+        return host_stat(f"/proc/self/fd/{self.fd}", self.path, self.layer, follow=True)
+
+    def truncate(self, length: int) -> None:
+        if not self.writable:
+            raise LinuxError(errno.EINVAL)
+        os.ftruncate(self.fd, length)
+        self._touch(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class DirFile(OpenFile):
+    kind = "dir"
+
+    def __init__(self, path: str, flags: int, info: StatInfo, listing: list[tuple[int, int, str]]) -> None:
+        super().__init__(path, flags)
+        self.info = info
+        self.listing = listing  # (ino, d_type, name), "." and ".." first
+
+    def entries(self) -> list[tuple[int, int, str]]:
+        return self.listing
+
+    def seek(self, offset: int, whence: int) -> int:
+        if whence != 0 or offset < 0:
+            raise LinuxError(errno.EINVAL)
+        self.offset = offset
+        return offset
+
+    def stat(self) -> StatInfo:
+        return self.info
+
+    def read(self, n: int) -> bytes:
+        raise LinuxError(errno.EISDIR)
+
+
+class BytesFile(OpenFile):
+    """Contents fixed at open (a /proc file)."""
+
+    kind = "bytes"
+
+    def __init__(self, path: str, flags: int, data: bytes, info: StatInfo) -> None:
+        super().__init__(path, flags)
+        self.data = data
+        self.info = info
+
+    def read(self, n: int) -> bytes:
+        chunk = self.data[self.offset : self.offset + n]
+        self.offset += len(chunk)
+        return chunk
+
+    def pread(self, n: int, offset: int) -> bytes:
+        return self.data[offset : offset + n]
+
+    def seek(self, offset: int, whence: int) -> int:
+        base = {0: 0, 1: self.offset, 2: len(self.data)}.get(whence)
+        if base is None or base + offset < 0:
+            raise LinuxError(errno.EINVAL)
+        self.offset = base + offset
+        return self.offset
+
+    def stat(self) -> StatInfo:
+        return self.info
+
+
+class DeviceFile(OpenFile):
+    kind = "device"
+
+    def __init__(self, path: str, flags: int, device: str, info: StatInfo, entropy: Callable[[int], bytes]):
+        super().__init__(path, flags)
+        self.device = device
+        self.info = info
+        self._entropy = entropy
+
+    def read(self, n: int) -> bytes:
+        if self.device == "null":
+            return b""
+        if self.device in ("zero", "full"):
+            return bytes(n)
+        return self._entropy(min(n, 1 << 20))
+
+    def pread(self, n: int, offset: int) -> bytes:
+        return self.read(n)
+
+    def write(self, data: bytes) -> int:
+        if self.device == "full":
+            raise LinuxError(errno.ENOSPC)
+        return len(data)
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        return self.write(data)
+
+    def seek(self, offset: int, whence: int) -> int:
+        return 0
+
+    def stat(self) -> StatInfo:
+        return self.info
+
+    def describe(self) -> tuple[object, ...]:
+        return (self.kind, self.path, self.flags, self.device)
+
+
+class ConsoleFile(OpenFile):
+    """stdin, stdout, stderr: the VM's console. Shown to the guest as pipes (never a terminal: whether
+    the host's stdout is a terminal is not the guest's business, and must not differ in replay)."""
+
+    kind = "console"
+
+    def __init__(self, path: str, flags: int, number: int, io: ConsoleIo) -> None:
+        super().__init__(path, flags)
+        self.number = number
+        self.io = io
+
+    def read(self, n: int) -> bytes:
+        return self.io.read(n)
+
+    def write(self, data: bytes) -> int:
+        self.io.write(self.number, data)
+        return len(data)
+
+    def stat(self) -> StatInfo:
+        return StatInfo(dev=PIPE_DEV, ino=100 + self.number, mode=stat.S_IFIFO | 0o600, blksize=4096)
+
+    def describe(self) -> tuple[object, ...]:
+        return (self.kind, self.number, self.flags)
+
+
+class ConsoleIo:
+    def __init__(self, read: Callable[[int], bytes], write: Callable[[int, bytes], None]) -> None:
+        self.read = read
+        self.write = write
+
+
+@dataclass
+class Pipe:
+    buffer: bytearray = field(default_factory=bytearray)
+    readers: int = 0
+    writers: int = 0
+    ino: int = 0
+
+
+PIPE_CAPACITY = 65536
+
+
+class PipeEnd(OpenFile):
+    kind = "pipe"
+
+    def __init__(self, flags: int, pipe: Pipe, reading: bool) -> None:
+        super().__init__(f"pipe:[{pipe.ino}]", flags)
+        self.pipe = pipe
+        self.reading = reading
+        if reading:
+            pipe.readers += 1
+        else:
+            pipe.writers += 1
+
+    def read(self, n: int) -> bytes:
+        if not self.reading:
+            raise LinuxError(errno.EBADF)
+        pipe = self.pipe
+        if not pipe.buffer:
+            if pipe.writers:
+                # One process, one thread: nobody else can ever fill it. Linux would block forever.
+                raise LinuxError(errno.EAGAIN if self.flags & O_NONBLOCK else errno.EDEADLK)
+            return b""
+        chunk = bytes(pipe.buffer[:n])
+        del pipe.buffer[:n]
+        return chunk
+
+    def write(self, data: bytes) -> int:
+        if self.reading:
+            raise LinuxError(errno.EBADF)
+        pipe = self.pipe
+        if not pipe.readers:
+            raise LinuxError(errno.EPIPE)
+        room = PIPE_CAPACITY - len(pipe.buffer)
+        if room <= 0:
+            raise LinuxError(errno.EAGAIN if self.flags & O_NONBLOCK else errno.EDEADLK)
+        pipe.buffer += data[:room]
+        return min(room, len(data))
+
+    def stat(self) -> StatInfo:
+        return StatInfo(
+            dev=PIPE_DEV, ino=self.pipe.ino, mode=stat.S_IFIFO | 0o600, size=len(self.pipe.buffer)
+        )
+
+    def close(self) -> None:
+        if self.reading:
+            self.pipe.readers -= 1
+        else:
+            self.pipe.writers -= 1
+
+    def describe(self) -> tuple[object, ...]:
+        return (self.kind, self.pipe.ino, self.reading, bytes(self.pipe.buffer))
+
+
+@dataclass
+class Descriptor:
+    file: OpenFile
+    cloexec: bool = False
+
+
+class FdTable:
+    def __init__(self) -> None:
+        self.fds: dict[int, Descriptor] = {}
+        self._refs: dict[int, int] = {}  # id(open file) -> descriptors naming it
+
+    def get(self, fd: int) -> OpenFile:
+        entry = self.fds.get(fd)
+        if entry is None:
+            raise LinuxError(errno.EBADF)
+        return entry.file
+
+    def install(self, file: OpenFile, cloexec: bool = False, lowest: int = 0, at: int | None = None) -> int:
+        if at is None:
+            at = lowest
+            while at in self.fds:
+                at += 1
+        if at >= MAX_FDS:
+            raise LinuxError(errno.EMFILE)
+        if at in self.fds:
+            self.close(at)
+        self.fds[at] = Descriptor(file, cloexec)
+        self._refs[id(file)] = self._refs.get(id(file), 0) + 1
+        return at
+
+    def close(self, fd: int) -> None:
+        entry = self.fds.pop(fd, None)
+        if entry is None:
+            raise LinuxError(errno.EBADF)
+        key = id(entry.file)
+        self._refs[key] -= 1
+        if not self._refs[key]:
+            del self._refs[key]
+            entry.file.close()
+
+    def close_all(self) -> None:
+        for fd in list(self.fds):
+            self.close(fd)
+
+    def digest(self) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        for fd in sorted(self.fds):
+            entry = self.fds[fd]
+            h.update(repr((fd, entry.cloexec, entry.file.describe())).encode())
+        return h.digest()

@@ -1,0 +1,392 @@
+"""The Linux personality on a Machine: one process, its system calls and exceptions, its /proc.
+
+`build_linux` makes the machine through the one door (monitor/builder.py, boot=False) and attaches a
+LinuxPersonality to it: a component of the machine (monitor/component.py) that serves the program.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, NoReturn
+
+from google.protobuf.message import Message
+
+from monitor import builder
+from monitor.config import MachineConfig
+from monitor.devices.power import GuestStop
+from monitor.errors import CheckpointError
+from monitor.journal import EventKind, Journal, OutputKind
+from monitor.kvm import Kvm
+from monitor.kvm_abi import KVM_SYNC_X86_REGS, Regs, Run
+from monitor.linux import boot, elf
+from monitor.linux import fdtable as fdt
+from monitor.linux.calls_fs import FileCalls
+from monitor.linux.calls_mm import MemoryCalls
+from monitor.linux.calls_proc import ProcessCalls, ProcessExit
+from monitor.linux.fs import HOME, FileSystem, Synthetic
+from monitor.linux.mm import PROT_EXEC, PROT_READ, AddressSpace, LinuxError
+from monitor.linux.process import PID, PPID, Host, ProgramInfo, output_tag
+from monitor.linux.signals import EXCEPTION_SIGNALS, FatalSignal, Sig, page_fault_text, signal_name
+from monitor.linux.stack import AuxInfo, build
+from monitor.linux.syscalls import SyscallTable
+from monitor.loader import GuestImage
+from monitor.machine import MEMORY_SLOT, Machine
+
+log = logging.getLogger(__name__)
+
+_REGS = struct.Struct("<18Q")
+_SYNC_REGS = Run.s.offset
+_RAX, _RCX, _RDX, _RSP, _RIP, _RFLAGS = (
+    getattr(Regs, n).offset for n in ("rax", "rcx", "rdx", "rsp", "rip", "rflags")
+)
+_U64 = struct.Struct("<Q")
+_MASK = (1 << 64) - 1
+TSC_PER_NS = 3  # the virtual TSC runs at a nominal 3 GHz
+DEFAULT_ENV = (
+    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    f"HOME={HOME}",
+    "LANG=C.UTF-8",
+)
+
+
+@dataclass
+class LinuxConfig:
+    program: str  # guest path (or a name looked up in the guest's PATH)
+    argv: list[str]
+    layer: Path  # the VM's writable layer (a directory it owns)
+    root: str | None = None  # None: the host's system directories, filtered
+    env: list[str] = field(default_factory=lambda: list(DEFAULT_ENV))
+    cwd: str = "/"
+    mem_mib: int = 512
+    hang_timeout_s: float = 60.0
+    stdin_fd: int | None = None  # host descriptor the console reads from (None: end of input)
+
+
+class LinuxProcess(FileCalls, MemoryCalls, ProcessCalls):
+    """The process: its state (ProcessState) with every system call mixed in, and its /proc."""
+
+    def proc_entry(self, parts: list[str]) -> Synthetic | None:
+        pid = str(PID)
+        if not parts:
+            return Synthetic("dir", entries=lambda: ["meminfo", "self", pid])
+        if parts == ["self"]:
+            return Synthetic("link", target=pid)
+        if parts == ["meminfo"]:
+            return Synthetic("file", content=self._meminfo)
+        if parts[0] != pid:
+            return None
+        rest = parts[1:]
+        files: dict[str, Callable[[], bytes]] = {
+            "cmdline": lambda: b"".join(a.encode() + b"\0" for a in self.program.argv),
+            "maps": lambda: self.space.maps_text().encode(),
+            "status": self._status,
+            "comm": lambda: (self.comm or os.path.basename(self.program.path).encode()[:15]) + b"\n",
+            "stat": lambda: (
+                f"{PID} ({os.path.basename(self.program.path)[:15]}) R {PPID} {PID} {PID} 0 -1\n".encode()
+            ),
+        }
+        if not rest:
+            return Synthetic("dir", entries=lambda: sorted([*files, "cwd", "exe", "fd"]))
+        name = rest[0]
+        if len(rest) == 1 and name in files:
+            return Synthetic("file", content=files[name])
+        if rest == ["exe"]:
+            return Synthetic("link", target=self.program.path)
+        if rest == ["cwd"]:
+            return Synthetic("link", target=self.cwd)
+        if name == "fd":
+            if len(rest) == 1:
+                return Synthetic("dir", entries=lambda: [str(fd) for fd in sorted(self.fds.fds)])
+            if len(rest) == 2 and rest[1].isdigit() and int(rest[1]) in self.fds.fds:
+                return Synthetic("link", target=self.fds.fds[int(rest[1])].file.path)
+        return None
+
+    def _meminfo(self) -> bytes:
+        total = self.space.memory.size >> 10
+        free = total - (self.space.phys.used_bytes >> 10)
+        return f"MemTotal: {total:>12} kB\nMemFree: {free:>13} kB\nMemAvailable: {free:>8} kB\n".encode()
+
+    def _status(self) -> bytes:
+        name = os.path.basename(self.program.path)[:15]
+        return (
+            f"Name:\t{name}\nState:\tR (running)\nTgid:\t{PID}\nPid:\t{PID}\nPPid:\t{PPID}\n"
+            "Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nThreads:\t1\n"
+        ).encode()
+
+
+def identity(program_data: bytes, config: LinuxConfig) -> bytes:
+    """What a recording is tied to (LogHeader.image_sha256 hashes it): the program and how it is run."""
+    h = hashlib.sha256(program_data).hexdigest()
+    spec = "\0".join(
+        [h, config.program, *config.argv, "--", *config.env, config.cwd, config.root or "<host view>"]
+    )
+    return b"vmft-linux\0" + spec.encode()
+
+
+class LinuxPersonality:
+    """The Linux kernel a Machine's guest sees: a component of the machine (monitor/component.py).
+
+    It plugs into a machine built by monitor/builder.py (with boot=False) with a small surface: two
+    port handlers (system calls, exceptions), its own loader, a TSC-trapping KVM_RUN, the guest RIP at
+    a system call for the journal, and its state among the machine's components."""
+
+    name = "linux"
+
+    def __init__(self, config: LinuxConfig) -> None:
+        self.config = config
+        fs = FileSystem(config.layer, config.root)
+        self.program_path = find_program(fs, config.program, config.env)
+        node = fs.resolve(self.program_path)
+        if not node.exists or node.host is None or fs.is_dir(node):
+            raise elf.LinuxImageError(f"{config.program}: no such program in the guest's root")
+        self.program_elf = elf.parse(_read(node.host, config.program), config.program)
+        self.interp_elf: elf.ElfFile | None = None
+        interp = self.program_elf.interpreter
+        if interp is not None:
+            try:
+                inode = fs.resolve(interp)
+            except LinuxError:
+                inode = None
+            if inode is None or not inode.exists or inode.host is None:
+                raise elf.LinuxImageError(
+                    f"{config.program}: its interpreter {interp} is not in the guest's root"
+                )
+            self.interp_elf = elf.parse(_read(inode.host, interp), interp)
+        self.image = GuestImage(self.program_path, identity(self.program_elf.data, config), 0, ())
+        self.fs = fs
+        self.fatal: FatalSignal | None = None
+        self.on_stream: Callable[[int, bytes], None] | None = None
+        self.syscall_count = 0
+        self._machine: Machine | None = None
+
+    # ----- attaching to a machine ----------------------------------------------------------------------
+
+    def attach(self, machine: Machine) -> None:
+        self._machine = machine
+        self.space = AddressSpace(machine.memory, self.flush_tlb)
+        host = Host(
+            journal=lambda: machine.journal,
+            emit_console=self._console_out,
+            read_console=self._console_in,
+            set_fs_base=self._set_fs_base,
+        )
+        self.process = LinuxProcess(
+            self.space, self.fs, host, ProgramInfo(self.program_path, self.config.argv, self.config.env)
+        )
+        self.process.cwd = self.config.cwd
+        self.fs.proc = self.process
+        self.syscalls = SyscallTable(self.process)
+        self._run_buffer = machine.vcpu.run_buffer
+        self._vcpu = machine.vcpu
+        machine._out[boot.SYSCALL_PORT] = self._on_syscall
+        machine._out[boot.EXCEPTION_PORT] = self._on_exception
+        machine.components.append(self)
+        setattr(machine.vcpu, "run_once", boot.TscTrappingRunner(machine.vcpu))  # noqa: B010
+        setattr(machine, "current_rip", self.current_rip)  # noqa: B010
+        machine.set_journal(machine.journal)  # rebinds the journal to current_rip above
+
+    @property
+    def machine(self) -> Machine:
+        assert self._machine is not None
+        return self._machine
+
+    def load(self) -> None:
+        """execve: the program, its interpreter, the stack, the console descriptors, the entry."""
+        machine = self.machine
+        boot.write_low_memory(machine.memory)
+        self.space.map_identity_low(0x1000, boot.LOW_END, {boot.SYSCALL_PAGE: PROT_READ | PROT_EXEC})
+        program, interp = elf.load_program(self.space, self.program_elf, self.interp_elf)
+        aux = AuxInfo(
+            phdr=program.phdr,
+            phnum=self.program_elf.phnum,
+            entry=program.entry,
+            interp_base=interp.base if interp else 0,
+            execfn=self.program_path,
+            random=self.process.entropy(16),
+        )
+        rsp = build(self.space, self.config.argv, self.config.env, aux)
+        console = fdt.ConsoleIo(self.process.console_read, self.process.console_write)
+        for number, name in enumerate(("stdin", "stdout", "stderr")):
+            self.process.fds.install(
+                fdt.ConsoleFile(f"/dev/{name}", 0 if number == 0 else 1, number, console)
+            )
+        entry = interp.entry if interp else program.entry
+        boot.enter_user(machine.memory, machine.vcpu, self.space.root, entry, rsp)
+
+    # ----- the host side of the process -----------------------------------------------------------------
+
+    def flush_tlb(self) -> None:
+        """kvm_pvm notices page-table changes only when the memory slot is re-created (FACTS.md)."""
+        machine = self.machine
+        machine.dirty.collect()  # the slot's dirty log dies with it
+        address = machine.memory.host_address
+        machine.vm.set_memory_region(MEMORY_SLOT, 0, 0, address, log_dirty=True)
+        machine.vm.set_memory_region(MEMORY_SLOT, 0, machine.memory.size, address, log_dirty=True)
+
+    def _set_fs_base(self, value: int) -> None:
+        self._vcpu.set_msrs([(boot.MSR_FS_BASE, value)])
+
+    def _console_out(self, number: int, data: bytes) -> None:
+        machine = self.machine
+        if not machine.journal.output(OutputKind.CONSOLE, output_tag(number, data)):
+            return
+        if machine.output_handler is not None:
+            machine.output_handler(OutputKind.CONSOLE, data, machine.position)
+            return
+        machine.console_output += data
+        del machine.console_output[: -(1 << 20)]
+        if self.on_stream is not None:
+            self.on_stream(number, data)
+
+    def _console_in(self, n: int) -> bytes:
+        fd = self.config.stdin_fd
+        if fd is None:
+            return b""
+        machine = self.machine
+        machine._blocked = True  # waiting for input is not a hang
+        try:
+            return os.read(fd, min(n, 1 << 16))
+        finally:
+            machine._blocked = False
+
+    # ----- exits --------------------------------------------------------------------------------------
+
+    def current_rip(self) -> int:
+        """Where the program is: at a system call, the instruction after its `syscall` (rcx)."""
+        buf = self._run_buffer
+        rip = _U64.unpack_from(buf, _SYNC_REGS + _RIP)[0]
+        if rip == boot.SYSCALL_RETURN_RIP:
+            return int(_U64.unpack_from(buf, _SYNC_REGS + _RCX)[0])
+        return int(rip)
+
+    def _on_syscall(self, _value: int) -> None:
+        buf = self._run_buffer
+        rax, _rbx, rcx, rdx, rsi, rdi, _rsp, _rbp, r8, r9, r10, r11, *_hi, rip, _fl = _REGS.unpack_from(
+            buf, _SYNC_REGS
+        )
+        if rip != boot.SYSCALL_RETURN_RIP:
+            self._end(ProcessExit(128 + Sig.SIGSEGV, FatalSignal(Sig.SIGSEGV, f"port I/O at {rip - 2:#x}")))
+        self.syscall_count += 1
+        try:
+            result = self.syscalls.call(rax, rdi, rsi, rdx, r10, r8, r9)
+        except ProcessExit as end:
+            self._end(end)
+        self.space.commit()
+        _U64.pack_into(buf, _SYNC_REGS + _RAX, result & _MASK)
+        _U64.pack_into(buf, _SYNC_REGS + _RIP, rcx)
+        _U64.pack_into(buf, _SYNC_REGS + _RFLAGS, r11)
+        self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
+
+    def _on_exception(self, _value: int) -> None:
+        buf = self._run_buffer
+        rsp = _U64.unpack_from(buf, _SYNC_REGS + _RSP)[0]
+        vector, error, rip, cs, _rflags, _usp, _ss = boot.read_exception_frame(self.machine.memory, rsp)
+        if vector == 13 and cs & 3 == 3 and self._emulate_tsc(rsp, rip):
+            return
+        sig, what = EXCEPTION_SIGNALS.get(vector, (Sig.SIGSEGV, f"exception {vector}"))
+        if vector == 14:
+            what = page_fault_text(error, int(self._vcpu.get_sregs().cr2))
+        elif vector == 6:
+            try:
+                what += f" ({self.space.read(rip, 4).hex(' ')})"
+            except LinuxError:
+                pass
+        message = f"killed by {signal_name(sig)}: {what} (rip {rip:#x})"
+        self._end(ProcessExit(128 + sig, FatalSignal(sig, message)))
+
+    def _emulate_tsc(self, frame: int, rip: int) -> bool:
+        """RDTSC/RDTSCP fault (CR4.TSD): answer from the virtual clock, skip the instruction."""
+        try:
+            code = self.space.read(rip, 3)
+        except LinuxError:
+            return False
+        if code[:2] == b"\x0f\x31":
+            length = 2
+        elif code == b"\x0f\x01\xf9":
+            length = 3
+        else:
+            return False
+        tsc = self.machine.journal.value(EventKind.CLOCK, time.monotonic_ns) * TSC_PER_NS
+        buf = self._run_buffer
+        _U64.pack_into(buf, _SYNC_REGS + _RAX, tsc & 0xFFFFFFFF)
+        _U64.pack_into(buf, _SYNC_REGS + _RDX, (tsc >> 32) & 0xFFFFFFFF)
+        if length == 3:
+            _U64.pack_into(buf, _SYNC_REGS + _RCX, 0)  # TSC_AUX: cpu 0
+        self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
+        boot.write_exception_return(self.machine.memory, frame, rip + length)
+        return True
+
+    def _end(self, end: ProcessExit) -> NoReturn:
+        self.fatal = end.fatal
+        self.machine._emit(OutputKind.EXIT, struct.pack("<i", end.status))
+        raise GuestStop(end.status)
+
+    # ----- the component protocol ----------------------------------------------------------------------
+
+    def replicated(self) -> bytes:
+        return self.process.digest()
+
+    def save(self) -> Message:
+        raise CheckpointError("checkpoints of Linux guests are not supported yet")
+
+    def restore(self, data: bytes, live: bool) -> None:
+        raise CheckpointError("checkpoints of Linux guests are not supported yet")
+
+    def close(self) -> None:
+        self.process.fds.close_all()
+
+
+def find_program(fs: FileSystem, program: str, env: list[str]) -> str:
+    """The guest path of `program`: as given if it has a slash, else the first hit in the guest's PATH."""
+    if "/" in program:
+        return program if program.startswith("/") else "/" + program
+    path = next((e[5:] for e in env if e.startswith("PATH=")), "/usr/bin:/bin")
+    for directory in path.split(":"):
+        candidate = f"{directory.rstrip('/')}/{program}"
+        try:
+            if fs.resolve(candidate).exists:
+                return candidate
+        except LinuxError:
+            continue
+    raise elf.LinuxImageError(f"{program}: not found in the guest's PATH ({path})")
+
+
+def build_linux(
+    personality: LinuxPersonality, journal: Journal | None = None, kvm: Kvm | None = None
+) -> Machine:
+    """A machine running the personality's program, loaded and not started (through the one builder).
+    Make the personality first: its `image` identifies the run (what a recording is tied to)."""
+    config = personality.config
+    machine = builder.build(
+        MachineConfig(
+            image=personality.program_path, mem_mib=config.mem_mib, hang_timeout_s=config.hang_timeout_s
+        ),
+        journal=journal,
+        image=personality.image,
+        kvm=kvm,
+        boot=False,
+    )
+    try:
+        personality.attach(machine)
+        personality.load()
+    except BaseException:
+        machine.close()
+        raise
+    return machine
+
+
+def _read(host: str, guest: str) -> bytes:
+    try:
+        with open(host, "rb") as f:
+            return f.read()
+    except IsADirectoryError as err:
+        raise elf.LinuxImageError(f"{guest}: is a directory") from err
+    except OSError as err:
+        raise elf.LinuxImageError(f"{guest}: cannot read: {os.strerror(err.errno or errno.EIO)}") from err

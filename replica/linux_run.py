@@ -1,0 +1,180 @@
+"""`vmft run --linux` and `vmft replay --linux`: an unmodified Linux program as the guest.
+
+    vmft run --linux [--root DIR] [--mem MiB] [--record LOG] -- PROGRAM [ARGS...]
+    vmft replay --linux [--root DIR] [--mem MiB] LOG -- PROGRAM [ARGS...]
+
+The program's stdout and stderr are the console, stdin is the console's input, and the exit status is
+the program's (128+N after a fatal signal N, with a message on stderr). The writable layer (the guest's
+/tmp and /home) is a fresh temporary directory unless --layer names one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from monitor.errors import VmftError
+from monitor.journal import Journal
+from monitor.linux.personality import DEFAULT_ENV, LinuxConfig, LinuxPersonality, build_linux
+from monitor.machine import Machine, MachineResult, StopReason
+from monitor.record import DEFAULT_HASH_EVERY, ReplayJournal, open_recording, open_replay
+
+log = logging.getLogger("vmft")
+
+EXIT_GUEST_FAILED = 70
+EXIT_DIVERGED = 71
+EXIT_USAGE = 2
+
+
+def wants(argv: list[str]) -> bool:
+    """True for `run --linux ...` / `replay --linux ...` (options before `--`)."""
+    if not argv or argv[0] not in ("run", "replay"):
+        return False
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    return "--linux" in options
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"vmft {command} --linux", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--linux", action="store_true", required=True)
+    parser.add_argument(
+        "--root", metavar="DIR", help="the guest's root tree (default: the host's system directories)"
+    )
+    parser.add_argument("--mem", type=int, default=512, metavar="MiB", help="guest RAM (default 512)")
+    parser.add_argument(
+        "--layer", metavar="DIR", help="the writable layer (default: a fresh temporary directory)"
+    )
+    parser.add_argument("--cwd", default="/", help="the program's working directory (default /)")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="add to the environment"
+    )
+    parser.add_argument(
+        "--hang-timeout", type=float, default=60.0, metavar="S", help="hung after S s without a system call"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    if command == "run":
+        parser.add_argument("--record", metavar="LOG", help="record the nondeterministic event log to LOG")
+        parser.add_argument("--hash-every", type=int, default=DEFAULT_HASH_EVERY, metavar="N")
+    else:
+        parser.add_argument("log", help="event log written by `vmft run --linux --record`")
+    parser.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM [ARGS...]")
+    return parser
+
+
+def _config(args: argparse.Namespace, layer: Path) -> LinuxConfig:
+    argv = [a for a in args.program]
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise SystemExit("vmft: name the program to run after --")
+    env = list(DEFAULT_ENV)
+    for item in args.env:
+        name = item.split("=", 1)[0]
+        env = [e for e in env if not e.startswith(name + "=")] + [item]
+    return LinuxConfig(
+        program=argv[0],
+        argv=argv,
+        layer=layer,
+        root=args.root,
+        env=env,
+        cwd=args.cwd,
+        mem_mib=args.mem,
+        hang_timeout_s=args.hang_timeout,
+        stdin_fd=sys.stdin.fileno() if args.command == "run" else None,
+    )
+
+
+def _write_stream(number: int, data: bytes) -> None:
+    os.write(number, data)
+
+
+async def _run(machine: Machine) -> MachineResult:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, machine.stop)
+    try:
+        machine.start()
+        return await machine.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def run(args: argparse.Namespace, layer: Path) -> int:
+    personality = LinuxPersonality(_config(args, layer))
+    journal: Journal | None = None
+    if args.record:
+        journal = open_recording(args.record, personality.image, args.mem << 20, args.hash_every)
+    machine = build_linux(personality, journal)
+    personality.on_stream = _write_stream
+    try:
+        result = asyncio.run(_run(machine))
+    finally:
+        machine.close()
+        personality.close()
+    if personality.fatal is not None:
+        print(f"vmft: {personality.program_path} {personality.fatal.message}", file=sys.stderr)
+    if result.reason is StopReason.EXITED and result.exit_code is not None:
+        return result.exit_code & 0xFF
+    if result.reason is StopReason.STOPPED:
+        return 128 + signal.SIGINT
+    print(f"vmft: guest {result.describe()}", file=sys.stderr)
+    return EXIT_DIVERGED if result.reason is StopReason.DIVERGED else EXIT_GUEST_FAILED
+
+
+def replay(args: argparse.Namespace, layer: Path) -> int:
+    personality = LinuxPersonality(_config(args, layer))
+    journal: ReplayJournal = open_replay(args.log, personality.image, args.mem << 20)
+    machine = build_linux(personality, journal)
+    started = time.monotonic()
+    try:
+        result = machine.run_blocking()
+    finally:
+        machine.close()
+        personality.close()
+    stats = journal.stats
+    print(
+        f"replayed {result.position} positions in {time.monotonic() - started:.2f} s: {stats.events} events "
+        f"applied, {stats.outputs} outputs and {stats.state_hashes} state hashes verified"
+    )
+    if result.reason is StopReason.DIVERGED:
+        print(f"verdict: DIVERGED: {result.message}")
+        return EXIT_DIVERGED
+    if (
+        result.reason is StopReason.ERROR
+        or journal.end_position is None
+        or result.position != journal.end_position
+    ):
+        print(f"verdict: INCOMPLETE: {result.message or result.describe()}")
+        return 1
+    print(f"verdict: IDENTICAL to the recording (guest {stats.end_reason}: {result.describe()})")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0]
+    args = _parser(command).parse_args(argv[1:])
+    args.command = command
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else os.environ.get("VMFT_LOG", "WARNING").upper(),
+        format="vmft: %(levelname)s %(name)s: %(message)s",
+    )
+    temporary = args.layer is None
+    layer = Path(tempfile.mkdtemp(prefix="vmft-linux-")) if temporary else Path(args.layer)
+    try:
+        return run(args, layer) if command == "run" else replay(args, layer)
+    except VmftError as err:
+        hint = f" ({err.hint})" if err.hint else ""
+        print(f"vmft: {err}{hint}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        if temporary:
+            shutil.rmtree(layer, ignore_errors=True)
