@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from conftest import readline_within
 
 from monitor import checkpoint as ck
 from monitor import builder
@@ -449,23 +450,35 @@ def wait_for_trusted_checkpoint(sock: Path, trust_after_s: float, limit_s: float
     time.sleep(trust_after_s + 0.05)  # its age, not a guess at how long the machine takes
 
 
-def test_cli_run_snapshot_restore(
-    guest_image: GuestImage, tmp_path: Path, free_port: Callable[[], int]
-) -> None:
-    """vmft run with periodic checkpoints, a control socket and fault restart; vmft snapshot; vmft restore."""
+def listening_address(proc: subprocess.Popen[bytes], seen: list[bytes]) -> str:
+    """The address a `vmft run|restore --listen 127.0.0.1:0` bound (it says so on stderr); the stderr
+    lines read to find it are appended to `seen`."""
+    assert proc.stderr is not None
+    for _ in range(50):
+        line = readline_within(proc.stderr, 20, "the listening address")
+        seen.append(line)
+        if line.startswith(b"vmft: listening on "):
+            return line.decode().split()[-1]
+        assert line, f"vmft ended before listening: {seen}"
+    raise AssertionError(f"no listening address in {seen}")
+
+
+def test_cli_run_snapshot_restore(guest_image: GuestImage, tmp_path: Path) -> None:
+    """vmft run with periodic checkpoints, a control socket and fault restart; vmft snapshot; vmft restore.
+    Both listen on port 0 and say which port they got (no free port guessed beforehand)."""
     root = Path(__file__).resolve().parent.parent
-    port, port2 = free_port(), free_port()
     sock = tmp_path / "ctl.sock"
     vmft = [sys.executable, "-m", "replica.cli"]
     run = subprocess.Popen(
-        [*vmft, "run", str(guest_image("kv")), "--listen", f"127.0.0.1:{port}", "--checkpoint-dir",
+        [*vmft, "run", str(guest_image("kv")), "--listen", "127.0.0.1:0", "--checkpoint-dir",
          str(tmp_path / "ck"), "--checkpoint-every", "0.2", "--on-fault", "restart", "--hang-timeout", "0.5",
          "--control-socket", str(sock)],
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     restore = None
     try:
-        with KvClientSync([f"127.0.0.1:{port}"], "cli1", timeout=5.0) as kv:
+        seen: list[bytes] = []
+        with KvClientSync([listening_address(run, seen)], "cli1", timeout=5.0) as kv:
             kv.set("a", "1")
             reply = snapshot_request(str(sock), str(tmp_path / "snap.vmck"))
             assert reply.startswith("ok position="), reply
@@ -475,15 +488,18 @@ def test_cli_run_snapshot_restore(
         assert control_status(sock)["restarts"] == 1
         run.send_signal(2)
         _out, err = run.communicate(timeout=10)
+        err = b"".join(seen) + err
         assert b"1 faults, 1 restarts" in err, err
         restore = subprocess.Popen(
-            [*vmft, "restore", str(tmp_path / "snap.vmck"), "--listen", f"127.0.0.1:{port2}"],
+            [*vmft, "restore", str(tmp_path / "snap.vmck"), "--listen", "127.0.0.1:0"],
             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
-        with KvClientSync([f"127.0.0.1:{port2}"], "cli2", timeout=5.0) as kv:
+        seen = []
+        with KvClientSync([listening_address(restore, seen)], "cli2", timeout=5.0) as kv:
             assert kv.get("a") == "1"
         restore.send_signal(2)
         _out, err = restore.communicate(timeout=10)
+        err = b"".join(seen) + err
         assert b"restored" in err, err
     finally:
         for proc in (run, restore):

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 from conftest import readline_within
@@ -23,6 +26,7 @@ KV_HOST = ROOT / "guests" / "build" / "kv-host"
 
 
 def free_port() -> int:
+    """A port nothing listens on (for an address that must refuse connections)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -37,16 +41,37 @@ def built() -> None:
 
 
 class KvHost:
+    """kv-host on an ephemeral port (VMFT_HOST_PORT=0: it binds port 0 and says which on stderr, so no
+    port is picked by bind-then-close and raced for); a restart binds the same port again."""
+
     def __init__(self, disk: Path | None) -> None:
-        self.port = free_port()
+        self.port = 0
         self.disk = disk
         self.proc: subprocess.Popen[str] | None = None
+        self.stderr: list[str] = []
 
     def start(self) -> str:
         env = dict(os.environ, VMFT_HOST_PORT=str(self.port), VMFT_HOST_DISK=str(self.disk or ""))
-        self.proc = subprocess.Popen([str(KV_HOST)], env=env, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
+        self.proc = subprocess.Popen(
+            [str(KV_HOST)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        listening = threading.Event()
+        if self.port:
+            listening.set()  # a restart: the port is known
+        self.stderr = lines = []
+
+        def drain(stream: IO[str]) -> None:  # all of stderr, so that the pipe never fills
+            for line in stream:
+                lines.append(line)
+                match = re.match(r"host runtime: listening on 127\.0\.0\.1:(\d+)", line)
+                if match:
+                    self.port = int(match.group(1))
+                    listening.set()
+
+        threading.Thread(target=drain, args=(self.proc.stderr,), daemon=True).start()
         try:
+            assert listening.wait(10), f"kv-host did not say its port: {lines}"
             line = readline_within(self.proc.stdout, 10, "ready line from kv-host")
             assert line.startswith("kv: ready"), line
         except BaseException:
