@@ -3,6 +3,11 @@ processes on loopback each time), with kv clients writing through the client lib
 request ids, retries). Recovery is what a client sees: from its last reply before the kill to its first
 after it. Every run's history is checked: no acknowledged write lost, none applied twice.
 
+Beside those checked clients (Python, replica/workload.py: the history checker needs a record per operation)
+runs a heavier load, build/kvload (scripts/kvload.c, --reconnect: a broken connection reopens to the other
+address and sends its unanswered requests again with the same ids) on its own keys, pinned to the last core;
+its connections' recoveries are figures too. Its writes are not history-checked. --load-connections 0: none.
+
 Reference: the protocol's failure timeout (the setting, 300 ms by default): what detecting a silent
 primary costs. A killed process is noticed sooner, when its connections break."""
 
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import re
 import tempfile
 import time
@@ -17,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
+import kvload
 from replica.cluster import LocalCluster
 from replica.workload import Workload
 
@@ -28,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=int, default=8, help="concurrent kv clients (default 8)")
     parser.add_argument("--before", type=float, default=0.4, help="seconds of load before each kill")
     parser.add_argument("--after", type=float, default=0.4, help="seconds of load after the failover")
+    parser.add_argument("--load-connections", type=int, default=8,
+                        help="connections of the C load beside the checked clients (default 8; 0: none)")
     parser.add_argument("--quick", action="store_true", help="two kills (smoke test)")
     parser.add_argument("--keep", metavar="DIR", help="run the clusters in DIR and keep the node logs")
 
@@ -40,6 +49,10 @@ async def _one_kill(
         vm = cluster.protect(image, a, b, name=f"f{index}")
         await asyncio.to_thread(cluster.wait_for, b, vm.name, "backup", 20)
         workload = Workload(vm.addresses, clients=args.clients, seed=index)
+        bulk = None
+        if args.load_connections:
+            bulk = kvload.start(vm.addresses, args.load_connections, 600.0, reconnect=True, key_prefix="load",
+                                tag=f"F{index}L", cpu=kvload.cpu_layout()[0])  # fmt: skip
         load = asyncio.create_task(workload.run())
         try:
             await asyncio.sleep(args.before)
@@ -50,11 +63,13 @@ async def _one_kill(
         finally:
             workload.stop()
             await asyncio.wait_for(load, 60)
+            bulk_result = await asyncio.to_thread(bulk.stop) if bulk is not None else None
         verdict = await asyncio.wait_for(workload.verify_final(), 60)
         gaps = workload.recovery_after(fault_at)
         match = _SERVING.search(promoted.message)
         return {
             "gaps": gaps,
+            "bulk_gaps": list(bulk_result.recoveries) if bulk_result is not None else [],
             "clients": args.clients,
             "failover_ms": float(match.group(1)) if match else float("nan"),
             "violations": len(verdict.violations),
@@ -97,7 +112,9 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
     reference = f"failure timeout (setting); {len(results)} kills"
     worst = max(gaps, default=float("nan"))
     p50 = benchlib.percentile(gaps, 50)
-    return [
+    bulk = [g * ms for r in results for g in r["bulk_gaps"]]
+    conns = args.load_connections
+    figures = [
         benchlib.Figure("client-seen recovery p50", p50, "ms", timeout_ms, reference),
         benchlib.Figure("client-seen recovery p99", benchlib.percentile(gaps, 99), "ms", timeout_ms,
                         reference + " (target p99 < 100 ms)"),
@@ -111,3 +128,11 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
         benchlib.Figure("clients that never recovered", float(missing), "clients",
                         float(sum(r["clients"] for r in results)), "clients in all runs"),
     ]  # fmt: skip
+    if conns:  # kvload fails the run if a connection finds no address: every recovery is here
+        figures += [
+            benchlib.Figure(f"C load recovery p50, {conns} connections", benchlib.percentile(bulk, 50), "ms",
+                            timeout_ms, reference),
+            benchlib.Figure(f"C load recovery max, {conns} connections", max(bulk, default=math.nan), "ms",
+                            timeout_ms, reference),
+        ]  # fmt: skip
+    return figures

@@ -21,7 +21,8 @@
  * `--reconnect` (for failover): a connection that breaks is reopened to the next address, with a short
  * bounded backoff, and its unanswered requests are sent again with the same request ids (the service
  * applies a write once). Each connection's recovery (its last reply before the break to its first after)
- * is reported; a connection that finds no address for --reconnect-timeout fails the run.
+ * is reported; a connection that finds no address for --reconnect-timeout fails the run. With
+ * --reconnect an address that refuses at the start (a backup not serving yet) is no error either.
  *
  * SIGTERM or SIGINT ends a run early, as its duration would: no new requests, replies drained, JSON printed.
  *
@@ -179,7 +180,8 @@ struct conn {
     int address;                 /* index into opt.addresses */
     uint64_t last_reply_at;      /* for the recovery gap */
     uint64_t broken_since, retry_at, backoff_ns;
-    int in_gap;                  /* broken since its last reply */
+    int down;                    /* failed since its last reply (or since the start) */
+    int in_gap;                  /* down, and it had been serving: a recovery to measure */
 };
 
 static struct conn *conns;
@@ -187,7 +189,7 @@ static int epfd = -1;
 static struct sockaddr_storage addr[MAX_ADDRESSES];
 static socklen_t alen[MAX_ADDRESSES];
 static uint64_t issued_counted, measure_start, end_at, last_counted_reply;
-static int stopping;
+static int stopping, load_started;
 static volatile sig_atomic_t stop_requested; /* SIGTERM or SIGINT: stop issuing, drain, report */
 
 static void on_stop_signal(int sig)
@@ -300,11 +302,9 @@ static void handle_reply(struct conn *c, const uint8_t *p, uint32_t n, uint64_t 
     c->wstart += c->req_len[c->head];
     c->head = (c->head + 1) % opt.depth;
     c->inflight--;
-    if (c->in_gap) {
-        if (st.nrecoveries < MAX_RECOVERIES)
-            st.recoveries[st.nrecoveries++] = now - c->last_reply_at;
-        c->in_gap = 0;
-    }
+    if (c->in_gap && st.nrecoveries < MAX_RECOVERIES)
+        st.recoveries[st.nrecoveries++] = now - c->last_reply_at;
+    c->in_gap = c->down = 0;
     c->last_reply_at = now;
     if (!sent)
         return; /* warm-up */
@@ -427,12 +427,15 @@ static void broken(struct conn *c, const char *why, int err)
     c->rlen = 0;          /* a partial reply: its request is sent again */
     c->woff = c->wstart;  /* every unanswered request is sent again, same request id */
     c->want_out = -1;
-    if (!c->in_gap) {
-        c->in_gap = 1;
+    if (!c->down) {
+        c->down = 1;
         c->broken_since = now;
-        c->backoff_ns = 2000000;
-        st.reconnects++;
-    } else if (c->backoff_ns < 50000000) {
+        c->backoff_ns = 1000000;
+        if (load_started) { /* a refused first connect is no recovery */
+            c->in_gap = 1;
+            st.reconnects++;
+        }
+    } else if (c->backoff_ns < 16000000) { /* capped low: a failover shows as itself, not as backoff */
         c->backoff_ns *= 2;
     }
     if (now - c->broken_since > (uint64_t)(opt.reconnect_timeout * 1e9)) {
@@ -511,12 +514,18 @@ static int connect_all(void)
         struct conn *c = &conns[i];
         c->address = i % opt.naddresses;
         int err = open_socket(c);
+        if (err > 0 && opt.reconnect) {
+            broken(c, "connect", err); /* the main loop tries the next address */
+            continue;
+        }
         if (err > 0)
             fail("connect %s: %s", opt.addresses[c->address], strerror(err));
         if (err)
             return -1;
     }
-    int pending = opt.connections;
+    int pending = 0;
+    for (int i = 0; i < opt.connections; i++)
+        pending += conns[i].state == CONNECTING;
     uint64_t deadline = now_ns() + (uint64_t)(opt.connect_timeout * 1e9);
     struct epoll_event evs[256];
     while (pending > 0) {
@@ -538,6 +547,11 @@ static int connect_all(void)
             int err = 0;
             socklen_t len = sizeof err;
             getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+            if (err && opt.reconnect) {
+                broken(c, "connect", err);
+                pending--;
+                continue;
+            }
             if (err) {
                 fail("connect %s: %s", opt.addresses[c->address], strerror(err));
                 return -1;
@@ -919,6 +933,7 @@ int main(int argc, char **argv)
         goto out;
 
     uint64_t t0 = now_ns();
+    load_started = 1;
     measure_start = t0 + (uint64_t)(opt.warmup * 1e9);
     end_at = opt.seconds > 0 ? measure_start + (uint64_t)(opt.seconds * 1e9) : 0;
     for (int i = 0; i < opt.connections; i++) {

@@ -126,6 +126,7 @@ def command(
     requests: int | None = None,
     depth: int = 1,
     keys: int = 1000,
+    key_prefix: str = "k",
     set_ratio: float = 0.5,
     value_size: int = 48,
     warmup: float = 0.0,
@@ -139,7 +140,8 @@ def command(
 ) -> list[str]:
     """kvload's command line (see `build/kvload --help`)."""
     argv = [str(build()), "--connections", str(connections), "--depth", str(depth), "--keys", str(keys),
-            "--set-ratio", str(set_ratio), "--value-size", str(value_size)]  # fmt: skip
+            "--key-prefix", key_prefix, "--set-ratio", str(set_ratio),
+            "--value-size", str(value_size)]  # fmt: skip
     if echo_server:
         argv.append("--echo-server")
     for address in addresses:

@@ -297,3 +297,11 @@ def test_stop_ends_a_run_early(native: kvload.NativeKv) -> None:
     time.sleep(0.3)
     result = load.stop()  # SIGTERM: drained and reported, not killed
     assert result.raw["ok"] is True and 0 < result.seconds < 60 and result.requests > 0
+
+
+def test_reconnect_starts_past_an_address_not_serving_yet(native: kvload.NativeKv) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, not listening: refused (a backup before its promotion)
+        refused = f"127.0.0.1:{s.getsockname()[1]}"
+        result = kvload.run([refused, native.address], 4, requests=400, reconnect=True, tag="late")
+    assert result.requests == 400 and result.raw["reconnects"] == 0 and result.recoveries == ()
