@@ -180,6 +180,10 @@ class FileCalls(ProcessState):
             return 0
         raise LinuxError(errno.ENOTTY)  # no terminals here (TCGETS, TIOCGWINSZ...)
 
+    def sys_fadvise64(self, fd: int, *_: int) -> int:
+        self.fds.get(fd)
+        return 0  # advice only
+
     def sys_fsync(self, fd: int, *_: int) -> int:
         self.fds.get(fd).sync()
         return 0

@@ -1,0 +1,122 @@
+"""Unmodified Linux programs under the monitor, compared with the same programs run natively."""
+
+from __future__ import annotations
+
+import os
+import sys
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from linux_helpers import have, run_guest, run_native
+
+pytestmark = pytest.mark.kvm
+
+BUSYBOX = "/bin/busybox"
+LISTED = "/usr/lib/python3.11/json"  # a directory every Debian python3.11 has, the same under the view
+
+SHELL_SCRIPT = (
+    "i=0; s=0; while [ $i -lt 200 ]; do s=$((s + i * i % 7)); i=$((i + 1)); done; echo sum=$s; "
+    "for w in alpha beta gamma; do echo ${#w}:$w; done; x=$((6 * 7)); echo $x; "
+    "if [ $x -gt 40 ]; then echo big; else echo small; fi; echo err >&2; exit 3"
+)
+
+
+def _same(argv: list[str], **kwargs: object) -> None:
+    guest = run_guest(argv, **kwargs)  # type: ignore[arg-type]
+    native = run_native(argv)
+    assert guest.stdout == native.stdout, (guest.stdout[-2000:], native.stdout[-2000:], guest.stderr)
+    assert guest.status == native.status, (guest.status, native.status, guest.stderr, guest.fatal)
+    assert guest.stderr == native.stderr
+
+
+@pytest.fixture(autouse=True)
+def _need_busybox() -> None:
+    if not have(BUSYBOX):
+        pytest.skip("busybox-static is not installed (scripts/setup installs it)")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [BUSYBOX, "sh", "-c", SHELL_SCRIPT],
+        [BUSYBOX, "ls", "-l", LISTED],
+        [BUSYBOX, "sha256sum", BUSYBOX, "/usr/bin/ls"],
+        [BUSYBOX, "awk", "-F:", "{ n[$7]++ } END { for (s in n) print s, n[s] }", "/etc/passwd"],
+        [BUSYBOX, "sort", "-t:", "-k3,3n", "/etc/passwd"],
+    ],
+    ids=["sh", "ls", "sha256sum", "awk", "sort"],
+)
+def test_busybox_matches_native(argv: list[str]) -> None:
+    _same(argv)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["/usr/bin/ls", "-la", LISTED],
+        ["/usr/bin/sort", "-r", "/etc/passwd"],
+        ["/usr/bin/sha256sum", "/usr/bin/ls", "/etc/passwd"],
+        ["/usr/bin/wc", "/etc/passwd", "/usr/lib/os-release"],
+    ],
+    ids=["ls", "sort", "sha256sum", "wc"],
+)
+def test_coreutils_match_native(argv: list[str]) -> None:
+    _same(argv)
+
+
+PY_SCRIPT = """\
+import hashlib, json, os, re, sys, collections, itertools, math, struct
+data = {"primes": [n for n in range(2, 200) if all(n % d for d in range(2, int(n ** 0.5) + 1))]}
+text = json.dumps(data, sort_keys=True)
+print(hashlib.sha256(text.encode()).hexdigest())
+print(sorted(collections.Counter(re.findall(r"[a-z]+", open("/etc/passwd").read())).most_common(3)))
+print(list(itertools.islice(itertools.permutations("abcd"), 5)))
+print(math.fsum(1 / k ** 2 for k in range(1, 10000)), struct.pack("<dQ", math.pi, 2 ** 40).hex())
+os.makedirs(os.path.expanduser("~/out"), exist_ok=True)
+path = os.path.expanduser("~/out/result.txt")
+with open(path, "w") as f:
+    f.write(text)
+print(os.path.getsize(path), open(path).read() == text, sorted(os.listdir(os.path.expanduser("~/out"))))
+print(sys.version_info[:2], sys.platform, os.getcwd())
+"""
+
+
+def test_python_script_matches_native(tmp_path: Path) -> None:
+    layer = tmp_path / "layer"
+    guest_home = layer / "home" / "guest"
+    guest_home.mkdir(parents=True)
+    (guest_home / "script.py").write_text(PY_SCRIPT)
+    guest = run_guest(["/usr/bin/python3", "/home/guest/script.py"], layer=layer)
+    native_layer = tmp_path / "native"
+    (native_layer / "home" / "guest").mkdir(parents=True)
+    script = native_layer / "script.py"
+    script.write_text(PY_SCRIPT)
+    native = run_native(["/usr/bin/python3", str(script)], layer=native_layer)
+    assert guest.stderr == b""
+    assert guest.stdout == native.stdout
+    assert guest.status == 0
+    assert (guest_home / "out" / "result.txt").exists()  # the write went to the VM's writable layer
+
+
+def test_cli_prints_42() -> None:
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.run(
+        [sys.executable, "-m", "replica.cli", "run", "--linux", "--", "/usr/bin/python3", "-c", "print(6*7)"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.stdout == b"42\n", proc.stderr
+    assert proc.returncode == 0
+
+
+def test_exit_status_and_fatal_signal() -> None:
+    assert run_guest(["/usr/bin/python3", "-c", "import sys; sys.exit(7)"]).status == 7
+    crashed = run_guest(["/usr/bin/python3", "-c", "import ctypes; ctypes.string_at(0)"])
+    native = run_native(["/usr/bin/python3", "-c", "import ctypes; ctypes.string_at(0)"])
+    assert crashed.status == native.status == 128 + 11
+    assert "SIGSEGV" in crashed.fatal and "page fault reading an unmapped page at 0x0" in crashed.fatal
