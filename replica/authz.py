@@ -1,0 +1,65 @@
+"""Who may do what on a node: the checks a servicer makes on the caller's certificate.
+
+- `require_admin`: control operations (protect, stop, fault, reprotect, migrate).
+- `require_member`: node-to-node operations (checkpoint transfer, re-protection onto this node): a node
+  certificate of the cluster CA whose name is a live member (replica/membership.py). A valid certificate
+  of a node that left (or whose lease expired) is refused.
+- `require_primary_of`: a replication stream for a VM: a node certificate naming the VM's current
+  primary per the arbiter. A forged stream from anyone else (another node included) is refused before it
+  can touch the backup.
+
+Each returns the caller (`tls.Peer`) or ends the call: UNAUTHENTICATED without a certificate,
+PERMISSION_DENIED otherwise. On a plaintext (insecure, loopback-only) server there is no certificate to
+check and every caller passes, as with `tls.requires`. Node names here are certificate names (CN), so
+nodes must claim and register under the names their certificates carry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+
+from replica import tls
+from replica.arbiter import Arbiter
+from replica.membership import Membership
+
+log = logging.getLogger(__name__)
+
+# A plaintext caller: nobody could be checked (tls.bind allows plaintext only on loopback).
+ANONYMOUS = tls.Peer("anonymous", tls.Role.ADMIN)
+
+
+def _plaintext(context: Any) -> bool:
+    return bool(context.auth_context().get("transport_security_type") != [b"ssl"])
+
+
+async def require_admin(context: Any) -> tls.Peer:
+    if _plaintext(context):
+        return ANONYMOUS
+    return await tls.require_role(context, tls.Role.ADMIN)
+
+
+async def require_member(context: Any, membership: Membership) -> tls.Peer:
+    if _plaintext(context):
+        return ANONYMOUS
+    peer = await tls.require_role(context, tls.Role.NODE)
+    if await membership.member(peer.name) is None:
+        log.warning("refused node %s (%s): not a live member", peer.name, context.peer())
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {peer.name} is not a member")
+    return peer
+
+
+async def require_primary_of(context: Any, arbiter: Arbiter, vm: str) -> tls.Peer:
+    if _plaintext(context):
+        return ANONYMOUS
+    peer = await tls.require_role(context, tls.Role.NODE)
+    current = await asyncio.to_thread(arbiter.current, vm)
+    if current is None or current.node != peer.name:
+        owner = current.node if current else "nobody"
+        why = f"{peer.name} is not the primary of {vm} (the arbiter says {owner})"
+        log.warning("refused replication from %s: %s", context.peer(), why)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+    return peer
