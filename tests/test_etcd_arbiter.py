@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from replica.arbiter import SqliteArbiter
+from replica.arbiter import SqliteArbiter, claim_or_owner
 from replica.etcd_arbiter import EtcdArbiter
 from replica.etcd_client import EtcdClient, EtcdError
 from replica.etcd_server import EtcdCluster, EtcdTls
@@ -62,6 +62,13 @@ def test_same_semantics_as_the_sqlite_arbiter(arbiter: SqliteArbiter | EtcdArbit
     assert not arbiter.claim("vm", 2, "n1"), "old generations stay fenced"
     assert not arbiter.claim("vm", 1, "n1"), "old generations stay fenced"
     assert arbiter.current("other") is None and arbiter.claim("other", 1, "n1")
+
+
+async def test_claim_or_owner_through_either_arbiter(arbiter: SqliteArbiter | EtcdArbiter) -> None:
+    """The nodes' helper (a claim off the event loop, then the owner) works the same on both."""
+    assert await claim_or_owner(arbiter, "vm", 1, "n1") is None
+    assert await claim_or_owner(arbiter, "vm", 2, "n2") is None
+    assert await claim_or_owner(arbiter, "vm", 2, "n1") == "n2"
 
 
 async def test_claims_race_from_many_tasks(etcd1: EtcdCluster, tmp_path: Path) -> None:
