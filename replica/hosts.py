@@ -268,11 +268,14 @@ class HostNetwork:
         self._procs.append((name, proc))
         return proc
 
-    def run(self, name: str, argv: Sequence[str], timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
-        """Run `argv` inside host `name` to completion (bounded by `timeout`), capturing its output."""
+    def run(
+        self, name: str, argv: Sequence[str], timeout: float = 10.0, cwd: str | Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `argv` inside host `name` to completion (bounded by `timeout`), capturing its output; in
+        the host's data directory unless `cwd` is given."""
         host = self.hosts[name]
         return subprocess.run(
-            host.argv(argv), capture_output=True, text=True, timeout=timeout, cwd=host.data_dir
+            host.argv(argv), capture_output=True, text=True, timeout=timeout, cwd=cwd or host.data_dir
         )
 
     # --- bookkeeping ------------------------------------------------------------------------------------

@@ -304,7 +304,7 @@ def test_a_partitioned_member_on_namespace_hosts(tmp_path: Path) -> None:
                 # A claimant next to the cut member reaches only it: no quorum, so no answer.
                 def claim_beside(generation: int, node: str) -> str:
                     argv = [sys.executable, "-c", HOST_CLAIM, cluster.endpoints[cut], str(generation), node]
-                    done = net.run(members[cut].name, argv, timeout=20)
+                    done = net.run(members[cut].name, argv, timeout=20, cwd=ROOT)  # this tree's code
                     return done.stdout.strip() or done.stderr
 
                 assert claim_beside(3, "beside-cut") == "error"
