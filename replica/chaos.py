@@ -11,9 +11,13 @@ never two nodes serve the VM as primary at the same moment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -319,6 +323,21 @@ class Campaign:
             except ClusterError as err:
                 outcome.error = str(err)
         return outcome
+
+
+@contextlib.contextmanager
+def work_directory(keep: bool, say: Callable[[str], None]) -> Iterator[Path]:
+    """A fresh /tmp/vmft-chaos.* directory for a campaign (node data, logs, a 512 MiB sparse disk), removed
+    at the end, after an error too, unless `keep` (then `say` tells where it is). The campaign's cluster
+    has stopped its node processes by then (LocalCluster closes before Campaign.run returns)."""
+    path = Path(tempfile.mkdtemp(prefix="vmft-chaos."))
+    try:
+        yield path
+    finally:
+        if keep:
+            say(f"chaos: kept the work directory {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def make_disk(path: Path, size: int) -> None:

@@ -288,32 +288,30 @@ def cmd_fault(args: argparse.Namespace) -> int:
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from replica.chaos import run_campaign
+    from replica.chaos import run_campaign, work_directory
     from replica.faults import Fault
 
     faults = [Fault(name) for name in args.faults.split(",")] if args.faults else None
-    workdir = Path(tempfile.mkdtemp(prefix="vmft-chaos."))
     started = time.monotonic()
 
     def progress(line: str) -> None:
         print(f"chaos {time.monotonic() - started:6.1f}s {line}", flush=True)
 
-    print(f"chaos: work directory {workdir}, report into {args.out}", flush=True)
-    report = asyncio.run(
-        run_campaign(
-            workdir,
-            args.image,
-            args.out,
-            progress,
-            faults=faults,
-            count=args.count,
-            seed=args.seed,
-            clients=args.clients,
-            settle_s=args.settle,
+    with work_directory(args.keep, print) as workdir:  # removed at the end unless --keep
+        print(f"chaos: work directory {workdir}, report into {args.out}", flush=True)
+        report = asyncio.run(
+            run_campaign(
+                workdir,
+                args.image,
+                args.out,
+                progress,
+                faults=faults,
+                count=args.count,
+                seed=args.seed,
+                clients=args.clients,
+                settle_s=args.settle,
+            )
         )
-    )
     print(report.table())
     print(
         f"chaos: {len(report.faults)} faults in {report.seconds:.0f} s, {report.operations} operations, "
@@ -437,6 +435,8 @@ def _add_chaos_parser(sub: Subparsers) -> None:
     chaos.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
     chaos.add_argument("--settle", type=float, default=0.3, metavar="S", help="load between faults")
     chaos.add_argument("--out", default="chaos-report", metavar="DIR", help="where the report goes")
+    chaos.add_argument("--keep", action="store_true",
+                       help="keep the work directory (/tmp/vmft-chaos.*: node data, logs, the disk)")
     chaos.set_defaults(func=cmd_chaos)
 
 
