@@ -617,7 +617,7 @@ class Machine:
             self.kvm.close()
 
     # ----- checkpoints ----------------------------------------------------------------------
-    # monitor/checkpoint.py takes and restores checkpoints through these; they touch no file.
+    # monitor/checkpoint/ takes and restores checkpoints through these; they touch no file.
 
     def is_running(self) -> bool:
         """The vCPU thread is started and has not finished."""

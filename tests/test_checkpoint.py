@@ -1,4 +1,4 @@
-"""Checkpoints (monitor/checkpoint.py) and fast restart (monitor/restart.py) with real KVM and real guests:
+"""Checkpoints (monitor/checkpoint/) and fast restart (monitor/restart.py) with real KVM and real guests:
 restore gives the same state hash and behaviour, a log recorded after a checkpoint replays on it, chains of
 incremental checkpoints restore, crashed and hung guests come back from their checkpoints, and every kind
 of damaged checkpoint is refused before anything is loaded."""
