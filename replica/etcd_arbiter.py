@@ -157,6 +157,12 @@ class EtcdArbiter:
         kvs = await self._client().range(claim_key(self.prefix, vm))
         return parse_claim(vm, kvs[0]) if kvs else None
 
+    async def claims_async(self) -> list[Claim]:
+        """The newest claim of every VM the arbiter knows (for a cluster-wide status), by VM name."""
+        prefix = f"{self.prefix}/arbiter/".encode()
+        kvs = await self._client().range(prefix, prefix=True)
+        return sorted((parse_claim(kv.key[len(prefix):].decode(), kv) for kv in kvs), key=lambda c: c.vm)
+
     async def claim_or_owner_async(self, vm: str, generation: int, node: str) -> str | None:
         """None if `node` won `generation`, else the node holding the VM now (as replica.arbiter's
         claim_or_owner, without a thread)."""

@@ -71,6 +71,19 @@ async def test_claim_or_owner_through_either_arbiter(arbiter: SqliteArbiter | Et
     assert await claim_or_owner(arbiter, "vm", 2, "n1") == "n2"
 
 
+async def test_every_vms_claim_for_a_cluster_status(etcd1: EtcdCluster, tmp_path: Path) -> None:
+    arb = EtcdArbiter(etcd1.endpoints, prefix=f"/t/{tmp_path.name}")
+    try:
+        assert await arb.claims_async() == []
+        for vm, node in (("b", "n1"), ("a", "n2"), ("b", "n3")):
+            current = await arb.current_async(vm)
+            assert await arb.claim_async(vm, (current.generation if current else 0) + 1, node)
+        claims = await arb.claims_async()
+        assert [(c.vm, c.generation, c.node) for c in claims] == [("a", 1, "n2"), ("b", 2, "n3")]
+    finally:
+        await arb.aclose()
+
+
 async def test_claims_race_from_many_tasks(etcd1: EtcdCluster, tmp_path: Path) -> None:
     """Twenty tasks (ten nodes, two tasks each: a node racing itself too) claim every generation at once."""
     arb = EtcdArbiter(etcd1.endpoints, prefix=f"/t/{tmp_path.name}")
