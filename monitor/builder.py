@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 from monitor import cpuid
 from monitor.checkpoint import restore as checkpoint_restore
@@ -139,8 +139,3 @@ def restore(
     if isinstance(source, (str, Path)):
         return checkpoint_restore.restore_chain(checkpoint_restore.find_chain(source), options)
     return checkpoint_restore.restore_chain([Path(p) for p in source], options)
-
-
-def stream(records: Iterable[bytes], what: str = "checkpoint stream") -> RecordStream:
-    """A checkpoint's records as `restore` takes them."""
-    return RecordStream(records, what)
