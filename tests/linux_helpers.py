@@ -7,6 +7,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from monitor.journal import Journal
 from monitor.linux.personality import DEFAULT_ENV, LinuxConfig, LinuxPersonality, build_linux
@@ -28,7 +29,7 @@ class Outcome:
 def run_guest(
     argv: list[str],
     layer: Path | None = None,
-    journal: Journal | None = None,
+    journal: Callable[[LinuxPersonality], Journal] | None = None,
     root: str | None = None,
     cwd: str = "/",
     mem_mib: int = 512,
@@ -37,7 +38,7 @@ def run_guest(
     layer = layer or Path(tempfile.mkdtemp(prefix="vmft-linux-test-"))
     config = LinuxConfig(program=argv[0], argv=argv, layer=layer, root=root, cwd=cwd, mem_mib=mem_mib)
     personality = LinuxPersonality(config)
-    machine = build_linux(personality, journal)
+    machine = build_linux(personality, journal(personality) if journal else None)
     streams: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
     personality.on_stream = lambda number, data: streams[number].extend(data)
     try:

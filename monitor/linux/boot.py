@@ -27,6 +27,7 @@ from monitor.memory import GuestMemory
 
 SYSCALL_PORT = 0xE0
 EXCEPTION_PORT = 0xE1
+START_PORT = 0xE2  # the first exit, before any program code runs: where the start's inputs are events
 
 GDT_ADDR = 0x1000
 IDT_ADDR = 0x2000
@@ -59,7 +60,7 @@ USER_RFLAGS = 0x202
 EXCEPTIONS_WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 EXCEPTION_VECTORS = 32
 _STUB_SIZE = 16
-ENTRY_TRAMPOLINE = STUB_ADDR  # one `iretq`: the first entry into ring 3
+ENTRY_TRAMPOLINE = STUB_ADDR  # the first entry into ring 3: one exit, then `iretq`
 _EXC_FRAME = struct.Struct("<7Q")  # vector, error code, rip, cs, rflags, rsp, ss
 
 
@@ -101,7 +102,7 @@ def _stub(vector: int) -> bytes:
 
 def _stubs() -> bytes:
     page = bytearray(b"\xcc" * 0x1000)
-    page[0:2] = b"\x48\xcf"  # ENTRY_TRAMPOLINE: iretq
+    page[0:4] = bytes((0xE6, START_PORT)) + b"\x48\xcf"  # ENTRY_TRAMPOLINE: out %al, $START_PORT; iretq
     for vector in range(EXCEPTION_VECTORS):
         at = _STUB_SIZE * (vector + 1)
         code = _stub(vector)

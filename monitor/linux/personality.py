@@ -165,6 +165,7 @@ class LinuxPersonality:
         self.on_stream: Callable[[int, bytes], None] | None = None
         self.syscall_count = 0
         self._machine: Machine | None = None
+        self._random_at = 0
 
     # ----- attaching to a machine ----------------------------------------------------------------------
 
@@ -187,6 +188,7 @@ class LinuxPersonality:
         self._vcpu = machine.vcpu
         machine._out[boot.SYSCALL_PORT] = self._on_syscall
         machine._out[boot.EXCEPTION_PORT] = self._on_exception
+        machine._out[boot.START_PORT] = self._on_start
         machine.components.append(self)
         setattr(machine.vcpu, "run_once", boot.TscTrappingRunner(machine.vcpu))  # noqa: B010
         setattr(machine, "current_rip", self.current_rip)  # noqa: B010
@@ -209,9 +211,8 @@ class LinuxPersonality:
             entry=program.entry,
             interp_base=interp.base if interp else 0,
             execfn=self.program_path,
-            random=self.process.entropy(16),
         )
-        rsp = build(self.space, self.config.argv, self.config.env, aux)
+        rsp, self._random_at = build(self.space, self.config.argv, self.config.env, aux)
         console = fdt.ConsoleIo(self.process.console_read, self.process.console_write)
         for number, name in enumerate(("stdin", "stdout", "stderr")):
             self.process.fds.install(
@@ -265,6 +266,12 @@ class LinuxPersonality:
         if rip == boot.SYSCALL_RETURN_RIP:
             return int(_U64.unpack_from(buf, _SYNC_REGS + _RCX)[0])
         return int(rip)
+
+    def _on_start(self, _value: int) -> None:
+        """The first exit, before the program runs: AT_RANDOM's bytes (the stack canary's seed)."""
+        if self._random_at:
+            self.space.write(self._random_at, self.process.entropy(16), force=True)
+            self._random_at = 0
 
     def _on_syscall(self, _value: int) -> None:
         buf = self._run_buffer

@@ -25,13 +25,13 @@ class AuxInfo:
     entry: int
     interp_base: int
     execfn: str
-    random: bytes  # 16 bytes
     uid: int = 1000
     gid: int = 1000
 
 
-def build(space: AddressSpace, argv: list[str], envp: list[str], aux: AuxInfo) -> int:
-    """Map the stack and write the start state; returns the entry rsp (16-byte aligned, at argc)."""
+def build(space: AddressSpace, argv: list[str], envp: list[str], aux: AuxInfo) -> tuple[int, int]:
+    """Map the stack and write the start state; returns the entry rsp (16-byte aligned, at argc) and the
+    address of AT_RANDOM's 16 bytes (zero here: filled in at the first exit, where they are an event)."""
     bottom = STACK_TOP - STACK_SIZE
     space.map(bottom, STACK_SIZE, PROT_READ | PROT_WRITE, name="[stack]")
     strings = bytearray()
@@ -47,7 +47,7 @@ def build(space: AddressSpace, argv: list[str], envp: list[str], aux: AuxInfo) -
     env_offs = [put(e.encode() + b"\0") for e in reversed(envp)][::-1]
     arg_offs = [put(a.encode() + b"\0") for a in reversed(argv)][::-1]
     platform_off = put(b"x86_64\0")
-    random_off = put(aux.random)
+    random_off = put(bytes(16))
     strings_at = top - len(strings)
 
     def addr(off: int) -> int:
@@ -82,4 +82,4 @@ def build(space: AddressSpace, argv: list[str], envp: list[str], aux: AuxInfo) -
     rsp = (strings_at - len(table)) & ~0xF
     space.write(rsp, table, force=True)
     space.write(strings_at, bytes(strings), force=True)
-    return rsp
+    return rsp, addr(random_off)
