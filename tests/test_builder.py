@@ -5,6 +5,8 @@ restore themselves (the parts of this file that need no KVM are marked so)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -170,6 +172,29 @@ def test_restore_refuses_a_checkpoint_of_an_unknown_component(
     with pytest.raises(CheckpointError, match="components this vmft does not have: linux"):
         builder.restore(tmp_path / "s.vmck")
     assert open_fds() == before  # the half-built machine was closed
+
+
+def test_the_cli_refuses_a_bad_disk_or_config_in_one_line(
+    guest_image: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """User errors at build time end with one line saying what is wrong, never a traceback (the disk is
+    opened before KVM, so this needs no /dev/kvm)."""
+    image = str(guest_image("hello"))
+    root = Path(__file__).resolve().parent.parent
+    for extra, expected in (
+        (["--disk", str(tmp_path / "missing.img")], "cannot open disk image"),
+        (["--mem", "3"], "guest RAM must be a positive multiple of 2 MiB"),
+    ):
+        run = subprocess.run(
+            [sys.executable, "-m", "replica.cli", "run", image, *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=root,
+        )
+        assert run.returncode == 2, (extra, run.stderr)
+        assert "Traceback" not in run.stderr and expected in run.stderr, run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 
 # ----- components (no KVM) ------------------------------------------------------------------------------
