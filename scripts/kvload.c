@@ -75,7 +75,7 @@ struct options {
 #define MAX_RECOVERIES 4096
 
 struct stats {
-    uint64_t replies, sets, gets, found, notfound, errors, request_bytes, reply_bytes, reconnects;
+    uint64_t replies, sets, gets, found, notfound, errors, request_bytes, reply_bytes, reconnects, stale_resent;
     uint64_t recoveries[MAX_RECOVERIES]; /* ns, one per connection per break, in the order they ended */
     unsigned nrecoveries;
     uint64_t hist[NBUCKETS];
@@ -175,6 +175,7 @@ struct conn {
     size_t rlen, rcap;
     uint64_t *sent_at; /* ring of the in-flight requests' queueing times (0: not counted) */
     uint8_t *is_set;
+    uint8_t *resent; /* sent again after a reconnect */
     int head, inflight;
     int want_out;
     int address;                 /* index into opt.addresses */
@@ -261,6 +262,7 @@ static void refill(struct conn *c, uint64_t now)
         c->sent_at[slot] = counted ? now : 0;
         c->is_set[slot] = (uint8_t)is_set;
         c->req_len[slot] = 4 + (uint32_t)n;
+        c->resent[slot] = 0;
         c->inflight++;
         if (counted) {
             issued_counted++;
@@ -299,6 +301,7 @@ static void handle_reply(struct conn *c, const uint8_t *p, uint32_t n, uint64_t 
     }
     uint64_t sent = c->sent_at[c->head];
     int is_set = c->is_set[c->head];
+    int resent = c->resent[c->head];
     c->wstart += c->req_len[c->head];
     c->head = (c->head + 1) % opt.depth;
     c->inflight--;
@@ -324,6 +327,12 @@ static void handle_reply(struct conn *c, const uint8_t *p, uint32_t n, uint64_t 
     }
     if (n == 8 && memcmp(p, "NOTFOUND", 8) == 0) {
         st.notfound++;
+        return;
+    }
+    if (resent && n == 9 && memcmp(p, "ERR stale", 9) == 0) {
+        /* A write sent again whose reply was lost, and a later write of this connection was applied after
+         * it: the service applied it (it keeps only the last reply per client). */
+        st.stale_resent++;
         return;
     }
     st.errors++;
@@ -426,6 +435,8 @@ static void broken(struct conn *c, const char *why, int err)
     c->state = BROKEN;
     c->rlen = 0;          /* a partial reply: its request is sent again */
     c->woff = c->wstart;  /* every unanswered request is sent again, same request id */
+    for (int k = 0; k < c->inflight; k++)
+        c->resent[(c->head + k) % opt.depth] = 1;
     c->want_out = -1;
     if (!c->down) {
         c->down = 1;
@@ -740,7 +751,8 @@ static void print_json(double seconds)
            (unsigned long long)st.sets, (unsigned long long)st.gets, (unsigned long long)st.found,
            (unsigned long long)st.notfound, (unsigned long long)st.errors, (unsigned long long)st.request_bytes,
            (unsigned long long)st.reply_bytes);
-    printf("\"reconnects\": %llu, \"recoveries_us\": [", (unsigned long long)st.reconnects);
+    printf("\"reconnects\": %llu, \"stale_resent\": %llu, \"recoveries_us\": [", (unsigned long long)st.reconnects,
+           (unsigned long long)st.stale_resent);
     for (unsigned i = 0; i < st.nrecoveries; i++)
         printf("%s%.1f", i ? ", " : "", (double)st.recoveries[i] / 1e3);
     printf("], ");
@@ -924,7 +936,8 @@ int main(int argc, char **argv)
         c->sent_at = calloc((size_t)opt.depth, sizeof *c->sent_at);
         c->is_set = calloc((size_t)opt.depth, 1);
         c->req_len = calloc((size_t)opt.depth, sizeof *c->req_len);
-        if (!c->wbuf || !c->rbuf || !c->sent_at || !c->is_set || !c->req_len) {
+        c->resent = calloc((size_t)opt.depth, 1);
+        if (!c->wbuf || !c->rbuf || !c->sent_at || !c->is_set || !c->req_len || !c->resent) {
             fail("out of memory");
             goto out;
         }

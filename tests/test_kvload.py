@@ -305,3 +305,57 @@ def test_reconnect_starts_past_an_address_not_serving_yet(native: kvload.NativeK
         refused = f"127.0.0.1:{s.getsockname()[1]}"
         result = kvload.run([refused, native.address], 4, requests=400, reconnect=True, tag="late")
     assert result.requests == 400 and result.raw["reconnects"] == 0 and result.recoveries == ()
+
+
+class CuttingProxy:
+    """Forwards connections to `target` and cuts each one after `cut_after` reply bytes (mid-frame, with
+    requests already applied whose replies are lost): the generator must send them again."""
+
+    def __init__(self, target: str, cut_after: int) -> None:
+        self.target = target
+        self.cut_after = cut_after
+        self.cuts = 0
+        self.address, self._stop = serve(self._handle)
+
+    def _handle(self, client: socket.socket) -> None:
+        host, port = self.target.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)), timeout=5)
+
+        def pump(src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+            sent = 0
+            try:
+                while data := src.recv(65536):
+                    if limit is not None and sent + len(data) >= limit:
+                        dst.sendall(data[: limit - sent])
+                        self.cuts += 1
+                        break
+                    dst.sendall(data)
+                    sent += len(data)
+            except OSError:
+                pass
+            for s in (client, upstream):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        threading.Thread(target=pump, args=(client, upstream, None), daemon=True).start()
+        threading.Thread(target=pump, args=(upstream, client, self.cut_after), daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop()
+
+
+def test_reconnect_sends_unanswered_writes_again(native: kvload.NativeKv) -> None:
+    proxy = CuttingProxy(native.address, cut_after=5000)  # a few hundred replies per connection
+    try:
+        # One connection: through the proxy first (cut after ~800 replies), then to the service directly.
+        result = kvload.run([proxy.address, native.address], 1, requests=3000, depth=4, set_ratio=1.0,
+                            reconnect=True, tag="cut")  # fmt: skip
+    finally:
+        proxy.stop()
+    assert proxy.cuts == 1 and result.raw["reconnects"] == 1
+    # Every write got its reply: OK (fresh or the service's cached reply for a retried last write) or, for
+    # an older write sent again, ERR stale (applied already, its reply lost): never an error.
+    assert result.requests == 3000 and result.raw["errors"] == 0 and result.raw["ok"] is True
+    assert result.raw["sets"] == 3000
