@@ -7,8 +7,10 @@ one is taken is suspected (the fault may be latent in it) and marked bad after `
 faults; the next restart then uses the one before it. After `max_restarts` faults in a row without a
 newer checkpoint, the policy gives up and the VM stops.
 
-`FaultRestarter` is the policy alone (the node daemon can reuse it with its own loop); `Supervisor`
-runs one VM with periodic checkpoints, a control interface for one-off snapshots, and the policy.
+`FaultRestarter` is the policy alone, the only one: the node daemon's primaries use it with their own
+restart procedure (replica/primary.py, with `NODE_POLICY` and progress measured by replies clients saw);
+`Supervisor` (`vmft run --on-fault restart`) runs one VM with periodic checkpoints, a control interface
+for one-off snapshots, and the policy.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from monitor import builder
-from monitor.checkpoint import Checkpointer, CheckpointStats, CheckpointStore
+from monitor.checkpoint import Checkpointer, CheckpointStats, CheckpointStore, SavedCheckpoint
 from monitor.machine import Machine, MachineResult, StopReason
 
 log = logging.getLogger(__name__)
@@ -39,12 +41,20 @@ class FaultAction(enum.Enum):
 @dataclass
 class RestartPolicy:
     action: FaultAction = FaultAction.STOP
-    max_restarts: int = 5  # faults in a row without a newer trusted checkpoint before giving up
-    suspect_after: int = 2  # faults in a row from one checkpoint before it is marked bad
+    max_restarts: int = 5  # faults in a row without progress since the last restart before giving up
+    suspect_after: int = 2  # faults in a row from one checkpoint (no progress) before it is marked bad
     # A checkpoint is trusted for a restart only once the VM has run this long past it without a fault:
     # one taken between a fatal request and the fault (or while the guest was already hung) would
     # restore the fault. None: the hang timeout plus 0.1 s (a hung guest is caught within its timeout).
     trust_after_s: float | None = None
+    # With no trusted checkpoint, restart from the newest one anyway (the node: a guest that faults within
+    # its first seconds still comes back) rather than stop.
+    untrusted_if_none: bool = False
+
+
+# The node daemon's policy (replica/primary.py): a primary restarts at once, distrusts a checkpoint the
+# first time the guest faults again from it without a new reply, and gives up after three such faults.
+NODE_POLICY = RestartPolicy(FaultAction.RESTART, max_restarts=3, suspect_after=1, untrusted_if_none=True)
 
 
 @dataclass
@@ -86,9 +96,10 @@ class FaultRestarter:
     def is_fault(result: MachineResult) -> bool:
         return result.reason in FAULTS
 
-    def decide(self, result: MachineResult) -> Path | None:
+    def decide(self, result: MachineResult, progressed: bool | None = None) -> SavedCheckpoint | None:
         """Record a fault; the checkpoint to restart from, or None to stop (no fault, policy stop, no
-        trusted checkpoint, or too many restarts)."""
+        trusted checkpoint, or too many restarts). `progressed`: whether the VM made progress since the
+        last restart (the node: a new reply reached a client); None: a newer trusted checkpoint exists."""
         if not self.is_fault(result):
             return None
         record = FaultRecord(result.reason.value, result.position, result.message, time.time())
@@ -97,11 +108,14 @@ class FaultRestarter:
         store = self.store
         if self.policy.action is not FaultAction.RESTART or store is None:
             return None
-        candidate = store.latest_entry(before=time.monotonic() - self.trust_after_s)
+        trusted_before = time.monotonic() - self.trust_after_s
+        candidate = store.latest_entry(before=trusted_before)
         restored_from = store.find(self._from) if self._from else None
         if restored_from is not None and restored_from.checkpoint_id not in store.bad:
-            if candidate is None or candidate.saved_at <= restored_from.saved_at:
-                # No newer trusted checkpoint since the last restart: the fault came back from it.
+            if progressed is None:
+                progressed = candidate is not None and candidate.saved_at > restored_from.saved_at
+            if not progressed:
+                # The fault came back from the checkpoint of the last restart (or the log replayed onto it).
                 self._from_faults += 1
                 self._streak += 1
                 if self._from_faults >= self.policy.suspect_after:
@@ -109,7 +123,7 @@ class FaultRestarter:
                         "checkpoint %s faulted %d times: marked bad", self._from[:12], self._from_faults
                     )
                     store.mark_bad(self._from)
-                    candidate = store.latest_entry(before=restored_from.saved_at)
+                    candidate = store.latest_entry(before=trusted_before)
                 else:
                     candidate = restored_from
             else:
@@ -117,12 +131,13 @@ class FaultRestarter:
         else:
             self._streak += 1
         if self._streak > self.policy.max_restarts:
-            log.error("%d faults in a row without a newer trusted checkpoint: giving up", self._streak)
+            log.error("%d faults in a row without progress: giving up", self._streak)
             return None
+        if candidate is None and self.policy.untrusted_if_none:
+            candidate = store.latest_entry()
         if candidate is None:
             log.error("no trusted checkpoint to restart from")
-            return None
-        return candidate.path
+        return candidate
 
     def restarted(self, checkpoint_id: str, seconds: float) -> None:
         """The VM runs again, restored from `checkpoint_id`."""
@@ -264,7 +279,8 @@ class Supervisor:
 
     def _locked_decide(self, result: MachineResult) -> Path | None:
         with self._lock:  # a checkpoint in progress (of the now-stopped machine) finishes first
-            return self.restarter.decide(result)
+            entry = self.restarter.decide(result)
+        return entry.path if entry is not None else None
 
     def _restore(self, path: Path) -> Machine:
         old = self.machine

@@ -26,6 +26,7 @@ from proto import vmft_pb2
 from replica.cluster import ClusterError, LocalCluster, NodeProcess, ProtectedVm
 from replica.faults import Fault, FaultError, inject
 from replica.kv_client import KvUnavailable
+from replica.roles import is_serving
 from replica.workload import Verdict, Violation, Workload, percentile
 
 # Faults a campaign draws from (HEAL is a repair, not a fault).
@@ -158,19 +159,16 @@ class PairController:
         return out
 
     def serving_primaries(self) -> list[str]:
-        return [
-            name
-            for name, status in self.statuses().items()
-            if status.role == vmft_pb2.ROLE_PRIMARY and status.state.startswith("running")
-        ]
+        return [name for name, status in self.statuses().items() if is_serving(status)]
 
     def node(self, name: str) -> NodeProcess:
         return next(n for n in self.nodes if n.name == name)
 
     def protected(self) -> bool:
         statuses = self.statuses()
+        replaying = vmft_pb2.VM_STATE_REPLAYING
         return any(s.role == vmft_pb2.ROLE_PRIMARY and s.protected for s in statuses.values()) and any(
-            s.role == vmft_pb2.ROLE_BACKUP and s.state == "replaying" for s in statuses.values()
+            s.role == vmft_pb2.ROLE_BACKUP and s.state == replaying for s in statuses.values()
         )
 
     def repair(self, timeout: float = 30.0) -> float:
@@ -190,8 +188,12 @@ class PairController:
                 other = next(n for n in self.nodes if n is not primary)
                 status = statuses[primary.name]
                 other_status = statuses.get(other.name)
-                backup_busy = other_status is not None and other_status.state in ("replaying", "promoting")
-                if not status.protected and status.state == "running unprotected" and not backup_busy:
+                backup_busy = other_status is not None and other_status.state in (
+                    vmft_pb2.VM_STATE_REPLAYING,
+                    vmft_pb2.VM_STATE_PROMOTING,
+                )
+                alone = status.state == vmft_pb2.VM_STATE_RUNNING_UNPROTECTED
+                if not status.protected and alone and not backup_busy:
                     try:
                         self.cluster.reprotect(self.vm, primary, other)
                     except ClusterError:

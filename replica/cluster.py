@@ -17,6 +17,7 @@ import grpc
 
 from monitor.loader import load_image_file
 from proto import vmft_pb2, vmft_pb2_grpc
+from replica.roles import is_serving
 from monitor.errors import VmftError
 
 
@@ -267,7 +268,7 @@ def _matches(vm: vmft_pb2.VmStatus, predicate: str) -> bool:
     if predicate == "stopped":
         return vm.role == vmft_pb2.ROLE_STOPPED
     if predicate == "serving":
-        return vm.role == vmft_pb2.ROLE_PRIMARY and vm.state.startswith("running")
+        return is_serving(vm)
     raise ValueError(f"unknown predicate {predicate!r}")
 
 

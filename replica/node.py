@@ -21,7 +21,6 @@ from pathlib import Path
 
 import grpc
 
-from monitor.checkpoint import CheckpointError, RecordType
 from monitor.loader import ImageError
 from monitor.machine import install_kick_handler
 from monitor.record import LogError
@@ -29,6 +28,8 @@ from proto import vmft_pb2, vmft_pb2_grpc
 from replica.arbiter import Arbiter, SqliteArbiter
 from replica.backup import BackupVm
 from replica.primary import PrimaryVm
+from replica.replication import backup_stream
+from replica.roles import State
 from replica.vm_common import PROTOCOL_VERSION, NodeSettings, ReplicationRefused, copy_sparse, file_sha256
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class Node:
         return self.settings.data_dir / "vms" / f"{name}.json"
 
     def _remember(self, vm: ReplicatedVm, role: str) -> None:
-        record = {"name": vm.name, "generation": vm.generation, "role": role, "time": time.time()}
+        record = {"name": vm.name, "generation": vm.standing.generation, "role": role, "time": time.time()}
         self._vm_file(vm.name).write_text(json.dumps(record))
 
     def _load_remembered(self) -> None:
@@ -94,7 +95,7 @@ class Node:
 
     async def protect(self, request: vmft_pb2.ProtectRequest) -> PrimaryVm:
         spec = request.spec
-        if spec.name in self.vms and self.vms[spec.name].result is None:
+        if spec.name in self.vms and self.vms[spec.name].core.running():
             raise ReplicationRefused(f"VM {spec.name} already runs on this node")
         current = await asyncio.to_thread(self.arbiter.current, spec.name)
         generation = (current.generation if current else 0) + 1
@@ -103,7 +104,7 @@ class Node:
         disk = await asyncio.to_thread(self._disk_copy, spec, "primary")  # hashing and copying take a while
         if not await asyncio.to_thread(self.arbiter.claim, spec.name, generation, self.settings.name):
             raise ReplicationRefused(f"another node claimed generation {generation} of {spec.name} first")
-        vm = PrimaryVm(
+        vm = PrimaryVm.new(
             self.settings,
             self.arbiter,
             spec,
@@ -139,7 +140,11 @@ class Node:
         else:
             message = "not running: the node restarted and the VM's memory is gone"
         return vmft_pb2.VmStatus(
-            name=name, role=vmft_pb2.ROLE_STOPPED, state="fenced", generation=generation, message=message
+            name=name,
+            role=vmft_pb2.ROLE_STOPPED,
+            state=vmft_pb2.VM_STATE_FENCED,
+            generation=generation,
+            message=message,
         )
 
     # ----- fault injection ------------------------------------------------------------------------
@@ -167,10 +172,11 @@ class Node:
             raise KeyError(request.vm)
         if kind in _LINK_FAULTS or kind == vmft_pb2.FAULT_HEAL:
             return self._link_fault(vm, request)
+        machine = vm.core.machine
         if kind == vmft_pb2.FAULT_FAIL_DISK_WRITES:
-            if vm.machine is None or vm.machine.block.path is None:
+            if machine is None or machine.block.path is None:
                 raise ReplicationRefused(f"{vm.name} has no disk on this node")
-            block = vm.machine.block
+            block = machine.block
             block.fail_writes = True
             asyncio.get_running_loop().call_later(
                 request.duration_s or 1.0, setattr, block, "fail_writes", False
@@ -178,9 +184,9 @@ class Node:
             return f"{vm.name}: disk writes fail for {request.duration_s or 1.0:.2f} s"
         command = _GUEST_FAULT_COMMANDS.get(kind)
         if command is not None:
-            if vm.nic is None:
+            if vm.core.nic is None:
                 raise ReplicationRefused(f"{vm.name} does not serve clients on this node (not its primary)")
-            conn = vm.nic.inject(command)
+            conn = vm.core.nic.inject(command)
             return f"sent {command.decode()} to {vm.name} on connection {conn}"
         raise ReplicationRefused(f"fault {vmft_pb2.FaultKind.Name(kind)} is not supported by this node")
 
@@ -198,8 +204,8 @@ class Node:
             relay.heal()
             relay.set_delay(0)
             relay.set_loss(0)
-            if vm.machine is not None:
-                vm.machine.block.fail_writes = False
+            if vm.core.machine is not None:
+                vm.core.machine.block.fail_writes = False
             return f"{vm.name}: link healed, disk writes work"
         if kind == vmft_pb2.FAULT_CUT_LINK:
             relay.cut()
@@ -228,7 +234,7 @@ class Node:
         for vm in list(self.vms.values()):
             await vm.stop()
 
-    # ----- the replication stream (backup side) ------------------------------------------------------
+    # ----- the replication stream (backup side; the protocol itself is in replication.py) ---------------
 
     def _refusal(self, hello: vmft_pb2.Hello) -> str | None:
         if hello.protocol_version != PROTOCOL_VERSION:
@@ -239,150 +245,55 @@ class Node:
                 f"stale generation {hello.generation}: {current.node} holds generation {current.generation}"
             )
         existing = self.vms.get(hello.spec.name)
-        if existing is not None and existing.result is None and existing.generation >= hello.generation:
-            return f"this node already runs {hello.spec.name} in generation {existing.generation}"
+        if (
+            existing is not None
+            and existing.core.running()
+            and existing.standing.generation >= hello.generation
+        ):
+            return f"this node already runs {hello.spec.name} in generation {existing.standing.generation}"
         return None
 
-    async def replication_stream(
-        self, requests: AsyncIterator[vmft_pb2.PrimaryMessage]
-    ) -> AsyncIterator[vmft_pb2.BackupMessage]:
-        first = await anext(requests)
-        if not first.HasField("hello"):
-            yield _refuse("the first message of a stream must be Hello")
-            return
-        hello = first.hello
+    async def accept_backup(self, hello: vmft_pb2.Hello) -> BackupVm | str:
+        """The backup VM for a primary's Hello, running (or waiting for its checkpoint); or why not."""
         refusal = self._refusal(hello)
+        if refusal is not None:
+            return refusal
         stale = self.vms.get(hello.spec.name)
-        if refusal is None and stale is not None and stale.result is None:
+        if stale is not None and stale.core.running():
             # A machine of an older generation of this VM still runs here (a backup that has not yet
             # noticed its primary is gone): it is stale; stop it before starting the new backup.
             log.warning(
                 "%s: stopping generation %d here for generation %d",
-                stale.name,
-                stale.generation,
-                hello.generation,
-            )
+                stale.name, stale.standing.generation, hello.generation,
+            )  # fmt: skip
             await stale.stop()
         vm: BackupVm | None = None
-        if refusal is None:
-            try:
-                disk = None
-                if not hello.checkpoint_follows:
-                    disk = await asyncio.to_thread(self._disk_copy, hello.spec, "backup")
-                if hello.checkpoint_follows and hello.spec.disk_path:
-                    disk = str(self._disk_path(hello.spec.name, "backup"))  # written by the restore
-                vm = BackupVm(self.settings, self.arbiter, hello, disk)
-                vm.on_promoted = self._adopt
-                if hello.checkpoint_follows:
-                    vm.check()
-                else:
-                    vm.start()
-            except (ImageError, LogError, ReplicationRefused, OSError, ValueError) as err:
-                refusal = str(err)
-                if vm is not None:
-                    await vm.stop()
-        if refusal is not None or vm is None:
-            log.warning(
-                "refusing replication of %s from %s: %s", hello.spec.name, hello.primary_node, refusal
-            )
-            yield _refuse(refusal or "unknown")
-            return
+        try:
+            disk = None
+            if not hello.checkpoint_follows:
+                disk = await asyncio.to_thread(self._disk_copy, hello.spec, "backup")
+            if hello.checkpoint_follows and hello.spec.disk_path:
+                disk = str(self._disk_path(hello.spec.name, "backup"))  # written by the restore
+            vm = BackupVm(self.settings, self.arbiter, hello, disk)
+            vm.on_promoted = self._adopt
+            if hello.checkpoint_follows:
+                vm.check()
+                vm.standing.to(State.SEEDING)
+            else:
+                vm.start()
+        except (ImageError, LogError, ReplicationRefused, OSError, ValueError) as err:
+            if vm is not None:
+                await vm.stop()
+            return str(err) or "unknown"
         self.vms[vm.name] = vm
         self._remember(vm, "backup")
-        log.info("%s: backup of %s in generation %d", vm.name, hello.primary_node, hello.generation)
-        yield vmft_pb2.BackupMessage(
-            hello_reply=vmft_pb2.HelloReply(
-                accepted=True, protocol_version=PROTOCOL_VERSION, backup_node=self.settings.name
-            )
-        )
-        timeout = max(hello.failure_timeout_ms / 1000, self.settings.failure_timeout_s)
-        reason = "the primary closed the stream"
-        if hello.checkpoint_follows:
-            vm.state = "seeding from a checkpoint"
-            try:
-                async for message in requests:
-                    if not message.HasField("checkpoint_record"):
-                        raise ReplicationRefused("the checkpoint stream was interrupted by another message")
-                    record = message.checkpoint_record
-                    vm.checkpoint_records.append(record)
-                    if record[:1] == bytes([RecordType.MANIFEST]):
-                        break
-                stats = await vm.start_from_checkpoint()
-                log.warning(
-                    "%s: seeded from %s's checkpoint at position %d (%d MiB restored in %.0f ms)",
-                    vm.name,
-                    hello.primary_node,
-                    vm.received,
-                    stats.raw_bytes >> 20,
-                    stats.seconds * 1000,
-                )
-            except (CheckpointError, ReplicationRefused, OSError) as err:
-                log.error("%s: seeding from a checkpoint failed: %s", vm.name, err)
-                vm.state = f"failed: {err}"
-                await vm.stop()
-                return
-            yield vm.ack()
-        # A reader task takes the primary's messages as they come and hands their batches to the replay;
-        # this generator sends one acknowledgement per group of messages read while the previous one was
-        # being written (under load, one per drained group; idle, one per message). A loop timer, not a
-        # task per message, notices a silent primary.
-        loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-        last_heard = time.monotonic()
-        ended = False  # the reader is done: `reason` says why ("" = the guest stopped on the primary)
-        timer: asyncio.TimerHandle | None = None
+        return vm
 
-        async def reader() -> None:
-            nonlocal last_heard, reason, ended
-            try:
-                async for message in requests:
-                    last_heard = time.monotonic()
-                    if vm.promoted or vm.result is not None:
-                        break
-                    if message.HasField("batch"):
-                        vm.on_batch(message.batch, message.ByteSize())
-                        if message.batch.ended:
-                            reason = ""  # the guest stopped on the primary; replay finishes by itself
-                            break
-                    wake.set()
-            except grpc.aio.AioRpcError as err:
-                reason = f"stream broken: {err.code().name}"
-            finally:
-                ended = True
-                wake.set()
-
-        def check_silence() -> None:
-            nonlocal reason, ended, timer
-            silent = time.monotonic() - last_heard
-            if silent > timeout:
-                reason = f"no word from the primary for {silent * 1000:.0f} ms"
-                ended = True
-                wake.set()
-            else:
-                timer = loop.call_later(timeout - silent + 0.001, check_silence)
-
-        reading = loop.create_task(reader())
-        timer = loop.call_later(timeout, check_silence)
-        try:
-            while True:
-                await wake.wait()
-                wake.clear()
-                if ended:
-                    if not reason:
-                        yield vm.ack()  # the last acknowledgement: the primary's final outputs go out
-                    break
-                yield vm.ack()
-        except asyncio.CancelledError:
-            reason = reason or "the primary's connection dropped"
-            raise
-        finally:
-            if timer is not None:
-                timer.cancel()
-            reading.cancel()  # no batch is taken after this: the failover replays exactly what was acked
-            # Detached: gRPC cancels this handler when the primary's connection dies, and a failover
-            # cancelled between the arbiter's claim and going live would leave the VM neither.
-            if reason:
-                self._detach(vm.primary_lost(reason))
+    async def replication_stream(
+        self, requests: AsyncIterator[vmft_pb2.PrimaryMessage]
+    ) -> AsyncIterator[vmft_pb2.BackupMessage]:
+        async for reply in backup_stream(self.settings, requests, self.accept_backup, self._detach):
+            yield reply
 
     def _detach(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -397,12 +308,6 @@ _GUEST_FAULT_COMMANDS = {
     vmft_pb2.FAULT_HANG_GUEST: b"HANG",
     vmft_pb2.FAULT_SCRIBBLE_GUEST: b"SCRIBBLE",
 }
-
-
-def _refuse(reason: str) -> vmft_pb2.BackupMessage:
-    return vmft_pb2.BackupMessage(
-        hello_reply=vmft_pb2.HelloReply(accepted=False, reason=reason, protocol_version=PROTOCOL_VERSION)
-    )
 
 
 class NodeServicer(vmft_pb2_grpc.NodeServicer):

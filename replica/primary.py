@@ -1,80 +1,74 @@
-"""The primary side of a protected VM: run it recording, stream the log to the backup, hold every output
-until the backup has acknowledged the log up to it, and handle losing the backup."""
+"""The primary side of a protected VM: run it recording, stream the log to the backup (replication.py),
+hold every output until the backup has acknowledged the log up to it, handle losing the backup, seed a
+new one from a live checkpoint, and restart the guest from a checkpoint after a fault."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import grpc
 
 from monitor import builder
-from monitor.checkpoint import CheckpointError, Checkpointer, CheckpointStore
+from monitor.checkpoint import CheckpointError, Checkpointer, CheckpointStats, CheckpointStore
 from monitor.loader import ImageError
-from monitor.machine import Machine, MachineResult, StopReason
+from monitor.machine import MachineResult
 from monitor.netserver import NicServer, parse_address
-from monitor.record import IteratorSource, RecordJournal, ReplayJournal, make_header
-from proto import vmft_pb2, vmft_pb2_grpc
+from monitor.record import IteratorSource, ReplayJournal, make_header
+from monitor.restart import NODE_POLICY, FaultRestarter
+from proto import vmft_pb2
 from replica.arbiter import Arbiter, claim_or_owner
-from replica.output_gate import OutputGate
+from replica.backup import BackupVm
 from replica.relay import Relay
-from replica.stream_sink import StreamSink, merge_batches
+from replica.replication import BackupLink
+from replica.roles import Role, Standing, State
+from replica.stream_sink import StreamSink, window_batch
 from replica.vm_common import (
     cancel_other_tasks,
-    stop_machine,
     spawn,
     PROTOCOL_VERSION,
-    FailoverTimes,
-    Meter,
     NodeSettings,
     ReplicationRefused,
     load_spec_image,
     machine_config,
 )
-
-if TYPE_CHECKING:
-    from replica.backup import BackupVm
+from replica.vm_core import GoLive, VmCore, record_journal
 
 log = logging.getLogger(__name__)
 
 
-_GUEST_FAULTS = (StopReason.CRASHED, StopReason.PANICKED, StopReason.HUNG)
-
-
-def _window(batch: vmft_pb2.EventBatch, after: int, last: int) -> vmft_pb2.EventBatch:
-    """The events of `batch` at positions in (after, last], as an open batch (no end marker)."""
-    positions = list(itertools.accumulate(batch.position_deltas, initial=batch.first_position))[1:]
-    keep = [i for i, position in enumerate(positions) if after < position <= last]
-    out = vmft_pb2.EventBatch(horizon=min(batch.horizon, last))
-    if keep:
-        first, end = keep[0], keep[-1] + 1
-        out.first_position = positions[first]
-        out.position_deltas.extend(
-            [0, *(b - a for a, b in zip(positions[first : end - 1], positions[first + 1 : end]))]
-        )
-        out.rips.extend(batch.rips[first:end])
-        out.kinds.extend(batch.kinds[first:end])
-        out.values.extend(batch.values[first:end])
-        out.data.extend(batch.data[first:end])
-    return out
-
-
-class PeerSilent(Exception):
-    pass
-
-
-# How a broken replication link shows. InvalidStateError ("RPC already finished") is a write after the backup
-# ended the RPC (e.g. it went live while this node was stopped): uncaught, it killed the replication task and
-# left the primary protected in name, holding every output, never asking the arbiter.
-_LINK_ERRORS = (PeerSilent, grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
-
-
 class PrimaryVm:
-    def __init__(
-        self,
+    def __init__(self, core: VmCore, backup_node: str, backup_service: str, retained_from: int = 0) -> None:
+        self.core = core
+        self.standing = core.standing
+        self.name = core.name
+        self.backup_node = backup_node  # the pair's other node ("" for a VM started unprotected)
+        self.backup_service = backup_service
+        self.link: BackupLink | None = None
+        self.relay: Relay | None = None
+        self.reprotect_progress = 0.0
+        self.last_reprotect = (0.0, 0.0, 0)  # seconds, pause ms, bytes
+        self._ack_seen = asyncio.Event()
+        self._checkpointer: Checkpointer | None = None  # re-protection's live checkpoints
+        self._periodic: Checkpointer | None = None
+        self._store = CheckpointStore(core.settings.data_dir / "checkpoints" / core.name)
+        self._restarter = FaultRestarter(
+            NODE_POLICY, self._store, machine_config(core.spec, core.disk).hang_timeout_s
+        )
+        # One checkpoint at a time (periodic, or re-protection's live one: both use the dirty-page log); a
+        # restart waits for the one in flight. Readers (status, metrics, the log stream) take no lock: on
+        # the one event loop they read between awaits, and they must answer while a restart or a
+        # re-protection (seconds) is under way, which a read-write lock's read side would forbid.
+        self._checkpoint_lock = asyncio.Lock()
+        self._replay_target = 0  # the last restart replayed the log up to here
+        self._retained_from = retained_from  # the sink's retained log covers every position after this one
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    def new(
+        cls,
         settings: NodeSettings,
         arbiter: Arbiter,
         spec: vmft_pb2.VmSpec,
@@ -83,67 +77,15 @@ class PrimaryVm:
         service: str,
         backup_service: str,
         disk: str | None,
-    ) -> None:
-        self.settings = settings
-        self.arbiter = arbiter
-        self.spec = spec
-        self.name = spec.name
-        self.generation = generation
-        self.backup_node = backup_node
-        self.service = service
-        self.backup_service = backup_service
-        self.disk = disk
-        self.state = "starting"
-        self.message = ""
-        self.protected = False
-        self.acked = 0
-        self.replayed = 0
-        self.meter = Meter()
-        self.failovers = 0
-        self.machine: Machine | None = None
-        self.gate: OutputGate | None = None
-        self.sink: StreamSink | None = None
-        self.nic: NicServer | None = None
-        self.result: MachineResult | None = None
-        self.journal: RecordJournal | None = None
-        self.times = FailoverTimes()
-        self.reprotect_progress = 0.0
-        self.last_reprotect = (0.0, 0.0, 0)  # seconds, pause ms, bytes
-        self._ack_seen = asyncio.Event()
-        self._checkpointer: Checkpointer | None = None
-        self._connecting = False
-        self.relay: Relay | None = None
-        self._periodic: Checkpointer | None = None
-        self._store: CheckpointStore | None = None
-        self._checkpoint_lock = asyncio.Lock()
-        self.faults_recovered = 0
-        self._last_restart: tuple[str, int] | None = (
-            None  # (checkpoint id, replay target) of the last restart
-        )
-        self._refaults = 0  # restarts in a row that faulted again before any new reply
-        self._retained_from = 0  # the sink's retained log covers every position after this one
-        self._tasks: list[asyncio.Task[None]] = []
-        self._call: grpc.aio.StreamStreamCall | None = None
-        self._channel: grpc.aio.Channel | None = None
+    ) -> PrimaryVm:
+        core = VmCore(settings, arbiter, spec, service, disk, Standing(Role.PRIMARY, generation))
+        return cls(core, backup_node, backup_service)
 
     @classmethod
     def adopt(cls, backup: BackupVm) -> PrimaryVm:
-        """A backup that went live becomes an ordinary (unprotected) primary, ready to be re-protected."""
-        assert backup.machine is not None and backup.journal is not None
-        vm = cls(backup.settings, backup.arbiter, backup.spec, backup.generation, "", backup.service, "", "")
-        vm.disk = backup.disk
-        vm.state = backup.state
-        vm.message = backup.message
-        vm.machine = backup.machine
-        vm.journal = backup.journal
-        vm.sink = backup.sink
-        vm.gate = backup.gate
-        vm.nic = backup.nic
-        vm.failovers = backup.failovers
-        vm.times = backup.times
-        vm.backup_node = backup.primary_node  # the old primary's node: re-protect onto it when it returns
-        vm.backup_service = backup.hello.primary_service
-        vm._retained_from = backup.live_from
+        """A backup that went live becomes an ordinary (unprotected) primary, ready to be re-protected:
+        the same core, re-protected onto the old primary's node when it returns."""
+        vm = cls(backup.core, backup.primary_node, backup.hello.primary_service, backup.live_from)
         spawn(vm._tasks, vm._watch_machine(), "_watch_machine")
         spawn(vm._tasks, vm._checkpoint_loop(first_now=True), "_checkpoint_loop")
         spawn(vm._tasks, vm._auto_reprotect(), "_auto_reprotect")
@@ -153,133 +95,137 @@ class PrimaryVm:
 
     async def start(self) -> None:
         """Build the VM, connect to the backup (which must accept the pair), then run and serve."""
-        loop = asyncio.get_running_loop()
-        image = load_spec_image(self.spec)
-        self.spec.image_sha256 = image.sha256
-        self.sink = StreamSink(loop)
-        journal = RecordJournal(
-            self.sink,
-            hash_every=self.settings.hash_every,
-            batch_events=256,
-            flush_interval_s=0.002,
-            flush_on_output=True,
-        )
-        machine = builder.build(machine_config(self.spec, self.disk), journal=journal, image=image)
-        self.machine = machine
-        self.journal = journal
-        self.gate = OutputGate(machine.deliver)
-        machine.output_handler = self.gate.hold
-        if self.settings.unsafe_release_outputs:
+        core = self.core
+        image = load_spec_image(core.spec)
+        core.spec.image_sha256 = image.sha256
+        core.sink = StreamSink(asyncio.get_running_loop())
+        journal = record_journal(core.sink, core.settings)
+        machine = builder.build(machine_config(core.spec, core.disk), journal=journal, image=image)
+        core.machine = machine
+        core.journal = journal
+        gate = self.standing.new_gate(machine.deliver)
+        machine.output_handler = gate.hold
+        if core.settings.unsafe_release_outputs:
             log.error("%s: UNSAFE: outputs are released without the backup's acknowledgement", self.name)
-            self.gate.unprotected = True
-        header = make_header(image, machine.memory.size, hash_every=self.settings.hash_every)
+            gate.unprotected = True
+        header = make_header(image, machine.memory.size, hash_every=core.settings.hash_every)
         if self.backup_node:
-            await self._connect(header)
+            await self._open_link(header)
         else:
-            self.gate.release_unprotected()
-            self.sink.drop_all()
-        host, port = parse_address(self.service)
-        self.nic = NicServer(machine.net_backend, host, port)
-        await self.nic.start()
+            self._alone(core.sink)
+        host, port = parse_address(core.service)
+        core.nic = NicServer(machine.net_backend, host, port)
+        await core.nic.start()
         await self._checkpoint()  # the first one, before the guest runs: a restart always has one
         machine.start()
-        self.state = "running"
         spawn(self._tasks, self._watch_machine(), "_watch_machine")
         spawn(self._tasks, self._checkpoint_loop(), "_checkpoint_loop")
         if self.backup_node:
+            self.standing.to(State.RUNNING)
             spawn(self._tasks, self._replicate(), "_replicate")
             spawn(self._tasks, self._auto_reprotect(), "_auto_reprotect")
+        else:
+            self.standing.to(State.RUNNING_UNPROTECTED)
 
-    async def _connect(self, header: vmft_pb2.LogHeader, checkpoint_follows: bool = False) -> None:
+    def _alone(self, sink: StreamSink) -> None:
+        """No backup (none asked for, or the arbiter confirmed this node alone): log nothing for a peer,
+        and let every output go out."""
+        sink.drop_all()
+        self.standing.release_alone()
+
+    async def _open_link(self, header: vmft_pb2.LogHeader, checkpoint_follows: bool = False) -> None:
+        settings = self.core.settings
         target = self.backup_node
-        if self.settings.link_relay:
+        if settings.link_relay:
             # A real link in the path that fault injection can cut, slow or make lossy.
             if self.relay is not None:
                 self.relay.close()
             self.relay = Relay(self.backup_node).start()
             target = self.relay.address
-        self._channel = grpc.aio.insecure_channel(target)
-        stub = vmft_pb2_grpc.ReplicationStub(self._channel)
-        self._call = stub.Stream()
         hello = vmft_pb2.Hello(
             protocol_version=PROTOCOL_VERSION,
-            spec=self.spec,
-            generation=self.generation,
+            spec=self.core.spec,
+            generation=self.standing.generation,
             header=header,
-            primary_node=self.settings.name,
+            primary_node=settings.name,
             backup_service=self.backup_service,
-            heartbeat_interval_ms=int(self.settings.heartbeat_interval_s * 1000),
-            failure_timeout_ms=int(self.settings.failure_timeout_s * 1000),
+            heartbeat_interval_ms=int(settings.heartbeat_interval_s * 1000),
+            failure_timeout_ms=int(settings.failure_timeout_s * 1000),
             checkpoint_follows=checkpoint_follows,
-            primary_service=self.service,
+            primary_service=self.core.service,
         )
-        try:
-            await self._call.write(vmft_pb2.PrimaryMessage(hello=hello))
-            reply = await asyncio.wait_for(self._call.read(), self.settings.connect_timeout_s)
-        except (grpc.aio.AioRpcError, TimeoutError) as err:
-            await self._close_channel()
-            detail = err.details() if isinstance(err, grpc.aio.AioRpcError) else "no answer"
-            raise ReplicationRefused(f"backup node {self.backup_node} unreachable: {detail}") from err
-        if reply is grpc.aio.EOF or not reply.HasField("hello_reply"):
-            await self._close_channel()
-            raise ReplicationRefused(f"backup node {self.backup_node} closed the stream")
-        if not reply.hello_reply.accepted:
-            await self._close_channel()
-            raise ReplicationRefused(
-                f"backup node {self.backup_node} refused the pair: {reply.hello_reply.reason}"
-            )
-        self.protected = True
+        link = BackupLink(settings, self.backup_node, target)
+        await link.open(hello)  # ReplicationRefused: the link is closed
+        self.link = link
 
-    async def _close_channel(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
-        if self._channel is not None:
-            await self._channel.close()
-        self._call = None
-        self._channel = None
+    async def _close_link(self) -> None:
+        if self.link is not None:
+            link, self.link = self.link, None
+            await link.close()
 
     # ----- re-protection ----------------------------------------------------------------------------
 
     async def reprotect(self, backup_node: str, backup_service: str) -> None:
         """Seed a new backup from a live checkpoint of this primary, streamed over gRPC, then stream the
         log from the checkpoint's position. The guest keeps running; it is paused twice, briefly."""
-        assert self.machine is not None and self.journal is not None and self.gate is not None
-        if self.protected:
+        standing, machine = self.standing, self.core.machine
+        assert machine is not None
+        if standing.protected:
             raise ReplicationRefused(f"{self.name} is already protected by {self.backup_node}")
-        if self.machine.result is not None or not self.state.startswith("running"):
-            raise ReplicationRefused(f"{self.name} is not running ({self.state})")
-        if self._connecting:
+        if standing.is_(State.CONNECTING, State.REPROTECTING):
             raise ReplicationRefused(f"{self.name} is already being re-protected")
-        machine, journal, gate = self.machine, self.journal, self.gate
-        loop = asyncio.get_running_loop()
+        if machine.result is not None or not standing.is_(State.RUNNING_UNPROTECTED):
+            raise ReplicationRefused(f"{self.name} is not running ({standing.state.value})")
         began = time.monotonic()
-        self.backup_node = backup_node
-        self.backup_service = backup_service
+        self.backup_node, self.backup_service = backup_node, backup_service
         self.reprotect_progress = 0.0
-        header = make_header(machine.image, machine.memory.size, hash_every=self.settings.hash_every)
-        self._connecting = True  # the state says "re-protecting" only once the new backup has accepted
+        # The wire says "re-protecting" only once the new backup has accepted (State.CONNECTING).
+        standing.to(State.CONNECTING)
+        header = make_header(machine.image, machine.memory.size, hash_every=self.core.settings.hash_every)
         try:
-            await self._connect(header, checkpoint_follows=True)
-        finally:
-            self._connecting = False
-        if self.machine is not machine or machine.result is not None or not self.state.startswith("running"):
-            await self._close_channel()  # the guest faulted meanwhile: a restart is under way
+            await self._open_link(header, checkpoint_follows=True)
+        except ReplicationRefused:
+            if standing.is_(State.CONNECTING):
+                standing.to(State.RUNNING_UNPROTECTED)
+            raise
+        if (
+            self.core.machine is not machine
+            or machine.result is not None
+            or not standing.is_(State.CONNECTING)
+        ):
+            await self._close_link()  # the guest faulted meanwhile: a restart is under way
             raise ReplicationRefused(f"{self.name} stopped running while its new backup was reached")
-        self.state = "re-protecting"
-        self.protected = False  # not until the new backup holds the checkpoint
-        assert self._call is not None
-        call = self._call
+        standing.to(State.REPROTECTING)
+        stats, sent = await self._seed_backup(backup_node)
+        self.reprotect_progress = 1.0
+        standing.to(
+            State.RUNNING, f"re-protected by {backup_node}" + (f" ({stats.describe()})" if stats else "")
+        )
+        self.last_reprotect = (0.0, stats.pause_s * 1000 if stats else 0.0, sent)
+        log.warning("%s: %s", self.name, standing.message)
+        spawn(self._tasks, self._replicate(), "_replicate")
+        await self._backup_holds(stats.position if stats else 0)
+        self.last_reprotect = (time.monotonic() - began, self.last_reprotect[1], sent)
+
+    async def _seed_backup(self, backup_node: str) -> tuple[CheckpointStats | None, int]:
+        """Stream a live checkpoint to the new backup; at its position the log switches to a new sink and
+        outputs wait for the new backup again. Returns its stats and the bytes sent."""
+        core, standing, link = self.core, self.standing, self.link
+        machine, journal, old_sink = core.machine, core.journal, core.sink
+        assert machine is not None and journal is not None and old_sink is not None and link is not None
+        loop = asyncio.get_running_loop()
         new_sink = StreamSink(loop)
 
-        old_sink = self.sink
-        assert old_sink is not None
+        switched = False
 
         def on_paused(position: int) -> None:  # vCPU parked at the checkpoint's position
+            nonlocal switched
             journal.switch_sink(new_sink, position)
+            switched = True
             new_sink.retained = old_sink.retained  # the log since the last periodic checkpoint
-            gate.protect_again(position)
+            standing.protect_again(position)
 
-        if self._checkpointer is None:
+        if self._checkpointer is None or self._checkpointer.machine is not machine:
             self._checkpointer = Checkpointer(machine, name="reprotect")
         checkpointer = self._checkpointer
         records: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
@@ -292,51 +238,51 @@ class PrimaryVm:
                 asyncio.run_coroutine_threadsafe(records.put(None), loop).result()
 
         sent = 0
+        producer: asyncio.Task[None] | None = None
         try:
-            async with self._checkpoint_lock:
+            async with self._checkpoint_lock:  # never beside a periodic checkpoint (dirty-page tracking)
                 producer = asyncio.create_task(asyncio.to_thread(produce))
                 while (record := await records.get()) is not None:
-                    await call.write(vmft_pb2.PrimaryMessage(checkpoint_record=record))
+                    await link.send_checkpoint_record(record)
                     sent += len(record)
                     self.reprotect_progress = min(0.99, sent / max(1, machine.memory.size // 4))
                 await producer
         except (grpc.aio.AioRpcError, CheckpointError, OSError) as err:
-            producer.cancel()
-            await self._close_channel()
-            self.state = "running unprotected"
-            gate.release_unprotected()
+            if producer is not None:
+                producer.cancel()
+            await self._close_link()
+            # The journal may already write to the new sink: nobody reads it, so it must drop too.
+            core.sink = new_sink if switched else old_sink
+            self._alone(core.sink)
+            standing.to(State.RUNNING_UNPROTECTED)
             raise ReplicationRefused(f"re-protection onto {backup_node} failed: {err}") from err
-        stats = checkpointer.last_stats
-        self.sink = new_sink
-        self.protected = True
-        self.reprotect_progress = 1.0
-        self.state = "running"
-        self.last_reprotect = (0.0, stats.pause_s * 1000 if stats else 0.0, sent)
-        started_wait = time.monotonic()
-        self.message = f"re-protected by {backup_node}" + (f" ({stats.describe()})" if stats else "")
-        log.warning("%s: %s", self.name, self.message)
-        spawn(self._tasks, self._replicate(), "_replicate")
-        position = stats.position if stats else 0
-        while self.acked < position and self.protected and time.monotonic() - started_wait < 30:
-            self._ack_seen.clear()  # the new backup restores, then acknowledges the checkpoint
+        core.sink = new_sink
+        return checkpointer.last_stats, sent
+
+    async def _backup_holds(self, position: int, within_s: float = 30.0) -> None:
+        """Wait (bounded) until the new backup has restored the checkpoint and acknowledged `position`."""
+        started = time.monotonic()
+        while self.standing.acked < position and self.standing.protected:
+            if time.monotonic() - started > within_s:
+                return
+            self._ack_seen.clear()
             try:
                 await asyncio.wait_for(self._ack_seen.wait(), 0.1)
             except TimeoutError:
                 pass
-        self.last_reprotect = (time.monotonic() - began, self.last_reprotect[1], sent)
 
     async def _auto_reprotect(self) -> None:
         """The node brings up a new backup by itself: whenever this primary runs unprotected (its backup
         died, it took over from its primary, or it restarted its guest), try the pair's other node again
         and again until it accepts (a killed node must first be restarted by whoever runs it)."""
-        interval = self.settings.auto_reprotect_s
+        interval = self.core.settings.auto_reprotect_s
         if interval <= 0:
             return
         while True:
             await asyncio.sleep(interval)
-            if self.result is not None or self.state == "fenced":
+            if self.core.result is not None or self.standing.is_(State.FENCED):
                 return
-            if self.protected or self.state != "running unprotected" or not self.backup_node:
+            if not self.standing.is_(State.RUNNING_UNPROTECTED) or not self.backup_node:
                 continue
             try:
                 await self.reprotect(self.backup_node, self.backup_service)
@@ -351,108 +297,75 @@ class PrimaryVm:
     # ----- replication ---------------------------------------------------------------------------
 
     async def _replicate(self) -> None:
-        assert self._call is not None
-        call = self._call
-        last_heard = time.monotonic()
+        core, link = self.core, self.link
+        assert link is not None and core.sink is not None and core.machine is not None
+        machine = core.machine
 
-        async def sender() -> None:
-            assert self.sink is not None and self.machine is not None
-            while True:
-                batches = await self.sink.take(self.settings.heartbeat_interval_s)
-                if batches:
-                    # One message for everything queued while the previous write was in flight: the
-                    # stream's cost is per message, and the backup acknowledges per message group.
-                    batch = merge_batches(batches)
-                    message = vmft_pb2.PrimaryMessage(batch=batch)
-                    await call.write(message)
-                    self.meter.add(message.ByteSize())
-                    if batch.ended:
-                        return
-                else:
-                    await call.write(
-                        vmft_pb2.PrimaryMessage(heartbeat=vmft_pb2.Heartbeat(position=self.machine.position))
-                    )
+        def on_ack(ack: vmft_pb2.Ack) -> None:
+            self.standing.ack(ack.received, ack.replayed)
+            self._ack_seen.set()
 
-        async def receiver() -> None:
-            nonlocal last_heard
-            assert self.gate is not None
-            while True:
-                message = await call.read()
-                if message is grpc.aio.EOF:
-                    raise PeerSilent("the backup closed the stream")
-                last_heard = time.monotonic()
-                if message.HasField("ack"):
-                    self.acked = max(self.acked, message.ack.received)
-                    self.replayed = message.ack.replayed
-                    self.gate.ack(message.ack.received)
-                    self._ack_seen.set()
+        reason = await link.run(core.sink, lambda: machine.position, core.meter, on_ack)
+        await self._backup_lost(link, reason)
 
-        async def watchdog() -> None:
-            while True:
-                await asyncio.sleep(self.settings.heartbeat_interval_s)
-                silent = time.monotonic() - last_heard
-                if silent > self.settings.failure_timeout_s:
-                    raise PeerSilent(f"no word from the backup for {silent * 1000:.0f} ms")
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(sender())
-                group.create_task(receiver())
-                group.create_task(watchdog())
-        except* _LINK_ERRORS as group_error:
-            reason = "; ".join(str(e).splitlines()[0] for e in group_error.exceptions)
-            await self._backup_lost(reason)
-
-    async def _backup_lost(self, reason: str) -> None:
-        assert self.gate is not None and self.sink is not None
-        if self.result is not None or self.state == "restarting" or (self.journal and self.journal.finished):
-            # The guest stopped here first (its log ended the stream): nothing to decide.
-            self.protected = False
-            await self._close_channel()
+    async def _backup_lost(self, link: BackupLink, reason: str) -> None:
+        core, standing = self.core, self.standing
+        if (
+            link is not self.link
+            or not standing.is_(State.RUNNING)
+            or (core.journal and core.journal.finished)
+        ):
+            # An old pairing's link (a restart ends it), or the guest stopped here first (its log ended
+            # the stream): nothing to decide.
+            if link is self.link:
+                self.link = None
+            await link.close()
             return
-        self.protected = False
-        self.times.suspect()
+        core.times.suspect()
         log.warning("%s: lost the backup (%s); asking the arbiter to stay primary", self.name, reason)
-        await self._close_channel()
-        next_generation = self.generation + 1
-        owner = await claim_or_owner(self.arbiter, self.name, next_generation, self.settings.name)
+        await self._close_link()
+        generation = self.standing.generation + 1
+        owner = await claim_or_owner(core.arbiter, self.name, generation, core.settings.name)
         if owner is None:
-            self.generation = next_generation
-            self.sink.drop_all()
-            self.gate.release_unprotected()
-            self.times.serving()
-            self.state = "running unprotected"
-            self.message = f"backup lost ({reason}); primary alone in generation {next_generation}"
-            log.warning("%s: %s", self.name, self.message)
+            assert core.sink is not None
+            standing.generation = generation
+            self._alone(core.sink)
+            core.times.serving()
+            standing.to(
+                State.RUNNING_UNPROTECTED, f"backup lost ({reason}); primary alone in generation {generation}"
+            )
+            log.warning("%s: %s", self.name, standing.message)
         else:
-            self.state = "fenced"
-            self.message = f"generation {next_generation} belongs to {owner}: stopping (outputs withheld)"
-            log.warning("%s: %s", self.name, self.message)
+            standing.to(
+                State.FENCED, f"generation {generation} belongs to {owner}: stopping (outputs withheld)"
+            )
+            log.warning("%s: %s", self.name, standing.message)
             await self.stop()
 
     async def _watch_machine(self) -> None:
-        assert self.machine is not None
-        result = await self.machine.wait()
-        if result.reason in _GUEST_FAULTS and self.state != "fenced" and self.spec.on_fault != "stop":
+        core = self.core
+        assert core.machine is not None
+        result = await core.machine.wait()
+        if (
+            self._restarter.is_fault(result)
+            and not self.standing.is_(State.FENCED)
+            and core.spec.on_fault != "stop"
+        ):
             try:
                 await self._restart_from_checkpoint(result)
                 return
             except (CheckpointError, ImageError, OSError, ValueError) as err:
                 log.error("%s: restart from a checkpoint failed: %s", self.name, err)
-                self.message = f"restart after {result.reason.value} failed: {err}"
-        self.result = result
-        if self.state != "fenced":
-            self.state = f"stopped: {result.describe()}"
+                self.standing.message = f"restart after {result.reason.value} failed: {err}"
+        core.stopped(result)
 
     # ----- checkpoints and restart after a guest fault -------------------------------------------
 
     async def _checkpoint_loop(self, first_now: bool = False) -> None:
         if first_now:
             await self._checkpoint()
-        while True:
-            await asyncio.sleep(self.settings.checkpoint_every_s)
-            if self.machine is None or self.machine.result is not None:
-                return
+        while self.core.result is None:  # a restarted guest is checkpointed too
+            await asyncio.sleep(self.core.settings.checkpoint_every_s)
             try:
                 await self._checkpoint()
             except (CheckpointError, OSError) as err:
@@ -461,12 +374,13 @@ class PrimaryVm:
     async def _checkpoint(self) -> None:
         """A periodic checkpoint into the node's data directory. Once it is saved, the log kept for a
         restart drops what the checkpoint covers (so both stay bounded)."""
-        assert self.machine is not None and self.journal is not None and self.sink is not None
-        machine, journal, sink = self.machine, self.journal, self.sink
-        if self._store is None:
-            self._store = CheckpointStore(self.settings.data_dir / "checkpoints" / self.name)
+        core = self.core
+        machine, journal, sink = core.machine, core.journal, core.sink
+        assert machine is not None and journal is not None and sink is not None
+        if machine.result is not None or self.standing.is_(State.RESTARTING):
+            return  # faulted, stopped, or a restarted guest still replaying its log
+        if self._periodic is None or self._periodic.machine is not machine:
             self._periodic = Checkpointer(machine, name="periodic")
-        assert self._periodic is not None
         store, checkpointer = self._store, self._periodic
 
         async with self._checkpoint_lock:
@@ -491,90 +405,69 @@ class PrimaryVm:
         restore the latest checkpoint, replay the log only up to the last output a client has seen (so
         nothing a client saw is forgotten), and continue live from there. Inputs after that output are
         dropped; their clients saw no reply and retry."""
-        assert (
-            self.gate is not None
-            and self.sink is not None
-            and self._store is not None
-            and self.nic is not None
-        )
-        loop = asyncio.get_running_loop()
-        old_machine, old_nic = self.machine, self.nic
-        assert old_machine is not None
-        self.state = "restarting"
-        self.times.suspect()
+        core, standing = self.core, self.standing
+        old_machine, old_nic, gate = core.machine, core.nic, standing.gate
+        assert old_machine is not None and old_nic is not None and gate is not None and core.sink is not None
+        standing.to(State.RESTARTING)
+        core.times.suspect()
         started = time.monotonic()
         # Close the service now: clients waiting on the dead guest learn at once and retry (and reconnect
         # when the restarted guest serves on the same address).
         first_conn = old_nic.next_conn_id
         await old_nic.close()
-        last_seen = self.gate.released_position
-        if self._last_restart is not None and last_seen <= self._last_restart[1]:
-            # It faulted again before any new reply: the checkpoint it restarted from (or the log replayed
-            # onto it) leads to the fault. Never use that checkpoint again.
-            self._store.mark_bad(self._last_restart[0])
-            self._refaults += 1
-        else:
-            self._refaults = 0
-        if self._refaults >= 3:
-            raise CheckpointError(f"the guest faulted again right after {self._refaults} restarts")
-        # A checkpoint taken shortly before the fault was detected may already hold it (a corruption not
-        # yet noticed, a loop not yet long enough to count as hung): trust only older ones.
-        trusted_before = time.monotonic() - machine_config(self.spec, self.disk).hang_timeout_s - 0.1
+        core.nic = None
+        last_seen = gate.released_position
         async with self._checkpoint_lock:  # a checkpoint in flight finishes (or is marked bad) first
-            entry = self._store.latest_entry(before=trusted_before) or self._store.latest_entry()
+            # Progress: a reply newer than the last restart's replay target reached a client.
+            progressed = self._replay_target == 0 or last_seen > self._replay_target
+            entry = self._restarter.decide(fault, progressed)
         if entry is None:
-            raise CheckpointError("no checkpoint to restart from")
-        path = entry.path
+            raise CheckpointError(
+                "no checkpoint to restart from (or the guest faulted again right after restarts)"
+            )
         self._store.rewind_to(entry.checkpoint_id)
         if entry.position < self._retained_from:
             log.error(
                 "%s: the log kept for restarts starts at position %d, after checkpoint %s (position %d): "
                 "restarting without replay, replies since that checkpoint may be lost",
-                self.name,
-                self._retained_from,
-                entry.checkpoint_id[:12],
-                entry.position,
-            )
+                self.name, self._retained_from, entry.checkpoint_id[:12], entry.position,
+            )  # fmt: skip
             last_seen = entry.position
         last_seen = max(last_seen, entry.position)
         log.info(
             "%s: restart from %s (position %d, saved %.1f s ago), log kept from %d, %d batches, replay to %d",
             self.name, entry.checkpoint_id[:12], entry.position, time.monotonic() - entry.saved_at,
-            self._retained_from, len(self.sink.retained), last_seen,
+            self._retained_from, len(core.sink.retained), last_seen,
         )  # fmt: skip
-        self._last_restart = (entry.checkpoint_id, last_seen)
+        self._replay_target = last_seen
         self._retained_from = entry.position
-        batches = [_window(batch, entry.position, last_seen) for batch in self.sink.retained]
+        batches = [window_batch(batch, entry.position, last_seen) for batch in core.sink.retained]
         batches = [batch for batch in batches if batch.position_deltas or batch.horizon > entry.position]
-        sink = StreamSink(loop)
-        sink.drop_all()  # unprotected until re-protected
-        sink.retained = list(batches)
-        live = asyncio.Event()
-        gate = OutputGate(lambda kind, data: machine.deliver(kind, data))
-        gate.release_unprotected()
-        settings = self.settings
+        await self._restore_and_go_live(entry.path, batches, first_conn)
+        self._restarter.restarted(entry.checkpoint_id, time.monotonic() - started)
+        core.faults_recovered += 1
+        standing.to(
+            State.RUNNING_UNPROTECTED,
+            f"restarted from checkpoint {entry.checkpoint_id[:12]} after {fault.reason.value} "
+            f"({fault.message}); replayed to position {last_seen}, "
+            f"live in {(time.monotonic() - started) * 1000:.0f} ms",
+        )
+        log.warning("%s: %s", self.name, standing.message)
 
-        def go_live(position: int) -> RecordJournal:  # vCPU thread, at the first position not replayed
-            log.info("%s: live again at position %d (replay target %d)", self.name, position - 1, last_seen)
-            loop.call_soon_threadsafe(live.set)
-            machine.clock.resume_from(machine.clock_device.last_seen_ns)
-            machine.net.connections_lost()
-            journal = RecordJournal(
-                sink,
-                start_position=position - 1,
-                hash_every=settings.hash_every,
-                batch_events=256,
-                flush_interval_s=0.002,
-                flush_on_output=True,
-            )
-            self.journal = journal
-            return journal
+    async def _restore_and_go_live(
+        self, path: Path, batches: list[vmft_pb2.EventBatch], first_conn: int
+    ) -> None:
+        """Restore the checkpoint at `path`, replay `batches` onto it, go live (vm_core.GoLive) and serve."""
+        core = self.core
+        old_machine = core.machine
+        assert old_machine is not None
+        go_live = GoLive(core, retained=list(batches))
 
         def make_journal(position: int) -> ReplayJournal:
             replay = ReplayJournal(
                 IteratorSource(iter(batches), what="the retained log"), start_position=position
             )
-            replay.promote = go_live
+            replay.promote = go_live.on_vcpu
             return replay
 
         machine, stats = await asyncio.to_thread(
@@ -582,20 +475,17 @@ class PrimaryVm:
             path,
             journal=make_journal,
             image=old_machine.image,
-            disk=self.disk,
-            hang_timeout_s=self.spec.hang_timeout_s or None,
-            output_handler=gate.hold,
+            disk=core.disk,
+            hang_timeout_s=core.spec.hang_timeout_s or None,
         )
         old_machine.close()
-        next_generation = self.generation + 1
-        if await asyncio.to_thread(self.arbiter.claim, self.name, next_generation, self.settings.name):
-            self.generation = next_generation  # fences the old pairing: its backup stopped at the fault
+        generation = self.standing.generation + 1
+        if await asyncio.to_thread(core.arbiter.claim, self.name, generation, core.settings.name):
+            self.standing.generation = generation  # fences the old pairing: its backup stopped at the fault
         # End the old pairing's stream too: a backup that has not replayed into the fault (its last batch
         # not yet sent) would otherwise take heartbeats forever, "replaying", and block re-protection.
-        await self._close_channel()
-        host, port = parse_address(self.service)
-        self.nic = NicServer(machine.net_backend, host, port, first_conn_id=first_conn)
-        self.machine, self.gate, self.sink = machine, gate, sink
+        await self._close_link()
+        core.machine = machine
         self._periodic = Checkpointer(machine, name="periodic")
         self._periodic.continue_from(stats.checkpoint_id)
         self._checkpointer = None
@@ -604,65 +494,23 @@ class PrimaryVm:
         # Serve (and allow re-protection) only once the replay has reached the last reply and the VM is
         # live: a checkpoint taken mid-replay would seed a backup with a log it can never receive.
         try:
-            await asyncio.wait_for(live.wait(), 120)
+            await go_live.serve(120.0, first_conn_id=first_conn)
         except TimeoutError:
             raise CheckpointError(
                 "the restarted guest did not finish replaying its log within 120 s"
             ) from None
-        await self.nic.start()
-        self.times.serving()
-        self.protected = False
-        self.faults_recovered += 1
-        self.state = "running unprotected"
-        self.message = (
-            f"restarted from checkpoint {stats.checkpoint_id[:12]} after {fault.reason.value} "
-            f"({fault.message}); replayed to position {last_seen}, "
-            f"live in {(time.monotonic() - started) * 1000:.0f} ms"
-        )
-        log.warning("%s: %s", self.name, self.message)
 
     # ----- status and stop ------------------------------------------------------------------------
 
     def status(self) -> vmft_pb2.VmStatus:
-        machine = self.machine
-        position = machine.position if machine else 0
-        state = self.state
-        if state.startswith("running"):
-            # Resumed after a SIGSTOP, it may answer before it has noticed (or asked the arbiter) that the
-            # backup took over: then it serves nothing (its outputs wait for acks that never come).
-            current = self.arbiter.current(self.name)
-            if current is not None and current.generation > self.generation:
-                state = f"superseded by generation {current.generation} on {current.node} (outputs held)"
-        return vmft_pb2.VmStatus(
-            name=self.name,
-            role=vmft_pb2.ROLE_STOPPED if self.state == "fenced" or self.result else vmft_pb2.ROLE_PRIMARY,
-            state=state,
-            generation=self.generation,
-            position=position,
-            acked_position=self.acked,
-            replayed_position=self.replayed,
-            protected=self.protected,
-            peer=self.backup_node,
-            service=self.service,
-            log_bytes_per_s=self.meter.rate(),
-            held_outputs=self.gate.held if self.gate else 0,
-            message=self.message,
-            failovers=self.failovers,
-            suspected_at=self.times.suspected_wall,
-            serving_at=self.times.serving_wall,
-            reprotect_progress=self.reprotect_progress if not self.protected else 1.0,
-            faults_recovered=self.faults_recovered,
-            reprotect_s=self.last_reprotect[0],
-            reprotect_pause_ms=self.last_reprotect[1],
-            reprotect_bytes=self.last_reprotect[2],
-        )
+        status = self.core.status(peer=self.backup_node)
+        status.reprotect_progress = self.reprotect_progress if not self.standing.protected else 1.0
+        status.reprotect_s, status.reprotect_pause_ms, status.reprotect_bytes = self.last_reprotect
+        return status
 
     async def stop(self) -> None:
-        if self.nic is not None:  # first: clients learn at once to try the other address
-            await self.nic.close()
-            self.nic = None
-        await stop_machine(self.machine, self.name)
-        await self._close_channel()
+        await self.core.stop()
+        await self._close_link()
         if self.relay is not None:
             self.relay.close()
             self.relay = None

@@ -2,13 +2,18 @@
 
 Policy when the backup is slow: the buffer holds up to `max_pending` batches; beyond that the vCPU waits
 (the guest is throttled, never silently) and a warning says so. Outputs are held by the output rule
-anyway, so throttling loses nothing. When the pair is unprotected (`discard`), batches are dropped.
+anyway, so throttling loses nothing. When the pair is unprotected (`discard`, set by `drop_all` when the
+VM's Standing says it runs alone), batches are dropped.
+
+Also here, the pure batch arithmetic: merging a drained queue into one stream message (`merge_batches`)
+and cutting the window of a retained batch a restart replays (`window_batch`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import threading
 
@@ -104,4 +109,23 @@ def merge_batches(batches: list[vmft_pb2.EventBatch]) -> vmft_pb2.EventBatch:
             out.ended = True
             out.end_position = batch.end_position
             out.end_reason = batch.end_reason
+    return out
+
+
+def window_batch(batch: vmft_pb2.EventBatch, after: int, last: int) -> vmft_pb2.EventBatch:
+    """The events of `batch` at positions in (after, last], as an open batch (no end marker): the part of
+    a retained batch a restart replays onto a checkpoint at `after`, up to the last reply seen at `last`."""
+    positions = list(itertools.accumulate(batch.position_deltas, initial=batch.first_position))[1:]
+    keep = [i for i, position in enumerate(positions) if after < position <= last]
+    out = vmft_pb2.EventBatch(horizon=min(batch.horizon, last))
+    if keep:
+        first, end = keep[0], keep[-1] + 1
+        out.first_position = positions[first]
+        out.position_deltas.extend(
+            [0, *(b - a for a, b in zip(positions[first : end - 1], positions[first + 1 : end]))]
+        )
+        out.rips.extend(batch.rips[first:end])
+        out.kinds.extend(batch.kinds[first:end])
+        out.values.extend(batch.values[first:end])
+        out.data.extend(batch.data[first:end])
     return out

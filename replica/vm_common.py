@@ -14,6 +14,7 @@ from typing import Any, Coroutine
 
 from monitor.loader import GuestImage, ImageError, load_image_file
 from monitor.config import MachineConfig
+from monitor.errors import PeerError
 from monitor.machine import Machine
 from proto import vmft_pb2
 
@@ -38,7 +39,7 @@ class NodeSettings:
     unsafe_release_outputs: bool = False
 
 
-class ReplicationRefused(Exception):
+class ReplicationRefused(PeerError):
     """The peer refused the pair (other version, image, memory size, CPUID, or a stale generation)."""
 
 

@@ -17,6 +17,7 @@ import benchlib
 from monitor.checkpoint import Checkpointer
 from monitor import builder
 from monitor.config import MachineConfig
+from proto import vmft_pb2
 from replica.cluster import LocalCluster
 
 RANDOM = 1 << 32  # memtouch's arg bit for incompressible data
@@ -54,7 +55,7 @@ def _reprotect(image: Path, mem_mib: int, arg: int, workdir: Path) -> tuple[floa
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             status = cluster.vm_status(a, vm.name)
-            if status is not None and status.state == "running unprotected":
+            if status is not None and status.state == vmft_pb2.VM_STATE_RUNNING_UNPROTECTED:
                 break
             time.sleep(0.02)
         cluster.start_node(b)

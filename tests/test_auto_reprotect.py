@@ -24,7 +24,7 @@ async def protected_again(
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         status = await asyncio.to_thread(cluster.vm_status, node, "vm1")
-        if status is not None and status.protected and status.state == "running":
+        if status is not None and status.protected and status.state == vmft_pb2.VM_STATE_RUNNING:
             return status
         await asyncio.sleep(0.05)
     raise AssertionError(f"not re-protected within {limit_s} s: {status}")

@@ -29,6 +29,7 @@ from proto import vmft_pb2
 from replica.chaos import Campaign, PairController, make_disk
 from replica.cluster import LocalCluster, NodeProcess
 from replica.faults import Fault, inject
+from replica.roles import is_serving
 from replica.workload import Op, Verdict, Workload
 
 pytestmark = pytest.mark.kvm
@@ -121,7 +122,7 @@ class Loaded:
 
     def primary(self) -> tuple[NodeProcess, vmft_pb2.VmStatus]:
         for name, status in self.statuses().items():
-            if status.role == vmft_pb2.ROLE_PRIMARY and status.state.startswith("running"):
+            if is_serving(status):
                 return self.controller.node(name), status
         raise AssertionError(f"no serving primary: {self.statuses()}")
 
@@ -146,7 +147,7 @@ class Loaded:
             statuses = self.statuses()
             status = statuses.get(node.name)
             serving = [s for s in statuses.values()
-                       if s.role == vmft_pb2.ROLE_PRIMARY and s.state.startswith("running")]  # fmt: skip
+                       if is_serving(s)]  # fmt: skip
             self.primaries_seen.append(len(serving))
             if len(serving) > 1:
                 self.overlaps.append(f"{what}: {statuses}")
@@ -214,7 +215,7 @@ async def test_node_faults_under_load(tmp_path: Path) -> None:
             t = await run.inject(Fault.KILL_PRIMARY)
             new = run.other(old)
             after = await run.status_until(new, "primary in a higher generation", lambda s: (
-                s.role == vmft_pb2.ROLE_PRIMARY and s.state.startswith("running")
+                is_serving(s)
                 and s.generation > before.generation))  # fmt: skip
             assert after.failovers >= 1, after
             await run.answering_after(t)
@@ -225,7 +226,8 @@ async def test_node_faults_under_load(tmp_path: Path) -> None:
             t = await run.inject(Fault.KILL_BACKUP)
             alone = await run.status_until(primary, "alone in a higher generation", lambda s: (
                 s.generation > before.generation and not s.protected))  # fmt: skip
-            assert alone.role == vmft_pb2.ROLE_PRIMARY and alone.state == "running unprotected", alone
+            assert alone.role == vmft_pb2.ROLE_PRIMARY, alone
+            assert alone.state == vmft_pb2.VM_STATE_RUNNING_UNPROTECTED, alone
             await run.answering_after(t)
             await run.repair()
 
@@ -239,7 +241,7 @@ async def test_node_faults_under_load(tmp_path: Path) -> None:
             await run.answering_after(t)
             fenced = await run.status_until(old, "continued and stopped", lambda s: (
                 s.role == vmft_pb2.ROLE_STOPPED))  # fmt: skip
-            assert fenced.state == "fenced" or "generation" in fenced.message, fenced
+            assert fenced.state == vmft_pb2.VM_STATE_FENCED or "generation" in fenced.message, fenced
             assert _refuses(controller.cluster.service_address(run.vm.name, old)), "a fenced node serves"
             await run.repair()
 
@@ -357,7 +359,7 @@ async def _delayed_link_then_kill(tmp_path: Path, unsafe: bool) -> Verdict:
             await _bounded("SIGKILL of the primary", asyncio.to_thread(controller.cluster.kill_node, primary))
             new = run.other(primary)
             await run.status_until(new, "serving", lambda s: (
-                s.role == vmft_pb2.ROLE_PRIMARY and s.state.startswith("running")))  # fmt: skip
+                is_serving(s)))  # fmt: skip
             await run.answering_after(time.monotonic())
         verdict = await _bounded("the final read-back", run.workload.verify_final(), 30)
     return verdict

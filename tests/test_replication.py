@@ -26,6 +26,7 @@ from monitor.record import make_header
 from proto import vmft_pb2, vmft_pb2_grpc
 from replica.cluster import LocalCluster, NodeProcess, ProtectedVm
 from replica.relay import Relay
+from replica.roles import SERVING_WIRE
 from replica.vm_common import PROTOCOL_VERSION
 from replica.workload import Verdict, Workload
 
@@ -128,7 +129,7 @@ async def test_sigkill_backup_primary_goes_on_unprotected(cluster: LocalCluster)
     status = cluster.vm_status(a, vm.name)
     assert status is not None
     assert status.role == vmft_pb2.ROLE_PRIMARY and not status.protected and status.generation == 2
-    assert status.state.startswith("running"), status.state
+    assert status.state in SERVING_WIRE, status.state
     assert status.held_outputs == 0
     assert _ok_after(workload, fault_at + 0.5) > 20, "clients must keep getting replies"
     gaps = workload.recovery_after(fault_at)
@@ -175,12 +176,12 @@ async def test_link_cut_leaves_exactly_one_primary(cluster: LocalCluster, silent
         loser = next(s for s in roles if s is not None and s.role == vmft_pb2.ROLE_STOPPED)
         if loser is roles[0]:
             # The old primary lost generation 2 to the backup: fenced, says to whom, serves nothing more.
-            assert loser.state == "fenced", loser
+            assert loser.state == vmft_pb2.VM_STATE_FENCED, loser
             assert "generation 2" in loser.message and b.name in loser.message, loser.message
             assert _refuses(cluster.service_address(vm.name, a)), "a fenced primary still serves"
         else:
             # The backup lost generation 2 to the primary: it stopped, and says to whom it lost.
-            assert loser.state == "stopped", loser
+            assert loser.state == vmft_pb2.VM_STATE_STOPPED, loser
             assert "generation 2" in loser.message and a.name in loser.message, loser.message
 
 
@@ -194,7 +195,7 @@ async def test_restarted_old_primary_is_fenced(cluster: LocalCluster) -> None:
     cluster.start_node(a)  # same address, same data directory
     status = cluster.vm_status(a, vm.name)
     assert status is not None, "the restarted node must remember the VM it ran"
-    assert status.role == vmft_pb2.ROLE_STOPPED and status.state == "fenced", status
+    assert status.role == vmft_pb2.ROLE_STOPPED and status.state == vmft_pb2.VM_STATE_FENCED, status
     assert "generation 2" in status.message and b.name in status.message, status.message
     host, port = vm.service.rsplit(":", 1)
     with pytest.raises(OSError):
@@ -248,7 +249,7 @@ async def test_sigstopped_primary_resumed_after_failover_stops_and_withholds(clu
     old = cluster.vm_status(a, vm.name)
     assert old is not None and old.role == vmft_pb2.ROLE_STOPPED, old
     # Resumed, it found its backup gone, asked the arbiter for generation 2 and learnt that B holds it.
-    assert old.state == "fenced", old
+    assert old.state == vmft_pb2.VM_STATE_FENCED, old
     assert "generation 2" in old.message and b.name in old.message, old.message
     assert probe_reply and not probe_reply[0].startswith(b"\x00"), f"a reply escaped: {probe_reply!r}"
     new = cluster.vm_status(b, vm.name)
