@@ -250,13 +250,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{address:22} (no VMs)")
         for vm in node.vms:
             role = vmft_pb2.Role.Name(vm.role).removeprefix("ROLE_").lower()
+            state = vmft_pb2.VmState.Name(vm.state).removeprefix("VM_STATE_").lower().replace("_", " ")
             print(
                 f"{address:22} {vm.name:10} {role:8} {vm.generation:>3} {vm.position:>10} "
                 f"{vm.acked_position:>10} "
-                f"{vm.held_outputs:>5} {'yes' if vm.protected else 'no ':4} {vm.state}"
+                f"{vm.held_outputs:>5} {'yes' if vm.protected else 'no ':4} {state}"
                 + (f" ({vm.message})" if vm.message else "")
                 + (f" log {vm.log_bytes_per_s / 1024:.1f} KiB/s" if vm.log_bytes_per_s else "")
-                + (f" re-protecting {vm.reprotect_progress:.0%}" if vm.state == "re-protecting" else "")
+                + (f" {vm.reprotect_progress:.0%}" if vm.state == vmft_pb2.VM_STATE_REPROTECTING else "")
             )
     return 1 if failed == len(args.node) else 0
 
