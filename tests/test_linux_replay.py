@@ -64,6 +64,21 @@ def test_recordings_differ_and_each_replays(tmp_path: Path) -> None:
     assert len(outputs) == 3 and len(digests) == 3  # time and randomness really differ: the test has teeth
 
 
+CROSS_CORE_RUNS = 30
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to record on one, replay on another")
+def test_thirty_recordings_replay_on_another_core(tmp_path: Path) -> None:
+    """glibc stores the APIC ID CPUID gives (FACTS.md): without cpuid_trap these replays diverge."""
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    outputs = set()
+    for i in range(CROSS_CORE_RUNS):
+        cores = (first, second) if i % 2 == 0 else (second, first)
+        out, _digest = record_and_replay(tmp_path, f"cross{i}", cores=cores)
+        outputs.add(out)
+    assert len(outputs) == CROSS_CORE_RUNS
+
+
 def test_replay_refuses_another_program(tmp_path: Path) -> None:
     log = tmp_path / "a.log"
     run_guest(["/usr/bin/python3", "-c", "pass"], journal=lambda p: open_recording(log, p.image, MEM))

@@ -41,6 +41,9 @@ class MemoryCalls(ProcessState):
                 # of a layer file does not write back yet (docs/linux.md).
                 contents = os.pread(file.fd, length, offset)
                 name = file.path
+                if prot & PROT_EXEC and contents:
+                    whole = os.pread(file.fd, os.fstat(file.fd).st_size, 0)
+                    contents = self.filter_code(file.path, file.host, whole, contents, offset)
         if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE):
             if addr % PAGE:
                 raise LinuxError(errno.EINVAL)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 from monitor.errors import ImageError
 from monitor.linux.mm import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, AddressSpace, page_down, page_up
@@ -47,6 +48,7 @@ class ElfFile:
     phoff: int
     phnum: int
     headers: tuple[ProgramHeader, ...]
+    host: str = ""  # the host file it was read from (for the cpuid scan)
 
     @property
     def interpreter(self) -> str | None:
@@ -57,7 +59,7 @@ class ElfFile:
         return None
 
 
-def parse(data: bytes, path: str) -> ElfFile:
+def parse(data: bytes, path: str, host: str = "") -> ElfFile:
     if len(data) < 4 or data[:4] != b"\x7fELF":
         if data[:2] == b"#!":
             line = data.split(b"\n", 1)[0].decode("utf-8", "replace")
@@ -88,7 +90,7 @@ def parse(data: bytes, path: str) -> ElfFile:
         headers.append(ProgramHeader(p_type, flags, offset, vaddr, filesz, memsz))
     if not any(h.type == PT_LOAD for h in headers):
         raise LinuxImageError(f"{path}: no loadable segments")
-    return ElfFile(path, data, e_type, entry, phoff, phnum, tuple(headers))
+    return ElfFile(path, data, e_type, entry, phoff, phnum, tuple(headers), host)
 
 
 def _prot(flags: int) -> int:
@@ -105,7 +107,14 @@ class Loaded:
     end: int  # highest mapped address (the break starts above it)
 
 
-def load(space: AddressSpace, elf: ElfFile, base: int | None = None) -> Loaded:
+CodeFilter = Callable[
+    [str, str, bytes, bytes, int], bytes
+]  # (guest, host, file, contents, offset) -> contents
+
+
+def load(
+    space: AddressSpace, elf: ElfFile, base: int | None = None, code: CodeFilter | None = None
+) -> Loaded:
     loads = [h for h in elf.headers if h.type == PT_LOAD]
     low = page_down(min(h.vaddr for h in loads))
     high = page_up(max(h.vaddr + h.memsz for h in loads))
@@ -124,6 +133,8 @@ def load(space: AddressSpace, elf: ElfFile, base: int | None = None) -> Loaded:
         if file_start < 0:
             raise LinuxImageError(f"{elf.path}: segment offset and address disagree")
         contents = elf.data[file_start : ph.offset + ph.filesz]
+        if code is not None and ph.flags & 1:
+            contents = code(elf.path, elf.host, elf.data, contents, file_start)
         length = page_up(ph.vaddr + ph.memsz) - start
         space.map(start + bias, length, _prot(ph.flags), contents, name=elf.path, offset=file_start)
         end = max(end, ph.vaddr + ph.memsz + bias)
@@ -138,8 +149,10 @@ def load(space: AddressSpace, elf: ElfFile, base: int | None = None) -> Loaded:
     return Loaded(bias, elf.entry + bias, phdr, end)
 
 
-def load_program(space: AddressSpace, elf: ElfFile, interp: ElfFile | None) -> tuple[Loaded, Loaded | None]:
-    program = load(space, elf, PIE_BASE if elf.type == ET_DYN else None)
+def load_program(
+    space: AddressSpace, elf: ElfFile, interp: ElfFile | None, code: CodeFilter | None = None
+) -> tuple[Loaded, Loaded | None]:
+    program = load(space, elf, PIE_BASE if elf.type == ET_DYN else None, code)
     space.set_brk_start(program.end + (PAGE if interp else 0))
-    loaded_interp = load(space, interp) if interp is not None else None
+    loaded_interp = load(space, interp, None, code) if interp is not None else None
     return program, loaded_interp

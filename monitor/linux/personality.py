@@ -25,7 +25,7 @@ from monitor.errors import CheckpointError
 from monitor.journal import EventKind, Journal, OutputKind
 from monitor.kvm import Kvm
 from monitor.kvm_abi import KVM_SYNC_X86_REGS, Regs, Run
-from monitor.linux import boot, elf
+from monitor.linux import boot, cpuid_trap, elf
 from monitor.linux import fdtable as fdt
 from monitor.linux.calls_fs import FileCalls
 from monitor.linux.calls_mm import MemoryCalls
@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 
 _REGS = struct.Struct("<18Q")
 _SYNC_REGS = Run.s.offset
-_RAX, _RCX, _RDX, _RSP, _RIP, _RFLAGS = (
-    getattr(Regs, n).offset for n in ("rax", "rcx", "rdx", "rsp", "rip", "rflags")
+_RAX, _RBX, _RCX, _RDX, _RSP, _RIP, _RFLAGS = (
+    getattr(Regs, n).offset for n in ("rax", "rbx", "rcx", "rdx", "rsp", "rip", "rflags")
 )
 _U64 = struct.Struct("<Q")
 _MASK = (1 << 64) - 1
@@ -122,10 +122,12 @@ class LinuxProcess(FileCalls, MemoryCalls, ProcessCalls):
 
 
 def identity(program_data: bytes, config: LinuxConfig) -> bytes:
-    """What a recording is tied to (LogHeader.image_sha256 hashes it): the program and how it is run."""
+    """What a recording is tied to (LogHeader.image_sha256 hashes it): the program, how it is run, and
+    the CPUID answers its code gets (a replica with another CPU model is refused before replay)."""
     h = hashlib.sha256(program_data).hexdigest()
+    cpu = f"cpuid:{cpuid_trap.table_hash()}"
     spec = "\0".join(
-        [h, config.program, *config.argv, "--", *config.env, config.cwd, config.root or "<host view>"]
+        [h, config.program, *config.argv, "--", *config.env, config.cwd, config.root or "<host view>", cpu]
     )
     return b"vmft-linux\0" + spec.encode()
 
@@ -146,7 +148,7 @@ class LinuxPersonality:
         node = fs.resolve(self.program_path)
         if not node.exists or node.host is None or fs.is_dir(node):
             raise elf.LinuxImageError(f"{config.program}: no such program in the guest's root")
-        self.program_elf = elf.parse(_read(node.host, config.program), config.program)
+        self.program_elf = elf.parse(_read(node.host, config.program), self.program_path, node.host)
         self.interp_elf: elf.ElfFile | None = None
         interp = self.program_elf.interpreter
         if interp is not None:
@@ -158,12 +160,13 @@ class LinuxPersonality:
                 raise elf.LinuxImageError(
                     f"{config.program}: its interpreter {interp} is not in the guest's root"
                 )
-            self.interp_elf = elf.parse(_read(inode.host, interp), interp)
+            self.interp_elf = elf.parse(_read(inode.host, interp), interp, inode.host)
         self.image = GuestImage(self.program_path, identity(self.program_elf.data, config), 0, ())
         self.fs = fs
         self.fatal: FatalSignal | None = None
         self.on_stream: Callable[[int, bytes], None] | None = None
         self.syscall_count = 0
+        self.cpuid_count = 0
         self._machine: Machine | None = None
         self._random_at = 0
 
@@ -204,7 +207,9 @@ class LinuxPersonality:
         machine = self.machine
         boot.write_low_memory(machine.memory)
         self.space.map_identity_low(0x1000, boot.LOW_END, {boot.SYSCALL_PAGE: PROT_READ | PROT_EXEC})
-        program, interp = elf.load_program(self.space, self.program_elf, self.interp_elf)
+        program, interp = elf.load_program(
+            self.space, self.program_elf, self.interp_elf, self.process.filter_code
+        )
         aux = AuxInfo(
             phdr=program.phdr,
             phnum=self.program_elf.phnum,
@@ -297,6 +302,8 @@ class LinuxPersonality:
         vector, error, rip, cs, _rflags, _usp, _ss = boot.read_exception_frame(self.machine.memory, rsp)
         if vector == 13 and cs & 3 == 3 and self._emulate_tsc(rsp, rip):
             return
+        if vector == 6 and cs & 3 == 3 and self._emulate_cpuid(rsp, rip):
+            return
         sig, what = EXCEPTION_SIGNALS.get(vector, (Sig.SIGSEGV, f"exception {vector}"))
         if vector == 14:
             what = page_fault_text(error, int(self._vcpu.get_sregs().cr2))
@@ -328,6 +335,21 @@ class LinuxPersonality:
             _U64.pack_into(buf, _SYNC_REGS + _RCX, 0)  # TSC_AUX: cpu 0
         self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
         boot.write_exception_return(self.machine.memory, frame, rip + length)
+        return True
+
+    def _emulate_cpuid(self, frame: int, rip: int) -> bool:
+        """A `cpuid` the loader rewrote into ud2 (cpuid_trap): answer without the core's identity."""
+        vma = self.space.vma_at(rip)
+        if vma is None or (vma.offset + rip - vma.start) not in self.process.cpuid_sites.get(vma.name, ()):
+            return False
+        buf = self._run_buffer
+        leaf = _U64.unpack_from(buf, _SYNC_REGS + _RAX)[0] & 0xFFFFFFFF
+        subleaf = _U64.unpack_from(buf, _SYNC_REGS + _RCX)[0] & 0xFFFFFFFF
+        for offset, value in zip((_RAX, _RBX, _RCX, _RDX), cpuid_trap.core_independent(leaf, subleaf)):
+            _U64.pack_into(buf, _SYNC_REGS + offset, value)
+        self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
+        boot.write_exception_return(self.machine.memory, frame, rip + 2)
+        self.cpuid_count += 1
         return True
 
     def _end(self, end: ProcessExit) -> NoReturn:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from monitor.journal import EventKind, Journal, JournalMode
+from monitor.linux import cpuid_trap
 from monitor.linux import fdtable as fdt
 from monitor.linux.fs import FileSystem, Node, Synthetic
 from monitor.linux.mm import AddressSpace, LinuxError
@@ -70,6 +71,15 @@ class ProcessState:
         self.pipes = 0
         self.unknown_logged: set[int] = set()
         self.console_eof = False
+        self.cpuid_sites: dict[str, frozenset[int]] = {}  # guest path -> file offsets rewritten to ud2
+
+    def filter_code(self, guest: str, host: str, data: bytes, contents: bytes, offset: int) -> bytes:
+        """Executable bytes from a file on their way into guest memory: cpuid becomes a trap."""
+        sites = cpuid_trap.cpuid_sites(host, data)
+        if not sites:
+            return contents
+        self.cpuid_sites[guest] = sites
+        return cpuid_trap.patch(contents, offset, sites)[0]
 
     # ----- the world, through the journal ----------------------------------------------------------
 
