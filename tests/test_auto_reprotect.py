@@ -30,6 +30,28 @@ async def protected_again(
     raise AssertionError(f"not re-protected within {limit_s} s: {status}")
 
 
+async def status_until(
+    cluster: LocalCluster, node: NodeProcess, what: str, predicate: Callable[[vmft_pb2.VmStatus], bool],
+    limit_s: float = 20.0,
+) -> vmft_pb2.VmStatus:
+    deadline = time.monotonic() + limit_s
+    status = None
+    while time.monotonic() < deadline:
+        status = await asyncio.to_thread(cluster.vm_status, node, "vm1")
+        if status is not None and predicate(status):
+            return status
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what}: not within {limit_s} s: {status}")
+
+
+async def replies_after(workload: Workload, t: float, count: int = 20, limit_s: float = 20.0) -> None:
+    """Until the clients have `count` more successful replies to requests sent after `t`."""
+    deadline = time.monotonic() + limit_s
+    while sum(1 for op in list(workload.history) if op.ok and op.start > t) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} replies within {limit_s} s"
+        await asyncio.sleep(0.02)
+
+
 async def test_the_node_reprotects_after_failover_and_after_losing_its_backup(
     tmp_path: Path, guest_image: Callable[[str], Path]
 ) -> None:
@@ -40,7 +62,7 @@ async def test_the_node_reprotects_after_failover_and_after_losing_its_backup(
         workload = Workload(cluster.service_addresses("vm1"), clients=3)
         load = asyncio.create_task(workload.run())
         try:
-            await asyncio.sleep(0.5)
+            await replies_after(workload, 0.0)
             # Failover: B takes over from the killed A, and re-protects onto A once A runs again.
             await asyncio.to_thread(cluster.kill_node, a)
             await asyncio.to_thread(cluster.wait_for, b, "vm1", "serving")
@@ -51,14 +73,15 @@ async def test_the_node_reprotects_after_failover_and_after_losing_its_backup(
             assert status.generation == 2 and "re-protected by" in status.message
             assert (await asyncio.to_thread(cluster.vm_status, a, "vm1")).role == vmft_pb2.ROLE_BACKUP
             # Backup lost: B goes on alone, then re-protects onto A once A runs again.
-            await asyncio.sleep(0.5)
+            await replies_after(workload, time.monotonic())
             await asyncio.to_thread(cluster.kill_node, a)
-            await asyncio.sleep(1.0)
-            status = await asyncio.to_thread(cluster.vm_status, b, "vm1")
-            assert status is not None and not status.protected and status.generation == 3
+            status = await status_until(
+                cluster, b, "B alone in generation 3", lambda s: not s.protected and s.generation == 3
+            )
+            assert status.role == vmft_pb2.ROLE_PRIMARY, status
             await asyncio.to_thread(cluster.start_node, a)
             await protected_again(cluster, b)
-            await asyncio.sleep(0.3)
+            await replies_after(workload, time.monotonic())  # served while protected again
         finally:
             workload.stop()
             await asyncio.wait_for(load, 30)
