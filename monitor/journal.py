@@ -27,6 +27,7 @@ class EventKind(enum.IntEnum):
     OUTPUT = 7  # hash of an output (console bytes, network TX, exit code): checked on replay
     STATE_HASH = 8  # hash of guest memory and vCPU state
     DISK_WRITE = 9  # outcome of a disk write (0 or an errno): the host's disk may fail one side only
+    ROOT_FILE = 10  # a Linux guest read this root file: path NUL sha256; replay refuses different files
 
 
 class OutputKind(enum.IntEnum):
