@@ -23,6 +23,7 @@ from pathlib import Path
 
 from monitor.errors import VmftError
 from monitor.journal import Journal
+from monitor.linux.manifest import check_root_files
 from monitor.linux.personality import DEFAULT_ENV, LinuxConfig, LinuxPersonality, build_linux
 from monitor.machine import Machine, MachineResult, StopReason
 from monitor.record import DEFAULT_HASH_EVERY, ReplayJournal, open_recording, open_replay
@@ -133,6 +134,8 @@ def run(args: argparse.Namespace, layer: Path) -> int:
 def replay(args: argparse.Namespace, layer: Path) -> int:
     personality = LinuxPersonality(_config(args, layer))
     journal: ReplayJournal = open_replay(args.log, personality.image, args.mem << 20)
+    checked = check_root_files(args.log, personality.fs)  # refuses a different root before replaying
+    log.info("%d root files match the recording", checked)
     machine = build_linux(personality, journal)
     started = time.monotonic()
     try:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from linux_helpers import run_guest
+from monitor.linux.fs import FileSystem
+from monitor.linux.manifest import RootMismatch, check_root_files, recorded_root_files
 from monitor.linux.personality import LinuxPersonality
 from monitor.machine import StopReason
 from monitor.record import ReplayJournal, open_recording, open_replay
@@ -67,7 +70,9 @@ def test_recordings_differ_and_each_replays(tmp_path: Path) -> None:
 CROSS_CORE_RUNS = 30
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to record on one, replay on another")
+@pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2, reason="needs two cores to record on one, replay on another"
+)
 def test_thirty_recordings_replay_on_another_core(tmp_path: Path) -> None:
     """glibc stores the APIC ID CPUID gives (FACTS.md): without cpuid_trap these replays diverge."""
     first, second = sorted(os.sched_getaffinity(0))[:2]
@@ -84,3 +89,24 @@ def test_replay_refuses_another_program(tmp_path: Path) -> None:
     run_guest(["/usr/bin/python3", "-c", "pass"], journal=lambda p: open_recording(log, p.image, MEM))
     with pytest.raises(Exception, match="recorded with image"):
         run_guest(["/usr/bin/python3", "-c", "print(1)"], journal=lambda p: open_replay(log, p.image, MEM))
+
+
+def test_a_changed_root_file_is_refused_before_replay(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    (root / "data.txt").write_text("one\ntwo\n")
+    argv = ["/bin/busybox", "wc", "-l", "/data.txt"]
+    log = tmp_path / "wc.log"
+    recorded = run_guest(argv, root=str(root), journal=lambda p: open_recording(log, p.image, MEM))
+    assert recorded.stdout.split()[0] == b"2"
+    assert recorded_root_files(log).keys() == {"/bin/busybox", "/data.txt"}
+    fresh = tmp_path / "layer"
+    assert check_root_files(log, FileSystem(fresh, str(root))) == 2
+    (root / "data.txt").write_text("one\ntwo\nthree\n")
+    with pytest.raises(RootMismatch, match="/data.txt: differs from the file the recording read"):
+        check_root_files(log, FileSystem(fresh, str(root)))
+    # Replayed anyway, the guest is stopped where it opens the file, with the file named.
+    replayed = run_guest(argv, root=str(root), journal=lambda p: open_replay(log, p.image, MEM))
+    assert replayed.result is not None and replayed.result.reason is not StopReason.EXITED
+    assert "root file /data.txt" in replayed.result.message

@@ -298,6 +298,8 @@ class FileCalls(ProcessState):
                 errno.EACCES
             )  # host devices, FIFOs and sockets are not part of the guest's world
         host = self.fs.writable_host(node) if wants_write else node.host
+        if not node.writable:
+            self.note_root_file(node.guest, host)
         host_flags = (flags & (O_ACCMODE | O_APPEND | O_TRUNC)) | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(host, host_flags)
         if flags & O_TRUNC:

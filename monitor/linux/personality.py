@@ -277,6 +277,9 @@ class LinuxPersonality:
         if self._random_at:
             self.space.write(self._random_at, self.process.entropy(16), force=True)
             self._random_at = 0
+            for loaded in (self.program_elf, self.interp_elf):
+                if loaded is not None and not loaded.host.startswith(str(self.config.layer)):
+                    self.process.note_root_file(loaded.path, loaded.host)
 
     def _on_syscall(self, _value: int) -> None:
         buf = self._run_buffer

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from monitor.journal import EventKind, Journal, JournalMode
+from monitor.journal import DivergenceError, EventKind, Journal, JournalMode
 from monitor.linux import cpuid_trap
 from monitor.linux import fdtable as fdt
 from monitor.linux.fs import FileSystem, Node, Synthetic
@@ -71,6 +71,7 @@ class ProcessState:
         self.pipes = 0
         self.unknown_logged: set[int] = set()
         self.console_eof = False
+        self.root_files: dict[str, bytes] = {}  # guest path -> the ROOT_FILE event's data
         self.cpuid_sites: dict[str, frozenset[int]] = {}  # guest path -> file offsets rewritten to ud2
 
     def filter_code(self, guest: str, host: str, data: bytes, contents: bytes, offset: int) -> bytes:
@@ -102,6 +103,19 @@ class ProcessState:
 
     def console_write(self, number: int, data: bytes) -> None:
         self.host.emit_console(number, data)
+
+    def note_root_file(self, guest: str, host: str) -> None:
+        """The guest reads a file of the read-only root: its content hash is an event, so a replica whose
+        file differs is refused (before replay, from the log's manifest; or here, naming the file)."""
+        if guest in self.root_files:
+            return
+        mine = f"{guest}\0{file_sha256(host)}".encode()
+        recorded = self.host.journal().data(EventKind.ROOT_FILE, lambda: mine)
+        self.root_files[guest] = recorded
+        if recorded != mine:
+            raise DivergenceError(
+                0, f"root file {guest}", recorded.split(b"\0")[-1].decode(), mine.split(b"\0")[-1].decode()
+            )
 
     @property
     def replaying(self) -> bool:
@@ -180,6 +194,14 @@ def synthetic_stat(guest: str, node: Synthetic) -> fdt.StatInfo:
     if node.kind == "dev":
         return fdt.StatInfo(dev=dev, ino=ino, mode=stat.S_IFCHR | 0o666, rdev=_DEVICE_NUMBERS[node.device])
     return fdt.StatInfo(dev=dev, ino=ino, mode=stat.S_IFREG | 0o444, blksize=1024)
+
+
+def file_sha256(host: str) -> str:
+    h = hashlib.sha256()
+    with open(host, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def output_tag(number: int, data: bytes) -> bytes:
