@@ -82,6 +82,7 @@ class Loaded:
         )
         self._task: asyncio.Task[None] | None = None
         self.primaries_seen: list[int] = []  # serving primaries, sampled while waiting
+        self.in_place_at = 0.0  # when the last injected fault's node answered
         self.overlaps: list[str] = []
 
     async def __aenter__(self) -> Loaded:
@@ -171,7 +172,20 @@ class Loaded:
             15,
         )
         assert reply.detail, f"{fault.value}: the node said nothing about what it did"
+        self.in_place_at = time.monotonic()  # the node has answered: the fault is in effect
         return at
+
+    async def replies(self, start: float, end: float = float("inf"), count: int = 10,
+                      limit_s: float = 15.0) -> list[Op]:  # fmt: skip
+        """Until `count` successful replies to requests sent in [start, end] are in (and `end` is past):
+        those replies. On a loaded machine this takes as long as it takes, within `limit_s`."""
+
+        def enough() -> bool:
+            done = [op for op in self.ops(start, end) if op.ok]
+            return len(done) >= count and (end == float("inf") or time.monotonic() > end)
+
+        await self.until(f"{count} replies to requests sent in the window", enough, limit_s)
+        return [op for op in self.ops(start, end) if op.ok]
 
     async def answering_after(self, t: float, limit_s: float = 20.0) -> None:
         """Every client got a successful reply to a request it sent after `t`."""
@@ -251,7 +265,8 @@ async def test_node_faults_under_load(tmp_path: Path) -> None:
             await run.status_until(primary, "alone in a higher generation", lambda s: (
                 s.generation > before.generation and not s.protected))  # fmt: skip
             await run.answering_after(t)
-            await asyncio.sleep(1.0)  # the backup's node continues
+            stopped = run.other(primary)
+            await run.until("the backup's node continuing", lambda: stopped.name in run.statuses())
             assert run.primary()[0] is primary
             await run.repair()
 
@@ -287,30 +302,27 @@ async def test_link_and_disk_faults_under_load(tmp_path: Path) -> None:
             primary, before = run.primary()
             base = _median_latency(run.ops(time.monotonic() - 1.0))
             t = await run.inject(Fault.DELAY_LINK, duration_s=2.0, delay_ms=40)
-            await asyncio.sleep(2.0)
-            slowed = _median_latency(run.ops(t + 0.2, t + 1.9))
+            slowed = _median_latency(await run.replies(run.in_place_at + 0.05, t + 1.9))
             assert slowed > base + 0.05 and slowed >= 0.07, (base, slowed)
-            await asyncio.sleep(0.5)
+            await run.replies(t + 2.1, count=5)  # the delay is over
             _, after = run.primary()
             assert after.generation == before.generation and after.protected, after
             assert run.primary()[0] is primary
 
             # drop-link: no failover, some requests wait for "retransmissions".
             t = await run.inject(Fault.DROP_LINK, duration_s=2.0, fraction=0.2)
-            await asyncio.sleep(2.2)
-            during = [op.end - op.start for op in run.ops(t + 0.1, t + 2.0) if op.ok]
+            during = [op.end - op.start for op in await run.replies(run.in_place_at + 0.05, t + 2.0)]
             assert during and max(during) > 0.15 and max(during) > 2 * base, (base, max(during))
-            await asyncio.sleep(0.3)
+            await run.replies(t + 2.1, count=5)  # the drops are over
             _, after = run.primary()
             assert after.generation == before.generation and after.protected, after
 
             # heal undoes a link fault: a long delay, then heal, and the latency is back.
-            t = await run.inject(Fault.DELAY_LINK, duration_s=60.0, delay_ms=40)
-            await asyncio.sleep(0.8)
-            assert _median_latency(run.ops(t + 0.2)) >= 0.07
-            healed = await run.inject(Fault.HEAL)
-            await asyncio.sleep(0.8)
-            assert _median_latency(run.ops(healed + 0.2)) < 0.07, _median_latency(run.ops(healed + 0.2))
+            await run.inject(Fault.DELAY_LINK, duration_s=60.0, delay_ms=40)
+            assert _median_latency(await run.replies(run.in_place_at + 0.05)) >= 0.07
+            await run.inject(Fault.HEAL)
+            healed = _median_latency(await run.replies(run.in_place_at + 0.05, count=20))
+            assert healed < 0.07, healed
 
             # fail-disk: the guest's disk writes fail. kv persists each batch of writes before its replies
             # and fails stop when it cannot (guests/programs/kv.c: log_persist panics), so no write is
