@@ -36,6 +36,16 @@ _IOVEC = struct.Struct("<QQ")
 _STATFS = struct.Struct("<qqqqqqqiiqqq32x")
 
 
+def _entry_type(entry: os.DirEntry[str]) -> int:
+    if entry.is_symlink():
+        return fdt.DT_LNK
+    if entry.is_dir(follow_symlinks=False):
+        return fdt.DT_DIR
+    if entry.is_file(follow_symlinks=False):
+        return fdt.DT_REG
+    return fdt.DT_UNKNOWN
+
+
 def _s32(value: int) -> int:
     value &= 0xFFFFFFFF
     return value - (1 << 32) if value & 0x80000000 else value
@@ -329,7 +339,17 @@ class FileCalls(ProcessState):
 
     def _listing(self, node: Node) -> list[tuple[int, int, str]]:
         parent = node.guest.rsplit("/", 1)[0] or "/"
+        base = node.guest.rstrip("/")
         out = [(fdt.path_ino(node.guest), fdt.DT_DIR, "."), (fdt.path_ino(parent), fdt.DT_DIR, "..")]
+        if node.host is not None and node.synthetic is None and not node.root_dir:
+            # A host directory: the types come with the listing (no lookup per entry).
+            allowed = set(self.fs.listing(node)) if self.fs.view and node.guest == "/etc" else None
+            with os.scandir(node.host) as entries:
+                for entry in sorted(entries, key=lambda e: e.name):
+                    if allowed is not None and entry.name not in allowed:
+                        continue
+                    out.append((fdt.path_ino(f"{base}/{entry.name}"), _entry_type(entry), entry.name))
+            return out
         for name in sorted(self.fs.listing(node)):
             child = self.fs.resolve(name, node.guest, follow=False)
             out.append((fdt.path_ino(child.guest), self._dtype(child), name))

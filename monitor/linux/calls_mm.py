@@ -42,7 +42,8 @@ class MemoryCalls(ProcessState):
                 contents = os.pread(file.fd, length, offset)
                 name = file.path
                 if prot & PROT_EXEC and contents:
-                    whole = os.pread(file.fd, os.fstat(file.fd).st_size, 0)
+                    fd = file.fd
+                    whole = lambda: os.pread(fd, os.fstat(fd).st_size, 0)  # noqa: E731 - read only on a miss
                     contents = self.filter_code(file.path, file.host, whole, contents, offset)
         if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE):
             if addr % PAGE:

@@ -27,6 +27,7 @@ import struct
 import subprocess
 import threading
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +144,13 @@ def _exec_segments(data: bytes) -> list[tuple[int, int, int]]:
     return segments
 
 
-def cpuid_sites(host_path: str, data: bytes) -> frozenset[int]:
-    """Where `data` (the contents of host_path) has cpuid instructions; cached by content hash."""
-    digest = hashlib.sha256(data).hexdigest()
+def cpuid_sites(host_path: str, read: Callable[[], bytes], digest: str) -> frozenset[int]:
+    """Where the file host_path (contents from `read`, sha256 `digest`) has cpuid instructions; cached
+    by content hash (in memory, and on disk under ~/.cache/vmft/cpuid-sites)."""
     sites = _sites_cache.get(digest)
     if sites is not None:
         return sites
+    data = read()
     segments = _exec_segments(data)
     if not any(CPUID in data[o : o + n] for _v, o, n in segments):
         sites = frozenset()

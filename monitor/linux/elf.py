@@ -107,9 +107,8 @@ class Loaded:
     end: int  # highest mapped address (the break starts above it)
 
 
-CodeFilter = Callable[
-    [str, str, bytes, bytes, int], bytes
-]  # (guest, host, file, contents, offset) -> contents
+# (guest path, host path, read the whole file, contents, file offset) -> contents
+CodeFilter = Callable[[str, str, Callable[[], bytes], bytes, int], bytes]
 
 
 def load(
@@ -134,7 +133,7 @@ def load(
             raise LinuxImageError(f"{elf.path}: segment offset and address disagree")
         contents = elf.data[file_start : ph.offset + ph.filesz]
         if code is not None and ph.flags & 1:
-            contents = code(elf.path, elf.host, elf.data, contents, file_start)
+            contents = code(elf.path, elf.host, lambda: elf.data, contents, file_start)
         length = page_up(ph.vaddr + ph.memsz) - start
         space.map(start + bias, length, _prot(ph.flags), contents, name=elf.path, offset=file_start)
         end = max(end, ph.vaddr + ph.memsz + bias)

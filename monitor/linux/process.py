@@ -74,9 +74,11 @@ class ProcessState:
         self.root_files: dict[str, bytes] = {}  # guest path -> the ROOT_FILE event's data
         self.cpuid_sites: dict[str, frozenset[int]] = {}  # guest path -> file offsets rewritten to ud2
 
-    def filter_code(self, guest: str, host: str, data: bytes, contents: bytes, offset: int) -> bytes:
+    def filter_code(
+        self, guest: str, host: str, read: Callable[[], bytes], contents: bytes, offset: int
+    ) -> bytes:
         """Executable bytes from a file on their way into guest memory: cpuid becomes a trap."""
-        sites = cpuid_trap.cpuid_sites(host, data)
+        sites = cpuid_trap.cpuid_sites(host, read, file_sha256(host))
         if not sites:
             return contents
         self.cpuid_sites[guest] = sites
@@ -196,12 +198,21 @@ def synthetic_stat(guest: str, node: Synthetic) -> fdt.StatInfo:
     return fdt.StatInfo(dev=dev, ino=ino, mode=stat.S_IFREG | 0o444, blksize=1024)
 
 
+_SHA_CACHE: dict[tuple[str, int, int, int], str] = {}
+
+
 def file_sha256(host: str) -> str:
-    h = hashlib.sha256()
-    with open(host, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    """A file's content hash, cached by (path, inode, size, mtime): the root is read-only to guests."""
+    st = os.stat(host)
+    key = (host, st.st_ino, st.st_size, st.st_mtime_ns)
+    digest = _SHA_CACHE.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(host, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        digest = _SHA_CACHE[key] = h.hexdigest()
+    return digest
 
 
 def output_tag(number: int, data: bytes) -> bytes:
