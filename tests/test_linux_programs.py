@@ -120,3 +120,31 @@ def test_exit_status_and_fatal_signal() -> None:
     native = run_native(["/usr/bin/python3", "-c", "import ctypes; ctypes.string_at(0)"])
     assert crashed.status == native.status == 128 + 11
     assert "SIGSEGV" in crashed.fatal and "page fault reading an unmapped page at 0x0" in crashed.fatal
+
+
+def sqlite_script(rows: int = 10_000) -> str:
+    inserts = "\n".join(f"insert into t(name, v) values ('n{i % 97}', {i} * 0.5);" for i in range(rows))
+    return (
+        "create table t(id integer primary key, name text, v real);\nbegin;\n" + inserts + "\ncommit;\n"
+        "select count(*), sum(v), min(name), max(name) from t;\n"
+        "select name, count(*), avg(v) from t group by name order by count(*) desc, name limit 5;\n"
+        "create index t_name on t(name);\nselect count(*) from t where name = 'n42';\n"
+    )
+
+
+def test_sqlite_ten_thousand_rows_in_the_layer(tmp_path: Path) -> None:
+    if not have("/usr/bin/sqlite3"):
+        pytest.skip("sqlite3 is not installed (scripts/setup installs it)")
+    layer = tmp_path / "layer"
+    home = layer / "home" / "guest"
+    home.mkdir(parents=True)
+    (home / "load.sql").write_text(sqlite_script())
+    guest = run_guest(["/usr/bin/sqlite3", "/home/guest/db.sqlite", ".read /home/guest/load.sql"], layer=layer)
+    native_dir = tmp_path / "native"
+    native_dir.mkdir()
+    (native_dir / "load.sql").write_text(sqlite_script())
+    native = run_native(["/usr/bin/sqlite3", str(native_dir / "db.sqlite"), f".read {native_dir / 'load.sql'}"])
+    assert guest.status == native.status == 0, guest.stderr
+    assert guest.stdout == native.stdout
+    assert guest.stdout.startswith(b"10000|24997500.0|n0|n96\n")
+    assert (home / "db.sqlite").stat().st_size == (native_dir / "db.sqlite").stat().st_size
