@@ -33,6 +33,15 @@ T = TypeVar("T")
 
 # Codes after which another member may well answer: the member is down, cut off, or busy electing.
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# etcd answers a request whose deadline passed inside the server (a linearizable read waiting for its
+# read index on a busy machine) with UNKNOWN "context deadline exceeded": the same as a timeout.
+RETRYABLE_UNKNOWN = ("context deadline exceeded", "context canceled")
+
+
+def _retryable(e: grpc.aio.AioRpcError) -> bool:
+    if e.code() in RETRYABLE:
+        return True
+    return e.code() == grpc.StatusCode.UNKNOWN and any(s in (e.details() or "") for s in RETRYABLE_UNKNOWN)
 
 
 class EtcdError(ArbiterError):
@@ -116,7 +125,7 @@ class EtcdClient:
                 return result
             except grpc.aio.AioRpcError as e:
                 where = self.endpoints[index]
-                if e.code() not in RETRYABLE:
+                if not _retryable(e):
                     raise EtcdError(f"etcd {what} at {where}: {e.code().name}: {e.details()}") from e
                 last = e
                 log.debug("etcd %s at %s: %s, trying the next member", what, where, e.code().name)

@@ -56,7 +56,7 @@ def start_server(net: HostNetwork, name: str) -> subprocess.Popen[str]:
     return proc
 
 
-def connect(net: HostNetwork, src: str, dst: str, timeout: float = 0.5) -> str:
+def connect(net: HostNetwork, src: str, dst: str, timeout: float = 2.0) -> str:
     """From host `src`, connect to the server on host `dst`: its greeting or 'ERR <exception>'."""
     done = net.run(src, [sys.executable, "-c", CLIENT, net.hosts[dst].address, str(PORT), str(timeout)])
     return done.stdout.strip()
@@ -66,7 +66,7 @@ def connect_eventually(net: HostNetwork, src: str, dst: str, attempts: int = 20)
     """A healed link needs the bridge port to come back (and ARP): retry a bounded number of times."""
     out = ""
     for _ in range(attempts):
-        out = connect(net, src, dst)
+        out = connect(net, src, dst, timeout=0.5)
         if out.startswith("hi"):
             return out
     return out
@@ -111,8 +111,8 @@ def test_cut_between_isolates_one_pair_only(tmp_path: Path) -> None:
             net.add(name)
             start_server(net, name)
         net.cut_between("a", "b")
-        assert connect(net, "b", "a").startswith("ERR")
-        assert connect(net, "a", "b").startswith("ERR")
+        assert connect(net, "b", "a", timeout=0.5).startswith("ERR")
+        assert connect(net, "a", "b", timeout=0.5).startswith("ERR")
         assert connect(net, "c", "a").startswith("hi")
         assert connect(net, "a", "c").startswith("hi")
         assert connect(net, "b", "c").startswith("hi")
