@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from replica import tls
@@ -67,8 +68,6 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     path = Path(args.path)
     ident = tls.Identity.load(path if path.is_dir() else path.parent)
     print(f"{ident.role.value} {ident.name}")
