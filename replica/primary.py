@@ -197,6 +197,9 @@ class PrimaryVm:
             raise ReplicationRefused(f"{self.name} stopped running while its new backup was reached")
         standing.to(State.REPROTECTING)
         stats, sent = await self._seed_backup(backup_node)
+        if not standing.is_(State.REPROTECTING):
+            await self._close_link()  # the guest faulted while it was being seeded: a restart is under way
+            raise ReplicationRefused(f"{self.name} stopped running while its new backup was seeded")
         self.reprotect_progress = 1.0
         standing.to(
             State.RUNNING, f"re-protected by {backup_node}" + (f" ({stats.describe()})" if stats else "")
@@ -251,10 +254,11 @@ class PrimaryVm:
             if producer is not None:
                 producer.cancel()
             await self._close_link()
-            # The journal may already write to the new sink: nobody reads it, so it must drop too.
-            core.sink = new_sink if switched else old_sink
-            self._alone(core.sink)
-            standing.to(State.RUNNING_UNPROTECTED)
+            if standing.is_(State.REPROTECTING):  # (not when a restart has taken over meanwhile)
+                # The journal may already write to the new sink: nobody reads it, so it must drop too.
+                core.sink = new_sink if switched else old_sink
+                self._alone(core.sink)
+                standing.to(State.RUNNING_UNPROTECTED)
             raise ReplicationRefused(f"re-protection onto {backup_node} failed: {err}") from err
         core.sink = new_sink
         return checkpointer.last_stats, sent
@@ -302,8 +306,9 @@ class PrimaryVm:
         machine = core.machine
 
         def on_ack(ack: vmft_pb2.Ack) -> None:
-            self.standing.ack(ack.received, ack.replayed)
-            self._ack_seen.set()
+            if link is self.link:  # a restart ended this pairing: its acks are of another timeline
+                self.standing.ack(ack.received, ack.replayed)
+                self._ack_seen.set()
 
         reason = await link.run(core.sink, lambda: machine.position, core.meter, on_ack)
         await self._backup_lost(link, reason)
@@ -327,14 +332,18 @@ class PrimaryVm:
         generation = self.standing.generation + 1
         owner = await claim_or_owner(core.arbiter, self.name, generation, core.settings.name)
         if owner is None:
-            assert core.sink is not None
             standing.generation = generation
+            if not standing.is_(State.RUNNING):
+                return  # the guest faulted meanwhile: the restart goes live alone in this generation
+            assert core.sink is not None
             self._alone(core.sink)
             core.times.serving()
             standing.to(
                 State.RUNNING_UNPROTECTED, f"backup lost ({reason}); primary alone in generation {generation}"
             )
             log.warning("%s: %s", self.name, standing.message)
+        elif standing.is_(State.FENCED, State.STOPPED):
+            return  # a restart found the same (or the guest stopped): nothing more to stop
         else:
             standing.to(
                 State.FENCED, f"generation {generation} belongs to {owner}: stopping (outputs withheld)"
@@ -353,7 +362,8 @@ class PrimaryVm:
         ):
             try:
                 await self._restart_from_checkpoint(result)
-                return
+                if not self.standing.is_(State.FENCED):
+                    return
             except (CheckpointError, ImageError, OSError, ValueError) as err:
                 log.error("%s: restart from a checkpoint failed: %s", self.name, err)
                 self.standing.message = f"restart after {result.reason.value} failed: {err}"
@@ -418,9 +428,8 @@ class PrimaryVm:
         core.nic = None
         last_seen = gate.released_position
         async with self._checkpoint_lock:  # a checkpoint in flight finishes (or is marked bad) first
-            # Progress: a reply newer than the last restart's replay target reached a client.
-            progressed = self._replay_target == 0 or last_seen > self._replay_target
-            entry = self._restarter.decide(fault, progressed)
+            # Progress since the last restart (if any): a reply newer than its replay target reached a client.
+            entry = self._restarter.decide(fault, progressed=last_seen > self._replay_target)
         if entry is None:
             raise CheckpointError(
                 "no checkpoint to restart from (or the guest faulted again right after restarts)"
@@ -443,7 +452,8 @@ class PrimaryVm:
         self._retained_from = entry.position
         batches = [window_batch(batch, entry.position, last_seen) for batch in core.sink.retained]
         batches = [batch for batch in batches if batch.position_deltas or batch.horizon > entry.position]
-        await self._restore_and_go_live(entry.path, batches, first_conn)
+        if not await self._restore_and_go_live(entry.path, batches, first_conn) or standing.is_(State.FENCED):
+            return
         self._restarter.restarted(entry.checkpoint_id, time.monotonic() - started)
         core.faults_recovered += 1
         standing.to(
@@ -456,8 +466,9 @@ class PrimaryVm:
 
     async def _restore_and_go_live(
         self, path: Path, batches: list[vmft_pb2.EventBatch], first_conn: int
-    ) -> None:
-        """Restore the checkpoint at `path`, replay `batches` onto it, go live (vm_core.GoLive) and serve."""
+    ) -> bool:
+        """Restore the checkpoint at `path`, replay `batches` onto it, go live (vm_core.GoLive) and serve;
+        False if another node holds the next generation (this one is fenced: it must not go live)."""
         core = self.core
         old_machine = core.machine
         assert old_machine is not None
@@ -479,9 +490,17 @@ class PrimaryVm:
             hang_timeout_s=core.spec.hang_timeout_s or None,
         )
         old_machine.close()
-        generation = self.standing.generation + 1
-        if await asyncio.to_thread(core.arbiter.claim, self.name, generation, core.settings.name):
-            self.standing.generation = generation  # fences the old pairing: its backup stopped at the fault
+        standing = self.standing
+        generation = standing.generation + 1
+        owner = await claim_or_owner(core.arbiter, self.name, generation, core.settings.name)
+        if owner is None:
+            standing.generation = generation  # fences the old pairing: its backup stopped at the fault
+        elif owner != core.settings.name and standing.is_(State.RESTARTING):
+            standing.to(State.FENCED, f"generation {generation} belongs to {owner}: not restarting")
+        if standing.is_(State.FENCED):
+            log.warning("%s: %s", self.name, standing.message)
+            machine.close()
+            return False
         # End the old pairing's stream too: a backup that has not replayed into the fault (its last batch
         # not yet sent) would otherwise take heartbeats forever, "replaying", and block re-protection.
         await self._close_link()
@@ -499,6 +518,7 @@ class PrimaryVm:
             raise CheckpointError(
                 "the restarted guest did not finish replaying its log within 120 s"
             ) from None
+        return True
 
     # ----- status and stop ------------------------------------------------------------------------
 

@@ -67,6 +67,7 @@ _WIRE = {
 
 
 _END = frozenset({State.STOPPED, State.FAILED})
+_FENCED_OR_END = _END | {State.FENCED}
 TERMINAL = frozenset({State.FENCED, State.STOPPED, State.FAILED})
 SERVING = frozenset({State.RUNNING, State.RUNNING_UNPROTECTED, State.CONNECTING})
 
@@ -78,15 +79,17 @@ TRANSITIONS: dict[Role, dict[State, frozenset[State]]] = {
         State.PROMOTING: _END,  # or, by `promote`, the primary's RUNNING_UNPROTECTED
         State.FAILED: frozenset({State.STOPPED}),
         State.STOPPED: frozenset(),
-        State.FENCED: frozenset(),
     },
     Role.PRIMARY: {
         State.STARTING: frozenset({State.RUNNING, State.RUNNING_UNPROTECTED}) | _END,
         State.RUNNING: frozenset({State.RUNNING_UNPROTECTED, State.RESTARTING, State.FENCED}) | _END,
-        State.RUNNING_UNPROTECTED: frozenset({State.CONNECTING, State.RESTARTING}) | _END,
-        State.CONNECTING: frozenset({State.REPROTECTING, State.RUNNING_UNPROTECTED, State.RESTARTING}) | _END,
-        State.REPROTECTING: frozenset({State.RUNNING, State.RUNNING_UNPROTECTED, State.RESTARTING}) | _END,
-        State.RESTARTING: frozenset({State.RUNNING_UNPROTECTED}) | _END,
+        # A primary is fenced whenever it learns that another node holds a newer generation.
+        State.RUNNING_UNPROTECTED: frozenset({State.CONNECTING, State.RESTARTING, State.FENCED}) | _END,
+        State.CONNECTING: frozenset({State.REPROTECTING, State.RUNNING_UNPROTECTED, State.RESTARTING})
+        | _FENCED_OR_END,
+        State.REPROTECTING: frozenset({State.RUNNING, State.RUNNING_UNPROTECTED, State.RESTARTING})
+        | _FENCED_OR_END,
+        State.RESTARTING: frozenset({State.RUNNING_UNPROTECTED}) | _FENCED_OR_END,
         State.FENCED: frozenset({State.STOPPED}),
         State.FAILED: frozenset({State.STOPPED}),
         State.STOPPED: frozenset(),
