@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from monitor.errors import ArbiterError
 from proto import etcd_pb2, etcd_pb2_grpc
+from replica.arbiter import ArbiterUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,9 @@ def _retryable(e: grpc.aio.AioRpcError) -> bool:
     return e.code() == grpc.StatusCode.UNKNOWN and any(s in (e.details() or "") for s in RETRYABLE_UNKNOWN)
 
 
-class EtcdError(ArbiterError):
-    """etcd did not answer in time, or answered with an error."""
+class EtcdError(ArbiterUnavailable):
+    """etcd did not answer in time, or answered with an error (an ArbiterUnavailable: nodes handle an
+    etcd outage as they handle an unusable arbiter file)."""
 
     hint = "check that the etcd endpoints are up and reachable (and the certificates, with TLS)"
 
