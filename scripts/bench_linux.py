@@ -39,7 +39,9 @@ GETPID_LOOP = "import os\nfor _ in range({n}): os.getpid()\n"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--calls", type=int, default=20000, help="getpid calls timed (default 20000)")
-    parser.add_argument("--cpu", type=int, default=6_000_000, help="loop count of the Python function (~2 s)")
+    parser.add_argument(
+        "--cpu", type=int, default=30_000_000, help="loop count of the Python function (~2 s)"
+    )
     parser.add_argument("--rows", type=int, default=10_000, help="rows sqlite inserts (default 10000)")
 
 
@@ -47,9 +49,7 @@ def vm(argv: list[str], layer: Path | None = None) -> tuple[float, bytes]:
     """Wall seconds of a whole VM run (build, load, run, close) and its stdout."""
     start = time.perf_counter()
     layer = layer or Path(tempfile.mkdtemp(prefix="vmft-bench-linux-"))
-    personality = LinuxPersonality(
-        LinuxConfig(program=argv[0], argv=argv, layer=layer, hang_timeout_s=600.0)
-    )
+    personality = LinuxPersonality(LinuxConfig(program=argv[0], argv=argv, layer=layer, hang_timeout_s=600.0))
     machine = build_linux(personality)
     out = bytearray()
     personality.on_stream = lambda number, data: out.extend(data) if number == 1 else None
@@ -133,12 +133,32 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
         raise RuntimeError(f"the Python function gave different answers: {set(results['cpu-answers'])}")
     m = benchlib.median
     return [
-        benchlib.Figure("linux syscall round trip", m(results["getpid"]), "us", m(results["exit"]),
-                        "ring-3 port-I/O exit, full monitor"),  # fmt: skip
-        benchlib.Figure("linux cpu-bound python", m(results["cpu-vm"]), "s", m(results["cpu-native"]),
-                        "same function natively"),  # fmt: skip
-        benchlib.Figure("linux python startup", m(results["start-vm"]), "s", m(results["start-native"]),
-                        "python3 -c pass natively"),  # fmt: skip
-        benchlib.Figure("linux sqlite insert", m(results["sqlite-vm"]), "s", m(results["sqlite-native"]),
-                        f"sqlite3, {args.rows} rows, natively"),  # fmt: skip
+        benchlib.Figure(
+            "linux syscall round trip",
+            m(results["getpid"]),
+            "us",
+            m(results["exit"]),
+            "ring-3 port-I/O exit, full monitor",
+        ),  # fmt: skip
+        benchlib.Figure(
+            "linux cpu-bound python",
+            m(results["cpu-vm"]),
+            "s",
+            m(results["cpu-native"]),
+            "same function natively",
+        ),  # fmt: skip
+        benchlib.Figure(
+            "linux python startup",
+            m(results["start-vm"]),
+            "s",
+            m(results["start-native"]),
+            "python3 -c pass natively",
+        ),  # fmt: skip
+        benchlib.Figure(
+            "linux sqlite insert",
+            m(results["sqlite-vm"]),
+            "s",
+            m(results["sqlite-native"]),
+            f"sqlite3, {args.rows} rows, natively",
+        ),  # fmt: skip
     ]
