@@ -1,4 +1,5 @@
-"""What primary and backup share: node settings, VM specs, and the status every VM reports."""
+"""What primary and backup share: node settings, VM specs and images, disk copies, failover timings, the
+log meter, and how a VM's background tasks are started and stopped (its status: vm_core.py)."""
 
 from __future__ import annotations
 
