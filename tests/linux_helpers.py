@@ -43,7 +43,7 @@ def run_guest(
     personality.on_stream = lambda number, data: streams[number].extend(data)
     try:
         result = machine.run_blocking(RUN_TIMEOUT_S)
-        digest = machine.checkpoint_digest()
+        digest = machine.state_digest()  # memory, registers and every component (the personality too)
     finally:
         machine.close()
         personality.close()

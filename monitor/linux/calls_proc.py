@@ -298,6 +298,11 @@ class ProcessCalls(ProcessState):
     def sys_rseq(self, *_: int) -> int:
         raise LinuxError(errno.ENOSYS)  # restartable sequences: glibc works without them (one thread)
 
+    def sys_wait4(self, *_: int) -> int:
+        raise LinuxError(errno.ECHILD)  # no child processes (fork is not there yet)
+
+    sys_waitid = sys_wait4
+
     # ----- the network: not yet ------------------------------------------------------------------
 
     def sys_socket(self, *_: int) -> int:

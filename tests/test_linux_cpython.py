@@ -1,0 +1,39 @@
+"""CPython's own regression tests (Debian's libpython3.11-testsuite) under the monitor and natively.
+
+The modules here give the same result as native. test_json, test_re, test_struct, test_itertools and
+test_base64 also run, and fail only in their tests that start a subprocess or a thread (not there yet:
+docs/linux.md)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from linux_helpers import run_guest, run_native
+
+pytestmark = pytest.mark.kvm
+
+PYTHON = "/usr/bin/python3"
+
+
+def summary(stderr: bytes) -> tuple[int, str]:
+    """(tests run, verdict line) from unittest's output."""
+    text = stderr.decode(errors="replace")
+    ran = re.search(r"^Ran (\d+) tests? in", text, re.MULTILINE)
+    verdict = re.search(r"^(OK.*|FAILED.*)$", text, re.MULTILINE)
+    assert ran and verdict, text[-2000:]
+    return int(ran.group(1)), verdict.group(1)
+
+
+@pytest.mark.parametrize("module", ["test_math", "test_collections", "test_string"])
+def test_cpython_module_same_as_native(module: str) -> None:
+    if not os.path.exists(f"/usr/lib/python3.11/test/{module}.py"):
+        pytest.skip("libpython3.11-testsuite is not installed (scripts/setup installs it)")
+    argv = [PYTHON, "-m", "unittest", f"test.{module}"]
+    guest = run_guest(argv)
+    native = run_native(argv)
+    assert summary(guest.stderr) == summary(native.stderr)
+    assert summary(guest.stderr)[1].startswith("OK")
+    assert guest.status == native.status == 0
