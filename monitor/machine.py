@@ -504,18 +504,13 @@ class Machine:
         return out
 
     def state_digest(self) -> bytes:
+        """The state hash: guest memory, registers and every component's replicated state. The event log
+        carries it every N positions and at the end; checkpoints carry it in their manifest."""
         assert self.hasher is not None
         regs = self.vcpu.get_regs()
         sregs = self.vcpu.get_sregs()
-        return self.hasher.digest(bytes(regs) + bytes(sregs))
-
-    def checkpoint_digest(self) -> bytes:
-        """The state hash of a checkpoint: `state_digest()` (memory, registers) and every component's
-        replicated state. The event log's per-position hashes stay `state_digest()`: interrupt state in
-        them would report a dropped interrupt at its own position instead of at the next one, where the
-        log's consumers (and tests) expect a missing injection to show."""
-        parts = self.state_digest() + replicated_state(self.components)
-        return hashlib.blake2b(parts, digest_size=16).digest()
+        memory_and_vcpu = self.hasher.digest(bytes(regs) + bytes(sregs))
+        return hashlib.blake2b(memory_and_vcpu + replicated_state(self.components), digest_size=16).digest()
 
     # ----- control --------------------------------------------------------------------------
 

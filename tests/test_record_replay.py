@@ -439,17 +439,18 @@ def test_dropped_event_is_caught_where_it_was(
     assert re.search(rf"expected an event of that kind here, found none|found {kind.name}$", message)
 
 
-def test_dropped_interrupt_is_caught_at_the_next_position(
+def test_dropped_interrupt_is_caught_at_its_position(
     logs: dict[str, Recording], guest_image: GuestImage, tmp_path: Path
 ) -> None:
-    """The interrupt was injected at P in the recording: the state hash at P + 1 shows it missing."""
+    """The interrupt became pending at P in the recording: the state hash at P already shows it missing
+    (the interrupt state is part of the state hash)."""
 
     def drop(contents: LogContents) -> int:
         event = contents.events.pop(middle(events_of(contents, EventKind.IRQ)))
         return int(event[0])
 
     log, position = tampered(logs["ticker1"], tmp_path, drop)
-    replay_diverges_at(guest_image("ticker"), log, position + 1, "state hash", arg=40)
+    replay_diverges_at(guest_image("ticker"), log, position, "state hash", arg=40)
 
 
 def _move_irq(contents: LogContents, front: bool) -> int:
@@ -483,7 +484,17 @@ def _move_irq(contents: LogContents, front: bool) -> int:
 def test_interrupt_moved_one_position_is_caught_there(
     logs: dict[str, Recording], guest_image: GuestImage, tmp_path: Path
 ) -> None:
-    log, position = tampered(logs["ticker1"], tmp_path, lambda c: _move_irq(c, front=True))
+    """Without a state hash at P (which covers the interrupt state and would catch the move there), the
+    interrupt found first at P + 1 where the guest's own request was expected is an event-kind mismatch."""
+
+    def move_and_drop_hash(contents: LogContents) -> int:
+        moved_to = _move_irq(contents, front=True)
+        contents.events[:] = [
+            e for e in contents.events if not (e[0] == moved_to - 1 and e[2] == EventKind.STATE_HASH)
+        ]
+        return moved_to
+
+    log, position = tampered(logs["ticker1"], tmp_path, move_and_drop_hash)
     message = replay_diverges_at(guest_image("ticker"), log, position, "event kind", arg=40)
     assert re.search(r"expected IRQ, found [A-Z_]+$", message), message
 
@@ -491,21 +502,22 @@ def test_interrupt_moved_one_position_is_caught_there(
 def test_interrupt_moved_in_recorder_order_is_caught_by_the_state_hash(
     logs: dict[str, Recording], guest_image: GuestImage, tmp_path: Path
 ) -> None:
+    """The interrupt is missing at P (its recorded position): the state hash there, which covers the
+    interrupt state, shows it."""
     log, position = tampered(logs["ticker1"], tmp_path, lambda c: _move_irq(c, front=False))
-    replay_diverges_at(guest_image("ticker"), log, position, "state hash", arg=40)
+    replay_diverges_at(guest_image("ticker"), log, position - 1, "state hash", arg=40)
 
 
 def test_interrupt_moved_on_a_kv_log_is_caught(
     logs: dict[str, Recording], guest_image: GuestImage, tmp_path: Path
 ) -> None:
-    """kv's NET_RX stub only sets a bit that an earlier interrupt already set, from the same RIP: injecting
-    it one exit later can leave P + 1's state identical, and the first difference (the interrupt frame on
-    the ring-0 stack, pushed from the later RIP) shows at P + 2. Caught at the first state that differs."""
+    """Moved from P to P + 1: the interrupt state at P differs (it is part of the state hash), so the
+    replay stops at P, where the interrupt went missing."""
     log, position = tampered(logs["kv1"], tmp_path, lambda c: _move_irq(c, front=False))
     replayed = replay_run(guest_image("kv"), log)
     result = replayed.result
     assert result.reason is StopReason.DIVERGED, result.describe()
-    assert result.position in (position, position + 1), result.describe()
+    assert result.position == position - 1, result.describe()
     assert re.fullmatch(
         rf"divergence at position {result.position}: state hash: expected \w+, found \w+", result.message
     ), result.message

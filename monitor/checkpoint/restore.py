@@ -230,7 +230,7 @@ class _Restore:
         loader.write_disk(self.config.disk, self.header.config.disk_size)
         machine.restore_state(manifest.machine, live=journal.mode is not JournalMode.REPLAY)
         if options.verify_digest and manifest.state_digest:
-            found = machine.checkpoint_digest()
+            found = machine.state_digest()
             if found != manifest.state_digest:
                 raise CheckpointError(
                     f"{self.what}: the restored state hash {found.hex()} differs from the checkpoint's "

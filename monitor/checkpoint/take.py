@@ -153,7 +153,7 @@ class Checkpointer:
         """Take a checkpoint, yielding its records as the consumer pulls them (for a file or a gRPC
         stream). `on_paused(position)` runs during the final pause, with the vCPU parked at the
         checkpoint's position (switch the journal there, or note the log position). `digest`: also
-        put Machine.checkpoint_digest() in the manifest (costs a hash of the pages written since the last one,
+        put Machine.state_digest() in the manifest (costs a hash of the pages written since the last one,
         all of memory the first time, inside the pause). `last_stats` is set when the manifest is out."""
         with self._lock:
             ok = False
@@ -288,7 +288,7 @@ class _Take:
                 for offset, length in memops.split_ranges(written, self.owner.chunk_size):
                     delta_disk.append((offset, os.pread(disk_fd, length, offset)))
             state = machine.capture_state()
-            captured.append((state, machine.checkpoint_digest() if digest else b""))
+            captured.append((state, machine.state_digest() if digest else b""))
             if on_paused is not None:
                 on_paused(state.position)
 
