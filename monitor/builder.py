@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 from monitor import cpuid
 from monitor.checkpoint import restore as checkpoint_restore
-from monitor.checkpoint.restore import JournalArg, RecordStream, RestoreStats
+from monitor.checkpoint.restore import JournalArg, Loading, RecordStream, RestoreStats
 from monitor.devices.block import DiskImage
 from monitor.config import MachineConfig
 from monitor.journal import Journal, LiveJournal
@@ -113,14 +113,16 @@ def restore(
     kvm: Kvm | None = None,
     verify_digest: bool = False,
     factory: MachineFactory = Machine,
+    loading: Loading = Loading.EAGER,
 ) -> tuple[Machine, RestoreStats]:
     """A machine at a checkpoint's position, not started. `source`: a checkpoint file (its parents are
     found in the same directory), an explicit chain of files (full first), or a `RecordStream` (a full
     checkpoint's records, e.g. received over gRPC). `journal`: a journal, or a function of the
     checkpoint's position that makes one (default: live). `image`, `mem_size`: what the checkpoint
     must match. `disk`: where its disk goes (default: the path it records); rewritten to its contents.
-    `factory`: as for `build`. Refuses a damaged or mismatched checkpoint with a CheckpointError before
-    anything is loaded."""
+    `factory`: as for `build`. `loading`: Loading.LAZY returns the machine before its memory is loaded
+    (pages load on first touch, a thread loads the rest ahead; monitor/checkpoint/lazy.py). Refuses a
+    damaged or mismatched checkpoint with a CheckpointError before anything is loaded."""
 
     def make(config: MachineConfig, loaded: GuestImage) -> Machine:
         return _build(config, Hooks(None, output_handler, on_console), loaded, kvm, False, factory)
@@ -133,6 +135,7 @@ def restore(
         hang_timeout_s=hang_timeout_s,
         verify_digest=verify_digest,
         make_machine=make,
+        loading=loading,
     )
     if isinstance(source, RecordStream):
         return checkpoint_restore.restore_records(source, options)

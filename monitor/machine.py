@@ -605,6 +605,7 @@ class Machine:
         if self._thread is not None and not self._done.is_set():
             self.stop()
             self._done.wait(5)
+        self.memory.stop_filling()  # a lazy restore's loader (monitor/checkpoint/lazy.py)
         self.block.close()
         self.vcpu.close()
         self.vm.close()

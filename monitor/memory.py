@@ -2,12 +2,17 @@
 
 KVM's dirty log only sees writes the guest makes; device DMA and image loading are the monitor's own
 writes, so they are tracked here and ORed into the dirty set by whoever takes a checkpoint.
+
+After a lazy restore (monitor/checkpoint/lazy.py) pages load on first touch until a `Filler` is done: every
+access here asks it to load the range first, because a thread holding the GIL must not touch a missing
+page itself (the page would be served by another Python thread, which needs the GIL).
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
+from typing import Protocol
 
 from monitor.errors import GuestError
 
@@ -23,6 +28,16 @@ class GuestMemoryError(GuestError):
         self.length = length
 
 
+class Filler(Protocol):
+    """Loads guest memory on demand (a lazy restore) until it detaches itself."""
+
+    def ensure(self, addr: int, length: int) -> None: ...
+
+    def ensure_all(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class GuestMemory:
     def __init__(self, size: int) -> None:
         if size <= 0 or size % (2 << 20):
@@ -32,6 +47,7 @@ class GuestMemory:
         self._view = memoryview(self._map)
         self.host_address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         self.monitor_dirty = bytearray(size // PAGE_SIZE)  # one byte per page: simple and fast to OR
+        self.filler: Filler | None = None  # set while pages still load on first touch
 
     def contains(self, addr: int, length: int) -> bool:
         return 0 <= addr and 0 <= length and addr + length <= self.size
@@ -42,16 +58,22 @@ class GuestMemory:
 
     def read(self, addr: int, length: int) -> bytes:
         self.check(addr, length)
+        if self.filler is not None:
+            self.filler.ensure(addr, length)
         return self._map[addr : addr + length]
 
     def view(self, addr: int, length: int) -> memoryview:
         """A zero-copy read-only view; do not keep it across a call that may close the memory."""
         self.check(addr, length)
+        if self.filler is not None:
+            self.filler.ensure(addr, length)
         return self._view[addr : addr + length].toreadonly()
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         length = len(data)
         self.check(addr, length)
+        if self.filler is not None:
+            self.filler.ensure(addr, length)
         self._map[addr : addr + length] = data
         self.mark_dirty(addr, length)
 
@@ -68,9 +90,29 @@ class GuestMemory:
         return dirty
 
     def buffer(self) -> memoryview:
-        """The whole of guest RAM (for hashing and checkpoints)."""
+        """The whole of guest RAM (for hashing and checkpoints), all of it loaded."""
+        if self.filler is not None:
+            self.filler.ensure_all()
         return self._view
 
+    def attach_filler(self, filler: Filler) -> None:
+        if self.filler is not None:
+            raise ValueError("guest memory already has a filler")
+        self.filler = filler
+
+    def detach_filler(self, filler: Filler) -> None:
+        if self.filler is filler:
+            self.filler = None
+
+    def stop_filling(self) -> None:
+        """Stop on-demand loading (the machine is closing): its threads end, pages never loaded read as
+        zero."""
+        filler = self.filler
+        if filler is not None:
+            filler.close()
+            self.filler = None
+
     def close(self) -> None:
+        self.stop_filling()
         self._view.release()
         self._map.close()

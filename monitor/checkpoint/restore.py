@@ -6,10 +6,17 @@ and disk chunk checksums before the machine is built; memory chunks are verified
 decompressed into the new machine, which is discarded unstarted on any error; the disk is written only
 after everything else has passed. Machines are made by the caller's `make_machine` (monitor/builder.py,
 the one door for building a VM, passes its own).
+
+Memory loads in one of three ways (`Loading`): EAGER decompresses every chunk before the machine is
+returned; LAZY verifies every chunk up front (checksums, bounds, sizes: cheap) and returns a machine whose
+pages load on first touch while a thread loads the rest ahead (monitor/checkpoint/lazy.py); ON_TOUCH is
+LAZY without the thread ahead (every slot loads on its first touch: for tests and diagnostics).
 """
 
 from __future__ import annotations
 
+import enum
+import logging
 import os
 import threading
 import time
@@ -30,15 +37,27 @@ from monitor.checkpoint.format import (
     open_checkpoint,
     read_header,
 )
+from monitor.checkpoint.lazy import LazyMemory, LazyStats, verify_chunks
 from monitor.checkpoint.memops import Prefaulter, coalesce
 from monitor.config import MachineConfig
 from monitor.errors import CheckpointError
 from monitor.journal import Journal, JournalMode, LiveJournal
 from monitor.loader import GuestImage, load_image_file
 from monitor.machine import Machine
+from monitor.uffd import UffdError
 from proto import vmft_pb2
 
+log = logging.getLogger(__name__)
+
 DEFAULT_THREADS = 2
+
+
+class Loading(enum.Enum):
+    """How a restore loads guest memory (see the module's docstring)."""
+
+    EAGER = "eager"
+    LAZY = "lazy"
+    ON_TOUCH = "on-touch"
 
 JournalArg = Journal | Callable[[int], Journal] | None
 
@@ -61,6 +80,7 @@ class RestoreStats:
     disk_chunks: int = 0
     raw_bytes: int = 0
     seconds: float = 0.0
+    lazy: LazyStats | None = None  # a lazy restore's loading, filled in as it goes
 
 
 @dataclass
@@ -75,6 +95,7 @@ class Options:
     hang_timeout_s: float | None = None
     verify_digest: bool = False
     threads: int = DEFAULT_THREADS
+    loading: Loading = Loading.EAGER
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -163,15 +184,25 @@ def restore_chain(paths: list[Path], options: Options) -> tuple[Machine, Restore
     """Restore from checkpoint files (full first): everything but memory chunks verified up front, memory
     loaded on several threads."""
     chain = open_chain(paths, options.image, options.mem_size)
+    handed_over = False
     try:
         last = chain[-1]
+        items = [(c, ckpt.what) for ckpt in chain for c in ckpt.chunks]
+        if options.loading is not Loading.EAGER:
+            memory = [item for item in items if item[0].region is Region.MEMORY]
+            verify_chunks(memory, last.header.config.mem_size, options.threads)
         restore = _Restore(last.header, last.what, options)
         with restore.cleanup():
-            restore.loader().chunks([(c, ckpt.what) for ckpt in chain for c in ckpt.chunks], options.threads)
+            loader = restore.loader()
+            if options.loading is Loading.EAGER:
+                loader.chunks(items, options.threads)
+            else:
+                handed_over = loader.lazy(items, options.loading, owners=chain)
             return restore.finish(last.manifest, chain_length=len(chain))
     finally:
-        for ckpt in chain:
-            ckpt.close()
+        if not handed_over:  # else the lazy loader lets the files go when it is done (or closed)
+            for ckpt in chain:
+                ckpt.close()
 
 
 def restore_records(stream: RecordStream, options: Options) -> tuple[Machine, RestoreStats]:
@@ -190,11 +221,23 @@ def restore_records(stream: RecordStream, options: Options) -> tuple[Machine, Re
     _require_full(header, what, " (a stream must carry a full checkpoint)")
     restore = _Restore(header, what, options)
     with restore.cleanup():
+        if options.loading is Loading.EAGER:
+            for rec in records:
+                chunk = reader.feed_record(rec)
+                if chunk is not None:
+                    restore.loader().chunk(chunk, what)
+            return restore.finish(reader.finish(), chain_length=1)
+        # Lazy: the compressed records are kept (the chunks point into them), each checked as it comes;
+        # memory loads once the manifest has vouched for the whole list.
+        items: list[tuple[Chunk, str]] = []
         for rec in records:
             chunk = reader.feed_record(rec)
             if chunk is not None:
-                restore.loader().chunk(chunk, what)
-        return restore.finish(reader.finish(), chain_length=1)
+                verify_chunks([(chunk, what)], header.config.mem_size, 1)
+                items.append((chunk, what))
+        manifest = reader.finish()
+        restore.loader().lazy(items, options.loading, owners=[])
+        return restore.finish(manifest, chain_length=1)
 
 
 class _Restore:
@@ -329,6 +372,35 @@ class _Loader:
         self._check_bounds(chunk, what)
         self.prefault.populate(self.machine.memory.host_address + chunk.offset, chunk.raw_len)
         self._load(chunk, what, self.dctx)
+
+    def lazy(self, items: list[tuple[Chunk, str]], loading: Loading, owners: list[ParsedCheckpoint]) -> bool:
+        """Memory chunks (all verified) to load on first touch; disk chunks kept for `write_disk`.
+        Whether the lazy loader took `owners` (the files the chunks point into). Without userfaultfd
+        the memory is loaded eagerly instead."""
+        memory: list[tuple[Chunk, str]] = []
+        for chunk, what in items:
+            if chunk.region is Region.DISK:
+                self.chunk(chunk, what)
+            else:
+                memory.append((chunk, what))
+        machine = self.machine
+        lazy = LazyMemory(
+            machine.memory,
+            memory,
+            owners,
+            on_error=lambda message: machine.stop(),
+            preload=loading is Loading.LAZY,
+        )
+        try:
+            lazy.start()
+        except UffdError as err:
+            log.warning("%s; loading guest memory eagerly", err)
+            self.chunks(memory, DEFAULT_THREADS)
+            return False
+        self.stats.lazy = lazy.stats
+        self.stats.memory_chunks = len(memory)
+        self.stats.raw_bytes += sum(chunk.raw_len for chunk, _what in memory)
+        return True
 
     def chunks(self, items: list[tuple[Chunk, str]], threads: int) -> None:
         """Many chunks (a whole file), on `threads` threads, each pre-faulting its part of memory in one

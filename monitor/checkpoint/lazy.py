@@ -1,0 +1,345 @@
+"""Lazy restore: guest memory that loads from the checkpoint on first touch.
+
+Guest RAM is cut into slots of one chunk (256 KiB). The restore verifies every chunk up front (checksums,
+bounds, sizes: a damaged checkpoint is still refused before anything runs), registers the still untouched
+memory with userfaultfd (monitor/uffd.py) and lets the guest start at once. A missing page is then loaded
+by whoever needs it first, one whole slot at a time (its chunks decompressed into a scratch buffer and
+copied in with UFFDIO_COPY; a slot no chunk covers gets the zero page):
+
+- the fault thread, for a touch by the guest (KVM's own accesses from KVM_RUN included: they fault like any
+  other, with the GIL released) or by any thread outside Python;
+- the preload thread, which loads every slot the checkpoint holds, in address order from the last fault
+  on, so that faults stay rare; when it is done the range is unregistered, both threads end and the files
+  are let go: the memory is then plain anonymous memory again;
+- a monitor thread that reads or writes guest memory through monitor/memory.py (`ensure`), which loads
+  the range in its own thread first: a Python thread holding the GIL must never touch a missing page,
+  since serving the fault needs the GIL. `GuestMemory.buffer()` (hashing, checkpoints) loads everything.
+
+Every page a chunk covers is marked as a monitor write when the restore starts (as an eager restore marks
+it), so state hashes and incremental checkpoints see the loaded contents whenever they are loaded.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import logging
+import os
+import select
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import zstandard
+
+from monitor.checkpoint.format import CHUNK_SIZE, Chunk, ParsedCheckpoint
+from monitor.errors import CheckpointError
+from monitor.memory import PAGE_SIZE, GuestMemory
+from monitor.uffd import MSG, Userfaultfd
+
+log = logging.getLogger(__name__)
+
+_JOIN_S = 5.0
+
+
+@dataclass
+class LazyStats:
+    """Filled in as the memory loads (read it at any time)."""
+
+    slots: int = 0  # slots the checkpoint holds data for
+    faults: int = 0  # fault reports served by the fault thread
+    by_fault: int = 0  # slots loaded because the guest touched them first
+    by_monitor: int = 0  # slots loaded for the monitor's own access
+    preloaded: int = 0  # slots loaded ahead by the preload thread
+    zero_slots: int = 0  # slots without data that were touched before the end (zero page)
+    complete_s: float | None = None  # from the start of loading until every slot was in
+    error: str = ""
+    started: float = field(default_factory=time.perf_counter)
+
+
+def verify_chunks(items: list[tuple[Chunk, str]], mem_size: int, threads: int) -> None:
+    """Everything about memory chunks that can be checked without decompressing: bounds, the frame's
+    declared size, checksums (on `threads` threads: zlib releases the GIL). Raises CheckpointError."""
+    for chunk, what in items:
+        if chunk.offset + chunk.raw_len > mem_size:
+            raise CheckpointError(f"{what}: {chunk.describe()} lies outside guest RAM ({mem_size} bytes)")
+
+    def check(part: list[tuple[Chunk, str]]) -> None:
+        for chunk, what in part:
+            chunk.verify(what)
+            try:
+                size = zstandard.frame_content_size(chunk.frame)
+            except zstandard.ZstdError as err:
+                raise CheckpointError(f"{what}: {chunk.describe()} corrupted: {err}") from err
+            if size != chunk.raw_len:
+                raise CheckpointError(f"{what}: {chunk.describe()} holds {size} bytes")
+
+    if threads < 2 or len(items) < 16:
+        check(items)
+        return
+    step = (len(items) + threads - 1) // threads
+    with ThreadPoolExecutor(threads) as pool:
+        for future in [pool.submit(check, items[i : i + step]) for i in range(0, len(items), step)]:
+            future.result()
+
+
+class LazyMemory:
+    """Loads `chunks` (verified, in the order they apply) into `memory` on first touch. Owns the fault
+    and preload threads, the userfaultfd and `owners` (the mapped checkpoint files the chunks point
+    into) until everything is loaded or `close()`. Attach with `start()`."""
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        chunks: list[tuple[Chunk, str]],
+        owners: list[ParsedCheckpoint] | None = None,
+        on_error: Callable[[str], None] | None = None,
+        preload: bool = True,
+    ) -> None:
+        self.memory = memory
+        self.base = memory.host_address
+        self.size = memory.size
+        self.stats = LazyStats()
+        self.on_error = on_error
+        self._preload_enabled = preload
+        self._owners = owners or []
+        nslots = (self.size + CHUNK_SIZE - 1) // CHUNK_SIZE
+        self._covering: list[list[tuple[Chunk, str]]] = [[] for _ in range(nslots)]
+        for chunk, what in chunks:
+            first = chunk.offset // CHUNK_SIZE
+            last = (chunk.offset + chunk.raw_len - 1) // CHUNK_SIZE
+            for slot in range(first, last + 1):
+                self._covering[slot].append((chunk, what))
+        self._present = [slot for slot, items in enumerate(self._covering) if items]
+        self.stats.slots = len(self._present)
+        self._loaded = bytearray(nslots)
+        self._lock = threading.Lock()  # one slot loads at a time: its check, decompression and copy
+        self._dctx = zstandard.ZstdDecompressor()
+        self._scratch = ctypes.create_string_buffer(CHUNK_SIZE)
+        self._scratch_view = memoryview(self._scratch).cast("B")
+        self._cached: tuple[int, bytes] | None = None  # (id of a chunk, its contents): a chunk spans 2 slots
+        self._hint = 0  # the preloader goes on from the last fault: a guest scanning memory finds it loaded
+        self._complete = False
+        self._stopping = False
+        self._uffd: Userfaultfd | None = None
+        self._wake_r = self._wake_w = -1
+        self._threads: list[threading.Thread] = []
+        for chunk, _what in chunks:  # monitor writes, as an eager restore marks them
+            memory.mark_dirty(chunk.offset, chunk.raw_len)
+
+    # ----- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Register the (untouched) memory, attach to it and start the threads. Raises UffdError when
+        userfaultfd is unavailable (nothing is attached then)."""
+        uffd = Userfaultfd()
+        try:
+            uffd.register(self.base, self.size)
+        except BaseException:
+            uffd.close()
+            raise
+        self._uffd = uffd
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.memory.attach_filler(self)
+        self._threads = [threading.Thread(target=self._serve_faults, name="vmft-lazy-faults", daemon=True)]
+        if self._preload_enabled:
+            preload = threading.Thread(target=self._preload, name="vmft-lazy-preload", daemon=True)
+            self._threads.append(preload)
+        for thread in self._threads:
+            thread.start()
+        if not self._present and self._preload_enabled:
+            self._finish()
+
+    def close(self) -> None:
+        """Stop loading (the machine is closing): threads joined, userfaultfd and files released.
+        Idempotent; pages never loaded read as zero afterwards."""
+        self._shutdown()
+
+    @property
+    def complete(self) -> bool:
+        return self._complete
+
+    # ----- GuestMemory's filler interface --------------------------------------------------------
+
+    def ensure(self, addr: int, length: int) -> None:
+        """Load the slots of [addr, addr+length) that are not in yet (a monitor access, in its thread)."""
+        if length <= 0 or self._complete:
+            return
+        loaded = self._loaded
+        for slot in range(addr // CHUNK_SIZE, (addr + length - 1) // CHUNK_SIZE + 1):
+            if not loaded[slot]:
+                self._load(slot, "monitor")
+
+    def ensure_all(self) -> None:
+        """Load everything now (whoever needs all of memory: hashing, taking a checkpoint)."""
+        if self._complete:
+            return
+        for slot in self._present:
+            if not self._loaded[slot]:
+                self._load(slot, "monitor")
+        self._finish()
+
+    # ----- loading -------------------------------------------------------------------------------
+
+    def _load(self, slot: int, by: str) -> None:
+        with self._lock:
+            uffd = self._uffd
+            if self._loaded[slot] or self._complete or uffd is None:
+                return
+            start = slot * CHUNK_SIZE
+            length = min(CHUNK_SIZE, self.size - start)
+            items = self._covering[slot]
+            if not items:
+                uffd.zeropage(self.base + start, length)
+                self.stats.zero_slots += 1
+            else:
+                self._fill_scratch(start, length, items)
+                uffd.copy(self.base + start, ctypes.addressof(self._scratch), length)
+                if by == "fault":
+                    self.stats.by_fault += 1
+                elif by == "monitor":
+                    self.stats.by_monitor += 1
+                else:
+                    self.stats.preloaded += 1
+            self._loaded[slot] = 1
+
+    def _fill_scratch(self, start: int, length: int, items: list[tuple[Chunk, str]]) -> None:
+        """The slot's contents: its chunks applied in order over zeros (a full checkpoint's chunk is the
+        whole slot; pre-copy deltas and a chain's increments overwrite parts of it)."""
+        view = self._scratch_view
+        whole = items[0][0]
+        if len(items) == 1 and whole.offset == start and whole.raw_len == length:
+            view[:length] = self._contents(whole, items[0][1])
+            return
+        ctypes.memset(self._scratch, 0, length)
+        end = start + length
+        for chunk, what in items:
+            data = self._contents(chunk, what)
+            lo = max(start, chunk.offset)
+            hi = min(end, chunk.offset + chunk.raw_len)
+            view[lo - start : hi - start] = data[lo - chunk.offset : hi - chunk.offset]
+
+    def _contents(self, chunk: Chunk, what: str) -> bytes:
+        cached = self._cached
+        if cached is not None and cached[0] == id(chunk):
+            return cached[1]
+        try:
+            data = self._dctx.decompress(chunk.frame, max_output_size=chunk.raw_len)
+        except zstandard.ZstdError as err:
+            raise CheckpointError(f"{what}: {chunk.describe()} corrupted: {err}") from err
+        if len(data) != chunk.raw_len:
+            raise CheckpointError(f"{what}: {chunk.describe()} decompresses to {len(data)} bytes")
+        self._cached = (id(chunk), data)
+        return data
+
+    def _finish(self) -> None:
+        """Everything the checkpoint holds is in: unregister (untouched slots fault as plain zero pages
+        from now on), detach, let the threads end and the files go."""
+        with self._lock:
+            if self._complete or self._uffd is None:
+                return
+            if any(not self._loaded[slot] for slot in self._present):
+                return
+            self._uffd.unregister(self.base, self.size)
+            self._complete = True
+            self.stats.complete_s = time.perf_counter() - self.stats.started
+        log.debug("lazy restore complete after %.1f ms: %s", self.stats.complete_s * 1e3, self.stats)
+        self._shutdown()
+
+    # ----- threads -------------------------------------------------------------------------------
+
+    def _serve_faults(self) -> None:
+        uffd = self._uffd
+        assert uffd is not None
+        buffer = bytearray(MSG.size * 64)
+        poller = select.poll()
+        poller.register(uffd.fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        page_mask = ~(PAGE_SIZE - 1)
+        while not self._stopping:
+            poller.poll()
+            if self._stopping:
+                return
+            for address in uffd.read_faults(buffer):
+                self.stats.faults += 1
+                offset = address - self.base
+                if not 0 <= offset < self.size:
+                    continue
+                slot = offset // CHUNK_SIZE
+                self._hint = slot + 1
+                try:
+                    if self._loaded[slot]:  # loaded between the fault and now: the copy woke it already
+                        uffd.wake(address & page_mask, PAGE_SIZE)
+                    else:
+                        self._load(slot, "fault")
+                except Exception as err:
+                    self._fail(err)
+                    return
+
+    def _preload(self) -> None:
+        present = self._present
+        try:
+            while not self._stopping and not self._complete:
+                slot = self._next_missing(present)
+                if slot is None:
+                    self._finish()
+                    return
+                self._load(slot, "preload")
+        except Exception as err:
+            self._fail(err)
+
+    def _next_missing(self, present: list[int]) -> int | None:
+        loaded = self._loaded
+        at = bisect.bisect_left(present, self._hint)
+        for i in range(at, len(present)):
+            if not loaded[present[i]]:
+                self._hint = present[i] + 1
+                return present[i]
+        for i in range(at):
+            if not loaded[present[i]]:
+                self._hint = present[i] + 1
+                return present[i]
+        return None
+
+    def _fail(self, err: BaseException) -> None:
+        """A slot that cannot load (it passed its checksum, so this is a bug or a host failure): the guest
+        must not run on memory that is not the checkpoint's. Stop it, then let go of the range so nothing
+        waits forever on a fault that nobody will serve."""
+        message = f"lazy restore failed: {err}"
+        log.error("%s", message)
+        self.stats.error = message
+        if self.on_error is not None:
+            try:
+                self.on_error(message)
+            except Exception:
+                log.exception("lazy restore: on_error")
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._covering = []
+            self._cached = None
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
+        current = threading.current_thread()
+        for thread in self._threads:
+            if thread is not current and thread.is_alive():
+                thread.join(_JOIN_S)
+        with self._lock:
+            self.memory.detach_filler(self)
+            if self._uffd is not None:
+                self._uffd.close()  # releases the registration: anyone still waiting faults normally
+                self._uffd = None
+            for fd in (self._wake_r, self._wake_w):
+                if fd >= 0:
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
+            owners, self._owners = self._owners, []
+        for owner in owners:
+            owner.close()
