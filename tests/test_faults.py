@@ -443,6 +443,8 @@ def test_vmft_chaos_command(tmp_path: Path) -> None:
     assert "kill-primary" in table and "recovery" in table, table
     png = (out / "timeline.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, len(png)
+    (workdir,) = re.findall(r"^chaos: work directory (\S+), report into", result.stdout, re.M)
+    assert not Path(workdir).exists(), "vmft chaos left its work directory behind (no --keep)"
 
 
 # ----- a short random campaign ------------------------------------------------------------------------------
