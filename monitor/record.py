@@ -40,7 +40,8 @@ from proto import vmft_pb2
 log = logging.getLogger(__name__)
 
 LOG_MAGIC = b"VMFTLOG\x01"
-LOG_FORMAT_VERSION = 1
+# 2: state hashes cover every component's replicated state too (1: memory and registers only).
+LOG_FORMAT_VERSION = 2
 _FRAME = struct.Struct("<II")
 _U32 = struct.Struct("<I")
 MAX_FRAME = 64 << 20

@@ -1,10 +1,13 @@
-"""The event log without a VM: a golden log file (tests/data/ticker-format1.vmlog, written by the format-1
-writer: `vmft run --record F --arg 3 guests/build/ticker.elf`) read by this version exactly as it was
-recorded, and refused clearly once the format version moves on; the queue a live replay reads from.
+"""The event log without a VM: golden log files (tests/data/ticker-log-formatN.vmlog, written by the
+format-N writer: `vmft run --record F --arg 3 guests/build/ticker.elf`) read by this version exactly as
+they were recorded, refused clearly by a reader of another format version; the queue a live replay reads
+from.
 
-tests/data/ticker-format1.json is the golden log's contents as the format-1 reader decoded them when the
-file was made (header, then each batch with its events as [position, rip, kind, value, data hex]). A
-reader that changes how it reads old logs fails here even if the writer changed with it."""
+tests/data/ticker-log-formatN.json is the golden log's contents as the reader decoded them when the file was
+made (header, then each batch with its events as [position, rip, kind, value, data hex]). A reader that
+changes how it reads old logs fails here even if the writer changed with it. Format 2 changed what a
+state hash covers (every component's state, not only memory and registers), so a format-1 log cannot be
+verified any more and is refused."""
 
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ from monitor.record import LogFileReader, QueueSource
 from proto import vmft_pb2
 
 DATA = Path(__file__).resolve().parent / "data"
-GOLDEN_LOG = DATA / "ticker-format1.vmlog"
-GOLDEN_CONTENTS = DATA / "ticker-format1.json"
+GOLDEN_LOG = DATA / "ticker-log-format2.vmlog"  # the current format
+GOLDEN_FORMATS = (1, 2)
 
 
 def decode(path: Path) -> dict[str, Any]:
@@ -53,9 +56,11 @@ def decode(path: Path) -> dict[str, Any]:
     return {"header": header, "batches": batches}
 
 
-def test_golden_log_reads_as_it_was_recorded() -> None:
-    expected = json.loads(GOLDEN_CONTENTS.read_text())
-    got = decode(GOLDEN_LOG)
+@pytest.mark.parametrize("version", GOLDEN_FORMATS)
+def test_golden_log_reads_as_it_was_recorded(version: int) -> None:
+    expected = json.loads((DATA / f"ticker-log-format{version}.json").read_text())
+    got = decode(DATA / f"ticker-log-format{version}.vmlog")
+    assert got["header"]["format_version"] == version
     assert got["header"] == expected["header"]
     assert len(got["batches"]) == len(expected["batches"])
     for i, (ours, theirs) in enumerate(zip(got["batches"], expected["batches"])):
@@ -71,10 +76,20 @@ def test_golden_log_is_refused_once_the_format_moves_on(monkeypatch: pytest.Monk
     reader = LogFileReader(GOLDEN_LOG)
     image = load_image_file(str(guest_image_path("ticker")))
     mem_size = reader.header.mem_size
-    assert reader.header.format_version == record.LOG_FORMAT_VERSION == 1
-    monkeypatch.setattr(record, "LOG_FORMAT_VERSION", 2)
+    assert reader.header.format_version == record.LOG_FORMAT_VERSION == 2
+    record.check_header(reader.header, image, mem_size, what=str(GOLDEN_LOG))  # this version reads it
+    monkeypatch.setattr(record, "LOG_FORMAT_VERSION", 3)
     with pytest.raises(LogError) as err:
         record.check_header(reader.header, image, mem_size, what=str(GOLDEN_LOG))
+    assert re.search(r"format version 2\b.*reads 3\b", str(err.value)), err.value
+
+
+def test_format1_log_is_refused_by_this_version() -> None:
+    old = DATA / "ticker-log-format1.vmlog"
+    reader = LogFileReader(old)
+    image = load_image_file(str(guest_image_path("ticker")))
+    with pytest.raises(LogError) as err:
+        record.check_header(reader.header, image, reader.header.mem_size, what=str(old))
     assert re.search(r"format version 1\b.*reads 2\b", str(err.value)), err.value
 
 
