@@ -139,11 +139,15 @@ def test_sqlite_ten_thousand_rows_in_the_layer(tmp_path: Path) -> None:
     home = layer / "home" / "guest"
     home.mkdir(parents=True)
     (home / "load.sql").write_text(sqlite_script())
-    guest = run_guest(["/usr/bin/sqlite3", "/home/guest/db.sqlite", ".read /home/guest/load.sql"], layer=layer)
+    guest = run_guest(
+        ["/usr/bin/sqlite3", "/home/guest/db.sqlite", ".read /home/guest/load.sql"], layer=layer
+    )
     native_dir = tmp_path / "native"
     native_dir.mkdir()
     (native_dir / "load.sql").write_text(sqlite_script())
-    native = run_native(["/usr/bin/sqlite3", str(native_dir / "db.sqlite"), f".read {native_dir / 'load.sql'}"])
+    native = run_native(
+        ["/usr/bin/sqlite3", str(native_dir / "db.sqlite"), f".read {native_dir / 'load.sql'}"]
+    )
     assert guest.status == native.status == 0, guest.stderr
     assert guest.stdout == native.stdout
     assert guest.stdout.startswith(b"10000|24997500.0|n0|n96\n")

@@ -21,11 +21,12 @@ from google.protobuf.message import Message
 from monitor import builder
 from monitor.config import MachineConfig
 from monitor.devices.power import GuestStop
-from monitor.errors import CheckpointError
+from monitor.component import parse_state
 from monitor.journal import EventKind, Journal, OutputKind
 from monitor.kvm import Kvm
 from monitor.kvm_abi import KVM_SYNC_X86_REGS, Regs, Run
 from monitor.linux import boot, cpuid_trap, elf
+from monitor.linux import state as linux_state
 from monitor.linux import fdtable as fdt
 from monitor.linux.calls_fs import FileCalls
 from monitor.linux.calls_mm import MemoryCalls
@@ -37,7 +38,9 @@ from monitor.linux.signals import EXCEPTION_SIGNALS, FatalSignal, Sig, page_faul
 from monitor.linux.stack import AuxInfo, build
 from monitor.linux.syscalls import SyscallTable
 from monitor.loader import GuestImage
-from monitor.machine import MEMORY_SLOT, Machine
+from proto import vmft_pb2
+from monitor.checkpoint.restore import JournalArg
+from monitor.machine import MEMORY_SLOT, Machine, MachineParts
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +199,12 @@ class LinuxPersonality:
         setattr(machine.vcpu, "run_once", boot.TscTrappingRunner(machine.vcpu))  # noqa: B010
         setattr(machine, "current_rip", self.current_rip)  # noqa: B010
         machine.set_journal(machine.journal)  # rebinds the journal to current_rip above
+
+    def factory(self, parts: MachineParts, journal: Journal) -> Machine:
+        """builder's MachineFactory: a Machine with this personality attached (a fresh boot or a restore)."""
+        machine = Machine(parts, journal)
+        self.attach(machine)
+        return machine
 
     @property
     def machine(self) -> Machine:
@@ -366,10 +375,15 @@ class LinuxPersonality:
         return self.process.digest()
 
     def save(self) -> Message:
-        raise CheckpointError("checkpoints of Linux guests are not supported yet")
+        return linux_state.save(self.process, self._random_at, self.syscall_count)
 
     def restore(self, data: bytes, live: bool) -> None:
-        raise CheckpointError("checkpoints of Linux guests are not supported yet")
+        """Load the state save() produced, on a machine attached (not loaded) with its memory restored."""
+        msg = parse_state(vmft_pb2.LinuxState, data, self.name)
+        console = fdt.ConsoleIo(self.process.console_read, self.process.console_write)
+        linux_state.restore(self.process, msg, console)
+        self._random_at = msg.random_at
+        self.syscall_count = msg.syscalls
 
     def close(self) -> None:
         self.process.fds.close_all()
@@ -393,25 +407,44 @@ def find_program(fs: FileSystem, program: str, env: list[str]) -> str:
 def build_linux(
     personality: LinuxPersonality, journal: Journal | None = None, kvm: Kvm | None = None
 ) -> Machine:
-    """A machine running the personality's program, loaded and not started (through the one builder).
-    Make the personality first: its `image` identifies the run (what a recording is tied to)."""
-    config = personality.config
+    """A machine running the personality's program, loaded and not started, through the one door
+    (monitor/builder.py) with the personality attached by the machine factory. Make the personality
+    first: its `image` identifies the run (what a recording is tied to)."""
     machine = builder.build(
-        MachineConfig(
-            image=personality.program_path, mem_mib=config.mem_mib, hang_timeout_s=config.hang_timeout_s
-        ),
+        machine_config(personality.config, personality.program_path),
         journal=journal,
         image=personality.image,
         kvm=kvm,
         boot=False,
+        factory=personality.factory,
     )
     try:
-        personality.attach(machine)
         personality.load()
     except BaseException:
         machine.close()
         raise
     return machine
+
+
+def restore_linux(
+    personality: LinuxPersonality, checkpoint: str | Path, journal: JournalArg = None, kvm: Kvm | None = None
+) -> Machine:
+    """A machine at a checkpoint of the personality's program (same program, arguments, environment,
+    root and CPU), not started. The writable layer must be as it was at the checkpoint."""
+    machine, _stats = builder.restore(
+        checkpoint,
+        journal=journal,
+        image=personality.image,
+        mem_size=personality.config.mem_mib << 20,
+        hang_timeout_s=personality.config.hang_timeout_s,
+        kvm=kvm,
+        factory=personality.factory,
+    )
+    return machine
+
+
+def machine_config(config: LinuxConfig, program_path: str) -> MachineConfig:
+    return MachineConfig(image=program_path, mem_mib=config.mem_mib, hang_timeout_s=config.hang_timeout_s)
 
 
 def _read(host: str, guest: str) -> bytes:

@@ -1,0 +1,156 @@
+"""The personality's state as a checkpoint carries it (proto LinuxState), and back.
+
+Guest memory and the vCPU are the machine's; this is the monitor's side of the process. Host files are
+reopened by their guest path at restore (the writable layer's files are not in checkpoints yet: a restore
+needs the layer as it was).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from monitor.errors import CheckpointError
+from monitor.linux import fdtable as fdt
+from monitor.linux.mm import AddressSpace, LinuxError, Vma
+from monitor.linux.process import ProcessState
+from proto import vmft_pb2
+
+_TRIPLE = struct.Struct("<QQQ")
+
+
+def save(process: ProcessState, random_at: int, syscalls: int) -> vmft_pb2.LinuxState:
+    space = process.space
+    msg = vmft_pb2.LinuxState(
+        pages=b"".join(_TRIPLE.pack(vpn, phys, prot) for vpn, (phys, prot) in sorted(space.pages.items())),
+        tables=b"".join(
+            _TRIPLE.pack(_key_path(key), len(key), addr) for key, addr in sorted(space._tables.items())
+        ),
+        phys_next_free=space.phys.next_free,
+        phys_free=space.phys.free,
+        brk_start=space.brk_start,
+        brk=space.brk,
+        cwd=process.cwd,
+        umask=process.umask,
+        signal_mask=process.signals.mask,
+        altstack=process.signals.altstack,
+        fs_base=process.fs_base,
+        clear_child_tid=process.clear_child_tid,
+        robust_head=process.robust_list[0],
+        robust_len=process.robust_list[1],
+        last_time_ns=process.last_time_ns,
+        pipe_count=process.pipes,
+        console_eof=process.console_eof,
+        comm=getattr(process, "comm", b""),
+        random_at=random_at,
+        syscalls=syscalls,
+    )
+    for vma in space.vmas:
+        msg.vmas.add(
+            start=vma.start, end=vma.end, prot=vma.prot, name=vma.name, offset=vma.offset, shared=vma.shared
+        )
+    for sig, action in process.signals.actions.items():
+        msg.signal_actions[sig] = action
+    for path, data in process.root_files.items():
+        msg.root_files[path] = data
+    files: dict[int, int] = {}
+    pipes: dict[int, fdt.Pipe] = {}
+    for fd in sorted(process.fds.fds):
+        entry = process.fds.fds[fd]
+        key = id(entry.file)
+        if key not in files:
+            files[key] = len(msg.files)
+            msg.files.append(_save_file(entry.file, pipes))
+        msg.fds.add(fd=fd, file=files[key], cloexec=entry.cloexec)
+    for ino, pipe in sorted(pipes.items()):
+        msg.pipes.add(ino=ino, buffer=bytes(pipe.buffer))
+    return msg
+
+
+def _key_path(key: tuple[int, ...]) -> int:
+    padded = (*key, 0, 0, 0)[:3]
+    return padded[0] << 18 | padded[1] << 9 | padded[2]
+
+
+def _save_file(file: fdt.OpenFile, pipes: dict[int, fdt.Pipe]) -> vmft_pb2.LinuxOpenFile:
+    out = vmft_pb2.LinuxOpenFile(kind=file.kind, path=file.path, flags=file.flags, offset=file.offset)
+    if isinstance(file, fdt.HostFile):
+        out.layer = file.layer
+    elif isinstance(file, fdt.BytesFile):
+        out.data = file.data
+    elif isinstance(file, fdt.DeviceFile):
+        out.device = file.device
+    elif isinstance(file, fdt.ConsoleFile):
+        out.number = file.number
+    elif isinstance(file, fdt.PipeEnd):
+        out.pipe = file.pipe.ino
+        out.reading = file.reading
+        pipes[file.pipe.ino] = file.pipe
+    return out
+
+
+def restore(process: ProcessState, msg: vmft_pb2.LinuxState, console: fdt.ConsoleIo) -> None:
+    """Put a freshly attached process (memory already restored) in the saved state."""
+    space: AddressSpace = process.space
+    space.pages = {}
+    raw = msg.pages
+    for at in range(0, len(raw), _TRIPLE.size):
+        vpn, phys, prot = _TRIPLE.unpack_from(raw, at)
+        space.pages[vpn] = (phys, prot)
+    space._tables = {}
+    for at in range(0, len(msg.tables), _TRIPLE.size):
+        path, depth, addr = _TRIPLE.unpack_from(msg.tables, at)
+        key = ((path >> 18) & 511, (path >> 9) & 511, path & 511)[:depth]
+        space._tables[key] = addr
+    space.root = space._tables[()]
+    space.phys.next_free = msg.phys_next_free
+    space.phys.free = list(msg.phys_free)
+    space._set_vmas([Vma(v.start, v.end, v.prot, v.name, v.offset, v.shared) for v in msg.vmas])
+    space.brk_start, space.brk = msg.brk_start, msg.brk
+    process.cwd = msg.cwd
+    process.umask = msg.umask
+    process.signals.actions = dict(msg.signal_actions)
+    process.signals.mask = msg.signal_mask
+    process.signals.altstack = msg.altstack
+    process.fs_base = msg.fs_base
+    process.clear_child_tid = msg.clear_child_tid
+    process.robust_list = (msg.robust_head, msg.robust_len)
+    process.last_time_ns = msg.last_time_ns
+    process.pipes = msg.pipe_count
+    process.console_eof = msg.console_eof
+    setattr(process, "comm", msg.comm)  # noqa: B010 - ProcessCalls declares it
+    process.root_files = dict(msg.root_files)
+    pipes = {p.ino: fdt.Pipe(buffer=bytearray(p.buffer), ino=p.ino) for p in msg.pipes}
+    process.fds.close_all()
+    opened = [_open(process, f, pipes, console) for f in msg.files]
+    for entry in msg.fds:
+        process.fds.install(opened[entry.file], cloexec=entry.cloexec, at=entry.fd)
+
+
+def _open(
+    process: ProcessState, saved: vmft_pb2.LinuxOpenFile, pipes: dict[int, fdt.Pipe], console: fdt.ConsoleIo
+) -> fdt.OpenFile:
+    file: fdt.OpenFile
+    if saved.kind == "console":
+        file = fdt.ConsoleFile(saved.path, saved.flags, saved.number, console)
+    elif saved.kind == "device":
+        node = process.fs.resolve(saved.path)
+        file = fdt.DeviceFile(saved.path, saved.flags, saved.device, process.stat_node(node), process.entropy)
+    elif saved.kind == "pipe":
+        file = fdt.PipeEnd(saved.flags, pipes[saved.pipe], saved.reading)
+    elif saved.kind == "bytes":
+        node = process.fs.resolve(saved.path)
+        info = (
+            process.stat_node(node) if node.exists else fdt.StatInfo(dev=fdt.PROC_DEV, ino=1, mode=0o100444)
+        )
+        file = fdt.BytesFile(saved.path, saved.flags, saved.data, info)
+    elif saved.kind in ("host", "dir"):
+        try:
+            node = process.fs.resolve(saved.path)
+            # mypy: open_node lives in FileCalls; every process has it
+            file = process.open_node(node, saved.flags & ~(fdt.O_CREAT | fdt.O_TRUNC | fdt.O_EXCL), 0)  # type: ignore[attr-defined]
+        except (LinuxError, OSError) as err:
+            raise CheckpointError(f"cannot reopen {saved.path} for the Linux guest: {err}") from err
+    else:
+        raise CheckpointError(f"a Linux guest's open file of unknown kind {saved.kind!r}")
+    file.offset = saved.offset
+    return file

@@ -1,0 +1,78 @@
+"""A checkpoint of a running Linux program restores and finishes with the same output."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from monitor.checkpoint.take import Checkpointer
+from monitor.linux.personality import LinuxConfig, LinuxPersonality, build_linux, restore_linux
+from monitor.machine import StopReason
+
+pytestmark = pytest.mark.kvm
+
+PROGRAM = (
+    "import os, random\n"
+    "random.seed(7)\n"
+    "os.makedirs('/tmp/work', exist_ok=True)\n"
+    "log = open('/tmp/work/log.txt', 'w')\n"
+    "for i in range(30):\n"
+    "    s = sum(j * j for j in range(1_000_000)) + random.randrange(1000)\n"
+    "    log.write(f'{i} {s}\\n'); log.flush()\n"
+    "    print(i, s, flush=True)\n"
+    "log.close()\n"
+    "print('lines', len(open('/tmp/work/log.txt').read().splitlines()))\n"
+)
+WAIT_S = 60
+
+
+def test_checkpoint_of_a_running_python_restores_and_finishes(tmp_path: Path) -> None:
+    layer = tmp_path / "layer"
+    argv = ["/usr/bin/python3", "-c", PROGRAM]
+    personality = LinuxPersonality(LinuxConfig(program=argv[0], argv=argv, layer=layer))
+    machine = build_linux(personality)
+    out = bytearray()
+    personality.on_stream = lambda number, data: out.extend(data)
+    at_checkpoint: list[int] = []
+    checkpoint = tmp_path / "running.ckpt"
+    restored_layer = tmp_path / "restored-layer"
+    try:
+        machine.start()
+        deadline = time.monotonic() + WAIT_S
+        while out.count(b"\n") < 5 and time.monotonic() < deadline and machine.is_running():
+            time.sleep(0.01)
+        assert machine.is_running(), "the program finished before the checkpoint"
+
+        def paused(position: int) -> None:
+            at_checkpoint.append(len(out))
+            # The layer as it is at the checkpoint: a restore needs it (not in checkpoints yet).
+            shutil.copytree(layer, restored_layer, symlinks=True)
+
+        Checkpointer(machine).save(checkpoint, on_paused=paused)
+        result = machine.wait_blocking(WAIT_S)
+    finally:
+        machine.close()
+        personality.close()
+    assert result.reason is StopReason.EXITED and result.exit_code == 0, result.describe()
+    full = bytes(out)
+    assert full.endswith(b"lines 30\n")
+    before = full[: at_checkpoint[0]]
+    assert 5 <= before.count(b"\n") < 30
+
+    again = LinuxPersonality(LinuxConfig(program=argv[0], argv=argv, layer=restored_layer))
+    restored = restore_linux(again, checkpoint)
+    rest = bytearray()
+    again.on_stream = lambda number, data: rest.extend(data)
+    try:
+        result = restored.run_blocking(WAIT_S)
+    finally:
+        restored.close()
+        again.close()
+    assert result.reason is StopReason.EXITED and result.exit_code == 0, result.describe()
+    assert before + bytes(rest) == full
+    assert (restored_layer / "tmp" / "work" / "log.txt").read_bytes() == (
+        layer / "tmp" / "work" / "log.txt"
+    ).read_bytes()
