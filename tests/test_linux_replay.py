@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,24 @@ def test_a_changed_root_file_is_refused_before_replay(tmp_path: Path) -> None:
     replayed = run_guest(argv, root=str(root), journal=lambda p: open_replay(log, p.image, MEM))
     assert replayed.result is not None and replayed.result.reason is not StopReason.EXITED
     assert "root file /data.txt" in replayed.result.message
+
+
+def test_cli_records_and_replays(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
+    log = tmp_path / "cli.log"
+    program = ["--", *PROGRAM]
+
+    def vmft(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [sys.executable, "-m", "replica.cli", *args], cwd=root, env=env, capture_output=True, timeout=120
+        )
+
+    recorded = vmft("run", "--linux", "--record", str(log), *program)
+    assert recorded.returncode == 0, recorded.stderr
+    assert len(recorded.stdout.split()) == 5
+    replayed = vmft("replay", "--linux", str(log), *program)
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert b"verdict: IDENTICAL" in replayed.stdout
+    other = vmft("replay", "--linux", str(log), "--", "/usr/bin/python3", "-c", "pass")
+    assert other.returncode == 2 and b"recorded with image" in other.stderr
