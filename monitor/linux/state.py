@@ -1,13 +1,15 @@
 """The personality's state as a checkpoint carries it (proto LinuxState), and back.
 
-Guest memory and the vCPU are the machine's; this is the monitor's side of the process. Host files are
-reopened by their guest path at restore (the writable layer's files are not in checkpoints yet: a restore
-needs the layer as it was).
+Guest memory and the vCPU are the machine's; this is the monitor's side of the process, with the
+writable layer's files. Host files are reopened by their guest path at restore, after the layer is back.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
+from pathlib import Path
 
 from monitor.errors import CheckpointError
 from monitor.linux import fdtable as fdt
@@ -63,7 +65,56 @@ def save(process: ProcessState, random_at: int, syscalls: int) -> vmft_pb2.Linux
         msg.fds.add(fd=fd, file=files[key], cloexec=entry.cloexec)
     for ino, pipe in sorted(pipes.items()):
         msg.pipes.add(ino=ino, buffer=bytes(pipe.buffer))
+    msg.layer.extend(save_layer(process.fs.layer))
     return msg
+
+
+def save_layer(layer: Path) -> list[vmft_pb2.LinuxLayerEntry]:
+    """The writable layer's tree: directories (before their contents), files and symlinks."""
+    entries = []
+    for top, dirs, files in os.walk(layer):
+        dirs.sort()
+        for name in sorted(dirs) + sorted(files):
+            path = os.path.join(top, name)
+            st = os.lstat(path)
+            entry = vmft_pb2.LinuxLayerEntry(
+                path=os.path.relpath(path, layer),
+                mode=st.st_mode,
+                mtime_ns=st.st_mtime_ns,
+                atime_ns=st.st_atime_ns,
+            )
+            if stat.S_ISLNK(st.st_mode):
+                entry.target = os.readlink(path)
+            elif stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    entry.data = f.read()
+            elif not stat.S_ISDIR(st.st_mode):
+                continue  # nothing else can be made in the layer by a guest
+            entries.append(entry)
+    return entries
+
+
+def restore_layer(layer: Path, entries: list[vmft_pb2.LinuxLayerEntry]) -> None:
+    """Recreate the layer's tree under `layer` (a fresh layer: only its empty tmp and home)."""
+    root = os.path.realpath(layer)
+    for entry in entries:
+        path = os.path.realpath(os.path.join(root, os.path.dirname(entry.path)))
+        if entry.path.startswith("/") or ".." in entry.path.split("/") or not path.startswith(root):
+            raise CheckpointError(f"a layer entry outside the layer: {entry.path!r}")
+        path = os.path.join(path, os.path.basename(entry.path))
+        if stat.S_ISDIR(entry.mode):
+            os.makedirs(path, exist_ok=True)
+        elif stat.S_ISLNK(entry.mode):
+            os.symlink(entry.target, path)
+            continue
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            try:
+                os.write(fd, entry.data)
+            finally:
+                os.close(fd)
+        os.chmod(path, stat.S_IMODE(entry.mode))
+        os.utime(path, ns=(entry.atime_ns, entry.mtime_ns))
 
 
 def _key_path(key: tuple[int, ...]) -> int:
@@ -119,6 +170,7 @@ def restore(process: ProcessState, msg: vmft_pb2.LinuxState, console: fdt.Consol
     process.console_eof = msg.console_eof
     setattr(process, "comm", msg.comm)  # noqa: B010 - ProcessCalls declares it
     process.root_files = dict(msg.root_files)
+    restore_layer(process.fs.layer, list(msg.layer))
     pipes = {p.ino: fdt.Pipe(buffer=bytearray(p.buffer), ino=p.ino) for p in msg.pipes}
     process.fds.close_all()
     opened = [_open(process, f, pipes, console) for f in msg.files]
