@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,3 +48,24 @@ def test_with_kvm_nothing_is_skipped() -> None:
     rc, lines = scripts_test(*SELECTION[:2])
     assert rc == 0, lines[-8:]
     assert lines[-1] == "scripts/test: all passed (0 tests skipped for lack of KVM)", lines[-3:]
+
+
+def test_every_test_is_bounded_by_a_timeout(tmp_path: Path) -> None:
+    """The suite's configuration bounds every test (pytest-timeout, pyproject.toml): a test that hangs
+    fails with a timeout instead of stalling the run. Shown with the suite's own configuration and a
+    test that sleeps past a shortened bound (the default itself is read from the run's header)."""
+    header = subprocess.run(
+        [sys.executable, "-m", "pytest", "--co", "-p", "no:cacheprovider", "tests/test_event_log.py"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    match = re.search(r"^timeout: ([\d.]+)s$", header.stdout, re.M)
+    assert match and 60 <= float(match.group(1)) <= 600, header.stdout[:2000]
+    hung = tmp_path / "test_hung.py"
+    hung.write_text("import time\n\ndef test_hangs():\n    time.sleep(60)\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(ROOT / "pyproject.toml"),
+         "--rootdir", str(tmp_path), "-o", "timeout=1", str(hung)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout
+    assert "Timeout" in result.stdout and "1 failed" in result.stdout, result.stdout
