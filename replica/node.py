@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 
+from monitor.errors import VmftError
 from monitor.loader import ImageError
 from monitor.machine import install_kick_handler
 from monitor.record import LogError
@@ -319,7 +320,7 @@ class NodeServicer(vmft_pb2_grpc.NodeServicer):
     ) -> vmft_pb2.VmStatus:
         try:
             vm = await self.node.protect(request)
-        except (ReplicationRefused, ImageError, OSError, ValueError) as err:
+        except (VmftError, OSError, ValueError) as err:  # the image, disk, peer, arbiter, a checkpoint
             log.warning("protect %s refused: %s", request.spec.name, err)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         return vm.status()
@@ -343,7 +344,7 @@ class NodeServicer(vmft_pb2_grpc.NodeServicer):
     ) -> vmft_pb2.VmStatus:
         try:
             vm = await self.node.reprotect(request)
-        except ReplicationRefused as err:
+        except VmftError as err:  # the peer refused, or the arbiter is unreachable
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
             raise
         return vm.status()
