@@ -112,7 +112,7 @@ class PrimaryVm:
         if self.backup_node:
             await self._open_link(header)
         else:
-            self._alone(core.sink)
+            self.standing.run_alone(core.sink)
         host, port = parse_address(core.service)
         core.nic = NicServer(machine.net_backend, host, port)
         await core.nic.start()
@@ -126,12 +126,6 @@ class PrimaryVm:
             spawn(self._tasks, self._auto_reprotect(), "_auto_reprotect")
         else:
             self.standing.to(State.RUNNING_UNPROTECTED)
-
-    def _alone(self, sink: StreamSink) -> None:
-        """No backup (none asked for, or the arbiter confirmed this node alone): log nothing for a peer,
-        and let every output go out."""
-        sink.drop_all()
-        self.standing.release_alone()
 
     async def _open_link(self, header: vmft_pb2.LogHeader, checkpoint_follows: bool = False) -> None:
         settings = self.core.settings
@@ -257,7 +251,7 @@ class PrimaryVm:
             if standing.is_(State.REPROTECTING):  # (not when a restart has taken over meanwhile)
                 # The journal may already write to the new sink: nobody reads it, so it must drop too.
                 core.sink = new_sink if switched else old_sink
-                self._alone(core.sink)
+                standing.run_alone(core.sink)
                 standing.to(State.RUNNING_UNPROTECTED)
             raise ReplicationRefused(f"re-protection onto {backup_node} failed: {err}") from err
         core.sink = new_sink
@@ -336,7 +330,7 @@ class PrimaryVm:
             if not standing.is_(State.RUNNING):
                 return  # the guest faulted meanwhile: the restart goes live alone in this generation
             assert core.sink is not None
-            self._alone(core.sink)
+            standing.run_alone(core.sink)
             core.times.serving()
             standing.to(
                 State.RUNNING_UNPROTECTED, f"backup lost ({reason}); primary alone in generation {generation}"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from monitor.errors import VmftError
 from proto import vmft_pb2
 from replica.output_gate import Deliver, OutputGate
+from replica.stream_sink import StreamSink
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +178,12 @@ class Standing:
         self.gate.protect_again(position)
         self.replayed = 0
 
-    def release_alone(self) -> None:
-        """The arbiter confirmed this node as the sole primary: every held output goes out, and so will
-        every later one."""
+    def run_alone(self, sink: StreamSink) -> None:
+        """The arbiter confirmed this node as the sole primary (or none was asked for): no peer gets the log
+        from `sink` (a vCPU throttled by it goes on), every held output goes out, and so will every later
+        one. The one place that sets the gate's `unprotected` and the sink's `discard`."""
         assert self.gate is not None
+        sink.drop_all()
         self.gate.release_unprotected()
 
     # ----- status -----------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Policy when the backup is slow: the buffer holds up to `max_pending` batches; beyond that the vCPU waits
 (the guest is throttled, never silently) and a warning says so. Outputs are held by the output rule
 anyway, so throttling loses nothing. When the pair is unprotected (`discard`, set by `drop_all` when the
-VM's Standing says it runs alone), batches are dropped.
+VM's Standing runs alone: roles.py), batches are dropped.
 
 Also here, the pure batch arithmetic: merging a drained queue into one stream message (`merge_batches`)
 and cutting the window of a retained batch a restart replays (`window_batch`).

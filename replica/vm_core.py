@@ -129,14 +129,13 @@ class GoLive:
         assert machine is not None
         machine.clock.resume_from(machine.clock_device.last_seen_ns)
         machine.net.connections_lost()  # the connections in the log died with the old primary (or guest)
-        sink = StreamSink(self._loop)
-        sink.drop_all()  # unprotected until re-protection attaches a new backup
+        sink = StreamSink(self._loop)  # unprotected until re-protection attaches a new backup
         sink.retained = self._retained
         core.sink = sink
         core.journal = record_journal(sink, core.settings, start_position=position - 1)
         # The arbiter made this node the only primary: outputs go out at once until re-protected.
         gate = core.standing.new_gate(machine.deliver)
-        gate.release_unprotected()
+        core.standing.run_alone(sink)
         machine.output_handler = gate.hold
         self.position = position - 1
         core.times.live_at = time.monotonic()

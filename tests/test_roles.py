@@ -3,6 +3,7 @@ other move raises, and what status shows is derived from the one Standing object
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import pytest
@@ -18,6 +19,7 @@ from replica.roles import (
     State,
     is_serving,
 )
+from replica.stream_sink import StreamSink
 
 ALL_MOVES = [
     (role, source, target) for role in Role for source, target in itertools.product(TRANSITIONS[role], State)
@@ -130,3 +132,15 @@ def test_a_backup_reports_what_it_received() -> None:
     standing = Standing(Role.BACKUP, generation=1)
     standing.received = 77
     assert standing.acked == 77
+
+
+async def test_running_alone_releases_the_gate_and_drops_the_log_for_the_peer() -> None:
+    delivered: list[bytes] = []
+    standing = Standing(Role.PRIMARY, generation=2)
+    gate = standing.new_gate(lambda kind, data: delivered.append(data))
+    gate.hold(OutputKind.NET, b"held", 5)
+    sink = StreamSink(asyncio.get_running_loop())
+    standing.run_alone(sink)
+    assert delivered == [b"held"] and gate.unprotected and sink.discard
+    gate.hold(OutputKind.NET, b"later", 6)
+    assert delivered == [b"held", b"later"]
