@@ -1,8 +1,7 @@
 """CPython's own regression tests (Debian's libpython3.11-testsuite) under the monitor and natively.
 
-The modules here give the same result as native. test_json, test_re, test_struct, test_itertools and
-test_base64 also run, and fail only in their tests that start a subprocess or a thread (not there yet:
-docs/linux.md)."""
+The modules here give the same result as native. test_json, test_re, test_struct and test_base64 also
+run, and fail only in their tests that start a subprocess (not there yet: docs/linux.md)."""
 
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ def summary(stderr: bytes) -> tuple[int, str]:
     return int(ran.group(1)), verdict.group(1)
 
 
-@pytest.mark.parametrize("module", ["test_math", "test_collections", "test_string"])
+@pytest.mark.parametrize("module", ["test_math", "test_collections", "test_string", "test_itertools"])
 def test_cpython_module_same_as_native(module: str) -> None:
     if not os.path.exists(f"/usr/lib/python3.11/test/{module}.py"):
         pytest.skip("libpython3.11-testsuite is not installed (scripts/setup installs it)")
@@ -37,3 +36,12 @@ def test_cpython_module_same_as_native(module: str) -> None:
     assert summary(guest.stderr) == summary(native.stderr)
     assert summary(guest.stderr)[1].startswith("OK")
     assert guest.status == native.status == 0
+
+
+def test_regrtest_runs_with_its_watchdog_thread() -> None:
+    """`python3 -m test` starts a faulthandler watchdog thread: threads must work for it to exit 0."""
+    if not os.path.exists("/usr/lib/python3.11/test/test_string.py"):
+        pytest.skip("libpython3.11-testsuite is not installed (scripts/setup installs it)")
+    guest = run_guest([PYTHON, "-m", "test", "test_string"])
+    assert guest.status == 0, guest.stderr[-2000:]
+    assert b"Tests result: SUCCESS" in guest.stdout

@@ -14,6 +14,7 @@ from linux_helpers import have, run_guest, run_native
 pytestmark = pytest.mark.kvm
 
 BUSYBOX = "/bin/busybox"
+PYTHON = "/usr/bin/python3"
 LISTED = "/usr/lib/python3.11/json"  # a directory every Debian python3.11 has, the same under the view
 
 SHELL_SCRIPT = (
@@ -152,3 +153,36 @@ def test_sqlite_ten_thousand_rows_in_the_layer(tmp_path: Path) -> None:
     assert guest.stdout == native.stdout
     assert guest.stdout.startswith(b"10000|24997500.0|n0|n96\n")
     assert (home / "db.sqlite").stat().st_size == (native_dir / "db.sqlite").stat().st_size
+
+
+THREADS_SCRIPT = """\
+import queue, threading, time
+results, q, lock = [], queue.Queue(), threading.Lock()
+def worker(n):
+    s = sum(range(n * 20000))
+    with lock:
+        results.append((n, s))
+    q.put(n)
+threads = [threading.Thread(target=worker, args=(n,)) for n in range(1, 9)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(sorted(results), sorted(q.get() for _ in range(8)))
+ev = threading.Event()
+threading.Thread(target=lambda: (time.sleep(0.05), ev.set())).start()
+print("event", ev.wait(5), "timeout", threading.Event().wait(0.05), threading.active_count())
+cond, items = threading.Condition(), []
+def consumer():
+    with cond:
+        while len(items) < 3:
+            cond.wait()
+    print("consumed", items)
+c = threading.Thread(target=consumer); c.start()
+for i in range(3):
+    with cond:
+        items.append(i); cond.notify()
+c.join()
+"""
+
+
+def test_python_threads_match_native() -> None:
+    _same([PYTHON, "-c", THREADS_SCRIPT])

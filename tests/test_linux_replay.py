@@ -31,13 +31,15 @@ PROGRAM = [
 ]
 
 
-def record_and_replay(tmp_path: Path, name: str, cores: tuple[int, int] | None = None) -> tuple[bytes, bytes]:
+def record_and_replay(
+    tmp_path: Path, name: str, cores: tuple[int, int] | None = None, program: list[str] = PROGRAM
+) -> tuple[bytes, bytes]:
     log = tmp_path / f"{name}.log"
     original = os.sched_getaffinity(0)
     try:
         if cores:
             os.sched_setaffinity(0, {cores[0]})  # the vCPU thread inherits this thread's affinity
-        recorded = run_guest(PROGRAM, journal=lambda p: open_recording(log, p.image, MEM, 500))
+        recorded = run_guest(program, journal=lambda p: open_recording(log, p.image, MEM, 500))
         assert recorded.status == 0, recorded.stderr
         journals: list[ReplayJournal] = []
 
@@ -47,7 +49,7 @@ def record_and_replay(tmp_path: Path, name: str, cores: tuple[int, int] | None =
 
         if cores:
             os.sched_setaffinity(0, {cores[1]})
-        replayed = run_guest(PROGRAM, journal=replaying)
+        replayed = run_guest(program, journal=replaying)
     finally:
         os.sched_setaffinity(0, original)
     assert replayed.result is not None and recorded.result is not None
@@ -133,3 +135,29 @@ def test_cli_records_and_replays(tmp_path: Path) -> None:
     assert b"verdict: IDENTICAL" in replayed.stdout
     other = vmft("replay", "--linux", str(log), "--", "/usr/bin/python3", "-c", "pass")
     assert other.returncode == 2 and b"recorded with image" in other.stderr
+
+
+THREADED = [
+    "/usr/bin/python3",
+    "-c",
+    "import random, threading, time\n"
+    "out = []\n"
+    "def work(n):\n"
+    "    for i in range(200):\n"
+    "        out.append((n, i, random.random()))\n"
+    "        if i % 50 == 0: time.sleep(0.001)\n"
+    "ts = [threading.Thread(target=work, args=(n,)) for n in range(4)]\n"
+    "[t.start() for t in ts]; [t.join() for t in ts]\n"
+    "print(hash(tuple(out)), time.time())\n",
+]
+
+
+@pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2, reason="needs two cores to record on one, replay on another"
+)
+def test_threads_replay_on_another_core(tmp_path: Path) -> None:
+    """Threads are switched only at system calls: the interleaving replays, whatever the core."""
+    first_core, second_core = sorted(os.sched_getaffinity(0))[:2]
+    first = record_and_replay(tmp_path, "threads0", cores=(first_core, second_core), program=THREADED)
+    second = record_and_replay(tmp_path, "threads1", cores=(second_core, first_core), program=THREADED)
+    assert first[0] != second[0]

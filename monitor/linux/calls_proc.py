@@ -8,6 +8,7 @@ import time
 
 from monitor.linux.mm import LinuxError
 from monitor.linux.process import PID, PPID, ProcessState
+from monitor.linux.threads import Wait
 from monitor.linux.signals import IGNORED_BY_DEFAULT, SIG_DFL, SIG_IGN, FatalSignal, Sig, signal_name
 
 ARCH_SET_GS, ARCH_SET_FS, ARCH_GET_FS, ARCH_GET_GS = 0x1001, 0x1002, 0x1003, 0x1004
@@ -23,7 +24,6 @@ CLOCKS = {
 }
 RLIM_INFINITY = (1 << 64) - 1
 RLIMITS = {3: (8 << 20, RLIM_INFINITY), 7: (1024, 1024), 4: (0, RLIM_INFINITY)}  # STACK, NOFILE, CORE
-FUTEX_WAIT, FUTEX_WAKE, FUTEX_CMD_MASK = 0, 1, 0x7F
 PR_SET_NAME, PR_GET_NAME, PR_GET_DUMPABLE, PR_SET_DUMPABLE = 15, 16, 3, 4
 
 
@@ -44,7 +44,6 @@ class ProcessCalls(ProcessState):
     def sys_getpid(self, *_: int) -> int:
         return PID
 
-    sys_gettid = sys_getpid
     sys_getpgrp = sys_getpid
     sys_getpgid = sys_getpid
     sys_getsid = sys_getpid
@@ -111,10 +110,6 @@ class ProcessCalls(ProcessState):
             return 0
         raise LinuxError(errno.EINVAL)
 
-    def sys_set_tid_address(self, addr: int, *_: int) -> int:
-        self.clear_child_tid = addr
-        return PID
-
     def sys_set_robust_list(self, head: int, length: int, *_: int) -> int:
         self.robust_list = (head, length)
         return 0
@@ -142,9 +137,6 @@ class ProcessCalls(ProcessState):
             "<qQQQQQQQHxxxxxxQQI", 0, 0, 0, 0, mem, mem - self.space.phys.used_bytes, 0, 0, 1, 0, 0, 1
         )
         self.space.write(buf, info.ljust(112, b"\0"))
-        return 0
-
-    def sys_sched_yield(self, *_: int) -> int:
         return 0
 
     def sys_sched_getaffinity(self, pid: int, size: int, mask: int, *_: int) -> int:
@@ -202,7 +194,9 @@ class ProcessCalls(ProcessState):
         return self.now_ns(time.CLOCK_MONOTONIC) // 10_000_000
 
     def _sleep(self, ns: int) -> None:
-        if ns > 0 and not self.replaying:
+        if ns > 0 and self.sched.multithreaded:  # the others run meanwhile
+            self.sched.block(Wait(deadline_ns=self.now_ns(time.CLOCK_MONOTONIC) + ns, clock=1))
+        elif ns > 0 and not self.replaying:
             time.sleep(ns / 1e9)
 
     def sys_nanosleep(self, req: int, rem: int, *_: int) -> int:
@@ -288,7 +282,7 @@ class ProcessCalls(ProcessState):
         return self._signal_self(sig)
 
     def sys_tgkill(self, tgid: int, tid: int, sig: int, *_: int) -> int:
-        if tid != PID:
+        if tid not in self.sched.threads:
             raise LinuxError(errno.ESRCH)
         return self._signal_self(sig)
 
@@ -308,22 +302,7 @@ class ProcessCalls(ProcessState):
     def sys_socket(self, *_: int) -> int:
         raise LinuxError(errno.EACCES)  # no network for Linux guests yet (glibc's nscd probe lands here)
 
-    # ----- threads (one, for now) ---------------------------------------------------------------
-
-    def sys_futex(self, uaddr: int, op: int, val: int, *_: int) -> int:
-        cmd = op & FUTEX_CMD_MASK
-        if cmd in (FUTEX_WAKE, 10):  # WAKE, WAKE_BITSET: nobody else waits
-            return 0
-        if cmd in (FUTEX_WAIT, 9):
-            current = struct.unpack("<I", self.space.read(uaddr, 4))[0]
-            if current != val & 0xFFFFFFFF:
-                raise LinuxError(errno.EAGAIN)
-            raise LinuxError(errno.EDEADLK, "futex wait with no other thread to wake it")
-        raise LinuxError(errno.ENOSYS)
-
     # ----- the end ---------------------------------------------------------------------------------
 
     def sys_exit_group(self, status: int, *_: int) -> int:
         raise ProcessExit(status & 0xFF)
-
-    sys_exit = sys_exit_group

@@ -6,6 +6,7 @@ LinuxPersonality to it: a component of the machine (monitor/component.py) that s
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import logging
@@ -24,13 +25,15 @@ from monitor.devices.power import GuestStop
 from monitor.component import parse_state
 from monitor.journal import EventKind, Journal, OutputKind
 from monitor.kvm import Kvm
-from monitor.kvm_abi import KVM_SYNC_X86_REGS, Regs, Run
+from monitor.kvm_abi import KVM_SYNC_X86_REGS, Ioctl, Regs, Run, Xsave
 from monitor.linux import boot, cpuid_trap, elf
 from monitor.linux import state as linux_state
 from monitor.linux import fdtable as fdt
 from monitor.linux.calls_fs import FileCalls
 from monitor.linux.calls_mm import MemoryCalls
-from monitor.linux.calls_proc import ProcessCalls, ProcessExit
+from monitor.linux.calls_proc import CLOCKS, ProcessCalls, ProcessExit
+from monitor.linux.calls_thread import ThreadCalls
+from monitor.linux.threads import Thread, ThreadState
 from monitor.linux.fs import HOME, FileSystem, Synthetic
 from monitor.linux.mm import PROT_EXEC, PROT_READ, AddressSpace, LinuxError
 from monitor.linux.process import PID, PPID, Host, ProgramInfo, output_tag
@@ -50,6 +53,8 @@ _RAX, _RBX, _RCX, _RDX, _RSP, _RIP, _RFLAGS = (
     getattr(Regs, n).offset for n in ("rax", "rbx", "rcx", "rdx", "rsp", "rip", "rflags")
 )
 _U64 = struct.Struct("<Q")
+Regs_SIZE = ctypes.sizeof(Regs)
+_R11 = Regs.r11.offset
 _MASK = (1 << 64) - 1
 TSC_PER_NS = 3  # the virtual TSC runs at a nominal 3 GHz
 DEFAULT_ENV = (
@@ -72,7 +77,7 @@ class LinuxConfig:
     stdin_fd: int | None = None  # host descriptor the console reads from (None: end of input)
 
 
-class LinuxProcess(FileCalls, MemoryCalls, ProcessCalls):
+class LinuxProcess(ThreadCalls, FileCalls, MemoryCalls, ProcessCalls):
     """The process: its state (ProcessState) with every system call mixed in, and its /proc."""
 
     def proc_entry(self, parts: list[str]) -> Synthetic | None:
@@ -183,6 +188,7 @@ class LinuxPersonality:
             emit_console=self._console_out,
             read_console=self._console_in,
             set_fs_base=self._set_fs_base,
+            spawn=self._spawn,
         )
         self.process = LinuxProcess(
             self.space, self.fs, host, ProgramInfo(self.program_path, self.config.argv, self.config.env)
@@ -307,6 +313,92 @@ class LinuxPersonality:
         _U64.pack_into(buf, _SYNC_REGS + _RIP, rcx)
         _U64.pack_into(buf, _SYNC_REGS + _RFLAGS, r11)
         self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
+        sched = self.process.sched
+        if sched.switch_needed or (sched.multithreaded and sched.preempt_due()):
+            self._switch(result)
+        sched.running.syscalls += 1
+
+    # ----- threads ------------------------------------------------------------------------------------
+
+    def _xsave(self) -> bytes:
+        return self._vcpu._get_raw(Ioctl.GET_XSAVE, Xsave)  # the FPU/SSE/AVX state of the running thread
+
+    def _spawn(self, child: Thread, stack: int, fs_base: int) -> None:
+        """clone: the child resumes where the parent does, with rax 0, its own stack and FS base."""
+        regs = bytearray(self._run_buffer[_SYNC_REGS : _SYNC_REGS + Regs_SIZE])
+        rcx = _U64.unpack_from(regs, _RCX)[0]
+        r11 = _U64.unpack_from(regs, _R11)[0]
+        _U64.pack_into(regs, _RIP, rcx)
+        _U64.pack_into(regs, _RFLAGS, r11)
+        if stack:
+            _U64.pack_into(regs, _RSP, stack)
+        child.regs = bytes(regs)
+        child.xsave = self._xsave()
+        child.fs_base = fs_base
+        child.result = 0
+
+    def _switch(self, result: int) -> None:
+        """At a system call's return: park the running thread (unless it exited) and resume the next."""
+        sched = self.process.sched
+        sched.switch_needed = False
+        current = sched.threads.get(sched.current)
+        if current is not None:
+            current.regs = bytes(self._run_buffer[_SYNC_REGS : _SYNC_REGS + Regs_SIZE])  # already the return
+            current.xsave = self._xsave()
+            current.fs_base = self.process.fs_base
+            if current.state is ThreadState.RUNNING:
+                current.state = ThreadState.RUNNABLE
+                current.result = result
+                sched.run_queue.append(current.tid)
+        self._expire_deadlines()
+        following = sched.pick()
+        while following is None:
+            following = self._wait_for_deadline()
+        sched.switches += 1
+        sched.current = following.tid
+        following.state = ThreadState.RUNNING
+        if following is current:
+            _U64.pack_into(self._run_buffer, _SYNC_REGS + _RAX, following.result & _MASK)
+            return
+        buf = self._run_buffer
+        buf[_SYNC_REGS : _SYNC_REGS + Regs_SIZE] = following.regs
+        _U64.pack_into(buf, _SYNC_REGS + _RAX, following.result & _MASK)
+        self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
+        self._vcpu._set_raw(Ioctl.SET_XSAVE, Xsave, following.xsave)
+        if following.fs_base != self.process.fs_base:
+            self._set_fs_base(following.fs_base)
+        self.process.fs_base = following.fs_base
+
+    def _now(self) -> dict[int, int]:
+        """The clocks blocked threads wait on, read now (each reading an event)."""
+        clocks = sorted({clock for clock, _deadline in self.process.sched.deadlines()})
+        return {clock: self.process.now_ns(CLOCKS[clock]) for clock in clocks}
+
+    def _expire_deadlines(self) -> None:
+        if self.process.sched.deadlines():
+            self.process.sched.expire(self._now())
+
+    def _wait_for_deadline(self) -> Thread:
+        """No thread can run: sleep until the earliest deadline (live), or end a deadlock."""
+        sched = self.process.sched
+        if not sched.deadlines():
+            waiting = ", ".join(f"{t.tid}" for t in sched.threads.values())
+            raise_exit = ProcessExit(
+                128 + Sig.SIGKILL,
+                FatalSignal(Sig.SIGKILL, f"killed: deadlock, every thread waits forever (threads {waiting})"),
+            )
+            self._end(raise_exit)
+        now = self._now()
+        remaining = min(deadline - now[clock] for clock, deadline in sched.deadlines())
+        if remaining > 0 and not self.process.replaying:
+            self.machine._blocked = True  # sleeping is not a hang
+            try:
+                time.sleep(remaining / 1e9)
+            finally:
+                self.machine._blocked = False
+        sched.expire(self._now())
+        picked = sched.pick()
+        return picked if picked is not None else self._wait_for_deadline()
 
     def _on_exception(self, _value: int) -> None:
         buf = self._run_buffer

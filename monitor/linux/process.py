@@ -21,6 +21,7 @@ from monitor.linux import cpuid_trap
 from monitor.linux import fdtable as fdt
 from monitor.linux.fs import FileSystem, Node, Synthetic
 from monitor.linux.mm import AddressSpace, LinuxError
+from monitor.linux.threads import Scheduler, Thread
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class Host:
     emit_console: Callable[[int, bytes], None]  # (fd number 1 or 2, bytes): an output
     read_console: Callable[[int], bytes]  # at most n bytes from the console (blocks; b"" at end)
     set_fs_base: Callable[[int], None]
+    spawn: Callable[[Thread, int, int], None]  # a new thread: (thread, stack, FS base) from the running one
 
 
 @dataclass
@@ -60,6 +62,7 @@ class ProcessState:
         self.host = host
         self.program = program
         self.fds = fdt.FdTable()
+        self.sched = Scheduler()
         self.cwd = "/"
         self.umask = 0o022
         self.signals = SignalState()
@@ -170,6 +173,7 @@ class ProcessState:
                 (
                     self.cwd, self.umask, sorted(self.signals.actions.items()), self.signals.mask,
                     self.fs_base, self.clear_child_tid, self.robust_list, self.last_time_ns,
+                    self.sched.digest(),
                 )
             ).encode()
         )  # fmt: skip

@@ -21,6 +21,8 @@ _TRIPLE = struct.Struct("<QQQ")
 
 
 def save(process: ProcessState, random_at: int, syscalls: int) -> vmft_pb2.LinuxState:
+    if process.sched.multithreaded:
+        raise CheckpointError("checkpoints of a Linux process with several threads are not supported yet")
     space = process.space
     msg = vmft_pb2.LinuxState(
         pages=b"".join(_TRIPLE.pack(vpn, phys, prot) for vpn, (phys, prot) in sorted(space.pages.items())),
