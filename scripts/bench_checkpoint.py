@@ -5,8 +5,13 @@ it touched, idle in WAIT (monitor.checkpoint: pre-copy, zstd in chunks, files in
 - save throughput (guest RAM per second of checkpoint) against zstd level 1 on one thread compressing the
   same memory in place, in this process;
 - size against the touched memory, and compression ratio;
-- restore time to running (monitor.builder.restore + Machine.start) against the 20 ms target;
-- restart from the checkpoint against a cold boot of the same guest to the same point (its console line).
+- restore time to running (monitor.builder.restore + Machine.start) with lazy loading (pages load on first
+  touch: monitor/checkpoint/lazy.py) against the targets (8 ms with 16 MiB touched, 60 ms all touched), and
+  with eager loading (every page decompressed first) against the same targets;
+- restart from the checkpoint (lazy) against a cold boot of the same guest to the same point (its line);
+- the guest's first work after a lazy restore (one pass reading and rewriting --work MiB, asked for on the
+  console as soon as the guest runs) against the same work after an eager restore (target: at most 2x),
+  and how long after the restore every page is in.
 Medians of --repeat runs (and the best restore: the floor on a quiet core)."""
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ import zstandard
 
 from monitor import builder
 from monitor.checkpoint import Checkpointer
-from monitor.loader import load_image_file
+from monitor.checkpoint.restore import Loading
+from monitor.loader import GuestImage, load_image_file
 from monitor.config import MachineConfig
 from monitor.machine import Machine
 
 TARGET_PAUSE_S = 0.020
-TARGET_RESTORE_S = 0.020
+TARGET_RESTORE_S = {"16": 0.008, "all": 0.060}  # issue 13 (it was 20 ms)
+TARGET_WORK_RATIO = 2.0
 MEMTOUCH_BASE = 8 << 20
 
 
@@ -38,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (default 3)")
     parser.add_argument("--random", action="store_true", help="incompressible data instead of the pattern")
     parser.add_argument("--threads", type=int, default=2, help="zstd threads (default 2)")
+    parser.add_argument("--work", type=int, default=48, metavar="MiB",
+                        help="MiB the guest reads and rewrites just after a restore (default 48: ~100 ms)")
 
 
 def cold_boot(config: MachineConfig) -> tuple[Machine, float]:
@@ -64,6 +73,36 @@ def reference_compress(machine: Machine, touched: int) -> tuple[float, int]:
     return time.perf_counter() - started, size
 
 
+def timed_restore(
+    path: Path, image: GuestImage, loading: Loading, work_mib: int
+) -> tuple[float, float, float]:
+    """Restore and start; then ask for one pass over work_mib MiB at once. (seconds to running, seconds of
+    the pass from the request to its console line, seconds from the restore until every page was in)."""
+    done = threading.Event()
+    started = time.perf_counter()
+    machine, stats = builder.restore(path, image=image, loading=loading,
+                                     on_console=lambda data: done.set() if b"pass" in data else None)
+    try:
+        machine.start()
+        running = time.perf_counter() - started
+        asked = time.perf_counter()
+        machine.console.feed(str(work_mib).encode())
+        if not done.wait(120):
+            raise RuntimeError("memtouch did not finish its pass")
+        work = time.perf_counter() - asked
+        for thread in threading.enumerate():  # the preloader ends once everything is in
+            if thread.name == "vmft-lazy-loader":
+                thread.join(120)
+        loaded = running
+        if stats.lazy is not None and stats.lazy.complete_s is not None:
+            loaded = stats.lazy.started - started + stats.lazy.complete_s
+    finally:
+        machine.stop()
+        machine.wait_blocking(10)
+        machine.close()
+    return running, work, loaded
+
+
 def scenario(args: argparse.Namespace, touched_mib: int, label: str, tmp: Path) -> list[benchlib.Figure]:
     image = load_image_file(str(benchlib.ROOT / "guests" / "build" / "memtouch.elf"))
     arg = touched_mib | ((1 << 32) if args.random else 0)
@@ -71,6 +110,7 @@ def scenario(args: argparse.Namespace, touched_mib: int, label: str, tmp: Path) 
     mem_size = args.mem << 20
     touched = min(touched_mib << 20, mem_size - MEMTOUCH_BASE)
     boots, pauses, incr_pauses, totals, sizes, raws, restores = [], [], [], [], [], [], []
+    eager_restores, works, eager_works, loaded = [], [], [], []
     refs: list[tuple[float, int]] = []
     for run in range(args.repeat):
         machine, boot_s = cold_boot(config)
@@ -90,14 +130,15 @@ def scenario(args: argparse.Namespace, touched_mib: int, label: str, tmp: Path) 
             machine.stop()
             machine.wait_blocking(10)
             machine.close()
-        started = time.perf_counter()
-        restored, _ = builder.restore(path, image=image)
-        restored.start()
-        restores.append(time.perf_counter() - started)
-        restored.stop()
-        restored.wait_blocking(10)
-        restored.close()
+        running, work, _loaded = timed_restore(path, image, Loading.EAGER, args.work)
+        eager_restores.append(running)
+        eager_works.append(work)
+        running, work, all_in = timed_restore(path, image, Loading.LAZY, args.work)
+        restores.append(running)
+        works.append(work)
+        loaded.append(all_in)
     med = statistics.median
+    target = TARGET_RESTORE_S["16" if touched_mib <= 16 else "all"]
     total = med(totals)
     size = med(sizes)
     ref_s = med(r[0] for r in refs)
@@ -114,12 +155,18 @@ def scenario(args: argparse.Namespace, touched_mib: int, label: str, tmp: Path) 
         benchlib.Figure(f"{label}: checkpoint size", size / 2**20, "MiB", touched / 2**20, "touched memory"),
         benchlib.Figure(f"{label}: compression ratio (raw carried / stored)", med(raws) / size, "x",
                         ref_ratio, "zstd -1, one thread, touched memory in place"),
-        benchlib.Figure(f"{label}: restore to running", med(restores) * 1e3, "ms", TARGET_RESTORE_S * 1e3,
-                        "target"),
+        benchlib.Figure(f"{label}: restore to running", med(restores) * 1e3, "ms", target * 1e3,
+                        "target (lazy restore)"),
         benchlib.Figure(f"{label}: restore to running, best run", min(restores) * 1e3, "ms",
-                        TARGET_RESTORE_S * 1e3, "target"),
+                        target * 1e3, "target (lazy restore)"),
+        benchlib.Figure(f"{label}: restore to running, eager", med(eager_restores) * 1e3, "ms",
+                        target * 1e3, "target"),
         benchlib.Figure(f"{label}: restart from checkpoint", med(restores) * 1e3, "ms", med(boots) * 1e3,
                         "cold boot to the same point"),
+        benchlib.Figure(f"{label}: first work after lazy restore", med(works) * 1e3, "ms",
+                        med(eager_works) * 1e3, f"same, eager restore (target {TARGET_WORK_RATIO:g}x)"),
+        benchlib.Figure(f"{label}: lazy restore, every page in", med(loaded) * 1e3, "ms",
+                        med(eager_restores) * 1e3, "eager restore to running"),
     ]
 
 

@@ -281,7 +281,7 @@ def test_loader_threads_and_fds_end_with_the_machine(guest_image: GuestImagePath
     fds = open_fds()
     lazy, stats = builder.restore(tmp_path / "m.vmck", image=image, loading=Loading.ON_TOUCH)
     lazy.start()
-    assert loader_threads() == ["vmft-lazy-faults"]
+    assert loader_threads() == ["vmft-lazy-loader"]
     assert len(open_fds()) > len(fds)
     finish(lazy)
     assert loader_threads() == []

@@ -6,11 +6,11 @@ memory with userfaultfd (monitor/uffd.py) and lets the guest start at once. A mi
 by whoever needs it first, one whole slot at a time (its chunks decompressed into a scratch buffer and
 copied in with UFFDIO_COPY; a slot no chunk covers gets the zero page):
 
-- the fault thread, for a touch by the guest (KVM's own accesses from KVM_RUN included: they fault like any
-  other, with the GIL released) or by any thread outside Python;
-- the preload thread, which loads every slot the checkpoint holds, in address order from the last fault
-  on, so that faults stay rare; when it is done the range is unregistered, both threads end and the files
-  are let go: the memory is then plain anonymous memory again;
+- the loader thread, for a fault report: a touch by the guest (KVM's own accesses from KVM_RUN included:
+  they fault like any other, with the GIL released) or by any thread outside Python. Between reports it
+  loads ahead every slot the checkpoint holds, in address order from the last fault on, so that faults
+  stay rare; when all is in, the range is unregistered, the thread ends and the files are let go: the
+  memory is plain anonymous memory again (untouched zero slots fault in as usual);
 - a monitor thread that reads or writes guest memory through monitor/memory.py (`ensure`), which loads
   the range in its own thread first: a Python thread holding the GIL must never touch a missing page,
   since serving the fault needs the GIL. `GuestMemory.buffer()` (hashing, checkpoints) loads everything.
@@ -42,6 +42,8 @@ from monitor.uffd import MSG, Userfaultfd
 log = logging.getLogger(__name__)
 
 _JOIN_S = 5.0
+_LOADER_NICE = 19
+_THREADED_VERIFY_BYTES = 16 << 20  # crc32 runs at about 3.5 GB/s here: a few ms
 
 
 @dataclass
@@ -49,14 +51,25 @@ class LazyStats:
     """Filled in as the memory loads (read it at any time)."""
 
     slots: int = 0  # slots the checkpoint holds data for
-    faults: int = 0  # fault reports served by the fault thread
+    faults: int = 0  # fault reports served by the loader thread
     by_fault: int = 0  # slots loaded because the guest touched them first
     by_monitor: int = 0  # slots loaded for the monitor's own access
-    preloaded: int = 0  # slots loaded ahead by the preload thread
+    preloaded: int = 0  # slots loaded ahead by the loader thread
     zero_slots: int = 0  # slots without data that were touched before the end (zero page)
     complete_s: float | None = None  # from the start of loading until every slot was in
     error: str = ""
     started: float = field(default_factory=time.perf_counter)
+
+
+def _lower_priority() -> None:
+    """Nice 19 for the calling thread only (Linux: a thread id is a pid for setpriority). Loading ahead
+    must not take CPU from the guest: with autogroup scheduling the process's threads share one slice of
+    a busy machine, and a vCPU thread sharing it with the loader ran its work at half speed. While the
+    vCPU waits on a fault it is not runnable, so the loader then has the process's whole share anyway."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _LOADER_NICE)
+    except OSError as err:
+        log.debug("lazy restore: loader priority unchanged: %s", err)
 
 
 def verify_chunks(items: list[tuple[Chunk, str]], mem_size: int, threads: int) -> None:
@@ -76,8 +89,8 @@ def verify_chunks(items: list[tuple[Chunk, str]], mem_size: int, threads: int) -
             if size != chunk.raw_len:
                 raise CheckpointError(f"{what}: {chunk.describe()} holds {size} bytes")
 
-    if threads < 2 or len(items) < 16:
-        check(items)
+    if threads < 2 or sum(len(chunk.body) for chunk, _what in items) < _THREADED_VERIFY_BYTES:
+        check(items)  # starting threads would cost more than they save
         return
     step = (len(items) + threads - 1) // threads
     with ThreadPoolExecutor(threads) as pool:
@@ -86,8 +99,8 @@ def verify_chunks(items: list[tuple[Chunk, str]], mem_size: int, threads: int) -
 
 
 class LazyMemory:
-    """Loads `chunks` (verified, in the order they apply) into `memory` on first touch. Owns the fault
-    and preload threads, the userfaultfd and `owners` (the mapped checkpoint files the chunks point
+    """Loads `chunks` (verified, in the order they apply) into `memory` on first touch. Owns the loader
+    thread, the userfaultfd and `owners` (the mapped checkpoint files the chunks point
     into) until everything is loaded or `close()`. Attach with `start()`."""
 
     def __init__(
@@ -125,7 +138,7 @@ class LazyMemory:
         self._stopping = False
         self._uffd: Userfaultfd | None = None
         self._wake_r = self._wake_w = -1
-        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
         for chunk, _what in chunks:  # monitor writes, as an eager restore marks them
             memory.mark_dirty(chunk.offset, chunk.raw_len)
 
@@ -143,14 +156,8 @@ class LazyMemory:
         self._uffd = uffd
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.memory.attach_filler(self)
-        self._threads = [threading.Thread(target=self._serve_faults, name="vmft-lazy-faults", daemon=True)]
-        if self._preload_enabled:
-            preload = threading.Thread(target=self._preload, name="vmft-lazy-preload", daemon=True)
-            self._threads.append(preload)
-        for thread in self._threads:
-            thread.start()
-        if not self._present and self._preload_enabled:
-            self._finish()
+        self._thread = threading.Thread(target=self._run, name="vmft-lazy-loader", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
         """Stop loading (the machine is closing): threads joined, userfaultfd and files released.
@@ -186,7 +193,7 @@ class LazyMemory:
     def _load(self, slot: int, by: str) -> None:
         with self._lock:
             uffd = self._uffd
-            if self._loaded[slot] or self._complete or uffd is None:
+            if self._loaded[slot] or self._complete or self._stopping or uffd is None:
                 return
             start = slot * CHUNK_SIZE
             length = min(CHUNK_SIZE, self.size - start)
@@ -248,47 +255,44 @@ class LazyMemory:
         log.debug("lazy restore complete after %.1f ms: %s", self.stats.complete_s * 1e3, self.stats)
         self._shutdown()
 
-    # ----- threads -------------------------------------------------------------------------------
+    # ----- the loader thread ----------------------------------------------------------------------
 
-    def _serve_faults(self) -> None:
+    def _run(self) -> None:
+        """Serve fault reports first; between them, load the next slot ahead (unless on touch only). One
+        thread for both: a fault waits for at most the slot being loaded (a fraction of a millisecond)."""
         uffd = self._uffd
         assert uffd is not None
+        _lower_priority()
         buffer = bytearray(MSG.size * 64)
         poller = select.poll()
         poller.register(uffd.fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
-        page_mask = ~(PAGE_SIZE - 1)
-        while not self._stopping:
-            poller.poll()
-            if self._stopping:
-                return
-            for address in uffd.read_faults(buffer):
-                self.stats.faults += 1
-                offset = address - self.base
-                if not 0 <= offset < self.size:
-                    continue
-                slot = offset // CHUNK_SIZE
-                self._hint = slot + 1
-                try:
-                    if self._loaded[slot]:  # loaded between the fault and now: the copy woke it already
-                        uffd.wake(address & page_mask, PAGE_SIZE)
-                    else:
-                        self._load(slot, "fault")
-                except Exception as err:
-                    self._fail(err)
-                    return
-
-    def _preload(self) -> None:
-        present = self._present
+        ahead = self._preload_enabled
         try:
             while not self._stopping and not self._complete:
-                slot = self._next_missing(present)
+                if poller.poll(0 if ahead else None):
+                    self._serve(uffd, buffer)
+                    continue
+                slot = self._next_missing(self._present)
                 if slot is None:
                     self._finish()
                     return
                 self._load(slot, "preload")
         except Exception as err:
             self._fail(err)
+
+    def _serve(self, uffd: Userfaultfd, buffer: bytearray) -> None:
+        for address in uffd.read_faults(buffer):
+            self.stats.faults += 1
+            offset = address - self.base
+            if not 0 <= offset < self.size:
+                continue
+            slot = offset // CHUNK_SIZE
+            self._hint = slot + 1
+            if self._loaded[slot]:  # loaded between the fault and now: the copy woke it already
+                uffd.wake(address & ~(PAGE_SIZE - 1), PAGE_SIZE)
+            else:
+                self._load(slot, "fault")
 
     def _next_missing(self, present: list[int]) -> int | None:
         loaded = self._loaded
@@ -327,10 +331,9 @@ class LazyMemory:
                 os.write(self._wake_w, b"x")
             except OSError:
                 pass
-        current = threading.current_thread()
-        for thread in self._threads:
-            if thread is not current and thread.is_alive():
-                thread.join(_JOIN_S)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread() and thread.is_alive():
+            thread.join(_JOIN_S)
         with self._lock:
             self.memory.detach_filler(self)
             if self._uffd is not None:
