@@ -223,6 +223,43 @@ def test_monitor_access_and_checkpoints_while_loading(guest_image: GuestImagePat
         again.close()
 
 
+def test_incremental_against_the_lazily_restored_checkpoint(
+    guest_image: GuestImagePath, tmp_path: Path
+) -> None:
+    """As monitor/restart.py continues a restored guest's checkpoints: the next one is an incremental
+    against the checkpoint restored from. Taken while memory still loads, the chain restores to the lazy
+    machine's state (the loader's writes restore the checkpoint's own contents: nothing it needs)."""
+    image = memtouch(guest_image)
+    machine, _console = booted(image)
+    try:
+        Checkpointer(machine).save(tmp_path / "base.vmck")
+    finally:
+        finish(machine)
+    console = Console()
+    lazy, stats = builder.restore(
+        tmp_path / "base.vmck",
+        image=image,
+        loading=Loading.ON_TOUCH,
+        on_console=console,
+        journal=IdleJournal(),
+    )
+    try:
+        checkpointer = Checkpointer(lazy)
+        checkpointer.continue_from(stats.checkpoint_id)
+        _line, digest = run_pass(lazy, console, 6)
+        assert stats.lazy is not None and stats.lazy.by_fault > 0
+        incr = checkpointer.save(tmp_path / "next.vmck")
+        assert incr.incremental and incr.parent_id == stats.checkpoint_id
+    finally:
+        finish(lazy)
+    again, again_stats = builder.restore(tmp_path / "next.vmck", image=image)
+    try:
+        assert again_stats.chain_length == 2
+        assert again.state_digest() == digest
+    finally:
+        again.close()
+
+
 def _damage_memory_chunk(records: list[bytes], nth: int) -> list[bytes]:
     """The records with one byte of the nth memory chunk's zstd frame flipped (its crc left as it was)."""
     out = list(records)
