@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import subprocess
 from pathlib import Path
@@ -186,3 +187,42 @@ c.join()
 
 def test_python_threads_match_native() -> None:
     _same([PYTHON, "-c", THREADS_SCRIPT])
+
+
+SIGNALS_SCRIPT = """\
+import os, signal
+got = []
+signal.signal(signal.SIGUSR1, lambda sig, frame: got.append(sig))
+signal.signal(signal.SIGUSR2, lambda sig, frame: got.append(sig))
+os.kill(os.getpid(), signal.SIGUSR1)
+signal.raise_signal(signal.SIGUSR2)
+print("got", got, 1.5 * 3)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+os.kill(os.getpid(), signal.SIGUSR1)
+print("blocked", got)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+print("unblocked", got)
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt")
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+def test_signal_handlers_match_native() -> None:
+    _same([PYTHON, "-c", SIGNALS_SCRIPT])
+
+
+def test_segfault_handler_runs_as_native() -> None:
+    """faulthandler's SIGSEGV handler runs on its alternate stack, prints the traceback, re-raises."""
+    argv = [PYTHON, "-X", "faulthandler", "-c", "import ctypes; ctypes.string_at(0)"]
+    guest, native = run_guest(argv), run_native(argv)
+    assert guest.status == native.status == 128 + 11
+
+    def tidy(text: bytes) -> bytes:
+        return re.sub(rb"0x[0-9a-f]+", b"0x", text)  # the thread's address differs (native has ASLR)
+
+    assert tidy(guest.stderr) == tidy(native.stderr)
+    assert b"Fatal Python error: Segmentation fault" in guest.stderr

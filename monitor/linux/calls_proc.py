@@ -36,6 +36,10 @@ class ProcessExit(Exception):
         self.fatal = fatal
 
 
+class SigReturn(Exception):
+    """rt_sigreturn: the personality restores every register from the signal frame."""
+
+
 class ProcessCalls(ProcessState):
     comm = b""
 
@@ -256,6 +260,9 @@ class ProcessCalls(ProcessState):
             self.signals.mask &= ~((1 << (Sig.SIGKILL - 1)) | (1 << (Sig.SIGSTOP - 1)))
         return 0
 
+    def sys_rt_sigreturn(self, *_: int) -> int:
+        raise SigReturn()
+
     def sys_sigaltstack(self, new: int, old: int, *_: int) -> int:
         if old:
             self.space.write(old, self.signals.altstack)
@@ -271,10 +278,12 @@ class ProcessCalls(ProcessState):
         handler = struct.unpack_from("<Q", self.signals.actions.get(sig, bytes(32)))[0]
         if sig != Sig.SIGKILL and (handler == SIG_IGN or handler == SIG_DFL and sig in IGNORED_BY_DEFAULT):
             return 0
-        message = f"killed by {signal_name(sig)} (sent by the program itself)"
-        if handler not in (SIG_DFL, SIG_IGN):
-            message += "; signal handlers are not delivered yet"
-        raise ProcessExit(128 + sig, FatalSignal(sig, message))
+        if handler not in (SIG_DFL, SIG_IGN) and sig != Sig.SIGKILL:
+            self.signals.pending |= 1 << (sig - 1)  # delivered when this system call returns
+            return 0
+        raise ProcessExit(
+            128 + sig, FatalSignal(sig, f"killed by {signal_name(sig)} (sent by the program itself)")
+        )
 
     def sys_kill(self, pid: int, sig: int, *_: int) -> int:
         if pid not in (PID, 0, (1 << 64) - 1):

@@ -31,13 +31,30 @@ from monitor.linux import state as linux_state
 from monitor.linux import fdtable as fdt
 from monitor.linux.calls_fs import FileCalls
 from monitor.linux.calls_mm import MemoryCalls
-from monitor.linux.calls_proc import CLOCKS, ProcessCalls, ProcessExit
+from monitor.linux.calls_proc import CLOCKS, ProcessCalls, ProcessExit, SigReturn
 from monitor.linux.calls_thread import ThreadCalls
 from monitor.linux.threads import Thread, ThreadState
 from monitor.linux.fs import HOME, FileSystem, Synthetic
 from monitor.linux.mm import PROT_EXEC, PROT_READ, AddressSpace, LinuxError
 from monitor.linux.process import PID, PPID, Host, ProgramInfo, output_tag
-from monitor.linux.signals import EXCEPTION_SIGNALS, FatalSignal, Sig, page_fault_text, signal_name
+from monitor.linux.signals import (
+    EXCEPTION_SIGNALS,
+    SA_NODEFER,
+    SA_RESETHAND,
+    SEGV_ACCERR,
+    SEGV_MAPERR,
+    SI_TKILL,
+    SI_USER,
+    UCONTEXT_SIZE,
+    Action,
+    FatalSignal,
+    Frame,
+    Sig,
+    build_frame,
+    page_fault_text,
+    parse_frame,
+    signal_name,
+)
 from monitor.linux.stack import AuxInfo, build
 from monitor.linux.syscalls import SyscallTable
 from monitor.loader import GuestImage
@@ -308,6 +325,9 @@ class LinuxPersonality:
             result = self.syscalls.call(rax, rdi, rsi, rdx, r10, r8, r9)
         except ProcessExit as end:
             self._end(end)
+        except SigReturn:
+            self._sigreturn()
+            return
         self.space.commit()
         _U64.pack_into(buf, _SYNC_REGS + _RAX, result & _MASK)
         _U64.pack_into(buf, _SYNC_REGS + _RIP, rcx)
@@ -316,7 +336,61 @@ class LinuxPersonality:
         sched = self.process.sched
         if sched.switch_needed or (sched.multithreaded and sched.preempt_due()):
             self._switch(result)
+        elif self.process.signals.pending & ~self.process.signals.mask:
+            self._deliver_pending()
         sched.running.syscalls += 1
+
+    # ----- signal handlers ------------------------------------------------------------------------------
+
+    def _deliver_pending(self) -> None:
+        """A signal with a handler is pending and not blocked: run the handler when the call returns."""
+        signals = self.process.signals
+        ready = signals.pending & ~signals.mask
+        sig = (ready & -ready).bit_length()
+        signals.pending &= ~(1 << (sig - 1))
+        regs = _REGS.unpack_from(self._run_buffer, _SYNC_REGS)
+        frame = self._frame_for(sig, regs, SI_TKILL, 0)
+        self._run_buffer[_SYNC_REGS : _SYNC_REGS + Regs_SIZE] = _REGS.pack(*frame.regs)
+        self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
+
+    def _frame_for(self, sig: int, regs: tuple[int, ...], code: int, fault_address: int) -> Frame:
+        """Write the signal frame for `sig` on the thread's stack; the process's mask and action change
+        as Linux's do. A frame that cannot be written kills the process (SIGSEGV)."""
+        signals = self.process.signals
+        action = Action.parse(signals.actions.get(sig, bytes(32)))
+        frame = build_frame(
+            sig, action, regs, self._xsave(), signals.mask, signals.altstack, code, fault_address, PID
+        )
+        try:
+            self.space.write(frame.address, frame.data)
+        except LinuxError:
+            message = f"killed by SIGSEGV: no room for the {signal_name(sig)} frame at {frame.address:#x}"
+            self._end(ProcessExit(128 + Sig.SIGSEGV, FatalSignal(Sig.SIGSEGV, message)))
+        signals.mask |= action.mask | (0 if action.flags & SA_NODEFER else 1 << (sig - 1))
+        if action.flags & SA_RESETHAND:
+            signals.actions.pop(sig, None)
+        return frame
+
+    def _sigreturn(self) -> None:
+        """rt_sigreturn: every register, the FPU state and the mask from the frame at rsp."""
+        rsp = _U64.unpack_from(self._run_buffer, _SYNC_REGS + _RSP)[0]
+        try:
+            regs, mask, fpstate = parse_frame(self.space.read(rsp, UCONTEXT_SIZE))
+            xsave = self.space.read(fpstate, ctypes.sizeof(Xsave)) if fpstate else b""
+        except LinuxError:
+            self._end(
+                ProcessExit(
+                    128 + Sig.SIGSEGV,
+                    FatalSignal(Sig.SIGSEGV, f"killed by SIGSEGV: bad signal frame at {rsp:#x}"),
+                )
+            )
+        self.process.signals.mask = mask & ~((1 << (Sig.SIGKILL - 1)) | (1 << (Sig.SIGSTOP - 1)))
+        self._run_buffer[_SYNC_REGS : _SYNC_REGS + Regs_SIZE] = _REGS.pack(*regs)
+        self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
+        if xsave:
+            self._vcpu._set_raw(Ioctl.SET_XSAVE, Xsave, xsave)
+        if self.process.signals.pending & ~self.process.signals.mask:
+            self._deliver_pending()
 
     # ----- threads ------------------------------------------------------------------------------------
 
@@ -409,8 +483,11 @@ class LinuxPersonality:
         if vector == 6 and cs & 3 == 3 and self._emulate_cpuid(rsp, rip):
             return
         sig, what = EXCEPTION_SIGNALS.get(vector, (Sig.SIGSEGV, f"exception {vector}"))
+        fault_address = int(self._vcpu.get_sregs().cr2) if vector == 14 else 0
+        if cs & 3 == 3 and self._handle_fault(rsp, sig, fault_address, error):
+            return
         if vector == 14:
-            what = page_fault_text(error, int(self._vcpu.get_sregs().cr2))
+            what = page_fault_text(error, fault_address)
         elif vector == 6:
             try:
                 what += f" ({self.space.read(rip, 4).hex(' ')})"
@@ -418,6 +495,27 @@ class LinuxPersonality:
                 pass
         message = f"killed by {signal_name(sig)}: {what} (rip {rip:#x})"
         self._end(ProcessExit(128 + sig, FatalSignal(sig, message)))
+
+    def _handle_fault(self, frame_at: int, sig: int, fault_address: int, error: int) -> bool:
+        """A fault in the program with a handler for its signal (not blocked): run the handler."""
+        signals = self.process.signals
+        action = Action.parse(signals.actions.get(sig, bytes(32)))
+        if not action.runs_handler or signals.mask & (1 << (sig - 1)):
+            return False
+        _vector, _error, rip, _cs, rflags, usp, _ss = boot.read_exception_frame(self.machine.memory, frame_at)
+        regs = list(_REGS.unpack_from(self._run_buffer, _SYNC_REGS))
+        regs[6], regs[16], regs[17] = usp, rip, rflags  # the program's, from the CPU's frame
+        code = (SEGV_ACCERR if error & 1 else SEGV_MAPERR) if fault_address else SI_USER
+        frame = self._frame_for(sig, tuple(regs), code, fault_address)
+        buf = self._run_buffer
+        for index in (0, 3, 4, 5):  # rax, rdx, rsi, rdi: the handler's arguments (ring 0 keeps its rsp)
+            _U64.pack_into(buf, _SYNC_REGS + index * 8, frame.regs[index])
+        self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
+        self.machine.memory.write(frame_at + 16, struct.pack("<Q", frame.regs[16]))  # rip
+        self.machine.memory.write(
+            frame_at + 32, struct.pack("<QQ", frame.regs[17], frame.regs[6])
+        )  # rflags, rsp
+        return True
 
     def _emulate_tsc(self, frame: int, rip: int) -> bool:
         """RDTSC/RDTSCP fault (CR4.TSD): answer from the virtual clock, skip the instruction."""

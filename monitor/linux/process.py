@@ -53,6 +53,7 @@ class SignalState:
     actions: dict[int, bytes] = field(default_factory=dict)  # signal -> raw struct sigaction (32 bytes)
     mask: int = 0
     altstack: bytes = bytes(24)
+    pending: int = 0  # signals sent with a handler to run, not yet delivered (bit sig-1)
 
 
 class ProcessState:
@@ -172,6 +173,7 @@ class ProcessState:
             repr(
                 (
                     self.cwd, self.umask, sorted(self.signals.actions.items()), self.signals.mask,
+                    self.signals.pending, self.signals.altstack,
                     self.fs_base, self.clear_child_tid, self.robust_list, self.last_time_ns,
                     self.sched.digest(),
                 )
