@@ -23,6 +23,8 @@ UFFD_API = 0xAA
 UFFD_USER_MODE_ONLY = 1
 UFFD_EVENT_PAGEFAULT = 0x12
 UFFDIO_REGISTER_MODE_MISSING = 1
+PAGE_SIZE = 4096
+_MAX_STALLS = 1000
 MSG = struct.Struct("<B7xQQ8x")  # event, then pagefault: flags, address
 assert MSG.size == 32
 
@@ -96,17 +98,52 @@ class Userfaultfd:
         self._call(UFFDIO_UNREGISTER, self._range, "UFFDIO_UNREGISTER")
 
     def copy(self, dst: int, src: int, length: int) -> int:
-        """Map fresh pages holding [src, src+length) at dst and wake whoever waits there. Returns 0, or
-        EEXIST when some page was already present (those before it were copied: the rest is not)."""
-        arg = self._copy
-        arg[0], arg[1], arg[2], arg[3], arg[4] = dst, src, length, 0, 0
-        return self._call(UFFDIO_COPY, arg, "UFFDIO_COPY")
+        """Map fresh pages holding [src, src+length) at dst and wake whoever waits there. Pages already
+        present are kept (the kernel stops at each one: the copy goes on after it); returns how many."""
+        return self._fill(UFFDIO_COPY, self._copy, 4, dst, src, length)
 
     def zeropage(self, dst: int, length: int) -> int:
-        """Map the shared zero page over [dst, dst+length) (a later write copies it, with no report)."""
-        arg = self._zero
-        arg[0], arg[1], arg[2], arg[3] = dst, length, 0, 0
-        return self._call(UFFDIO_ZEROPAGE, arg, "UFFDIO_ZEROPAGE")
+        """Map the shared zero page over [dst, dst+length) (a later write copies it, with no report);
+        returns how many pages were already present (kept)."""
+        return self._fill(UFFDIO_ZEROPAGE, self._zero, 3, dst, None, length)
+
+    def _fill(
+        self,
+        request: int,
+        arg: ctypes.Array[ctypes.c_uint64],
+        out: int,
+        dst: int,
+        src: int | None,
+        length: int,
+    ) -> int:
+        """UFFDIO_COPY or _ZEROPAGE over a range, to its end: a partial copy (EAGAIN with the bytes done in
+        the `out` field) goes on where it stopped, a present page (EEXIST) is stepped over."""
+        name = "UFFDIO_COPY" if src is not None else "UFFDIO_ZEROPAGE"
+        present = 0
+        done = 0
+        stalls = 0
+        while done < length:
+            arg[0] = dst + done
+            if src is not None:
+                arg[1], arg[2], arg[3], arg[4] = src + done, length - done, 0, 0
+            else:
+                arg[1], arg[2], arg[3] = length - done, 0, 0
+            if _ioctl(self.fd, request, ctypes.addressof(arg)) == 0:
+                return present
+            err = ctypes.get_errno()
+            progress = ctypes.c_int64(arg[out]).value
+            if err == errno.EAGAIN and progress > 0:
+                done += progress
+            elif err == errno.EEXIST:
+                present += 1
+                done += PAGE_SIZE
+            elif err == errno.EAGAIN and stalls < _MAX_STALLS:  # the mapping is changing: try again
+                stalls += 1
+            elif err in (errno.ENOENT, errno.ESRCH):
+                return present  # the mapping or its process is going away
+            else:
+                raise UffdError(f"{name}: {os.strerror(err)}")
+        return present
 
     def wake(self, address: int, length: int) -> None:
         self._range[0], self._range[1] = address, length

@@ -7,22 +7,24 @@ from __future__ import annotations
 
 import os
 import threading
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from monitor import builder
 from monitor.checkpoint import CheckpointError, Checkpointer, RecordStream, file_records, write_records
-from monitor.checkpoint.format import FRAME, RecordType, Region
+from monitor.checkpoint.format import CHUNK_HEADER, CHUNK_SIZE, FRAME, Chunk, RecordType, Region
+from monitor.checkpoint.lazy import LazyMemory
 from monitor.checkpoint.restore import Loading
 from monitor.config import MachineConfig
 from monitor.journal import LiveJournal
 from monitor.loader import GuestImage, load_image_file
 from monitor.machine import Machine
-from monitor.memory import PAGE_SIZE
+from monitor.memory import PAGE_SIZE, GuestMemory
 
-pytestmark = pytest.mark.kvm
 GuestImagePath = Callable[[str], Path]
 MEM_MIB = 64
 TOUCHED_MIB = 24
@@ -128,6 +130,7 @@ def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
+@pytest.mark.kvm
 @pytest.mark.parametrize("loading", LAZY_MODES, ids=lambda m: m.value)
 def test_lazy_restore_runs_to_the_eager_state(
     guest_image: GuestImagePath, tmp_path: Path, loading: Loading
@@ -155,6 +158,7 @@ def test_lazy_restore_runs_to_the_eager_state(
         assert stats.zero_slots > 0
 
 
+@pytest.mark.kvm
 def test_lazy_restore_of_a_chain_with_small_chunks(guest_image: GuestImagePath, tmp_path: Path) -> None:
     """A full checkpoint cut in 64 KiB chunks and an incremental one (runs of dirty pages, wherever they
     fall): slots put together from several chunks, later ones over earlier ones."""
@@ -175,6 +179,7 @@ def test_lazy_restore_of_a_chain_with_small_chunks(guest_image: GuestImagePath, 
     assert lazy[:2] == eager[:2]
 
 
+@pytest.mark.kvm
 def test_lazy_restore_from_a_stream(guest_image: GuestImagePath, tmp_path: Path) -> None:
     image = memtouch(guest_image)
     machine, _console = booted(image)
@@ -187,6 +192,7 @@ def test_lazy_restore_from_a_stream(guest_image: GuestImagePath, tmp_path: Path)
     assert lazy[:2] == eager[:2]
 
 
+@pytest.mark.kvm
 def test_monitor_access_and_checkpoints_while_loading(guest_image: GuestImagePath, tmp_path: Path) -> None:
     """Nothing loaded yet: the monitor reads a range (it loads in the reading thread: no stall behind the
     GIL), writes one, and takes a full and an incremental checkpoint of the restored guest; restored
@@ -223,6 +229,7 @@ def test_monitor_access_and_checkpoints_while_loading(guest_image: GuestImagePat
         again.close()
 
 
+@pytest.mark.kvm
 def test_incremental_against_the_lazily_restored_checkpoint(
     guest_image: GuestImagePath, tmp_path: Path
 ) -> None:
@@ -277,6 +284,7 @@ def _damage_memory_chunk(records: list[bytes], nth: int) -> list[bytes]:
     raise AssertionError("not enough memory chunks")
 
 
+@pytest.mark.kvm
 @pytest.mark.parametrize("loading", LAZY_MODES, ids=lambda m: m.value)
 def test_a_damaged_chunk_is_refused_before_anything_runs(
     guest_image: GuestImagePath, tmp_path: Path, loading: Loading
@@ -305,6 +313,7 @@ def test_a_damaged_chunk_is_refused_before_anything_runs(
     assert open_fds() == fds
 
 
+@pytest.mark.kvm
 def test_loader_threads_and_fds_end_with_the_machine(guest_image: GuestImagePath, tmp_path: Path) -> None:
     """On touch only, the fault thread lives as long as memory is missing; closing the machine ends it and
     releases the userfaultfd, its wake pipe and the mapped checkpoint file. A preloaded restore ends its
@@ -352,3 +361,49 @@ def test_uffd_abi_numbers() -> None:
         0xC020AA04,
     )
     assert (uffd.UFFDIO_UNREGISTER, uffd.UFFDIO_WAKE) == (0x8010AA01, 0x8010AA02)
+
+
+def _chunk(offset: int, data: bytes, index: int) -> Chunk:
+    body = CHUNK_HEADER.pack(Region.MEMORY, offset, len(data)) + zstandard.ZstdCompressor().compress(data)
+    return Chunk(Region.MEMORY, offset, len(data), memoryview(body), zlib.crc32(body), index)
+
+
+def test_slots_from_partial_and_overlapping_chunks_without_kvm() -> None:
+    """No KVM: slots put together from a whole chunk, a partial one and a later one over it; a page
+    already present before loading (the kernel stops a copy there) is kept and the rest of its slot still
+    loads; a slot without chunks reads as zeros; closing ends the thread and releases every descriptor."""
+    fds = open_fds()
+    memory = GuestMemory(2 << 20)
+    whole = bytes(range(256)) * (CHUNK_SIZE // 256)
+    chunks = [
+        _chunk(0, whole, 0),
+        _chunk(CHUNK_SIZE + 3 * PAGE_SIZE, b"\x11" * (CHUNK_SIZE - PAGE_SIZE), 1),  # crosses into slot 2
+        _chunk(CHUNK_SIZE + 4 * PAGE_SIZE, b"\x22" * PAGE_SIZE, 2),  # applied after chunk 1
+    ]
+    memory.write(2 * PAGE_SIZE, b"present")  # before registering: already there when slot 0 loads
+    lazy = LazyMemory(memory, [(c, "t") for c in chunks], preload=False)
+    lazy.start()
+    try:
+        assert loader_threads() == ["vmft-lazy-loader"]
+        assert memory.read(0, 2 * PAGE_SIZE) == whole[: 2 * PAGE_SIZE]
+        assert memory.read(2 * PAGE_SIZE, 8) == b"present\x00"
+        assert memory.read(3 * PAGE_SIZE, CHUNK_SIZE - 3 * PAGE_SIZE) == whole[3 * PAGE_SIZE :]
+        slot1 = memory.read(CHUNK_SIZE, CHUNK_SIZE)
+        assert slot1[: 3 * PAGE_SIZE] == bytes(3 * PAGE_SIZE)
+        assert slot1[3 * PAGE_SIZE : 4 * PAGE_SIZE] == b"\x11" * PAGE_SIZE
+        assert slot1[4 * PAGE_SIZE : 5 * PAGE_SIZE] == b"\x22" * PAGE_SIZE
+        assert slot1[5 * PAGE_SIZE :] == b"\x11" * (CHUNK_SIZE - 5 * PAGE_SIZE)
+        assert memory.read(2 * CHUNK_SIZE, 2 * PAGE_SIZE) == b"\x11" * (2 * PAGE_SIZE)
+        assert memory.read(2 * CHUNK_SIZE + 2 * PAGE_SIZE, PAGE_SIZE) == bytes(PAGE_SIZE)
+        assert memory.read(5 * CHUNK_SIZE, 16) == bytes(16)
+        assert lazy.stats.by_monitor == 3 and lazy.stats.zero_slots == 1 and not lazy.complete
+        assert lazy.stats.present_pages == 1
+        memory.write(6 * CHUNK_SIZE, b"monitor")  # a slot without chunks, written by the monitor
+        assert memory.read(6 * CHUNK_SIZE, 7) == b"monitor"
+        assert memory.monitor_dirty[(CHUNK_SIZE + 3 * PAGE_SIZE) // PAGE_SIZE]  # loader writes marked
+        memory.buffer()  # everything in: unregistered, the thread ends, the filler detaches
+        assert lazy.complete and memory.filler is None
+    finally:
+        memory.close()
+    assert loader_threads() == []
+    assert open_fds() == fds

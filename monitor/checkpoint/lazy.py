@@ -56,6 +56,7 @@ class LazyStats:
     by_monitor: int = 0  # slots loaded for the monitor's own access
     preloaded: int = 0  # slots loaded ahead by the loader thread
     zero_slots: int = 0  # slots without data that were touched before the end (zero page)
+    present_pages: int = 0  # pages found already mapped when their slot loaded (kept as they were)
     complete_s: float | None = None  # from the start of loading until every slot was in
     error: str = ""
     started: float = field(default_factory=time.perf_counter)
@@ -198,12 +199,14 @@ class LazyMemory:
             start = slot * CHUNK_SIZE
             length = min(CHUNK_SIZE, self.size - start)
             items = self._covering[slot]
+            dst = self.base + start
             if not items:
-                uffd.zeropage(self.base + start, length)
+                self.stats.present_pages += uffd.zeropage(dst, length)
                 self.stats.zero_slots += 1
             else:
                 self._fill_scratch(start, length, items)
-                uffd.copy(self.base + start, ctypes.addressof(self._scratch), length)
+                # a page already there is kept (not expected: a slot's pages all arrive here at once)
+                self.stats.present_pages += uffd.copy(dst, ctypes.addressof(self._scratch), length)
                 if by == "fault":
                     self.stats.by_fault += 1
                 elif by == "monitor":
