@@ -520,7 +520,7 @@ def test_bench_checkpoint_smoke() -> None:
     # touched makes a checkpoint six times larger.
     args = parser.parse_args(["checkpoint", "--mem", "32", "--touched", "2,12", "--repeat", "1", "--random"])
     figures = {f.name: f for f in bench_checkpoint.run(args)}
-    assert len(figures) == 18
+    assert len(figures) == 24  # 12 per scenario
     for figure in figures.values():
         assert figure.value > 0 and figure.reference > 0, figure
     small = figures["32 MiB guest, 2 MiB touched: checkpoint size"]
