@@ -8,7 +8,7 @@ zstd frames to a LogFileWriter in a temporary directory), and what it produces:
 (d) replay speed: each recorded kv log replayed (monitor.record.open_replay + Machine), wall time per
     position against the recording's.
 The kv client load is build/kvload (scripts/kvload.c) in its own process, placed as in `scripts/bench kv`
-(generator on the last core, this process on the others; --no-pin)."""
+(--placement: by default the generator on the last core and this process free)."""
 
 from __future__ import annotations
 
