@@ -46,6 +46,7 @@ _LOADER_NICE = 19
 # Loading ahead starts at the guest's first fault (it runs), or this long after the restore: not while the
 # restoring thread still needs the CPU and the GIL to get the guest running.
 _AHEAD_AFTER_MS = 50
+_READ_AHEAD = 3  # slots loaded after a faulting one before the fault is answered
 _THREADED_VERIFY_BYTES = 16 << 20  # crc32 runs at about 3.5 GB/s here: a few ms
 
 
@@ -314,8 +315,16 @@ class LazyMemory:
             self._hint = slot + 1
             if self._loaded[slot]:  # loaded between the fault and now: the copy woke it already
                 uffd.wake(address & ~(PAGE_SIZE - 1), PAGE_SIZE)
-            else:
-                self._load(slot, "fault")
+                continue
+            if self._preload_enabled:
+                # The next slots first, while the guest still waits: once it runs again it takes the CPU
+                # from this (nice) thread on a busy machine, and a guest walking memory would otherwise
+                # fault on every slot.
+                for ahead in self._present[bisect.bisect_right(self._present, slot) :][:_READ_AHEAD]:
+                    if ahead > slot + _READ_AHEAD:
+                        break
+                    self._load(ahead, "preload")
+            self._load(slot, "fault")
 
     def _next_missing(self, present: list[int]) -> int | None:
         loaded = self._loaded
