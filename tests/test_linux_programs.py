@@ -226,3 +226,34 @@ def test_segfault_handler_runs_as_native() -> None:
 
     assert tidy(guest.stderr) == tidy(native.stderr)
     assert b"Fatal Python error: Segmentation fault" in guest.stderr
+
+
+PIPELINE_SCRIPT = (
+    "echo $(echo hi there) | /bin/busybox tr a-z A-Z; /bin/busybox ls /usr | /bin/busybox wc -l; "
+    'x=$(/usr/bin/python3 -c "print(6*7)"); echo "x=$x"; false || echo "false: $?"; (exit 7); echo "sub $?"; '
+    '/bin/busybox sh -c "exit 9"; echo "sh $?"; for i in 1 2 3; do echo $i; done | /bin/busybox sort -r'
+)
+
+SUBPROCESS_SCRIPT = """\
+import os, subprocess, sys
+r = subprocess.run(["/usr/bin/sha256sum", "/etc/passwd"], capture_output=True)
+print(r.returncode, r.stdout.split()[0].decode())
+code = "import sys; print(sys.argv[1:]); sys.exit(3)"
+r = subprocess.run([sys.executable, "-c", code, "x"], capture_output=True)
+print(r.returncode, r.stdout)
+print(subprocess.check_output("echo a; echo b >&2", shell=True, stderr=subprocess.STDOUT))
+p = subprocess.Popen(["/usr/bin/sort"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+print(p.communicate(b"b\\na\\nc\\n"), p.returncode)
+pid = os.fork()
+if pid == 0:
+    os._exit(5)
+print(os.waitpid(pid, 0)[1] >> 8)
+"""
+
+
+def test_shell_pipelines_and_subshells_match_native() -> None:
+    _same([BUSYBOX, "sh", "-c", PIPELINE_SCRIPT])
+
+
+def test_python_subprocess_matches_native() -> None:
+    _same([PYTHON, "-c", SUBPROCESS_SCRIPT])

@@ -161,3 +161,24 @@ def test_threads_replay_on_another_core(tmp_path: Path) -> None:
     first = record_and_replay(tmp_path, "threads0", cores=(first_core, second_core), program=THREADED)
     second = record_and_replay(tmp_path, "threads1", cores=(second_core, first_core), program=THREADED)
     assert first[0] != second[0]
+
+
+PROCESSES = [
+    "/bin/busybox",
+    "sh",
+    "-c",
+    'for i in 1 2 3; do /usr/bin/python3 -c "import random, time; print($i, random.random(), time.time())" '
+    "| /bin/busybox tr 0-4 5-9; done; echo $(/bin/busybox date +%s%N)",
+]
+
+
+@pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2, reason="needs two cores to record on one, replay on another"
+)
+def test_processes_replay_on_another_core(tmp_path: Path) -> None:
+    """fork, exec, pipes and wait in a recording replay (and each run differs)."""
+    first_core, second_core = sorted(os.sched_getaffinity(0))[:2]
+    first = record_and_replay(tmp_path, "procs0", cores=(first_core, second_core), program=PROCESSES)
+    second = record_and_replay(tmp_path, "procs1", cores=(second_core, first_core), program=PROCESSES)
+    assert first[0] != second[0]
+    assert first[0].count(b"\n") == 4

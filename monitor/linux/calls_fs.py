@@ -6,6 +6,7 @@ import errno
 import os
 import stat
 import struct
+import time
 
 from monitor.linux import fdtable as fdt
 from monitor.linux.fdtable import (
@@ -28,12 +29,24 @@ AT_SYMLINK_NOFOLLOW, AT_REMOVEDIR, AT_SYMLINK_FOLLOW, AT_EMPTY_PATH = 0x100, 0x2
 F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_GETLK, F_SETLK, F_SETLKW = 0, 1, 2, 3, 4, 5, 6, 7
 F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW, F_DUPFD_CLOEXEC, F_GETPIPE_SZ = 36, 37, 38, 1030, 1032
 TCGETS, TIOCGWINSZ, TIOCGPGRP, FIONREAD, FIONCLEX, FIOCLEX = 0x5401, 0x5413, 0x540F, 0x541B, 0x5450, 0x5451
-POLLIN, POLLOUT, POLLNVAL = 1, 4, 0x20
+POLLIN, POLLOUT, POLLERR, POLLHUP, POLLNVAL = 1, 4, 8, 0x10, 0x20
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 MAX_IO = 1 << 24  # one read or write moves at most 16 MiB (Linux: 0x7ffff000)
 _DIRENT = struct.Struct("<QqHB")
 _IOVEC = struct.Struct("<QQ")
 _STATFS = struct.Struct("<qqqqqqqiiqqq32x")
+
+
+def poll_events(file: fdt.OpenFile, events: int) -> int:
+    """What poll reports for a file now. Only pipes ever wait; everything else is always ready."""
+    if isinstance(file, fdt.PipeEnd):
+        pipe = file.pipe
+        if file.reading:
+            return (events & POLLIN if pipe.buffer else 0) | (POLLHUP if not pipe.writers else 0)
+        if not pipe.readers:
+            return POLLERR
+        return events & POLLOUT if len(pipe.buffer) < fdt.PIPE_CAPACITY else 0
+    return events & (POLLIN | POLLOUT)
 
 
 def _entry_type(entry: os.DirEntry[str]) -> int:
@@ -241,8 +254,20 @@ class FileCalls(ProcessState):
         return dst.write(data) if data else 0
 
     def sys_poll(self, fds: int, nfds: int, timeout: int, *_: int) -> int:
+        timeout = timeout - (1 << 32) if timeout >= 1 << 31 else timeout
+        return self._poll(fds, nfds, None if timeout < 0 else timeout * 1_000_000)
+
+    def sys_ppoll(self, fds: int, nfds: int, timeout: int, *_: int) -> int:
+        if not timeout:
+            return self._poll(fds, nfds, None)
+        sec, nsec = struct.unpack("<qq", self.space.read(timeout, 16))
+        return self._poll(fds, nfds, sec * 1_000_000_000 + nsec)
+
+    def _poll(self, fds: int, nfds: int, timeout_ns: int | None) -> int:
+        """Ready now, or the thread waits (with the files it watches) and polls again when one is."""
         raw = bytearray(self.space.read(fds, nfds * 8))
         ready = 0
+        watched: list[tuple[fdt.OpenFile, int]] = []
         for i in range(nfds):
             fd, events, _revents = struct.unpack_from("<ihh", raw, i * 8)
             revents = 0
@@ -250,14 +275,16 @@ class FileCalls(ProcessState):
                 if fd not in self.fds.fds:
                     revents = POLLNVAL
                 else:
-                    revents = events & (POLLIN | POLLOUT)
+                    file = self.fds.get(fd)
+                    revents = poll_events(file, events)
+                    watched.append((file, events))
             struct.pack_into("<h", raw, i * 8 + 6, revents)
             ready += bool(revents)
         self.space.write(fds, bytes(raw))
-        return ready
-
-    def sys_ppoll(self, fds: int, nfds: int, *_: int) -> int:
-        return self.sys_poll(fds, nfds, 0)
+        if ready or timeout_ns == 0:
+            return ready
+        deadline = None if timeout_ns is None else self.now_ns(time.CLOCK_MONOTONIC) + timeout_ns
+        raise fdt.WouldBlock(("poll", watched, deadline))
 
     # ----- opening ------------------------------------------------------------------------------
 

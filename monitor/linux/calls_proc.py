@@ -7,7 +7,7 @@ import struct
 import time
 
 from monitor.linux.mm import LinuxError
-from monitor.linux.process import PID, PPID, ProcessState
+from monitor.linux.process import ProcessState
 from monitor.linux.threads import Wait
 from monitor.linux.signals import IGNORED_BY_DEFAULT, SIG_DFL, SIG_IGN, FatalSignal, Sig, signal_name
 
@@ -36,6 +36,15 @@ class ProcessExit(Exception):
         self.fatal = fatal
 
 
+def _s32(value: int) -> int:
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value & 0x80000000 else value
+
+
+class Executed(Exception):
+    """execve succeeded: the process runs a new program (its registers are set)."""
+
+
 class SigReturn(Exception):
     """rt_sigreturn: the personality restores every register from the signal frame."""
 
@@ -46,14 +55,14 @@ class ProcessCalls(ProcessState):
     # ----- identity --------------------------------------------------------------------------------
 
     def sys_getpid(self, *_: int) -> int:
-        return PID
+        return self.pid
 
     sys_getpgrp = sys_getpid
     sys_getpgid = sys_getpid
     sys_getsid = sys_getpid
 
     def sys_getppid(self, *_: int) -> int:
-        return PPID
+        return self.ppid
 
     def sys_getuid(self, *_: int) -> int:
         return 0
@@ -199,7 +208,7 @@ class ProcessCalls(ProcessState):
 
     def _sleep(self, ns: int) -> None:
         if ns > 0 and self.sched.multithreaded:  # the others run meanwhile
-            self.sched.block(Wait(deadline_ns=self.now_ns(time.CLOCK_MONOTONIC) + ns, clock=1))
+            self.sched.block(Wait(deadline_ns=self.now_ns(time.CLOCK_MONOTONIC) + ns, clock=1, kind="sleep"))
         elif ns > 0 and not self.replaying:
             time.sleep(ns / 1e9)
 
@@ -286,9 +295,44 @@ class ProcessCalls(ProcessState):
         )
 
     def sys_kill(self, pid: int, sig: int, *_: int) -> int:
-        if pid not in (PID, 0, (1 << 64) - 1):
-            raise LinuxError(errno.ESRCH)
-        return self._signal_self(sig)
+        pid = _s32(pid)  # pid_t is an int
+        if pid in (self.pid, 0, -1, -self.pid):
+            return self._signal_self(sig)
+        if not 1 <= sig <= 64 and sig != 0:
+            raise LinuxError(errno.EINVAL)
+        self.host.signal_process(abs(pid), sig)
+        return 0
+
+    def sys_fork(self, *_: int) -> int:
+        return self.host.fork(False, 0)
+
+    def sys_vfork(self, *_: int) -> int:
+        return self.host.fork(True, 0)
+
+    def sys_execve(self, path: int, argv: int, envp: int, *_: int) -> int:
+        self.host.execve(self.read_path(path), self._strings(argv), self._strings(envp))
+        return 0
+
+    def _strings(self, addr: int) -> list[str]:
+        out: list[str] = []
+        while addr:
+            pointer = struct.unpack("<Q", self.space.read(addr, 8))[0]
+            if not pointer:
+                break
+            out.append(self.space.read_cstring(pointer, 1 << 17).decode("utf-8", "surrogateescape"))
+            addr += 8
+            if len(out) > 4096:
+                raise LinuxError(errno.E2BIG)
+        return out
+
+    def sys_wait4(self, pid: int, status: int, options: int, rusage: int, *_: int) -> int:
+        pid = _s32(pid)  # pid_t is an int
+        child, wait_status = self.host.wait_child(pid if pid > 0 else -1, options)
+        if child and status:
+            self.space.write(status, struct.pack("<i", wait_status))
+        if child and rusage:
+            self.space.write(rusage, bytes(144))
+        return child
 
     def sys_tgkill(self, tgid: int, tid: int, sig: int, *_: int) -> int:
         if tid not in self.sched.threads:
@@ -296,15 +340,13 @@ class ProcessCalls(ProcessState):
         return self._signal_self(sig)
 
     def sys_tkill(self, tid: int, sig: int, *_: int) -> int:
-        return self.sys_tgkill(PID, tid, sig)
+        return self.sys_tgkill(self.pid, tid, sig)
 
     def sys_rseq(self, *_: int) -> int:
         raise LinuxError(errno.ENOSYS)  # restartable sequences: glibc works without them (one thread)
 
-    def sys_wait4(self, *_: int) -> int:
-        raise LinuxError(errno.ECHILD)  # no child processes (fork is not there yet)
-
-    sys_waitid = sys_wait4
+    def sys_waitid(self, *_: int) -> int:
+        raise LinuxError(errno.ECHILD)  # waitid: not yet (wait4 is)
 
     # ----- the network: not yet ------------------------------------------------------------------
 

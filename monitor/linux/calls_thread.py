@@ -22,8 +22,13 @@ _U32 = struct.Struct("<I")
 
 class ThreadCalls(ProcessState):
     def sys_clone(self, flags: int, stack: int, ptid: int, ctid: int, tls: int, *_: int) -> int:
-        if not (flags & CLONE_VM and flags & CLONE_THREAD):
-            raise LinuxError(errno.ENOSYS, "new processes (fork) are not there yet")
+        if not flags & CLONE_THREAD:
+            child_pid = self.host.fork(bool(flags & CLONE_VM), stack)  # fork, vfork, posix_spawn
+            if flags & CLONE_PARENT_SETTID:
+                self.space.write(ptid, _U32.pack(child_pid))
+            return child_pid
+        if not flags & CLONE_VM:
+            raise LinuxError(errno.EINVAL)
         child = self.sched.new_thread()
         self.host.spawn(child, stack, tls if flags & CLONE_SETTLS else self.fs_base)
         if flags & CLONE_PARENT_SETTID:
@@ -72,10 +77,6 @@ class ThreadCalls(ProcessState):
             woken = self.sched.wake(uaddr, val)
             return woken + self.sched.requeue(uaddr, uaddr2, timeout & 0x7FFFFFFF)
         raise LinuxError(errno.ENOSYS)
-
-    def sleep_ns(self, clock: int, deadline_ns: int) -> None:
-        """With other threads, a sleep blocks this one (they run); alone, the host sleeps."""
-        self.sched.block(Wait(deadline_ns=deadline_ns, clock=clock))
 
     def sys_exit(self, status: int, *_: int) -> int:
         if not self.sched.multithreaded:

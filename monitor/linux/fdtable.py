@@ -104,6 +104,7 @@ class OpenFile:
         self.path = path
         self.flags = flags
         self.offset = 0
+        self.refs = 0  # descriptors naming it, in every process
 
     @property
     def readable(self) -> bool:
@@ -338,7 +339,15 @@ class ConsoleIo:
         self.write = write
 
 
-@dataclass
+class WouldBlock(Exception):
+    """The call must wait for `what` (a pipe) and then run again."""
+
+    def __init__(self, what: object) -> None:
+        super().__init__("would block")
+        self.what = what
+
+
+@dataclass(eq=False)
 class Pipe:
     buffer: bytearray = field(default_factory=bytearray)
     readers: int = 0
@@ -367,8 +376,9 @@ class PipeEnd(OpenFile):
         pipe = self.pipe
         if not pipe.buffer:
             if pipe.writers:
-                # One process, one thread: nobody else can ever fill it. Linux would block forever.
-                raise LinuxError(errno.EAGAIN if self.flags & O_NONBLOCK else errno.EDEADLK)
+                if self.flags & O_NONBLOCK:
+                    raise LinuxError(errno.EAGAIN)
+                raise WouldBlock(("pipe-read", pipe))  # until a writer writes or the last one closes
             return b""
         chunk = bytes(pipe.buffer[:n])
         del pipe.buffer[:n]
@@ -382,7 +392,9 @@ class PipeEnd(OpenFile):
             raise LinuxError(errno.EPIPE)
         room = PIPE_CAPACITY - len(pipe.buffer)
         if room <= 0:
-            raise LinuxError(errno.EAGAIN if self.flags & O_NONBLOCK else errno.EDEADLK)
+            if self.flags & O_NONBLOCK:
+                raise LinuxError(errno.EAGAIN)
+            raise WouldBlock(("pipe-write", pipe))  # until a reader makes room or the last one closes
         pipe.buffer += data[:room]
         return min(room, len(data))
 
@@ -408,9 +420,22 @@ class Descriptor:
 
 
 class FdTable:
+    """A process's descriptors. An open file counts the descriptors naming it in every table (dup, fork)
+    and is closed with the last."""
+
     def __init__(self) -> None:
         self.fds: dict[int, Descriptor] = {}
-        self._refs: dict[int, int] = {}  # id(open file) -> descriptors naming it
+
+    def copy(self) -> FdTable:
+        """fork: the same open files under the same numbers."""
+        table = FdTable()
+        for fd, entry in self.fds.items():
+            table.install(entry.file, entry.cloexec, at=fd)
+        return table
+
+    def close_on_exec(self) -> None:
+        for fd in [fd for fd, entry in self.fds.items() if entry.cloexec]:
+            self.close(fd)
 
     def get(self, fd: int) -> OpenFile:
         entry = self.fds.get(fd)
@@ -428,17 +453,15 @@ class FdTable:
         if at in self.fds:
             self.close(at)
         self.fds[at] = Descriptor(file, cloexec)
-        self._refs[id(file)] = self._refs.get(id(file), 0) + 1
+        file.refs += 1
         return at
 
     def close(self, fd: int) -> None:
         entry = self.fds.pop(fd, None)
         if entry is None:
             raise LinuxError(errno.EBADF)
-        key = id(entry.file)
-        self._refs[key] -= 1
-        if not self._refs[key]:
-            del self._refs[key]
+        entry.file.refs -= 1
+        if not entry.file.refs:
             entry.file.close()
 
     def close_all(self) -> None:

@@ -91,9 +91,11 @@ class PhysicalPages:
 
 
 class AddressSpace:
-    def __init__(self, memory: GuestMemory, flush_tlb: Callable[[], None]) -> None:
+    def __init__(
+        self, memory: GuestMemory, flush_tlb: Callable[[], None], phys: PhysicalPages | None = None
+    ) -> None:
         self.memory = memory
-        self.phys = PhysicalPages(memory)
+        self.phys = phys or PhysicalPages(memory)  # one allocator for every address space of the VM
         self._flush_tlb = flush_tlb
         self.root = self.phys.alloc()
         self._tables: dict[tuple[int, ...], int] = {(): self.root}
@@ -105,12 +107,14 @@ class AddressSpace:
         self.mmap_top = MMAP_TOP
         self.flushes = 0
         self._needs_flush = False
+        self._low: tuple[int, int, dict[int, int]] | None = None
 
     # ----- page tables ---------------------------------------------------------------------------
 
     def map_identity_low(self, start: int, end: int, user_pages: dict[int, int]) -> None:
         """The kernel structures below LOW_END: supervisor pages, identity-mapped; `user_pages` maps a
         page address to its prot for the few the program may use (the system-call page)."""
+        self._low = (start, end, user_pages)
         for addr in range(start, end, PAGE):
             prot = user_pages.get(addr)
             pte = addr | _P | _RW if prot is None else addr | _P | _US | (_NX if not prot & PROT_EXEC else 0)
@@ -486,6 +490,33 @@ class AddressSpace:
             out += chunk
             addr += len(chunk)
         raise LinuxError(errno.ENAMETOOLONG)
+
+    def fork_copy(self) -> AddressSpace:
+        """fork: a new address space with a copy of every page (eagerly, like everything here)."""
+        child = AddressSpace(self.memory, self._flush_tlb, self.phys)
+        if self._low is not None:
+            child.map_identity_low(*self._low)
+        ptes: dict[int, int] = {}
+        for vpn, (phys, prot) in self.pages.items():
+            frame = self.phys.alloc(zero=False)
+            self.memory.write(frame, self.memory.view(phys, PAGE))
+            child.pages[vpn] = (frame, prot)
+            ptes[vpn] = self._pte(frame, prot)
+        for vpn in sorted(ptes):
+            child._write_pte(vpn, ptes[vpn])
+        child._set_vmas([replace(v) for v in self.vmas])
+        child.brk_start, child.brk, child.mmap_top = self.brk_start, self.brk, self.mmap_top
+        return child
+
+    def release(self) -> None:
+        """exec or exit: every frame of this address space goes back to the allocator."""
+        for phys, _prot in self.pages.values():
+            self.phys.release(phys)
+        for table in self._tables.values():
+            self.phys.release(table)
+        self.pages = {}
+        self._tables = {}
+        self._set_vmas([])
 
     def digest(self) -> bytes:
         """The mapping table (not the contents: guest memory is hashed separately)."""

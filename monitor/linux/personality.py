@@ -31,14 +31,17 @@ from monitor.linux import state as linux_state
 from monitor.linux import fdtable as fdt
 from monitor.linux.calls_fs import FileCalls
 from monitor.linux.calls_mm import MemoryCalls
-from monitor.linux.calls_proc import CLOCKS, ProcessCalls, ProcessExit, SigReturn
+from monitor.linux.calls_proc import CLOCKS, Executed, ProcessCalls, ProcessExit, SigReturn
 from monitor.linux.calls_thread import ThreadCalls
-from monitor.linux.threads import Thread, ThreadState
+from monitor.linux.calls_fs import poll_events
+from monitor.linux.processes import ProcessTable, Zombie, exit_status, signal_status
+from monitor.linux.threads import FIRST_TID, Thread, ThreadState, Wait
 from monitor.linux.fs import HOME, FileSystem, Synthetic
 from monitor.linux.mm import PROT_EXEC, PROT_READ, AddressSpace, LinuxError
 from monitor.linux.process import PID, PPID, Host, ProgramInfo, output_tag
 from monitor.linux.signals import (
     EXCEPTION_SIGNALS,
+    IGNORED_BY_DEFAULT,
     SA_NODEFER,
     SA_RESETHAND,
     SEGV_ACCERR,
@@ -199,20 +202,29 @@ class LinuxPersonality:
 
     def attach(self, machine: Machine) -> None:
         self._machine = machine
-        self.space = AddressSpace(machine.memory, self.flush_tlb)
-        host = Host(
+        space = AddressSpace(machine.memory, self.flush_tlb)
+        self._host = Host(
             journal=lambda: machine.journal,
             emit_console=self._console_out,
             read_console=self._console_in,
             set_fs_base=self._set_fs_base,
             spawn=self._spawn,
+            fork=self._fork,
+            execve=self._execve,
+            wait_child=self._wait_child,
+            signal_process=self._signal_process,
         )
         self.process = LinuxProcess(
-            self.space, self.fs, host, ProgramInfo(self.program_path, self.config.argv, self.config.env)
+            space, self.fs, self._host, ProgramInfo(self.program_path, self.config.argv, self.config.env)
         )
         self.process.cwd = self.config.cwd
         self.fs.proc = self.process
         self.syscalls = SyscallTable(self.process)
+        self.processes: dict[int, LinuxProcess] = {self.process.pid: self.process}
+        self.tables: dict[int, SyscallTable] = {self.process.pid: self.syscalls}
+        self.table = ProcessTable()
+        self._initial_xsave = b""
+        self._cpu_fs_base = 0  # what the vCPU's FS base holds now
         self._run_buffer = machine.vcpu.run_buffer
         self._vcpu = machine.vcpu
         machine._out[boot.SYSCALL_PORT] = self._on_syscall
@@ -228,6 +240,11 @@ class LinuxPersonality:
         machine = Machine(parts, journal)
         self.attach(machine)
         return machine
+
+    @property
+    def space(self) -> AddressSpace:
+        """The running process's address space."""
+        return self.process.space
 
     @property
     def machine(self) -> Machine:
@@ -257,6 +274,7 @@ class LinuxPersonality:
             )
         entry = interp.entry if interp else program.entry
         boot.enter_user(machine.memory, machine.vcpu, self.space.root, entry, rsp)
+        self._initial_xsave = self._xsave()
 
     # ----- the host side of the process -----------------------------------------------------------------
 
@@ -270,6 +288,7 @@ class LinuxPersonality:
 
     def _set_fs_base(self, value: int) -> None:
         self._vcpu.set_msrs([(boot.MSR_FS_BASE, value)])
+        self._cpu_fs_base = value
 
     def _console_out(self, number: int, data: bytes) -> None:
         machine = self.machine
@@ -324,10 +343,16 @@ class LinuxPersonality:
         try:
             result = self.syscalls.call(rax, rdi, rsi, rdx, r10, r8, r9)
         except ProcessExit as end:
-            self._end(end)
+            self._process_exit(end)
+            return
         except SigReturn:
             self._sigreturn()
             return
+        except Executed:
+            self.space.commit()
+            return  # a new program: its registers are set
+        except fdt.WouldBlock as blocked:
+            result = self._block_and_restart(rax, blocked.what)
         self.space.commit()
         _U64.pack_into(buf, _SYNC_REGS + _RAX, result & _MASK)
         _U64.pack_into(buf, _SYNC_REGS + _RIP, rcx)
@@ -425,23 +450,253 @@ class LinuxPersonality:
                 current.result = result
                 sched.run_queue.append(current.tid)
         self._expire_deadlines()
+        self._wake_ready()
         following = sched.pick()
         while following is None:
             following = self._wait_for_deadline()
         sched.switches += 1
         sched.current = following.tid
         following.state = ThreadState.RUNNING
-        if following is current:
-            _U64.pack_into(self._run_buffer, _SYNC_REGS + _RAX, following.result & _MASK)
-            return
         buf = self._run_buffer
-        buf[_SYNC_REGS : _SYNC_REGS + Regs_SIZE] = following.regs
+        if following is not current:
+            if following.pid != self.process.pid:
+                self._enter_process(following.pid)
+            buf[_SYNC_REGS : _SYNC_REGS + Regs_SIZE] = following.regs
+            self._vcpu._set_raw(Ioctl.SET_XSAVE, Xsave, following.xsave)
+            if following.fs_base != self._cpu_fs_base:
+                self._set_fs_base(following.fs_base)
+            self.process.fs_base = following.fs_base
         _U64.pack_into(buf, _SYNC_REGS + _RAX, following.result & _MASK)
+        if following.restart >= 0:  # it blocked in a call: run the call again (the `syscall` is 2 bytes)
+            rip = _U64.unpack_from(buf, _SYNC_REGS + _RIP)[0]
+            _U64.pack_into(buf, _SYNC_REGS + _RIP, rip - 2)
+            _U64.pack_into(buf, _SYNC_REGS + _RAX, following.restart)
+            following.restart = -1
         self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
-        self._vcpu._set_raw(Ioctl.SET_XSAVE, Xsave, following.xsave)
-        if following.fs_base != self.process.fs_base:
-            self._set_fs_base(following.fs_base)
-        self.process.fs_base = following.fs_base
+
+    def _block_and_restart(self, number: int, what: object) -> int:
+        """A call that must wait (a pipe, a child, poll): the thread blocks and runs it again when ready."""
+        kind, *rest = what if isinstance(what, tuple) else ("pipe-read", what)
+        deadline = rest[1] if kind == "poll" else None
+        self.process.sched.running.restart = number
+        self.process.sched.block(Wait(kind=str(kind), target=what, deadline_ns=deadline, clock=1))
+        return -errno.EINTR  # not seen: the call runs again
+
+    def _wake_ready(self) -> None:
+        """Threads waiting on a pipe, a child or poll whose condition now holds become runnable."""
+        sched = self.process.sched
+        for thread in sched._waiting():
+            wait = thread.wait
+            if wait is None or wait.kind in ("futex", "sleep", "vfork"):
+                continue
+            what = wait.target
+            assert isinstance(what, tuple)
+            ready = False
+            if wait.kind == "pipe-read":
+                ready = bool(what[1].buffer) or not what[1].writers
+            elif wait.kind == "pipe-write":
+                ready = len(what[1].buffer) < fdt.PIPE_CAPACITY or not what[1].readers
+            elif wait.kind == "child":
+                _kind, ppid, pid = what
+                live = [
+                    c for c in self.table.children.get(ppid, set()) if c in self.processes and pid in (-1, c)
+                ]
+                ready = self.table.has_zombie(ppid, pid) or not live
+            elif wait.kind == "poll":
+                ready = any(poll_events(file, events) for file, events in what[1])
+            if ready:
+                sched.make_runnable(thread, 0)
+
+    # ----- processes ----------------------------------------------------------------------------------
+
+    def _enter_process(self, pid: int) -> None:
+        """The next thread belongs to another process: its tables, its /proc, its page tables."""
+        old_root = self.process.space.root
+        self.process = self.processes[pid]
+        self.syscalls = self.tables[pid]
+        self.fs.proc = self.process
+        if self.process.space.root != old_root:
+            sregs = self._vcpu.get_sregs()
+            sregs.cr3 = self.process.space.root
+            self._vcpu.set_sregs(sregs)
+
+    def _fork(self, vfork: bool, stack: int) -> int:
+        parent = self.process
+        sched = parent.sched
+        pid = sched.new_id()
+        space = parent.space if vfork else parent.space.fork_copy()
+        child = LinuxProcess(
+            space,
+            self.fs,
+            self._host,
+            ProgramInfo(parent.program.path, parent.program.argv, parent.program.envp),
+        )
+        child.pid, child.ppid = pid, parent.pid
+        child.sched = sched
+        child.fds.close_all()
+        child.fds = parent.fds.copy()
+        child.cwd, child.umask, child.fs_base = parent.cwd, parent.umask, parent.fs_base
+        child.signals.actions = dict(parent.signals.actions)
+        child.signals.mask = parent.signals.mask
+        child.signals.altstack = parent.signals.altstack
+        child.last_time_ns = parent.last_time_ns
+        child.root_files = dict(parent.root_files)
+        child.cpuid_sites = parent.cpuid_sites
+        child.comm = parent.comm
+        self.processes[pid] = child
+        self.tables[pid] = SyscallTable(child)
+        self.table.children.setdefault(parent.pid, set()).add(pid)
+        thread = Thread(pid, pid=pid)
+        sched.threads[pid] = thread
+        self._spawn(thread, stack, parent.fs_base)
+        sched.run_queue.appendleft(pid)  # the child runs first
+        if vfork:
+            sched.block(Wait(kind="vfork", target=pid))
+        else:
+            sched.yield_now()
+        return pid
+
+    def _release_vfork_parent(self, pid: int) -> None:
+        sched = self.process.sched
+        for thread in sched.blocked("vfork"):
+            if thread.wait is not None and thread.wait.target == pid:
+                sched.make_runnable(thread, pid)
+
+    def _execve(self, path: str, argv: list[str], envp: list[str]) -> None:
+        process = self.process
+        program, data, interp_elf, argv = self._exec_image(path, argv)
+        old = process.space
+        space = AddressSpace(self.machine.memory, self.flush_tlb, old.phys)
+        space.map_identity_low(0x1000, boot.LOW_END, {boot.SYSCALL_PAGE: PROT_READ | PROT_EXEC})
+        loaded, interp = elf.load_program(space, data, interp_elf, process.filter_code)
+        aux = AuxInfo(loaded.phdr, data.phnum, loaded.entry, interp.base if interp else 0, program)
+        rsp, random_at = build(space, argv, envp, aux)
+        space.write(random_at, process.entropy(16), force=True)
+        process.space = space
+        process.program = ProgramInfo(program, argv, envp)
+        if not any(p.space is old for p in self.processes.values() if p is not process):
+            old.release()
+            self.flush_tlb()  # its frames will be reused: no stale translation may survive
+        process.fds.close_on_exec()
+        signals = process.signals
+        signals.actions = {sig: raw for sig, raw in signals.actions.items() if Action.parse(raw).handler == 1}
+        signals.pending = 0
+        signals.altstack = bytes(24)
+        process.fs_base = 0
+        self._set_fs_base(0)
+        regs = [0] * 18
+        regs[6], regs[16], regs[17] = rsp, interp.entry if interp else loaded.entry, boot.USER_RFLAGS
+        self._run_buffer[_SYNC_REGS : _SYNC_REGS + Regs_SIZE] = _REGS.pack(*regs)
+        self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
+        self._vcpu._set_raw(Ioctl.SET_XSAVE, Xsave, self._initial_xsave)
+        sregs = self._vcpu.get_sregs()
+        sregs.cr3 = space.root
+        self._vcpu.set_sregs(sregs)
+        self._release_vfork_parent(process.pid)
+        raise Executed()
+
+    def _exec_image(
+        self, path: str, argv: list[str], depth: int = 0
+    ) -> tuple[str, elf.ElfFile, elf.ElfFile | None, list[str]]:
+        """The program execve runs: its ELF (or, for `#!`, its interpreter's) and the interpreter."""
+        process = self.process
+        node = process.lookup(-100, path)
+        if not node.exists:
+            raise LinuxError(errno.ENOENT)
+        if node.host is None or self.fs.is_dir(node) or not os.path.isfile(node.host):
+            raise LinuxError(errno.EACCES)
+        if not node.writable:
+            process.note_root_file(node.guest, node.host)
+        with open(node.host, "rb") as f:
+            raw = f.read()
+        if raw[:2] == b"#!" and depth < 4:
+            line = raw[2:].split(b"\n", 1)[0].decode("utf-8", "surrogateescape").strip().split(None, 1)
+            if not line:
+                raise LinuxError(errno.ENOEXEC)
+            return self._exec_image(line[0], [line[0], *line[1:], path, *argv[1:]], depth + 1)
+        try:
+            program = elf.parse(raw, node.guest, node.host)
+            interp_elf = None
+            if program.interpreter is not None:
+                inode = process.lookup(-100, program.interpreter)
+                if not inode.exists or inode.host is None:
+                    raise LinuxError(errno.ENOENT)
+                if not inode.writable:
+                    process.note_root_file(inode.guest, inode.host)
+                with open(inode.host, "rb") as f:
+                    interp_elf = elf.parse(f.read(), program.interpreter, inode.host)
+        except elf.LinuxImageError as err:
+            raise LinuxError(errno.ENOEXEC, str(err)) from err
+        return node.guest, program, interp_elf, argv
+
+    def _wait_child(self, pid: int, options: int) -> tuple[int, int]:
+        process = self.process
+        zombie = self.table.reap(process.pid, pid)
+        if zombie is not None:
+            return zombie.pid, zombie.status
+        live = [
+            c for c in self.table.children.get(process.pid, set()) if c in self.processes and pid in (-1, c)
+        ]
+        if not live:
+            raise LinuxError(errno.ECHILD)
+        if options & 1:  # WNOHANG
+            return 0, 0
+        raise fdt.WouldBlock(("child", process.pid, pid))
+
+    def _signal_process(self, pid: int, sig: int) -> None:
+        target = self.processes.get(pid)
+        if target is None:
+            if any(z.pid == pid for z in self.table.zombies):
+                return
+            raise LinuxError(errno.ESRCH)
+        if sig == 0:
+            return
+        action = Action.parse(target.signals.actions.get(sig, bytes(32)))
+        if sig != Sig.SIGKILL and (action.handler == 1 or action.handler == 0 and sig in IGNORED_BY_DEFAULT):
+            return
+        if action.runs_handler and sig != Sig.SIGKILL:
+            target.signals.pending |= 1 << (sig - 1)  # runs when its thread next returns from a call
+            return
+        self._exit_process(target, signal_status(sig), f"killed by {signal_name(sig)}")
+
+    def _process_exit(self, end: ProcessExit) -> None:
+        """exit_group (or a fatal signal) in the running process: the VM ends with the first process."""
+        if self.process.pid == FIRST_TID:
+            self._end(end)
+        status = signal_status(end.fatal.signal) if end.fatal else exit_status(end.status)
+        self._exit_process(self.process, status, end.fatal.message if end.fatal else "")
+        self.space.commit()
+        self._switch(0)
+
+    def _exit_process(self, process: LinuxProcess, status: int, message: str) -> None:
+        if process.pid == FIRST_TID:
+            self._end(
+                ProcessExit(
+                    128 + status if status < 0x80 else status >> 8,
+                    FatalSignal(status, message) if status < 0x80 else None,
+                )
+            )
+        if message:
+            log.info("process %d (%s) %s", process.pid, process.program.path, message)
+        sched = process.sched
+        for tid in [tid for tid, t in sched.threads.items() if t.pid == process.pid]:
+            del sched.threads[tid]
+        sched.run_queue = type(sched.run_queue)(t for t in sched.run_queue if t in sched.threads)
+        if sched.current not in sched.threads:
+            sched.switch_needed = True
+        process.fds.close_all()
+        if not any(p.space is process.space for p in self.processes.values() if p is not process):
+            process.space.release()
+            self.flush_tlb()
+        del self.processes[process.pid]
+        del self.tables[process.pid]
+        if process.ppid in self.processes:
+            self.table.zombies.append(Zombie(process.pid, process.ppid, status))
+        for child in self.table.children.pop(process.pid, set()):
+            if child in self.processes:
+                self.processes[child].ppid = 1
+        self.table.zombies = [z for z in self.table.zombies if z.ppid != process.pid]
+        self._release_vfork_parent(process.pid)
 
     def _now(self) -> dict[int, int]:
         """The clocks blocked threads wait on, read now (each reading an event)."""
@@ -494,7 +749,23 @@ class LinuxPersonality:
             except LinuxError:
                 pass
         message = f"killed by {signal_name(sig)}: {what} (rip {rip:#x})"
-        self._end(ProcessExit(128 + sig, FatalSignal(sig, message)))
+        if self.process.pid == FIRST_TID:
+            self._end(ProcessExit(128 + sig, FatalSignal(sig, message)))
+        self._exit_process(self.process, signal_status(sig), message)
+        self._resume_from_exception(rsp)
+
+    def _resume_from_exception(self, frame_at: int) -> None:
+        """The faulting process is gone: the exception stub's `iretq` resumes the next thread instead.
+        Ring 0 keeps its rip and stack; the next thread's rip, rflags and rsp go in the iret frame."""
+        buf = self._run_buffer
+        stub_rip = _U64.unpack_from(buf, _SYNC_REGS + _RIP)[0]
+        self._switch(0)
+        regs = _REGS.unpack_from(buf, _SYNC_REGS)
+        frame = struct.pack("<5Q", regs[16], boot.SEL_USER_CODE, regs[17], regs[6], boot.SEL_USER_DATA)
+        self.machine.memory.write(frame_at + 16, frame)
+        _U64.pack_into(buf, _SYNC_REGS + _RSP, frame_at)
+        _U64.pack_into(buf, _SYNC_REGS + _RIP, stub_rip)
+        self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
 
     def _handle_fault(self, frame_at: int, sig: int, fault_address: int, error: int) -> bool:
         """A fault in the program with a handler for its signal (not blocked): run the handler."""
@@ -562,7 +833,13 @@ class LinuxPersonality:
     # ----- the component protocol ----------------------------------------------------------------------
 
     def replicated(self) -> bytes:
-        return self.process.digest()
+        parts = [self.processes[pid].digest() for pid in sorted(self.processes)]
+        return (
+            b"".join(parts)
+            + repr(
+                (self.table.zombies, sorted((k, sorted(v)) for k, v in self.table.children.items()))
+            ).encode()
+        )
 
     def save(self) -> Message:
         return linux_state.save(self.process, self._random_at, self.syscall_count)
@@ -574,9 +851,11 @@ class LinuxPersonality:
         linux_state.restore(self.process, msg, console)
         self._random_at = msg.random_at
         self.syscall_count = msg.syscalls
+        self._cpu_fs_base = msg.fs_base  # the vCPU's MSRs come back with the checkpoint
 
     def close(self) -> None:
-        self.process.fds.close_all()
+        for process in self.processes.values():
+            process.fds.close_all()
 
 
 def find_program(fs: FileSystem, program: str, env: list[str]) -> str:

@@ -39,6 +39,10 @@ class Host:
     read_console: Callable[[int], bytes]  # at most n bytes from the console (blocks; b"" at end)
     set_fs_base: Callable[[int], None]
     spawn: Callable[[Thread, int, int], None]  # a new thread: (thread, stack, FS base) from the running one
+    fork: Callable[[bool, int], int]  # a new process (vfork: sharing memory until exec; stack) -> its pid
+    execve: Callable[[str, list[str], list[str]], None]
+    wait_child: Callable[[int, int], tuple[int, int]]  # (pid or -1, options) -> (pid, wait status)
+    signal_process: Callable[[int, int], None]  # (pid, signal) to another process
 
 
 @dataclass
@@ -64,6 +68,9 @@ class ProcessState:
         self.program = program
         self.fds = fdt.FdTable()
         self.sched = Scheduler()
+        self.pid = PID
+        self.ppid = PPID
+        self.comm = b""
         self.cwd = "/"
         self.umask = 0o022
         self.signals = SignalState()

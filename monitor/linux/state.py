@@ -22,7 +22,9 @@ _TRIPLE = struct.Struct("<QQQ")
 
 def save(process: ProcessState, random_at: int, syscalls: int) -> vmft_pb2.LinuxState:
     if process.sched.multithreaded:
-        raise CheckpointError("checkpoints of a Linux process with several threads are not supported yet")
+        raise CheckpointError(
+            "checkpoints of Linux guests with several threads or processes are not supported yet"
+        )
     space = process.space
     msg = vmft_pb2.LinuxState(
         pages=b"".join(_TRIPLE.pack(vpn, phys, prot) for vpn, (phys, prot) in sorted(space.pages.items())),

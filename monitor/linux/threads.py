@@ -30,12 +30,18 @@ class ThreadState(enum.Enum):
 
 @dataclass
 class Wait:
-    """What a blocked thread waits for: a futex word (uaddr, bitset), or only a deadline (a sleep)."""
+    """What a blocked thread waits for: a futex word (uaddr, bitset), a deadline (a sleep), or (`kind`)
+    a pipe, a child's exit, a vfork child's exec or exit, or poll's files (`target`)."""
 
     uaddr: int = 0
     bitset: int = 0xFFFFFFFF
     deadline_ns: int | None = None  # on `clock`
     clock: int = 1  # CLOCK_MONOTONIC
+    kind: str = "futex"  # futex, sleep, pipe, child, vfork, poll
+    target: object = None
+
+    def __repr__(self) -> str:  # in the state digest: no object addresses
+        return f"Wait({self.uaddr}, {self.bitset}, {self.deadline_ns}, {self.clock}, {self.kind})"
 
 
 @dataclass
@@ -49,6 +55,8 @@ class Thread:
     clear_child_tid: int = 0
     wait: Wait | None = None
     syscalls: int = 0
+    pid: int = FIRST_TID  # the process it belongs to
+    restart: int = -1  # a system call to run again when it resumes (it blocked), else -1
 
 
 @dataclass
@@ -72,9 +80,13 @@ class Scheduler:
     def multithreaded(self) -> bool:
         return len(self.threads) > 1
 
-    def new_thread(self) -> Thread:
-        thread = Thread(self.next_tid)
+    def new_id(self) -> int:
+        """Thread and process ids come from one counter, as on Linux."""
         self.next_tid += 1
+        return self.next_tid - 1
+
+    def new_thread(self, pid: int | None = None) -> Thread:
+        thread = Thread(self.new_id(), pid=self.running.pid if pid is None else pid)
         self.threads[thread.tid] = thread
         self.run_queue.append(thread.tid)
         return thread
@@ -103,7 +115,7 @@ class Scheduler:
             if woken >= count:
                 break
             wait = thread.wait
-            if wait is not None and wait.uaddr == uaddr and wait.bitset & bitset:
+            if wait is not None and wait.kind == "futex" and wait.uaddr == uaddr and wait.bitset & bitset:
                 self._make_runnable(thread, 0)
                 woken += 1
         return woken
@@ -113,7 +125,7 @@ class Scheduler:
         for thread in self._waiting():
             if moved >= count:
                 break
-            if thread.wait is not None and thread.wait.uaddr == uaddr:
+            if thread.wait is not None and thread.wait.kind == "futex" and thread.wait.uaddr == uaddr:
                 thread.wait.uaddr = target
                 moved += 1
         return moved
@@ -122,6 +134,12 @@ class Scheduler:
         return sorted(
             (t for t in self.threads.values() if t.state is ThreadState.BLOCKED), key=lambda t: t.syscalls
         )
+
+    def make_runnable(self, thread: Thread, result: int) -> None:
+        self._make_runnable(thread, result)
+
+    def blocked(self, kind: str) -> list[Thread]:
+        return [t for t in self._waiting() if t.wait is not None and t.wait.kind == kind]
 
     def _make_runnable(self, thread: Thread, result: int) -> None:
         thread.state = ThreadState.RUNNABLE
@@ -145,7 +163,9 @@ class Scheduler:
             wait = thread.wait
             if wait is not None and wait.deadline_ns is not None and wait.clock in now:
                 if now[wait.clock] >= wait.deadline_ns:
-                    self._make_runnable(thread, 0 if not wait.uaddr else -errno.ETIMEDOUT)
+                    if wait.kind == "poll":
+                        thread.restart = -1  # poll's timeout: it returns 0 instead of running again
+                    self._make_runnable(thread, -errno.ETIMEDOUT if wait.kind == "futex" else 0)
 
     def preempt_due(self) -> bool:
         return bool(self.run_queue) and self.running.syscalls % PREEMPT_SYSCALLS == 0
