@@ -23,6 +23,8 @@ from conftest import readline_within
 
 from proto import vmft_pb2, vmft_pb2_grpc
 from replica.cli import DEFAULT_ARBITER
+from replica.faults import Fault, inject
+from replica.kv_client import KvClientSync
 
 pytestmark = pytest.mark.kvm
 
@@ -220,9 +222,9 @@ def nodes_factory(tmp_path: Path) -> Iterator[Callable[[float], Nodes]]:
             ns.close()
 
 
-def protect(a: Daemon, b: Daemon) -> tuple[str, str]:
+def protect(a: Daemon, b: Daemon, *options: str) -> tuple[str, str]:
     """`vmft protect` kv on A (backup on B); the service addresses it printed."""
-    result = vmft("protect", str(KV), "--primary", a.address, "--backup", b.address)
+    result = vmft("protect", str(KV), "--primary", a.address, "--backup", b.address, *options)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"protected vm1: generation 1, primary {a.address}, backup {b.address}", lines
@@ -308,7 +310,10 @@ def test_the_pair_reprotects_itself_after_a_guest_restart(nodes_factory: Callabl
     cannot follow a restart), then re-protects itself onto the other node with no command."""
     nodes = nodes_factory(0.2)
     a, b = nodes.add(), nodes.add()
-    service, backup_service = protect(a, b)
+    # A short hang timeout (a checkpoint is trusted 0.6 s after it is taken, within the 1 s between
+    # periodic checkpoints): see test_a_guest_crash_keeps_acknowledged_writes_with_the_defaults for the
+    # default of 2 s.
+    service, backup_service = protect(a, b, "--hang-timeout", "0.5")
     until("A protected", lambda: (s := vm_status(a.address)) is not None and s.protected)
     assert vmft("kv", f"{service},{backup_service}", "set", "k", "before").returncode == 0
     before = vm_status(a.address)
@@ -328,7 +333,40 @@ def test_the_pair_reprotects_itself_after_a_guest_restart(nodes_factory: Callabl
     assert isinstance(status, vmft_pb2.VmStatus)
     assert status.role == vmft_pb2.ROLE_PRIMARY and status.generation > before.generation, status
     assert "re-protected" in status.message, status.message
-    assert vmft("kv", f"{service},{backup_service}", "get", "k").stdout == "before\n"
+    got = vmft("kv", f"{service},{backup_service}", "get", "k")
+    assert (got.returncode, got.stdout) == (0, "before\n"), got
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug: with the default --hang-timeout 2 a restart trusts only checkpoints 2.1 s old, but "
+    "replica/primary.py keeps the restart log back only to the second newest checkpoint (1 s old): it "
+    "restarts without replay ('replies since that checkpoint may be lost') and loses acknowledged writes",
+)
+def test_a_guest_crash_keeps_acknowledged_writes_with_the_defaults(
+    nodes_factory: Callable[[float], Nodes],
+) -> None:
+    """Defaults everywhere (hang timeout 2 s, a checkpoint a second): in steady state (several periodic
+    checkpoints taken), a write acknowledged just before a guest crash is still there after the restart."""
+    nodes = nodes_factory(0)
+    a, b = nodes.add(), nodes.add()
+    service, backup_service = protect(a, b)
+    checkpoints = a.data_dir / "checkpoints" / "vm1"
+
+    def newest() -> int:  # the periodic checkpoints' files are numbered: 000001-full.vmck, 000002-incr.vmck
+        return max((int(path.name.split("-")[0]) for path in checkpoints.glob("*.vmck")), default=0)
+
+    until("four periodic checkpoints", lambda: newest() >= 4, 30)
+    # Right after a periodic checkpoint: the write, then the crash at once (in this process: no CLI start-up
+    # between them), so that the checkpoint the restart trusts (2.1 s old) is older than the write.
+    taken = newest()
+    until("the next periodic checkpoint", lambda: newest() > taken, 10)
+    with KvClientSync([service, backup_service], timeout=2.0) as kv:
+        kv.set("k", "acknowledged")
+    inject([a.address, b.address], "vm1", Fault.CRASH, 0.5, 30.0, 0.2)
+    until("the guest restarted", lambda: (s := vm_status(a.address)) is not None and s.faults_recovered == 1)
+    got = vmft("kv", f"{service},{backup_service}", "get", "k")
+    assert (got.returncode, got.stdout) == (0, "acknowledged\n"), f"an acknowledged write was lost: {got}"
 
 
 def test_vmft_snapshot_and_restore(tmp_path: Path) -> None:
