@@ -6,56 +6,52 @@ LinuxPersonality to it: a component of the machine (monitor/component.py) that s
 
 from __future__ import annotations
 
-import ctypes
+from monitor.kvm_abi import KVM_SYNC_X86_REGS
+from monitor.linux.core import (
+    MASK64,
+    RAX,
+    RBX,
+    RCX,
+    RDX,
+    REGS,
+    RFLAGS,
+    RIP,
+    RSP,
+    SYNC_REGS,
+    U64,
+    PersonalityCore,
+)
+
 import errno
 import hashlib
 import logging
 import os
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Callable
 
 from google.protobuf.message import Message
 
 from monitor import builder
 from monitor.config import MachineConfig
-from monitor.devices.power import GuestStop
 from monitor.component import parse_state
 from monitor.journal import EventKind, Journal, OutputKind
 from monitor.kvm import Kvm
-from monitor.kvm_abi import KVM_SYNC_X86_REGS, Ioctl, Regs, Run, Xsave
 from monitor.linux import boot, cpuid_trap, elf
 from monitor.linux import state as linux_state
 from monitor.linux import fdtable as fdt
-from monitor.linux.calls_fs import FileCalls
-from monitor.linux.calls_mm import MemoryCalls
-from monitor.linux.calls_proc import CLOCKS, Executed, ProcessCalls, ProcessExit, SigReturn
-from monitor.linux.calls_thread import ThreadCalls
-from monitor.linux.calls_fs import poll_events
-from monitor.linux.processes import ProcessTable, Zombie, exit_status, signal_status
-from monitor.linux.threads import FIRST_TID, Thread, ThreadState, Wait
-from monitor.linux.fs import HOME, FileSystem, Synthetic
+from monitor.linux.calls_proc import Executed, ProcessExit, SigReturn
+from monitor.linux.processes import ProcessTable, signal_status
+from monitor.linux.threads import FIRST_TID
+from monitor.linux.fs import HOME, FileSystem
 from monitor.linux.mm import PROT_EXEC, PROT_READ, AddressSpace, LinuxError
-from monitor.linux.process import PID, PPID, Host, ProgramInfo, output_tag
+from monitor.linux.process import Host, ProgramInfo, output_tag
 from monitor.linux.signals import (
     EXCEPTION_SIGNALS,
-    IGNORED_BY_DEFAULT,
-    SA_NODEFER,
-    SA_RESETHAND,
-    SEGV_ACCERR,
-    SEGV_MAPERR,
-    SI_TKILL,
-    SI_USER,
-    UCONTEXT_SIZE,
-    Action,
     FatalSignal,
-    Frame,
     Sig,
-    build_frame,
     page_fault_text,
-    parse_frame,
     signal_name,
 )
 from monitor.linux.stack import AuxInfo, build
@@ -63,19 +59,14 @@ from monitor.linux.syscalls import SyscallTable
 from monitor.loader import GuestImage
 from proto import vmft_pb2
 from monitor.checkpoint.restore import JournalArg
-from monitor.machine import MEMORY_SLOT, Machine, MachineParts
+from monitor.machine import Machine, MachineParts
+from monitor.linux.control import ProcessControl
+from monitor.linux.delivery import SignalDelivery
+from monitor.linux.kernel import LinuxProcess
+from monitor.linux.switching import ThreadSwitching
 
 log = logging.getLogger(__name__)
 
-_REGS = struct.Struct("<18Q")
-_SYNC_REGS = Run.s.offset
-_RAX, _RBX, _RCX, _RDX, _RSP, _RIP, _RFLAGS = (
-    getattr(Regs, n).offset for n in ("rax", "rbx", "rcx", "rdx", "rsp", "rip", "rflags")
-)
-_U64 = struct.Struct("<Q")
-Regs_SIZE = ctypes.sizeof(Regs)
-_R11 = Regs.r11.offset
-_MASK = (1 << 64) - 1
 TSC_PER_NS = 3  # the virtual TSC runs at a nominal 3 GHz
 DEFAULT_ENV = (
     "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -97,58 +88,6 @@ class LinuxConfig:
     stdin_fd: int | None = None  # host descriptor the console reads from (None: end of input)
 
 
-class LinuxProcess(ThreadCalls, FileCalls, MemoryCalls, ProcessCalls):
-    """The process: its state (ProcessState) with every system call mixed in, and its /proc."""
-
-    def proc_entry(self, parts: list[str]) -> Synthetic | None:
-        pid = str(PID)
-        if not parts:
-            return Synthetic("dir", entries=lambda: ["meminfo", "self", pid])
-        if parts == ["self"]:
-            return Synthetic("link", target=pid)
-        if parts == ["meminfo"]:
-            return Synthetic("file", content=self._meminfo)
-        if parts[0] != pid:
-            return None
-        rest = parts[1:]
-        files: dict[str, Callable[[], bytes]] = {
-            "cmdline": lambda: b"".join(a.encode() + b"\0" for a in self.program.argv),
-            "maps": lambda: self.space.maps_text().encode(),
-            "status": self._status,
-            "comm": lambda: (self.comm or os.path.basename(self.program.path).encode()[:15]) + b"\n",
-            "stat": lambda: (
-                f"{PID} ({os.path.basename(self.program.path)[:15]}) R {PPID} {PID} {PID} 0 -1\n".encode()
-            ),
-        }
-        if not rest:
-            return Synthetic("dir", entries=lambda: sorted([*files, "cwd", "exe", "fd"]))
-        name = rest[0]
-        if len(rest) == 1 and name in files:
-            return Synthetic("file", content=files[name])
-        if rest == ["exe"]:
-            return Synthetic("link", target=self.program.path)
-        if rest == ["cwd"]:
-            return Synthetic("link", target=self.cwd)
-        if name == "fd":
-            if len(rest) == 1:
-                return Synthetic("dir", entries=lambda: [str(fd) for fd in sorted(self.fds.fds)])
-            if len(rest) == 2 and rest[1].isdigit() and int(rest[1]) in self.fds.fds:
-                return Synthetic("link", target=self.fds.fds[int(rest[1])].file.path)
-        return None
-
-    def _meminfo(self) -> bytes:
-        total = self.space.memory.size >> 10
-        free = total - (self.space.phys.used_bytes >> 10)
-        return f"MemTotal: {total:>12} kB\nMemFree: {free:>13} kB\nMemAvailable: {free:>8} kB\n".encode()
-
-    def _status(self) -> bytes:
-        name = os.path.basename(self.program.path)[:15]
-        return (
-            f"Name:\t{name}\nState:\tR (running)\nTgid:\t{PID}\nPid:\t{PID}\nPPid:\t{PPID}\n"
-            "Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nThreads:\t1\n"
-        ).encode()
-
-
 def identity(program_data: bytes, config: LinuxConfig) -> bytes:
     """What a recording is tied to (LogHeader.image_sha256 hashes it): the program, how it is run, and
     the CPUID answers its code gets (a replica with another CPU model is refused before replay)."""
@@ -160,7 +99,7 @@ def identity(program_data: bytes, config: LinuxConfig) -> bytes:
     return b"vmft-linux\0" + spec.encode()
 
 
-class LinuxPersonality:
+class LinuxPersonality(ProcessControl, ThreadSwitching, SignalDelivery, PersonalityCore):
     """The Linux kernel a Machine's guest sees: a component of the machine (monitor/component.py).
 
     It plugs into a machine built by monitor/builder.py (with boot=False) with a small surface: two
@@ -241,16 +180,6 @@ class LinuxPersonality:
         self.attach(machine)
         return machine
 
-    @property
-    def space(self) -> AddressSpace:
-        """The running process's address space."""
-        return self.process.space
-
-    @property
-    def machine(self) -> Machine:
-        assert self._machine is not None
-        return self._machine
-
     def load(self) -> None:
         """execve: the program, its interpreter, the stack, the console descriptors, the entry."""
         machine = self.machine
@@ -277,18 +206,6 @@ class LinuxPersonality:
         self._initial_xsave = self._xsave()
 
     # ----- the host side of the process -----------------------------------------------------------------
-
-    def flush_tlb(self) -> None:
-        """kvm_pvm notices page-table changes only when the memory slot is re-created (FACTS.md)."""
-        machine = self.machine
-        machine.dirty.collect()  # the slot's dirty log dies with it
-        address = machine.memory.host_address
-        machine.vm.set_memory_region(MEMORY_SLOT, 0, 0, address, log_dirty=True)
-        machine.vm.set_memory_region(MEMORY_SLOT, 0, machine.memory.size, address, log_dirty=True)
-
-    def _set_fs_base(self, value: int) -> None:
-        self._vcpu.set_msrs([(boot.MSR_FS_BASE, value)])
-        self._cpu_fs_base = value
 
     def _console_out(self, number: int, data: bytes) -> None:
         machine = self.machine
@@ -318,9 +235,9 @@ class LinuxPersonality:
     def current_rip(self) -> int:
         """Where the program is: at a system call, the instruction after its `syscall` (rcx)."""
         buf = self._run_buffer
-        rip = _U64.unpack_from(buf, _SYNC_REGS + _RIP)[0]
+        rip = U64.unpack_from(buf, SYNC_REGS + RIP)[0]
         if rip == boot.SYSCALL_RETURN_RIP:
-            return int(_U64.unpack_from(buf, _SYNC_REGS + _RCX)[0])
+            return int(U64.unpack_from(buf, SYNC_REGS + RCX)[0])
         return int(rip)
 
     def _on_start(self, _value: int) -> None:
@@ -334,8 +251,8 @@ class LinuxPersonality:
 
     def _on_syscall(self, _value: int) -> None:
         buf = self._run_buffer
-        rax, _rbx, rcx, rdx, rsi, rdi, _rsp, _rbp, r8, r9, r10, r11, *_hi, rip, _fl = _REGS.unpack_from(
-            buf, _SYNC_REGS
+        rax, _rbx, rcx, rdx, rsi, rdi, _rsp, _rbp, r8, r9, r10, r11, *_hi, rip, _fl = REGS.unpack_from(
+            buf, SYNC_REGS
         )
         if rip != boot.SYSCALL_RETURN_RIP:
             self._end(ProcessExit(128 + Sig.SIGSEGV, FatalSignal(Sig.SIGSEGV, f"port I/O at {rip - 2:#x}")))
@@ -354,9 +271,9 @@ class LinuxPersonality:
         except fdt.WouldBlock as blocked:
             result = self._block_and_restart(rax, blocked.what)
         self.space.commit()
-        _U64.pack_into(buf, _SYNC_REGS + _RAX, result & _MASK)
-        _U64.pack_into(buf, _SYNC_REGS + _RIP, rcx)
-        _U64.pack_into(buf, _SYNC_REGS + _RFLAGS, r11)
+        U64.pack_into(buf, SYNC_REGS + RAX, result & MASK64)
+        U64.pack_into(buf, SYNC_REGS + RIP, rcx)
+        U64.pack_into(buf, SYNC_REGS + RFLAGS, r11)
         self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
         sched = self.process.sched
         if sched.switch_needed or (sched.multithreaded and sched.preempt_due()):
@@ -367,371 +284,13 @@ class LinuxPersonality:
 
     # ----- signal handlers ------------------------------------------------------------------------------
 
-    def _deliver_pending(self) -> None:
-        """A signal with a handler is pending and not blocked: run the handler when the call returns."""
-        signals = self.process.signals
-        ready = signals.pending & ~signals.mask
-        sig = (ready & -ready).bit_length()
-        signals.pending &= ~(1 << (sig - 1))
-        regs = _REGS.unpack_from(self._run_buffer, _SYNC_REGS)
-        frame = self._frame_for(sig, regs, SI_TKILL, 0)
-        self._run_buffer[_SYNC_REGS : _SYNC_REGS + Regs_SIZE] = _REGS.pack(*frame.regs)
-        self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
-
-    def _frame_for(self, sig: int, regs: tuple[int, ...], code: int, fault_address: int) -> Frame:
-        """Write the signal frame for `sig` on the thread's stack; the process's mask and action change
-        as Linux's do. A frame that cannot be written kills the process (SIGSEGV)."""
-        signals = self.process.signals
-        action = Action.parse(signals.actions.get(sig, bytes(32)))
-        frame = build_frame(
-            sig, action, regs, self._xsave(), signals.mask, signals.altstack, code, fault_address, PID
-        )
-        try:
-            self.space.write(frame.address, frame.data)
-        except LinuxError:
-            message = f"killed by SIGSEGV: no room for the {signal_name(sig)} frame at {frame.address:#x}"
-            self._end(ProcessExit(128 + Sig.SIGSEGV, FatalSignal(Sig.SIGSEGV, message)))
-        signals.mask |= action.mask | (0 if action.flags & SA_NODEFER else 1 << (sig - 1))
-        if action.flags & SA_RESETHAND:
-            signals.actions.pop(sig, None)
-        return frame
-
-    def _sigreturn(self) -> None:
-        """rt_sigreturn: every register, the FPU state and the mask from the frame at rsp."""
-        rsp = _U64.unpack_from(self._run_buffer, _SYNC_REGS + _RSP)[0]
-        try:
-            regs, mask, fpstate = parse_frame(self.space.read(rsp, UCONTEXT_SIZE))
-            xsave = self.space.read(fpstate, ctypes.sizeof(Xsave)) if fpstate else b""
-        except LinuxError:
-            self._end(
-                ProcessExit(
-                    128 + Sig.SIGSEGV,
-                    FatalSignal(Sig.SIGSEGV, f"killed by SIGSEGV: bad signal frame at {rsp:#x}"),
-                )
-            )
-        self.process.signals.mask = mask & ~((1 << (Sig.SIGKILL - 1)) | (1 << (Sig.SIGSTOP - 1)))
-        self._run_buffer[_SYNC_REGS : _SYNC_REGS + Regs_SIZE] = _REGS.pack(*regs)
-        self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
-        if xsave:
-            self._vcpu._set_raw(Ioctl.SET_XSAVE, Xsave, xsave)
-        if self.process.signals.pending & ~self.process.signals.mask:
-            self._deliver_pending()
-
     # ----- threads ------------------------------------------------------------------------------------
-
-    def _xsave(self) -> bytes:
-        return self._vcpu._get_raw(Ioctl.GET_XSAVE, Xsave)  # the FPU/SSE/AVX state of the running thread
-
-    def _spawn(self, child: Thread, stack: int, fs_base: int) -> None:
-        """clone: the child resumes where the parent does, with rax 0, its own stack and FS base."""
-        regs = bytearray(self._run_buffer[_SYNC_REGS : _SYNC_REGS + Regs_SIZE])
-        rcx = _U64.unpack_from(regs, _RCX)[0]
-        r11 = _U64.unpack_from(regs, _R11)[0]
-        _U64.pack_into(regs, _RIP, rcx)
-        _U64.pack_into(regs, _RFLAGS, r11)
-        if stack:
-            _U64.pack_into(regs, _RSP, stack)
-        child.regs = bytes(regs)
-        child.xsave = self._xsave()
-        child.fs_base = fs_base
-        child.result = 0
-
-    def _switch(self, result: int) -> None:
-        """At a system call's return: park the running thread (unless it exited) and resume the next."""
-        sched = self.process.sched
-        sched.switch_needed = False
-        current = sched.threads.get(sched.current)
-        if current is not None:
-            current.regs = bytes(self._run_buffer[_SYNC_REGS : _SYNC_REGS + Regs_SIZE])  # already the return
-            current.xsave = self._xsave()
-            current.fs_base = self.process.fs_base
-            if current.state is ThreadState.RUNNING:
-                current.state = ThreadState.RUNNABLE
-                current.result = result
-                sched.run_queue.append(current.tid)
-        self._expire_deadlines()
-        self._wake_ready()
-        following = sched.pick()
-        while following is None:
-            following = self._wait_for_deadline()
-        sched.switches += 1
-        sched.current = following.tid
-        following.state = ThreadState.RUNNING
-        buf = self._run_buffer
-        if following is not current:
-            if following.pid != self.process.pid:
-                self._enter_process(following.pid)
-            buf[_SYNC_REGS : _SYNC_REGS + Regs_SIZE] = following.regs
-            self._vcpu._set_raw(Ioctl.SET_XSAVE, Xsave, following.xsave)
-            if following.fs_base != self._cpu_fs_base:
-                self._set_fs_base(following.fs_base)
-            self.process.fs_base = following.fs_base
-        _U64.pack_into(buf, _SYNC_REGS + _RAX, following.result & _MASK)
-        if following.restart >= 0:  # it blocked in a call: run the call again (the `syscall` is 2 bytes)
-            rip = _U64.unpack_from(buf, _SYNC_REGS + _RIP)[0]
-            _U64.pack_into(buf, _SYNC_REGS + _RIP, rip - 2)
-            _U64.pack_into(buf, _SYNC_REGS + _RAX, following.restart)
-            following.restart = -1
-        self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
-
-    def _block_and_restart(self, number: int, what: object) -> int:
-        """A call that must wait (a pipe, a child, poll): the thread blocks and runs it again when ready."""
-        kind, *rest = what if isinstance(what, tuple) else ("pipe-read", what)
-        deadline = rest[1] if kind == "poll" else None
-        self.process.sched.running.restart = number
-        self.process.sched.block(Wait(kind=str(kind), target=what, deadline_ns=deadline, clock=1))
-        return -errno.EINTR  # not seen: the call runs again
-
-    def _wake_ready(self) -> None:
-        """Threads waiting on a pipe, a child or poll whose condition now holds become runnable."""
-        sched = self.process.sched
-        for thread in sched._waiting():
-            wait = thread.wait
-            if wait is None or wait.kind in ("futex", "sleep", "vfork"):
-                continue
-            what = wait.target
-            assert isinstance(what, tuple)
-            ready = False
-            if wait.kind == "pipe-read":
-                ready = bool(what[1].buffer) or not what[1].writers
-            elif wait.kind == "pipe-write":
-                ready = len(what[1].buffer) < fdt.PIPE_CAPACITY or not what[1].readers
-            elif wait.kind == "child":
-                _kind, ppid, pid = what
-                live = [
-                    c for c in self.table.children.get(ppid, set()) if c in self.processes and pid in (-1, c)
-                ]
-                ready = self.table.has_zombie(ppid, pid) or not live
-            elif wait.kind == "poll":
-                ready = any(poll_events(file, events) for file, events in what[1])
-            if ready:
-                sched.make_runnable(thread, 0)
 
     # ----- processes ----------------------------------------------------------------------------------
 
-    def _enter_process(self, pid: int) -> None:
-        """The next thread belongs to another process: its tables, its /proc, its page tables."""
-        old_root = self.process.space.root
-        self.process = self.processes[pid]
-        self.syscalls = self.tables[pid]
-        self.fs.proc = self.process
-        if self.process.space.root != old_root:
-            sregs = self._vcpu.get_sregs()
-            sregs.cr3 = self.process.space.root
-            self._vcpu.set_sregs(sregs)
-
-    def _fork(self, vfork: bool, stack: int) -> int:
-        parent = self.process
-        sched = parent.sched
-        pid = sched.new_id()
-        space = parent.space if vfork else parent.space.fork_copy()
-        child = LinuxProcess(
-            space,
-            self.fs,
-            self._host,
-            ProgramInfo(parent.program.path, parent.program.argv, parent.program.envp),
-        )
-        child.pid, child.ppid = pid, parent.pid
-        child.sched = sched
-        child.fds.close_all()
-        child.fds = parent.fds.copy()
-        child.cwd, child.umask, child.fs_base = parent.cwd, parent.umask, parent.fs_base
-        child.signals.actions = dict(parent.signals.actions)
-        child.signals.mask = parent.signals.mask
-        child.signals.altstack = parent.signals.altstack
-        child.last_time_ns = parent.last_time_ns
-        child.root_files = dict(parent.root_files)
-        child.cpuid_sites = parent.cpuid_sites
-        child.comm = parent.comm
-        self.processes[pid] = child
-        self.tables[pid] = SyscallTable(child)
-        self.table.children.setdefault(parent.pid, set()).add(pid)
-        thread = Thread(pid, pid=pid)
-        sched.threads[pid] = thread
-        self._spawn(thread, stack, parent.fs_base)
-        sched.run_queue.appendleft(pid)  # the child runs first
-        if vfork:
-            sched.block(Wait(kind="vfork", target=pid))
-        else:
-            sched.yield_now()
-        return pid
-
-    def _release_vfork_parent(self, pid: int) -> None:
-        sched = self.process.sched
-        for thread in sched.blocked("vfork"):
-            if thread.wait is not None and thread.wait.target == pid:
-                sched.make_runnable(thread, pid)
-
-    def _execve(self, path: str, argv: list[str], envp: list[str]) -> None:
-        process = self.process
-        program, data, interp_elf, argv = self._exec_image(path, argv)
-        old = process.space
-        space = AddressSpace(self.machine.memory, self.flush_tlb, old.phys)
-        space.map_identity_low(0x1000, boot.LOW_END, {boot.SYSCALL_PAGE: PROT_READ | PROT_EXEC})
-        loaded, interp = elf.load_program(space, data, interp_elf, process.filter_code)
-        aux = AuxInfo(loaded.phdr, data.phnum, loaded.entry, interp.base if interp else 0, program)
-        rsp, random_at = build(space, argv, envp, aux)
-        space.write(random_at, process.entropy(16), force=True)
-        process.space = space
-        process.program = ProgramInfo(program, argv, envp)
-        if not any(p.space is old for p in self.processes.values() if p is not process):
-            old.release()
-            self.flush_tlb()  # its frames will be reused: no stale translation may survive
-        process.fds.close_on_exec()
-        signals = process.signals
-        signals.actions = {sig: raw for sig, raw in signals.actions.items() if Action.parse(raw).handler == 1}
-        signals.pending = 0
-        signals.altstack = bytes(24)
-        process.fs_base = 0
-        self._set_fs_base(0)
-        regs = [0] * 18
-        regs[6], regs[16], regs[17] = rsp, interp.entry if interp else loaded.entry, boot.USER_RFLAGS
-        self._run_buffer[_SYNC_REGS : _SYNC_REGS + Regs_SIZE] = _REGS.pack(*regs)
-        self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
-        self._vcpu._set_raw(Ioctl.SET_XSAVE, Xsave, self._initial_xsave)
-        sregs = self._vcpu.get_sregs()
-        sregs.cr3 = space.root
-        self._vcpu.set_sregs(sregs)
-        self._release_vfork_parent(process.pid)
-        raise Executed()
-
-    def _exec_image(
-        self, path: str, argv: list[str], depth: int = 0
-    ) -> tuple[str, elf.ElfFile, elf.ElfFile | None, list[str]]:
-        """The program execve runs: its ELF (or, for `#!`, its interpreter's) and the interpreter."""
-        process = self.process
-        node = process.lookup(-100, path)
-        if not node.exists:
-            raise LinuxError(errno.ENOENT)
-        if node.host is None or self.fs.is_dir(node) or not os.path.isfile(node.host):
-            raise LinuxError(errno.EACCES)
-        if not node.writable:
-            process.note_root_file(node.guest, node.host)
-        with open(node.host, "rb") as f:
-            raw = f.read()
-        if raw[:2] == b"#!" and depth < 4:
-            line = raw[2:].split(b"\n", 1)[0].decode("utf-8", "surrogateescape").strip().split(None, 1)
-            if not line:
-                raise LinuxError(errno.ENOEXEC)
-            return self._exec_image(line[0], [line[0], *line[1:], path, *argv[1:]], depth + 1)
-        try:
-            program = elf.parse(raw, node.guest, node.host)
-            interp_elf = None
-            if program.interpreter is not None:
-                inode = process.lookup(-100, program.interpreter)
-                if not inode.exists or inode.host is None:
-                    raise LinuxError(errno.ENOENT)
-                if not inode.writable:
-                    process.note_root_file(inode.guest, inode.host)
-                with open(inode.host, "rb") as f:
-                    interp_elf = elf.parse(f.read(), program.interpreter, inode.host)
-        except elf.LinuxImageError as err:
-            raise LinuxError(errno.ENOEXEC, str(err)) from err
-        return node.guest, program, interp_elf, argv
-
-    def _wait_child(self, pid: int, options: int) -> tuple[int, int]:
-        process = self.process
-        zombie = self.table.reap(process.pid, pid)
-        if zombie is not None:
-            return zombie.pid, zombie.status
-        live = [
-            c for c in self.table.children.get(process.pid, set()) if c in self.processes and pid in (-1, c)
-        ]
-        if not live:
-            raise LinuxError(errno.ECHILD)
-        if options & 1:  # WNOHANG
-            return 0, 0
-        raise fdt.WouldBlock(("child", process.pid, pid))
-
-    def _signal_process(self, pid: int, sig: int) -> None:
-        target = self.processes.get(pid)
-        if target is None:
-            if any(z.pid == pid for z in self.table.zombies):
-                return
-            raise LinuxError(errno.ESRCH)
-        if sig == 0:
-            return
-        action = Action.parse(target.signals.actions.get(sig, bytes(32)))
-        if sig != Sig.SIGKILL and (action.handler == 1 or action.handler == 0 and sig in IGNORED_BY_DEFAULT):
-            return
-        if action.runs_handler and sig != Sig.SIGKILL:
-            target.signals.pending |= 1 << (sig - 1)  # runs when its thread next returns from a call
-            return
-        self._exit_process(target, signal_status(sig), f"killed by {signal_name(sig)}")
-
-    def _process_exit(self, end: ProcessExit) -> None:
-        """exit_group (or a fatal signal) in the running process: the VM ends with the first process."""
-        if self.process.pid == FIRST_TID:
-            self._end(end)
-        status = signal_status(end.fatal.signal) if end.fatal else exit_status(end.status)
-        self._exit_process(self.process, status, end.fatal.message if end.fatal else "")
-        self.space.commit()
-        self._switch(0)
-
-    def _exit_process(self, process: LinuxProcess, status: int, message: str) -> None:
-        if process.pid == FIRST_TID:
-            self._end(
-                ProcessExit(
-                    128 + status if status < 0x80 else status >> 8,
-                    FatalSignal(status, message) if status < 0x80 else None,
-                )
-            )
-        if message:
-            log.info("process %d (%s) %s", process.pid, process.program.path, message)
-        sched = process.sched
-        for tid in [tid for tid, t in sched.threads.items() if t.pid == process.pid]:
-            del sched.threads[tid]
-        sched.run_queue = type(sched.run_queue)(t for t in sched.run_queue if t in sched.threads)
-        if sched.current not in sched.threads:
-            sched.switch_needed = True
-        process.fds.close_all()
-        if not any(p.space is process.space for p in self.processes.values() if p is not process):
-            process.space.release()
-            self.flush_tlb()
-        del self.processes[process.pid]
-        del self.tables[process.pid]
-        if process.ppid in self.processes:
-            self.table.zombies.append(Zombie(process.pid, process.ppid, status))
-        for child in self.table.children.pop(process.pid, set()):
-            if child in self.processes:
-                self.processes[child].ppid = 1
-        self.table.zombies = [z for z in self.table.zombies if z.ppid != process.pid]
-        self._release_vfork_parent(process.pid)
-
-    def _now(self) -> dict[int, int]:
-        """The clocks blocked threads wait on, read now (each reading an event)."""
-        clocks = sorted({clock for clock, _deadline in self.process.sched.deadlines()})
-        return {clock: self.process.now_ns(CLOCKS[clock]) for clock in clocks}
-
-    def _expire_deadlines(self) -> None:
-        if self.process.sched.deadlines():
-            self.process.sched.expire(self._now())
-
-    def _wait_for_deadline(self) -> Thread:
-        """No thread can run: sleep until the earliest deadline (live), or end a deadlock."""
-        sched = self.process.sched
-        if not sched.deadlines():
-            waiting = ", ".join(f"{t.tid}" for t in sched.threads.values())
-            raise_exit = ProcessExit(
-                128 + Sig.SIGKILL,
-                FatalSignal(Sig.SIGKILL, f"killed: deadlock, every thread waits forever (threads {waiting})"),
-            )
-            self._end(raise_exit)
-        now = self._now()
-        remaining = min(deadline - now[clock] for clock, deadline in sched.deadlines())
-        if remaining > 0 and not self.process.replaying:
-            self.machine._blocked = True  # sleeping is not a hang
-            try:
-                time.sleep(remaining / 1e9)
-            finally:
-                self.machine._blocked = False
-        sched.expire(self._now())
-        picked = sched.pick()
-        return picked if picked is not None else self._wait_for_deadline()
-
     def _on_exception(self, _value: int) -> None:
         buf = self._run_buffer
-        rsp = _U64.unpack_from(buf, _SYNC_REGS + _RSP)[0]
+        rsp = U64.unpack_from(buf, SYNC_REGS + RSP)[0]
         vector, error, rip, cs, _rflags, _usp, _ss = boot.read_exception_frame(self.machine.memory, rsp)
         if vector == 13 and cs & 3 == 3 and self._emulate_tsc(rsp, rip):
             return
@@ -754,40 +313,6 @@ class LinuxPersonality:
         self._exit_process(self.process, signal_status(sig), message)
         self._resume_from_exception(rsp)
 
-    def _resume_from_exception(self, frame_at: int) -> None:
-        """The faulting process is gone: the exception stub's `iretq` resumes the next thread instead.
-        Ring 0 keeps its rip and stack; the next thread's rip, rflags and rsp go in the iret frame."""
-        buf = self._run_buffer
-        stub_rip = _U64.unpack_from(buf, _SYNC_REGS + _RIP)[0]
-        self._switch(0)
-        regs = _REGS.unpack_from(buf, _SYNC_REGS)
-        frame = struct.pack("<5Q", regs[16], boot.SEL_USER_CODE, regs[17], regs[6], boot.SEL_USER_DATA)
-        self.machine.memory.write(frame_at + 16, frame)
-        _U64.pack_into(buf, _SYNC_REGS + _RSP, frame_at)
-        _U64.pack_into(buf, _SYNC_REGS + _RIP, stub_rip)
-        self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
-
-    def _handle_fault(self, frame_at: int, sig: int, fault_address: int, error: int) -> bool:
-        """A fault in the program with a handler for its signal (not blocked): run the handler."""
-        signals = self.process.signals
-        action = Action.parse(signals.actions.get(sig, bytes(32)))
-        if not action.runs_handler or signals.mask & (1 << (sig - 1)):
-            return False
-        _vector, _error, rip, _cs, rflags, usp, _ss = boot.read_exception_frame(self.machine.memory, frame_at)
-        regs = list(_REGS.unpack_from(self._run_buffer, _SYNC_REGS))
-        regs[6], regs[16], regs[17] = usp, rip, rflags  # the program's, from the CPU's frame
-        code = (SEGV_ACCERR if error & 1 else SEGV_MAPERR) if fault_address else SI_USER
-        frame = self._frame_for(sig, tuple(regs), code, fault_address)
-        buf = self._run_buffer
-        for index in (0, 3, 4, 5):  # rax, rdx, rsi, rdi: the handler's arguments (ring 0 keeps its rsp)
-            _U64.pack_into(buf, _SYNC_REGS + index * 8, frame.regs[index])
-        self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
-        self.machine.memory.write(frame_at + 16, struct.pack("<Q", frame.regs[16]))  # rip
-        self.machine.memory.write(
-            frame_at + 32, struct.pack("<QQ", frame.regs[17], frame.regs[6])
-        )  # rflags, rsp
-        return True
-
     def _emulate_tsc(self, frame: int, rip: int) -> bool:
         """RDTSC/RDTSCP fault (CR4.TSD): answer from the virtual clock, skip the instruction."""
         try:
@@ -802,10 +327,10 @@ class LinuxPersonality:
             return False
         tsc = self.machine.journal.value(EventKind.CLOCK, time.monotonic_ns) * TSC_PER_NS
         buf = self._run_buffer
-        _U64.pack_into(buf, _SYNC_REGS + _RAX, tsc & 0xFFFFFFFF)
-        _U64.pack_into(buf, _SYNC_REGS + _RDX, (tsc >> 32) & 0xFFFFFFFF)
+        U64.pack_into(buf, SYNC_REGS + RAX, tsc & 0xFFFFFFFF)
+        U64.pack_into(buf, SYNC_REGS + RDX, (tsc >> 32) & 0xFFFFFFFF)
         if length == 3:
-            _U64.pack_into(buf, _SYNC_REGS + _RCX, 0)  # TSC_AUX: cpu 0
+            U64.pack_into(buf, SYNC_REGS + RCX, 0)  # TSC_AUX: cpu 0
         self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
         boot.write_exception_return(self.machine.memory, frame, rip + length)
         return True
@@ -816,19 +341,14 @@ class LinuxPersonality:
         if vma is None or (vma.offset + rip - vma.start) not in self.process.cpuid_sites.get(vma.name, ()):
             return False
         buf = self._run_buffer
-        leaf = _U64.unpack_from(buf, _SYNC_REGS + _RAX)[0] & 0xFFFFFFFF
-        subleaf = _U64.unpack_from(buf, _SYNC_REGS + _RCX)[0] & 0xFFFFFFFF
-        for offset, value in zip((_RAX, _RBX, _RCX, _RDX), cpuid_trap.core_independent(leaf, subleaf)):
-            _U64.pack_into(buf, _SYNC_REGS + offset, value)
+        leaf = U64.unpack_from(buf, SYNC_REGS + RAX)[0] & 0xFFFFFFFF
+        subleaf = U64.unpack_from(buf, SYNC_REGS + RCX)[0] & 0xFFFFFFFF
+        for offset, value in zip((RAX, RBX, RCX, RDX), cpuid_trap.core_independent(leaf, subleaf)):
+            U64.pack_into(buf, SYNC_REGS + offset, value)
         self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
         boot.write_exception_return(self.machine.memory, frame, rip + 2)
         self.cpuid_count += 1
         return True
-
-    def _end(self, end: ProcessExit) -> NoReturn:
-        self.fatal = end.fatal
-        self.machine._emit(OutputKind.EXIT, struct.pack("<i", end.status))
-        raise GuestStop(end.status)
 
     # ----- the component protocol ----------------------------------------------------------------------
 
