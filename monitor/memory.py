@@ -48,6 +48,7 @@ class GuestMemory:
         self.host_address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         self.monitor_dirty = bytearray(size // PAGE_SIZE)  # one byte per page: simple and fast to OR
         self.filler: Filler | None = None  # set while pages still load on first touch
+        self._filler_owner: Filler | None = None  # the last filler attached, closed with the memory
 
     def contains(self, addr: int, length: int) -> bool:
         return 0 <= addr and 0 <= length and addr + length <= self.size
@@ -99,18 +100,22 @@ class GuestMemory:
         if self.filler is not None:
             raise ValueError("guest memory already has a filler")
         self.filler = filler
+        self._filler_owner = filler
 
     def detach_filler(self, filler: Filler) -> None:
+        """The filler is done (everything loaded): accesses go straight to memory again. It stays owned
+        until `stop_filling`, which makes sure its thread has ended."""
         if self.filler is filler:
             self.filler = None
 
     def stop_filling(self) -> None:
-        """Stop on-demand loading (the machine is closing): its threads end, pages never loaded read as
-        zero."""
-        filler = self.filler
-        if filler is not None:
-            filler.close()
-            self.filler = None
+        """Stop on-demand loading (the machine is closing): its thread is ended (also one that finished
+        loading and is on its way out), pages never loaded read as zero."""
+        owner = self._filler_owner
+        self.filler = None
+        if owner is not None:
+            owner.close()
+            self._filler_owner = None
 
     def close(self) -> None:
         self.stop_filling()

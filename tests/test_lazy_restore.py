@@ -310,7 +310,7 @@ def test_a_damaged_chunk_is_refused_before_anything_runs(
         with pytest.raises(CheckpointError, match="fails its checksum"):
             builder.restore(source, image=image, loading=loading)
     assert loader_threads() == []
-    assert open_fds() == fds
+    assert open_fds() <= fds
 
 
 @pytest.mark.kvm
@@ -331,7 +331,7 @@ def test_loader_threads_and_fds_end_with_the_machine(guest_image: GuestImagePath
     assert len(open_fds()) > len(fds)
     finish(lazy)
     assert loader_threads() == []
-    assert open_fds() == fds
+    assert open_fds() <= fds
     assert stats.lazy is not None and stats.lazy.complete_s is None  # closed before it was all in
 
     preloaded, stats = builder.restore(tmp_path / "m.vmck", image=image, loading=Loading.LAZY)
@@ -346,7 +346,7 @@ def test_loader_threads_and_fds_end_with_the_machine(guest_image: GuestImagePath
         assert preloaded.memory.filler is None and stats.lazy.complete_s is not None
     finally:
         finish(preloaded)
-    assert open_fds() == fds
+    assert open_fds() <= fds
 
 
 def test_uffd_abi_numbers() -> None:
@@ -406,4 +406,4 @@ def test_slots_from_partial_and_overlapping_chunks_without_kvm() -> None:
     finally:
         memory.close()
     assert loader_threads() == []
-    assert open_fds() == fds
+    assert open_fds() <= fds
