@@ -68,6 +68,9 @@ class VmCore:
     def status(self, peer: str) -> vmft_pb2.VmStatus:
         """The status both roles report; the primary adds its own figures."""
         standing = self.standing
+        # The position first: the arbiter's query below blocks the event loop (no ack is taken meanwhile)
+        # but not the vCPU, so a position read after it would overstate how far the backup lags.
+        position = self.machine.position if self.machine else 0
         state = standing.state.wire
         if standing.state in SERVING:
             # Resumed after a SIGSTOP, a primary may answer before it has noticed (or asked the arbiter)
@@ -75,7 +78,6 @@ class VmCore:
             current = self.arbiter.current(self.name)
             if current is not None and current.generation > standing.generation:
                 state = vmft_pb2.VM_STATE_SUPERSEDED
-        position = self.machine.position if self.machine else 0
         return vmft_pb2.VmStatus(
             name=self.name,
             role=standing.wire_role(),
