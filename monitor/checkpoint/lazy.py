@@ -124,13 +124,15 @@ class LazyMemory:
         self._preload_enabled = preload
         self._owners = owners or []
         nslots = (self.size + CHUNK_SIZE - 1) // CHUNK_SIZE
-        self._covering: list[list[tuple[Chunk, str]]] = [[] for _ in range(nslots)]
+        # slot -> the chunks over it, in order (only slots with data: a list per slot of a large guest
+        # costs more than the restore's other steps together)
+        self._covering: dict[int, list[tuple[Chunk, str]]] = {}
         for chunk, what in chunks:
             first = chunk.offset // CHUNK_SIZE
             last = (chunk.offset + chunk.raw_len - 1) // CHUNK_SIZE
             for slot in range(first, last + 1):
-                self._covering[slot].append((chunk, what))
-        self._present = [slot for slot, items in enumerate(self._covering) if items]
+                self._covering.setdefault(slot, []).append((chunk, what))
+        self._present = sorted(self._covering)
         self.stats.slots = len(self._present)
         self._loaded = bytearray(nslots)
         self._lock = threading.Lock()  # one slot loads at a time: its check, decompression and copy
@@ -202,7 +204,7 @@ class LazyMemory:
                 return
             start = slot * CHUNK_SIZE
             length = min(CHUNK_SIZE, self.size - start)
-            items = self._covering[slot]
+            items = self._covering.get(slot)
             dst = self.base + start
             if not items:
                 self.stats.present_pages += uffd.zeropage(dst, length)
@@ -356,7 +358,7 @@ class LazyMemory:
     def _shutdown(self) -> None:
         with self._lock:
             self._stopping = True
-            self._covering = []
+            self._covering = {}
             self._cached = None
         if self._wake_w >= 0:
             try:
