@@ -46,7 +46,8 @@ _LOADER_NICE = 19
 # Loading ahead starts at the guest's first fault (it runs), or this long after the restore: not while the
 # restoring thread still needs the CPU and the GIL to get the guest running.
 _AHEAD_AFTER_MS = 50
-_READ_AHEAD = 3  # slots loaded after a faulting one before the fault is answered
+_READ_AHEAD_MIN = 2  # slots loaded after a faulting one before the fault is answered ...
+_READ_AHEAD_MAX = 16  # ... doubling up to this while the guest walks through memory
 _THREADED_VERIFY_BYTES = 16 << 20  # crc32 runs at about 3.5 GB/s here: a few ms
 
 
@@ -140,6 +141,8 @@ class LazyMemory:
         self._scratch = ctypes.create_string_buffer(CHUNK_SIZE)
         self._scratch_view = memoryview(self._scratch).cast("B")
         self._cached: tuple[int, bytes] | None = None  # (id of a chunk, its contents): a chunk spans 2 slots
+        self._window = _READ_AHEAD_MIN  # reading ahead of faults: see _read_ahead
+        self._window_end = -1
         self._hint = 0  # the preloader goes on from the last fault: a guest scanning memory finds it loaded
         self._complete = False
         self._stopping = False
@@ -319,14 +322,26 @@ class LazyMemory:
                 uffd.wake(address & ~(PAGE_SIZE - 1), PAGE_SIZE)
                 continue
             if self._preload_enabled:
-                # The next slots first, while the guest still waits: once it runs again it takes the CPU
-                # from this (nice) thread on a busy machine, and a guest walking memory would otherwise
-                # fault on every slot.
-                for ahead in self._present[bisect.bisect_right(self._present, slot) :][:_READ_AHEAD]:
-                    if ahead > slot + _READ_AHEAD:
-                        break
-                    self._load(ahead, "preload")
+                self._read_ahead(slot)
             self._load(slot, "fault")
+
+    def _read_ahead(self, slot: int) -> None:
+        """Before answering a fault, the slots after it (while the guest still waits: once it runs again
+        it takes the CPU from this nice thread on a busy machine). The window doubles while the guest
+        walks memory (each fault just past the last window), up to a bound, and starts small again at
+        a fault elsewhere, so that a guest touching memory here and there does not wait for reading
+        ahead it cannot use."""
+        if self._window_end <= slot <= self._window_end + self._window:
+            self._window = min(self._window * 2, _READ_AHEAD_MAX)
+        else:
+            self._window = _READ_AHEAD_MIN
+        self._window_end = slot + self._window + 1
+        present = self._present
+        at = bisect.bisect_right(present, slot)
+        for ahead in present[at : at + self._window]:
+            if ahead > slot + self._window:
+                break
+            self._load(ahead, "preload")
 
     def _next_missing(self, present: list[int]) -> int | None:
         loaded = self._loaded
