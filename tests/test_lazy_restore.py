@@ -20,9 +20,19 @@ from monitor.checkpoint.format import CHUNK_HEADER, CHUNK_SIZE, FRAME, Chunk, Re
 from monitor.checkpoint.lazy import LazyMemory
 from monitor.checkpoint.restore import Loading
 from monitor.config import MachineConfig
-from monitor.journal import LiveJournal
+from monitor.journal import LiveJournal, OutputKind
 from monitor.loader import GuestImage, load_image_file
-from monitor.machine import Machine
+from monitor.machine import Machine, StopReason
+from monitor.record import (
+    IteratorSource,
+    LogFileReader,
+    LogFileWriter,
+    RecordJournal,
+    ReplayJournal,
+    check_header,
+    make_header,
+    open_recording,
+)
 from monitor.memory import PAGE_SIZE, GuestMemory
 
 GuestImagePath = Callable[[str], Path]
@@ -67,6 +77,14 @@ class IdleJournal(LiveJournal):
     def idle(self) -> None:
         self.idle_event.set()
         super().idle()
+
+
+class ShowingReplay(ReplayJournal):
+    """A replay that also delivers the outputs it verifies (to compare them with the recording's)."""
+
+    def output(self, kind: OutputKind, data: bytes) -> bool:
+        super().output(kind, data)
+        return True
 
 
 def memtouch(guest_image: GuestImagePath) -> GuestImage:
@@ -265,6 +283,50 @@ def test_incremental_against_the_lazily_restored_checkpoint(
         assert again.state_digest() == digest
     finally:
         again.close()
+
+
+@pytest.mark.kvm
+def test_a_log_replays_on_a_lazily_restored_checkpoint(guest_image: GuestImagePath, tmp_path: Path) -> None:
+    """As a backup starts: ticker recorded, checkpointed mid-run with the log switched there; restored
+    lazily, the checkpoint replays that log (state hashes checked every 50 exits, while memory loads) to
+    the recording's final state hash and output."""
+    image = load_image_file(str(guest_image("ticker")))
+    mem = MEM_MIB << 20
+    machine = builder.build(
+        MachineConfig(image.path, MEM_MIB, None, 150),
+        journal=open_recording(tmp_path / "boot.log", image, mem, hash_every=50),
+        image=image,
+    )
+    after = tmp_path / "after.log"
+
+    def switch_log(position: int) -> None:
+        writer = LogFileWriter(after, make_header(image, mem, start_position=position, hash_every=50))
+        machine.set_journal(RecordJournal(writer, start_position=position, hash_every=50))
+
+    machine.start()
+    try:
+        Checkpointer(machine).save(tmp_path / "t.vmck", on_paused=switch_log)
+        result = machine.wait_blocking(WAIT_S)
+        assert result.reason is StopReason.EXITED and result.exit_code == 0, result.describe()
+        final = machine.state_digest()
+        output = bytes(machine.console_output)
+    finally:
+        machine.close()
+
+    def replay(position: int) -> ReplayJournal:
+        reader = LogFileReader(after)
+        check_header(reader.header, image, mem)
+        return ShowingReplay(IteratorSource(reader.batches()), start_position=position)
+
+    restored, stats = builder.restore(tmp_path / "t.vmck", image=image, journal=replay, loading=Loading.LAZY)
+    try:
+        assert stats.lazy is not None
+        result = restored.run_blocking(WAIT_S)
+        assert result.reason is StopReason.EXITED, result.describe()  # DIVERGED at a hash that differed
+        assert restored.state_digest() == final
+        assert bytes(restored.console_output) == output
+    finally:
+        restored.close()
 
 
 def _damage_memory_chunk(records: list[bytes], nth: int) -> list[bytes]:
