@@ -473,6 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from replica import linux_run  # `run --linux -- PROGRAM ARGS...` has its own parser
+
+    argv = sys.argv[1:] if argv is None else argv
+    if linux_run.wants(argv):
+        return linux_run.main(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else os.environ.get("VMFT_LOG", "WARNING").upper(),
