@@ -80,6 +80,7 @@ class FileSystem:
         self.root = os.path.realpath(root or "/")
         self.layer = layer
         self.proc = proc
+        self._modes: dict[str, int | None] = {}  # root host path -> file type (lstat), or None: missing
         for sub in ("tmp", "home/guest"):
             (layer / sub).mkdir(parents=True, exist_ok=True)
         (layer / "tmp").chmod(0o1777)
@@ -153,7 +154,8 @@ class FileSystem:
             stack.append(comp)
             last = all(c in ("", ".") for c in todo)
             node = self._backing(stack)
-            target = self._link_target(node)
+            mode = self._mode(node)
+            target = self._link_target(node) if mode is not None and stat.S_ISLNK(mode) else None
             if target is not None and (follow or not last):
                 links += 1
                 if links > MAX_SYMLINKS:
@@ -165,13 +167,35 @@ class FileSystem:
                 node = self._backing(stack)
                 continue
             if not last:
-                if not node.exists:
+                if mode is None:
                     raise LinuxError(errno.ENOENT)
-                if not self.is_dir(node):
+                if not stat.S_ISDIR(mode):
                     raise LinuxError(errno.ENOTDIR)
         if path.endswith("/") and node.exists and not self.is_dir(node):
             raise LinuxError(errno.ENOTDIR)
         return node
+
+    def _mode(self, node: Node) -> int | None:
+        """The node's file type (lstat), None if it does not exist. The read-only root's answers are
+        cached: it does not change under a running VM (a replica checks its files before replaying)."""
+        if node.root_dir:
+            return stat.S_IFDIR
+        if node.synthetic is not None:
+            kind = node.synthetic.kind
+            return {"dir": stat.S_IFDIR, "link": stat.S_IFLNK, "dev": stat.S_IFCHR}.get(kind, stat.S_IFREG)
+        if node.host is None:
+            return None
+        if not node.writable:
+            cached = self._modes.get(node.host, -1)
+            if cached != -1:
+                return cached
+        try:
+            mode: int | None = stat.S_IFMT(os.lstat(node.host).st_mode)
+        except OSError:
+            mode = None
+        if not node.writable:
+            self._modes[node.host] = mode
+        return mode
 
     def _link_target(self, node: Node) -> str | None:
         if node.synthetic is not None:
