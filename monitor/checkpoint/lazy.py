@@ -106,8 +106,8 @@ def verify_chunks(items: list[tuple[Chunk, str]], mem_size: int, threads: int) -
 
 class LazyMemory:
     """Loads `chunks` (verified, in the order they apply) into `memory` on first touch. Owns the loader
-    thread, the userfaultfd and `owners` (the mapped checkpoint files the chunks point
-    into) until everything is loaded or `close()`. Attach with `start()`."""
+    thread, the userfaultfd and `owners` (the mapped checkpoint files the chunks point into) until
+    everything is loaded or `close()`. Attach with `start()`."""
 
     def __init__(
         self,
@@ -155,8 +155,8 @@ class LazyMemory:
     # ----- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Register the (untouched) memory, attach to it and start the threads. Raises UffdError when
-        userfaultfd is unavailable (nothing is attached then)."""
+        """Register the (untouched) memory, attach to it and start the loader thread. Raises UffdError
+        when userfaultfd is unavailable (nothing is attached then)."""
         uffd = Userfaultfd()
         try:
             uffd.register(self.base, self.size)
@@ -164,13 +164,17 @@ class LazyMemory:
             uffd.close()
             raise
         self._uffd = uffd
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self.memory.attach_filler(self)
-        self._thread = threading.Thread(target=self._run, name="vmft-lazy-loader", daemon=True)
-        self._thread.start()
+        try:
+            self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            self.memory.attach_filler(self)
+            self._thread = threading.Thread(target=self._run, name="vmft-lazy-loader", daemon=True)
+            self._thread.start()
+        except BaseException:
+            self._shutdown()  # closing the userfaultfd unregisters the range
+            raise
 
     def close(self) -> None:
-        """Stop loading (the machine is closing): threads joined, userfaultfd and files released.
+        """Stop loading (the machine is closing): the thread joined, userfaultfd and files released.
         Idempotent; pages never loaded read as zero afterwards."""
         self._shutdown()
 
