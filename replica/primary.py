@@ -397,12 +397,22 @@ class PrimaryVm:
                 # The guest faulted while this checkpoint was being taken: it may hold the faulted state.
                 store.mark_bad(stats.checkpoint_id)
                 return
-            # Keep the log back to the checkpoint before this one: a restart may have to distrust the newest.
-            saved = store.saved
-            keep_from = saved[-2].position if len(saved) >= 2 else self._retained_from
+            keep_from = self._restart_log_start()
             if keep_from > self._retained_from:
                 sink.retained = [batch for batch in sink.retained if batch.horizon > keep_from]
                 self._retained_from = keep_from
+
+    def _restart_log_start(self) -> int:
+        """Where the log a restart may need begins: at the checkpoint before the one a restart would
+        trust now (it may have to distrust that one too). A restart trusts only checkpoints older than
+        the hang timeout, so with a checkpoint a second and a 2 s hang timeout that is three back, not
+        the second newest: a shorter log made the restart skip the replay and lose acknowledged writes."""
+        store = self._store
+        trusted = store.latest_entry(before=time.monotonic() - self._restarter.trust_after_s)
+        if trusted is None:
+            return self._retained_from
+        older = [saved for saved in store.saved if saved.saved_at < trusted.saved_at]
+        return older[-1].position if older else trusted.position
 
     async def _restart_from_checkpoint(self, fault: MachineResult) -> None:
         """The guest crashed, panicked or hung. Replaying into a deterministic fault is pointless, so:

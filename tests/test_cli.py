@@ -337,12 +337,6 @@ def test_the_pair_reprotects_itself_after_a_guest_restart(nodes_factory: Callabl
     assert (got.returncode, got.stdout) == (0, "before\n"), got
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: with the default --hang-timeout 2 a restart trusts only checkpoints 2.1 s old, but "
-    "replica/primary.py keeps the restart log back only to the second newest checkpoint (1 s old): it "
-    "restarts without replay ('replies since that checkpoint may be lost') and loses acknowledged writes",
-)
 def test_a_guest_crash_keeps_acknowledged_writes_with_the_defaults(
     nodes_factory: Callable[[float], Nodes],
 ) -> None:
