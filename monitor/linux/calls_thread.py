@@ -79,8 +79,9 @@ class ThreadCalls(ProcessState):
         raise LinuxError(errno.ENOSYS)
 
     def sys_exit(self, status: int, *_: int) -> int:
-        if not self.sched.multithreaded:
-            raise ProcessExit(status & 0xFF)
+        sched = self.sched
+        if not any(t.pid == self.pid and tid != sched.current for tid, t in sched.threads.items()):
+            raise ProcessExit(status & 0xFF)  # the process's last thread: the process exits
         thread = self.sched.exit_running()
         if thread.clear_child_tid:
             self.space.write(thread.clear_child_tid, _U32.pack(0))

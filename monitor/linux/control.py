@@ -97,6 +97,10 @@ class ProcessControl(PersonalityCore):
             old.release()
             self.flush_tlb()  # its frames will be reused: no stale translation may survive
         process.fds.close_on_exec()
+        sched = process.sched
+        for tid in [tid for tid, t in sched.threads.items() if t.pid == process.pid and tid != sched.current]:
+            del sched.threads[tid]  # execve ends the process's other threads
+        sched.run_queue = type(sched.run_queue)(t for t in sched.run_queue if t in sched.threads)
         signals = process.signals
         signals.actions = {sig: raw for sig, raw in signals.actions.items() if Action.parse(raw).handler == 1}
         signals.pending = 0
