@@ -159,7 +159,17 @@ class PairController:
         return out
 
     def serving_primaries(self) -> list[str]:
-        return [name for name, status in self.statuses().items() if is_serving(status)]
+        """Primaries that could release output. A protected primary of an older generation than the
+        newest serving one cannot (its backup took over and acknowledges nothing more): the nodes are
+        read one after the other, so such a pair is the old primary seen before the takeover reached it,
+        not two primaries serving. An unprotected primary releases on its own claim and always counts."""
+        serving = {name: status for name, status in self.statuses().items() if is_serving(status)}
+        newest = max((status.generation for status in serving.values()), default=0)
+        return [
+            name
+            for name, status in serving.items()
+            if status.generation == newest or not status.protected
+        ]
 
     def node(self, name: str) -> NodeProcess:
         return next(n for n in self.nodes if n.name == name)
