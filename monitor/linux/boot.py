@@ -18,11 +18,11 @@ only SYSCALL_PORT.
 from __future__ import annotations
 
 import ctypes
-import mmap
 import struct
 
 from monitor.kvm import VcpuFd
 from monitor.kvm_abi import Ioctl, Regs, Segment, Sregs
+from monitor.linux.native import load_code
 from monitor.memory import GuestMemory
 
 SYSCALL_PORT = 0xE0
@@ -230,19 +230,14 @@ _RUN_CODE = bytes.fromhex(
     "534154415589fb4989f4b89d000000bf1a000000be020000000f05b81000000089df4c89e631d20f054989c5"
     "b89d000000bf1a000000be010000000f054c89e8415d415c5bc3"
 )
-_libc = ctypes.CDLL(None, use_errno=True)
 _RunFn = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_int, ctypes.c_ulong)
 _run_fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
-_run_map: mmap.mmap | None = None
 
 
 def _trapping_run() -> ctypes._CFuncPtr:  # type: ignore[name-defined]
-    global _run_fn, _run_map
+    global _run_fn
     if _run_fn is None:
-        _run_map = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-        _run_map.write(_RUN_CODE)
-        address = ctypes.addressof(ctypes.c_char.from_buffer(_run_map))
-        _run_fn = _RunFn(address)
+        _run_fn = _RunFn(load_code(_RUN_CODE))
     return _run_fn
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
-import mmap
 import os
 import re
 import shutil
@@ -27,6 +26,8 @@ import struct
 import subprocess
 import threading
 from pathlib import Path
+
+from monitor.linux.native import load_code
 from typing import Callable
 
 log = logging.getLogger(__name__)
@@ -44,19 +45,16 @@ _CPUID_CODE = bytes.fromhex("534989d089f889f10fa241890041895804418948084189500c5
 _CpuidFn = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p)
 _lock = threading.Lock()
 _fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
-_code_map: mmap.mmap | None = None
 _sites_cache: dict[str, frozenset[int]] = {}
 _warned = False
 
 
 def host_cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
     """The host CPU's raw answer (on whatever core this thread runs)."""
-    global _fn, _code_map
+    global _fn
     with _lock:
         if _fn is None:
-            _code_map = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-            _code_map.write(_CPUID_CODE)
-            _fn = _CpuidFn(ctypes.addressof(ctypes.c_char.from_buffer(_code_map)))
+            _fn = _CpuidFn(load_code(_CPUID_CODE))
     out = (ctypes.c_uint32 * 4)()
     _fn(leaf & 0xFFFFFFFF, subleaf & 0xFFFFFFFF, ctypes.addressof(out))
     return out[0], out[1], out[2], out[3]
