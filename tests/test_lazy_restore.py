@@ -329,6 +329,31 @@ def test_a_log_replays_on_a_lazily_restored_checkpoint(guest_image: GuestImagePa
         restored.close()
 
 
+@pytest.mark.kvm
+def test_without_userfaultfd_the_restore_loads_eagerly(
+    guest_image: GuestImagePath, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """userfaultfd refused (an unprivileged host): a lazy restore falls back to loading everything first."""
+    from monitor import uffd
+
+    image = memtouch(guest_image)
+    machine, _console = booted(image)
+    try:
+        Checkpointer(machine).save(tmp_path / "m.vmck")
+    finally:
+        finish(machine)
+    eager = restored_pass(tmp_path / "m.vmck", image, Loading.EAGER, 8)
+
+    def refuse(self: uffd.Userfaultfd) -> None:
+        raise uffd.UffdError("userfaultfd: Operation not permitted")
+
+    monkeypatch.setattr(uffd.Userfaultfd, "__init__", refuse)
+    fallback = restored_pass(tmp_path / "m.vmck", image, Loading.LAZY, 8)
+    assert fallback[:2] == eager[:2]
+    assert fallback[2].lazy is None and fallback[2].memory_chunks == eager[2].memory_chunks
+    assert loader_threads() == []
+
+
 def _damage_memory_chunk(records: list[bytes], nth: int) -> list[bytes]:
     """The records with one byte of the nth memory chunk's zstd frame flipped (its crc left as it was)."""
     out = list(records)
