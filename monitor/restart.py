@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from monitor import builder
-from monitor.checkpoint import Checkpointer, CheckpointStats, CheckpointStore, SavedCheckpoint
+from monitor.checkpoint import Checkpointer, CheckpointStats, CheckpointStore, Loading, SavedCheckpoint
 from monitor.machine import Machine, MachineResult, StopReason
 
 log = logging.getLogger(__name__)
@@ -292,6 +292,7 @@ class Supervisor:
             hang_timeout_s=old.config.hang_timeout_s,
             on_console=old.on_console,
             output_handler=old.output_handler,
+            loading=Loading.LAZY,  # the guest runs again at once; memory loads as it touches it
         )
         self.checkpointer = Checkpointer(restored)
         self.checkpointer.continue_from(stats.checkpoint_id)

@@ -10,7 +10,7 @@ import time
 from typing import Callable
 
 from monitor import builder
-from monitor.checkpoint import RecordStream, RestoreStats
+from monitor.checkpoint import Loading, RecordStream, RestoreStats
 from monitor.loader import GuestImage
 from monitor.machine import Machine
 from monitor.record import QueueSource, ReplayJournal, check_header
@@ -79,6 +79,7 @@ class BackupVm:
             mem_size=machine_config(self.spec, self.core.disk).mem_size,
             disk=self.core.disk,
             hang_timeout_s=self.spec.hang_timeout_s or None,
+            loading=Loading.LAZY,  # the new backup acknowledges and replays at once
         )
         self.standing.received = machine.position
         self._run(machine)
@@ -129,7 +130,7 @@ class BackupVm:
             reason,
             generation,
         )
-        owner = await claim_or_owner(core.arbiter, self.name, generation, core.settings.name)
+        owner = await claim_or_owner(core.arbiter, self.name, generation, core.settings.node_id)
         core.times.claimed_at = time.monotonic()
         if owner is not None:
             standing.to(State.STOPPED, f"lost the arbiter's generation {generation} to {owner}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from monitor.address import parse_address
 from monitor import builder
-from monitor.checkpoint import CheckpointError, CheckpointStats, CheckpointStore
+from monitor.checkpoint import CheckpointError, CheckpointStats, CheckpointStore, Loading
 from monitor.machine import Machine, MachineResult, StopReason
 from monitor.netserver import NicServer
 from monitor.restart import FaultAction, RestartPolicy, Supervisor
@@ -204,7 +204,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return fail(problem)
     try:
         machine, stats = builder.restore(
-            args.file, disk=args.disk, hang_timeout_s=args.hang_timeout, on_console=write_console
+            args.file,
+            disk=args.disk,
+            hang_timeout_s=args.hang_timeout,
+            on_console=write_console,
+            loading=Loading.LAZY,
         )
     except CheckpointError as err:
         return fail(f"refused: {err}")

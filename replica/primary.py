@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 
 from monitor import builder
-from monitor.checkpoint import CheckpointError, Checkpointer, CheckpointStats, CheckpointStore
+from monitor.checkpoint import CheckpointError, Checkpointer, CheckpointStats, CheckpointStore, Loading
 from monitor.loader import ImageError
 from monitor.machine import MachineResult
 from monitor.netserver import NicServer, parse_address
@@ -324,7 +324,7 @@ class PrimaryVm:
         log.warning("%s: lost the backup (%s); asking the arbiter to stay primary", self.name, reason)
         await self._close_link()
         generation = self.standing.generation + 1
-        owner = await claim_or_owner(core.arbiter, self.name, generation, core.settings.name)
+        owner = await claim_or_owner(core.arbiter, self.name, generation, core.settings.node_id)
         if owner is None:
             standing.generation = generation
             if not standing.is_(State.RUNNING):
@@ -492,14 +492,15 @@ class PrimaryVm:
             image=old_machine.image,
             disk=core.disk,
             hang_timeout_s=core.spec.hang_timeout_s or None,
+            loading=Loading.LAZY,  # the replay to the last reply starts at once
         )
         old_machine.close()
         standing = self.standing
         generation = standing.generation + 1
-        owner = await claim_or_owner(core.arbiter, self.name, generation, core.settings.name)
+        owner = await claim_or_owner(core.arbiter, self.name, generation, core.settings.node_id)
         if owner is None:
             standing.generation = generation  # fences the old pairing: its backup stopped at the fault
-        elif owner != core.settings.name and standing.is_(State.RESTARTING):
+        elif owner != core.settings.node_id and standing.is_(State.RESTARTING):
             standing.to(State.FENCED, f"generation {generation} belongs to {owner}: not restarting")
         if standing.is_(State.FENCED):
             log.warning("%s: %s", self.name, standing.message)

@@ -22,7 +22,7 @@ from monitor.checkpoint.format import (
     read_header,
     write_records,
 )
-from monitor.checkpoint.restore import RecordStream, RestoreStats, find_chain
+from monitor.checkpoint.restore import Loading, RecordStream, RestoreStats, find_chain
 from monitor.checkpoint.store import CheckpointStore, SavedCheckpoint
 from monitor.checkpoint.take import Checkpointer, CheckpointStats
 from monitor.errors import CheckpointError
@@ -33,6 +33,7 @@ __all__ = [
     "SUFFIX",
     "CheckpointError",
     "CheckpointStats",
+    "Loading",
     "CheckpointStore",
     "Checkpointer",
     "ParsedCheckpoint",
