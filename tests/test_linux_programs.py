@@ -257,3 +257,27 @@ def test_shell_pipelines_and_subshells_match_native() -> None:
 
 def test_python_subprocess_matches_native() -> None:
     _same([PYTHON, "-c", SUBPROCESS_SCRIPT])
+
+
+ASYNCIO_SCRIPT = """\
+import asyncio, selectors, socket
+async def worker(n, q):
+    await asyncio.sleep(0.01 * n)
+    await q.put(n * n)
+async def main():
+    q = asyncio.Queue()
+    await asyncio.gather(*(worker(n, q) for n in range(5)))
+    a, b = socket.socketpair()
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(a, b"ping")
+    data = await loop.sock_recv(b, 10)
+    proc = await asyncio.create_subprocess_exec("/bin/echo", "child", stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    items = sorted(q.get_nowait() for _ in range(5))
+    print(items, data, out, proc.returncode, type(selectors.DefaultSelector()).__name__)
+asyncio.run(main())
+"""
+
+
+def test_asyncio_with_epoll_socketpair_and_subprocess_matches_native() -> None:
+    _same([PYTHON, "-c", ASYNCIO_SCRIPT])

@@ -39,6 +39,8 @@ _STATFS = struct.Struct("<qqqqqqqiiqqq32x")
 
 def poll_events(file: fdt.OpenFile, events: int) -> int:
     """What poll reports for a file now. Only pipes ever wait; everything else is always ready."""
+    if isinstance(file, fdt.SocketEnd):
+        return poll_events(file.rx, events & ~POLLOUT) | (poll_events(file.tx, events & ~POLLIN) & ~POLLHUP)
     if isinstance(file, fdt.PipeEnd):
         pipe = file.pipe
         if file.reading:
@@ -196,6 +198,10 @@ class FileCalls(ProcessState):
             return 0
         if request == FIONCLEX:
             self.fds.fds[fd].cloexec = False
+            return 0
+        if request == 0x5421:  # FIONBIO
+            on = struct.unpack("<i", self.space.read(arg, 4))[0]
+            file.flags = file.flags | fdt.O_NONBLOCK if on else file.flags & ~fdt.O_NONBLOCK
             return 0
         if request == FIONREAD and file.kind == "pipe":
             assert isinstance(file, fdt.PipeEnd)

@@ -474,3 +474,56 @@ class FdTable:
             entry = self.fds[fd]
             h.update(repr((fd, entry.cloexec, entry.file.describe())).encode())
         return h.digest()
+
+
+class SocketEnd(OpenFile):
+    """One end of a socketpair (AF_UNIX, SOCK_STREAM): a pipe each way."""
+
+    kind = "socket"
+
+    def __init__(self, flags: int, rx: Pipe, tx: Pipe) -> None:
+        super().__init__(f"socket:[{rx.ino}]", flags | O_RDWR)
+        self.rx = PipeEnd(0, rx, True)
+        self.tx = PipeEnd(1, tx, False)
+        self.tx_open = True
+
+    def read(self, n: int) -> bytes:
+        self.rx.flags = self.flags & O_NONBLOCK
+        return self.rx.read(n)
+
+    def write(self, data: bytes) -> int:
+        if not self.tx_open:
+            raise LinuxError(errno.EPIPE)
+        self.tx.flags = 1 | (self.flags & O_NONBLOCK)
+        return self.tx.write(data)
+
+    def shutdown_write(self) -> None:
+        if self.tx_open:
+            self.tx_open = False
+            self.tx.close()
+
+    def stat(self) -> StatInfo:
+        return StatInfo(dev=PIPE_DEV, ino=self.rx.pipe.ino, mode=stat.S_IFSOCK | 0o777)
+
+    def close(self) -> None:
+        self.rx.close()
+        self.shutdown_write()
+
+    def describe(self) -> tuple[object, ...]:
+        return (self.kind, self.flags, bytes(self.rx.pipe.buffer), bytes(self.tx.pipe.buffer), self.tx_open)
+
+
+class EpollFile(OpenFile):
+    """An epoll instance: its interest list (level-triggered; EPOLLET is taken as level)."""
+
+    kind = "epoll"
+
+    def __init__(self, flags: int) -> None:
+        super().__init__("anon_inode:[eventpoll]", flags)
+        self.interest: dict[int, tuple[int, int, OpenFile]] = {}  # fd -> (events, data, the file)
+
+    def stat(self) -> StatInfo:
+        return StatInfo(dev=PIPE_DEV, ino=9, mode=0o600)
+
+    def describe(self) -> tuple[object, ...]:
+        return (self.kind, sorted((fd, ev, data) for fd, (ev, data, _f) in self.interest.items()))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from monitor.linux.calls_events import EventCalls
 from monitor.linux.calls_fs import FileCalls
 from monitor.linux.calls_mm import MemoryCalls
 from monitor.linux.calls_proc import ProcessCalls
@@ -13,7 +14,7 @@ from monitor.linux.calls_thread import ThreadCalls
 from monitor.linux.fs import Synthetic
 
 
-class LinuxProcess(ThreadCalls, FileCalls, MemoryCalls, ProcessCalls):
+class LinuxProcess(ThreadCalls, EventCalls, FileCalls, MemoryCalls, ProcessCalls):
     """The process: its state (ProcessState) with every system call mixed in, and its /proc."""
 
     def proc_entry(self, parts: list[str]) -> Synthetic | None:
