@@ -46,7 +46,7 @@ from monitor.linux.processes import ProcessTable, signal_status
 from monitor.linux.threads import FIRST_TID
 from monitor.linux.fs import HOME, FileSystem
 from monitor.linux.mm import PROT_EXEC, PROT_READ, AddressSpace, LinuxError
-from monitor.linux.process import Host, ProgramInfo, output_tag
+from monitor.linux.process import Host, ProgramInfo, file_sha256, output_tag
 from monitor.linux.signals import (
     EXCEPTION_SIGNALS,
     FatalSignal,
@@ -335,10 +335,26 @@ class LinuxPersonality(ProcessControl, ThreadSwitching, SignalDelivery, Personal
         boot.write_exception_return(self.machine.memory, frame, rip + length)
         return True
 
+    def _cpuid_sites(self, guest: str) -> frozenset[int]:
+        """The rewritten cpuid sites of a mapped file (found again after a restore: they are a function
+        of the file)."""
+        sites = self.process.cpuid_sites.get(guest)
+        if sites is None and guest.startswith("/"):
+            try:
+                node = self.fs.resolve(guest)
+            except LinuxError:
+                return frozenset()
+            if node.host is None or not os.path.isfile(node.host):
+                return frozenset()
+            host = node.host
+            sites = cpuid_trap.cpuid_sites(host, lambda: Path(host).read_bytes(), file_sha256(host))
+            self.process.cpuid_sites[guest] = sites
+        return sites or frozenset()
+
     def _emulate_cpuid(self, frame: int, rip: int) -> bool:
         """A `cpuid` the loader rewrote into ud2 (cpuid_trap): answer without the core's identity."""
         vma = self.space.vma_at(rip)
-        if vma is None or (vma.offset + rip - vma.start) not in self.process.cpuid_sites.get(vma.name, ()):
+        if vma is None or (vma.offset + rip - vma.start) not in self._cpuid_sites(vma.name):
             return False
         buf = self._run_buffer
         leaf = U64.unpack_from(buf, SYNC_REGS + RAX)[0] & 0xFFFFFFFF
