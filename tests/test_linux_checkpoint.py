@@ -69,3 +69,57 @@ def test_checkpoint_of_a_running_python_restores_and_finishes(tmp_path: Path) ->
     assert (restored_layer / "tmp" / "work" / "log.txt").read_bytes() == (
         layer / "tmp" / "work" / "log.txt"
     ).read_bytes()
+
+
+THREADED = (
+    "import threading, queue, time\n"
+    "q = queue.Queue()\n"
+    "def producer(n):\n"
+    "    for i in range(25):\n"
+    "        sum(j * j for j in range(120_000))\n"
+    "        q.put((n, i))\n"
+    "        time.sleep(0.001)\n"
+    "threads = [threading.Thread(target=producer, args=(n,)) for n in range(3)]\n"
+    "[t.start() for t in threads]\n"
+    "got = []\n"
+    "while len(got) < 75:\n"
+    "    got.append(q.get())\n"
+    "    if len(got) % 5 == 0: print(len(got), flush=True)\n"
+    "[t.join() for t in threads]\n"
+    "print('done', sorted(got) == sorted((n, i) for n in range(3) for i in range(25)))\n"
+)
+
+
+def test_checkpoint_of_a_threaded_program_restores_and_finishes(tmp_path: Path) -> None:
+    argv = ["/usr/bin/python3", "-c", THREADED]
+    personality = LinuxPersonality(LinuxConfig(program=argv[0], argv=argv, layer=tmp_path / "layer"))
+    machine = build_linux(personality)
+    out = bytearray()
+    personality.on_stream = lambda number, data: out.extend(data)
+    at_checkpoint: list[int] = []
+    checkpoint = tmp_path / "threads.ckpt"
+    try:
+        machine.start()
+        deadline = time.monotonic() + WAIT_S
+        while out.count(b"\n") < 3 and time.monotonic() < deadline and machine.is_running():
+            time.sleep(0.005)
+        assert machine.is_running(), "the program finished before the checkpoint"
+        Checkpointer(machine).save(checkpoint, on_paused=lambda position: at_checkpoint.append(len(out)))
+        result = machine.wait_blocking(WAIT_S)
+    finally:
+        machine.close()
+        personality.close()
+    assert result.reason is StopReason.EXITED and result.exit_code == 0, result.describe()
+    full = bytes(out)
+    assert full.endswith(b"done True\n")
+    again = LinuxPersonality(LinuxConfig(program=argv[0], argv=argv, layer=tmp_path / "layer2"))
+    restored = restore_linux(again, checkpoint)
+    rest = bytearray()
+    again.on_stream = lambda number, data: rest.extend(data)
+    try:
+        result = restored.run_blocking(WAIT_S)
+    finally:
+        restored.close()
+        again.close()
+    assert result.reason is StopReason.EXITED and result.exit_code == 0, result.describe()
+    assert full[: at_checkpoint[0]] + bytes(rest) == full

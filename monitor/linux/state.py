@@ -10,21 +10,22 @@ import os
 import stat
 import struct
 from pathlib import Path
+from typing import Callable
 
 from monitor.errors import CheckpointError
 from monitor.linux import fdtable as fdt
 from monitor.linux.mm import AddressSpace, LinuxError, Vma
 from monitor.linux.process import ProcessState
+from monitor.linux.threads import FIRST_TID, Scheduler, Thread, ThreadState, Wait
 from proto import vmft_pb2
 
 _TRIPLE = struct.Struct("<QQQ")
 
 
 def save(process: ProcessState, random_at: int, syscalls: int) -> vmft_pb2.LinuxState:
-    if process.sched.multithreaded:
-        raise CheckpointError(
-            "checkpoints of Linux guests with several threads or processes are not supported yet"
-        )
+    sched = process.sched
+    if any(t.pid != process.pid for t in sched.threads.values()) or process.pid != FIRST_TID:
+        raise CheckpointError("checkpoints of Linux guests with several processes are not supported yet")
     space = process.space
     msg = vmft_pb2.LinuxState(
         pages=b"".join(_TRIPLE.pack(vpn, phys, prot) for vpn, (phys, prot) in sorted(space.pages.items())),
@@ -67,10 +68,86 @@ def save(process: ProcessState, random_at: int, syscalls: int) -> vmft_pb2.Linux
             files[key] = len(msg.files)
             msg.files.append(_save_file(entry.file, pipes))
         msg.fds.add(fd=fd, file=files[key], cloexec=entry.cloexec)
+
+    def file_index(file: fdt.OpenFile) -> int:
+        if id(file) not in files:
+            files[id(file)] = len(msg.files)
+            msg.files.append(_save_file(file, pipes))
+        return files[id(file)]
+
+    for tid in sorted(sched.threads):
+        msg.threads.append(_save_thread(sched.threads[tid], pipes, file_index))
+    msg.current_tid, msg.next_tid = sched.current, sched.next_tid
+    msg.run_queue.extend(sched.run_queue)
     for ino, pipe in sorted(pipes.items()):
         msg.pipes.add(ino=ino, buffer=bytes(pipe.buffer))
     msg.layer.extend(save_layer(process.fs.layer))
     return msg
+
+
+def _save_thread(
+    thread: Thread, pipes: dict[int, fdt.Pipe], file_index: Callable[[fdt.OpenFile], int]
+) -> vmft_pb2.LinuxThread:
+    out = vmft_pb2.LinuxThread(
+        tid=thread.tid,
+        state=thread.state.value,
+        regs=thread.regs,
+        xsave=thread.xsave,
+        fs_base=thread.fs_base,
+        result=thread.result,
+        clear_child_tid=thread.clear_child_tid,
+        syscalls=thread.syscalls,
+        restart=thread.restart,
+    )
+    wait = thread.wait
+    if wait is None:
+        return out
+    out.wait_kind, out.wait_uaddr, out.wait_bitset, out.wait_clock = (
+        wait.kind,
+        wait.uaddr,
+        wait.bitset,
+        wait.clock,
+    )
+    if wait.deadline_ns is not None:
+        out.has_deadline, out.deadline_ns = True, wait.deadline_ns
+    target = wait.target
+    if wait.kind in ("pipe-read", "pipe-write"):
+        assert isinstance(target, tuple) and isinstance(target[1], fdt.Pipe)
+        pipes[target[1].ino] = target[1]
+        out.wait_pipe = target[1].ino
+    elif wait.kind == "poll":
+        assert isinstance(target, tuple)
+        for file, events in target[1]:
+            out.poll_files.append(file_index(file))
+            out.poll_events.append(events)
+    elif wait.kind not in ("futex", "sleep"):
+        raise CheckpointError(f"a thread waiting for {wait.kind} cannot be checkpointed yet")
+    return out
+
+
+def _restore_threads(
+    process: ProcessState, msg: vmft_pb2.LinuxState, pipes: dict[int, fdt.Pipe], opened: list[fdt.OpenFile]
+) -> None:
+    if not msg.threads:
+        return
+    sched = Scheduler(threads={}, current=msg.current_tid, next_tid=msg.next_tid)
+    for saved in msg.threads:
+        thread = Thread(
+            saved.tid, ThreadState(saved.state), saved.regs, saved.xsave, saved.fs_base, saved.result,
+            saved.clear_child_tid, None, saved.syscalls, process.pid, saved.restart,
+        )  # fmt: skip
+        if saved.wait_kind:
+            deadline = saved.deadline_ns if saved.has_deadline else None
+            wait = Wait(saved.wait_uaddr, saved.wait_bitset, deadline, saved.wait_clock, saved.wait_kind)
+            if saved.wait_kind in ("pipe-read", "pipe-write"):
+                wait.target = (saved.wait_kind, pipes[saved.wait_pipe])
+            elif saved.wait_kind == "poll":
+                watched = [(opened[i], ev) for i, ev in zip(saved.poll_files, saved.poll_events)]
+                wait.target = ("poll", watched, deadline)
+            thread.wait = wait
+        sched.threads[thread.tid] = thread
+    sched.run_queue.extend(msg.run_queue)
+    process.sched = sched
 
 
 def save_layer(layer: Path) -> list[vmft_pb2.LinuxLayerEntry]:
@@ -180,6 +257,7 @@ def restore(process: ProcessState, msg: vmft_pb2.LinuxState, console: fdt.Consol
     opened = [_open(process, f, pipes, console) for f in msg.files]
     for entry in msg.fds:
         process.fds.install(opened[entry.file], cloexec=entry.cloexec, at=entry.fd)
+    _restore_threads(process, msg, pipes, opened)
 
 
 def _open(
