@@ -20,7 +20,7 @@ from monitor.config import MachineConfig
 from monitor.machine import Machine, MachineResult, StopReason
 from monitor.netserver import NicServer
 from monitor.record import open_recording, open_replay
-from replica import ca_cli, checkpoint_cli
+from replica import ca_cli, checkpoint_cli, node_client
 from replica.cli_common import (
     EXIT_DIVERGED,
     EXIT_GUEST_FAILED,
@@ -150,10 +150,33 @@ def cmd_kv(args: argparse.Namespace) -> int:
 DEFAULT_ARBITER = "/var/tmp/vmft/arbiter.sqlite"
 
 
+def _node_identity(args: argparse.Namespace) -> Any:
+    """The node's own certificate (--cert NAME under --ca, or an identity directory); None with
+    --insecure (tls.bind then refuses any address but loopback)."""
+    from replica import node_client, tls
+
+    if args.cert:
+        identity = node_client.find_identity(args.cert, args.ca or os.environ.get("VMFT_CA"))
+        if identity.role is not tls.Role.NODE:
+            raise tls.TlsError(
+                f"{identity.directory} holds a {identity.role.value} certificate, not a node's"
+            )
+        if args.insecure:
+            raise tls.TlsError("--insecure with --cert: choose one")
+        return identity
+    if not args.insecure:
+        raise tls.TlsError(
+            "a node serves mutual TLS: give --cert NAME (with --ca DIR), or --insecure on loopback"
+        )
+    tls.check_plaintext(args.listen, True)
+    return None
+
+
 def cmd_node(args: argparse.Namespace) -> int:
     from replica.node import serve
     from replica.vm_common import NodeSettings
 
+    identity = _node_identity(args)
     settings = NodeSettings(
         name=args.listen,
         data_dir=Path(args.data_dir),
@@ -163,6 +186,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         link_relay=args.link_relay,
         auto_reprotect_s=args.auto_reprotect,
         unsafe_release_outputs=args.unsafe_release_outputs,
+        identity=identity,
+        insecure=identity is None,
     )
 
     async def main() -> None:
@@ -188,13 +213,16 @@ def _free_loopback_address() -> str:
         return f"127.0.0.1:{sock.getsockname()[1]}"
 
 
-def _node_call(address: str, method: str, request: Any, timeout: float, what: str) -> Any:
+def _node_call(
+    args: argparse.Namespace, address: str, method: str, request: Any, timeout: float, what: str
+) -> Any:
     """One call of the node API; on failure print the node's reason and return None."""
     import grpc
 
     from proto import vmft_pb2_grpc
+    from replica import node_client
 
-    with grpc.insecure_channel(address) as channel:
+    with node_client.from_args(args).channel(address) as channel:
         try:
             return getattr(vmft_pb2_grpc.NodeStub(channel), method)(request, timeout=timeout)
         except grpc.RpcError as err:
@@ -220,7 +248,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
     request = vmft_pb2.ProtectRequest(
         spec=spec, backup_node=args.backup or "", service=service, backup_service=backup_service
     )
-    status = _node_call(args.primary, "Protect", request, 30, "vmft protect")
+    status = _node_call(args, args.primary, "Protect", request, 30, "vmft protect")
     if status is None:
         return 1
     print(f"protected {status.name}: generation {status.generation}, primary {args.primary}, ", end="")
@@ -233,13 +261,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     import grpc
 
     from proto import vmft_pb2, vmft_pb2_grpc
+    from replica import node_client
 
+    auth = node_client.from_args(args)
     failed = 0
     print(
         f"{'node':22} {'vm':10} {'role':8} {'gen':>3} {'position':>10} {'acked':>10} {'held':>5} prot  state"
     )
     for address in args.node:
-        with grpc.insecure_channel(address) as channel:
+        with auth.channel(address) as channel:
             try:
                 node = vmft_pb2_grpc.NodeStub(channel).Status(vmft_pb2.StatusRequest(), timeout=5)
             except grpc.RpcError as err:
@@ -268,7 +298,7 @@ def cmd_reprotect(args: argparse.Namespace) -> int:
     request = vmft_pb2.ReprotectRequest(
         name=args.vm, backup_node=args.backup, backup_service=args.backup_service or _free_loopback_address()
     )
-    status = _node_call(args.primary, "Reprotect", request, 120, "vmft reprotect")
+    status = _node_call(args, args.primary, "Reprotect", request, 120, "vmft reprotect")
     if status is None:
         return 1
     print(f"{status.name}: {status.message}")
@@ -277,10 +307,14 @@ def cmd_reprotect(args: argparse.Namespace) -> int:
 
 
 def cmd_fault(args: argparse.Namespace) -> int:
+    from replica import node_client
     from replica.faults import Fault, FaultError, inject
 
+    auth = node_client.from_args(args)
     try:
-        reply = inject(args.node, args.vm, Fault(args.kind), args.duration, args.delay_ms, args.fraction)
+        reply = inject(
+            args.node, args.vm, Fault(args.kind), args.duration, args.delay_ms, args.fraction, auth=auth
+        )
     except FaultError as err:
         print(f"vmft fault: {err}", file=sys.stderr)
         return 1
@@ -350,6 +384,14 @@ def _add_node_parser(sub: Subparsers) -> None:
     node = sub.add_parser("node", help="run a node daemon hosting primaries and backups")
     node.add_argument("--listen", required=True, metavar="HOST:PORT", help="gRPC address of this node")
     node.add_argument("--data-dir", required=True, metavar="DIR", help="where the node keeps its state")
+    node.add_argument("--ca", default=None, metavar="DIR", help="the cluster CA directory ($VMFT_CA)")
+    node.add_argument(
+        "--cert", default=None, metavar="NAME|DIR",
+        help="this node's certificate: NAME issued under --ca (`vmft ca issue node NAME`), or its directory",
+    )  # fmt: skip
+    node.add_argument(
+        "--insecure", action="store_true", help="serve plaintext (refused on any address but loopback)"
+    )
     node.add_argument(
         "--arbiter", default=DEFAULT_ARBITER, metavar="PATH", help="the machine's arbiter database"
     )
@@ -390,6 +432,7 @@ def _add_pair_parsers(sub: Subparsers) -> None:
     protect.add_argument(
         "--backup-service", metavar="HOST:PORT", help="where the backup serves once promoted"
     )
+    node_client.add_arguments(protect)
     protect.set_defaults(func=cmd_protect)
 
     reprotect = sub.add_parser("reprotect", help="give an unprotected primary a new backup (live checkpoint)")
@@ -401,12 +444,14 @@ def _add_pair_parsers(sub: Subparsers) -> None:
     reprotect.add_argument(
         "--backup-service", metavar="HOST:PORT", help="where the backup serves once promoted"
     )
+    node_client.add_arguments(reprotect)
     reprotect.set_defaults(func=cmd_reprotect)
 
     status = sub.add_parser("status", help="show every VM of the given nodes")
     status.add_argument(
         "--node", action="append", required=True, metavar="ADDR", help="a node daemon (repeat)"
     )
+    node_client.add_arguments(status)
     status.set_defaults(func=cmd_status)
 
 
@@ -424,6 +469,7 @@ def _add_fault_parsers(sub: Subparsers) -> None:
     )
     fault.add_argument("--delay-ms", type=float, default=20.0, help="delay-link: added delay each way")
     fault.add_argument("--fraction", type=float, default=0.1, help="drop-link: fraction of segments lost")
+    node_client.add_arguments(fault)
     fault.set_defaults(func=cmd_fault)
 
 

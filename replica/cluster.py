@@ -1,6 +1,10 @@
 """A local cluster of real node processes on loopback, for the demo, tests, benchmarks and users' fault
 tests: start `vmft node` daemons on free ports, protect a VM on them, kill, stop and restart nodes by
-PID, read their status. Every process it starts is stopped by its PID; every wait is bounded."""
+PID, read their status. Every process it starts is stopped by its PID; every wait is bounded.
+
+Secure by default, like a real cluster: the cluster makes its CA in its work directory (`ca/`, or shares
+one given), issues each node a node certificate and itself an admin certificate, and every link (its
+calls, node to node) is mutual TLS. `insecure=True` starts plaintext loopback nodes instead."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import grpc
 
 from monitor.loader import load_image_file
 from proto import vmft_pb2, vmft_pb2_grpc
+from replica import node_client, tls
 from replica.roles import is_serving
 from monitor.errors import VmftError
 
@@ -38,6 +43,12 @@ class NodeProcess:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     extra_args: list[str] = field(default_factory=list)
+    identity: tls.Identity | None = None  # its node certificate (None: an insecure cluster)
+
+    @property
+    def node_id(self) -> str:
+        """What the arbiter and the other nodes know it by: its certificate's name (else its address)."""
+        return self.identity.name if self.identity is not None else self.name
 
     @property
     def pid(self) -> int:
@@ -68,9 +79,22 @@ class LocalCluster:
         failure_timeout_ms: float = 300.0,
         python: str = sys.executable,
         auto_reprotect_s: float = 0.0,
+        insecure: bool = False,
+        ca_dir: str | Path | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.insecure = insecure
+        self.ca_dir: Path | None = None
+        self.admin: tls.Identity | None = None
+        if insecure:
+            self.auth = node_client.ClientAuth(None, insecure=True)
+        else:
+            self.ca_dir = Path(ca_dir) if ca_dir is not None else self.workdir / "ca"
+            if not (self.ca_dir / tls.CA_CERT).exists():
+                tls.init_ca(self.ca_dir)
+            self.admin = self.identity(tls.Role.ADMIN, "admin")
+            self.auth = node_client.ClientAuth(self.admin)
         self.arbiter_path = self.workdir / "arbiter.sqlite"
         self.heartbeat_ms = heartbeat_ms
         self.failure_timeout_ms = failure_timeout_ms
@@ -82,17 +106,41 @@ class LocalCluster:
         # node's address for the VM find the primary after any number of failovers.
         self._services: dict[tuple[str, str], str] = {}
 
+    # ----- credentials ---------------------------------------------------------------------------
+
+    def identity(self, role: tls.Role, name: str) -> tls.Identity:
+        """The certificate `name` of `role` from the cluster's CA (issued on first use)."""
+        assert self.ca_dir is not None, "an insecure cluster has no CA"
+        directory = self.ca_dir / ("nodes" if role is tls.Role.NODE else "admins") / name
+        if (directory / tls.CERT).exists():
+            return tls.Identity.load(directory)
+        return tls.issue(self.ca_dir, role, name)
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for `vmft` client commands run as this cluster's admin ($VMFT_CA, $VMFT_IDENTITY)."""
+        if self.admin is None:
+            return {"VMFT_INSECURE": "1"}
+        return {"VMFT_CA": str(self.ca_dir), "VMFT_IDENTITY": str(self.admin.directory)}
+
+    def channel(self, node: NodeProcess) -> grpc.Channel:
+        """A channel to the node API as this cluster's admin."""
+        return self.auth.channel(node.name)
+
     # ----- nodes ---------------------------------------------------------------------------------
 
     def add_node(self, extra_args: list[str] | None = None) -> NodeProcess:
         index = len(self.nodes)
+        port = free_port()
         node = NodeProcess(
-            name=f"127.0.0.1:{free_port()}",
+            name=f"127.0.0.1:{port}",
             data_dir=self.workdir / f"node{index}",
             log_path=self.workdir / f"node{index}.log",
             extra_args=extra_args or [],
+            # Named by port: unique on this machine, also when clusters share a CA.
+            identity=None if self.insecure else self.identity(tls.Role.NODE, f"node-{port}"),
         )
         self.nodes.append(node)
+        node_client.remember(node.name, self.auth)
         self.start_node(node)
         return node
 
@@ -105,6 +153,7 @@ class LocalCluster:
             "--heartbeat-ms", str(self.heartbeat_ms),
             "--failure-timeout-ms", str(self.failure_timeout_ms),
             "--auto-reprotect", str(self.auto_reprotect_s),
+            *(["--cert", str(node.identity.directory)] if node.identity is not None else ["--insecure"]),
             *node.extra_args,
         ]  # fmt: skip
         log_file = open(node.log_path, "ab")  # noqa: SIM115 - handed to the child
@@ -157,6 +206,7 @@ class LocalCluster:
                 self.stop_node(node, timeout=5)
             except ClusterError:
                 pass
+            node_client.forget(node.name)
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -167,7 +217,7 @@ class LocalCluster:
     # ----- the node API ---------------------------------------------------------------------------
 
     def status(self, node: NodeProcess, timeout: float = 5.0) -> vmft_pb2.NodeStatus:
-        with grpc.insecure_channel(node.name) as channel:
+        with self.channel(node) as channel:
             result: vmft_pb2.NodeStatus = vmft_pb2_grpc.NodeStub(channel).Status(
                 vmft_pb2.StatusRequest(), timeout=timeout
             )
@@ -211,7 +261,7 @@ class LocalCluster:
             service=service,
             backup_service=backup_service,
         )
-        with grpc.insecure_channel(primary.name) as channel:
+        with self.channel(primary) as channel:
             try:
                 vmft_pb2_grpc.NodeStub(channel).Protect(request, timeout=30)
             except grpc.RpcError as err:
@@ -234,7 +284,7 @@ class LocalCluster:
         request = vmft_pb2.ReprotectRequest(
             name=vm.name, backup_node=backup.name, backup_service=backup_service
         )
-        with grpc.insecure_channel(primary.name) as channel:
+        with self.channel(primary) as channel:
             try:
                 status: vmft_pb2.VmStatus = vmft_pb2_grpc.NodeStub(channel).Reprotect(request, timeout=60)
             except grpc.RpcError as err:

@@ -15,6 +15,8 @@ import grpc
 
 from proto import vmft_pb2, vmft_pb2_grpc
 from monitor.errors import VmftError
+from replica import node_client
+from replica.tls import TlsError
 
 
 class Fault(enum.Enum):
@@ -60,13 +62,16 @@ class FaultError(VmftError):
     """A fault that cannot be injected (unknown VM, no node answered, nothing to act on)."""
 
 
-def find_roles(nodes: list[str], vm: str, timeout: float = 2.0) -> tuple[str | None, str | None]:
-    """(primary's node, backup's node) of `vm` among `nodes`, by asking each."""
+def find_roles(
+    nodes: list[str], vm: str, timeout: float = 2.0, auth: node_client.ClientAuth | None = None
+) -> tuple[str | None, str | None]:
+    """(primary's node, backup's node) of `vm` among `nodes`, by asking each (with `auth`, else the
+    credentials remembered for each address or those of the environment: replica/node_client.py)."""
     primary: str | None = None
     backup: str | None = None
     for address in nodes:
         try:
-            with grpc.insecure_channel(address) as channel:
+            with (auth or node_client.for_address(address)).channel(address) as channel:
                 status = vmft_pb2_grpc.NodeStub(channel).Status(vmft_pb2.StatusRequest(), timeout=timeout)
         except grpc.RpcError:
             continue
@@ -87,10 +92,16 @@ def inject(
     duration_s: float = 1.0,
     delay_ms: float = 20.0,
     fraction: float = 0.1,
+    *,
+    auth: node_client.ClientAuth | None = None,
 ) -> vmft_pb2.FaultReply:
-    """Inject `fault` into `vm`, which runs on some of `nodes` (HOST:PORT of node daemons)."""
+    """Inject `fault` into `vm`, which runs on some of `nodes` (HOST:PORT of node daemons). Faults are
+    control operations: `auth` (or the remembered credentials) must be an admin's."""
     target = CATALOGUE[fault]
-    primary, backup = find_roles(nodes, vm)
+    try:
+        primary, backup = find_roles(nodes, vm, auth=auth)
+    except TlsError as err:
+        raise FaultError(str(err)) from err
     address = backup if target.on_backup else primary
     if address is None:
         role = "backup" if target.on_backup else "primary"
@@ -98,7 +109,7 @@ def inject(
     request = vmft_pb2.FaultRequest(
         vm=vm, kind=target.kind, duration_s=duration_s, delay_ms=delay_ms, fraction=fraction
     )
-    with grpc.insecure_channel(address) as channel:
+    with (auth or node_client.for_address(address)).channel(address) as channel:
         try:
             reply: vmft_pb2.FaultReply = vmft_pb2_grpc.NodeStub(channel).InjectFault(request, timeout=5)
         except grpc.RpcError as err:

@@ -26,6 +26,7 @@ from monitor.loader import ImageError
 from monitor.machine import install_kick_handler
 from monitor.record import LogError
 from proto import vmft_pb2, vmft_pb2_grpc
+from replica import authz, tls
 from replica.arbiter import Arbiter, SqliteArbiter
 from replica.backup import BackupVm
 from replica.primary import PrimaryVm
@@ -103,7 +104,7 @@ class Node:
         if spec.disk_path and not spec.disk_sha256:
             spec.disk_sha256 = await asyncio.to_thread(file_sha256, spec.disk_path)
         disk = await asyncio.to_thread(self._disk_copy, spec, "primary")  # hashing and copying take a while
-        if not await asyncio.to_thread(self.arbiter.claim, spec.name, generation, self.settings.name):
+        if not await asyncio.to_thread(self.arbiter.claim, spec.name, generation, self.settings.node_id):
             raise ReplicationRefused(f"another node claimed generation {generation} of {spec.name} first")
         vm = PrimaryVm.new(
             self.settings,
@@ -136,7 +137,7 @@ class Node:
     def _remembered_status(self, name: str, record: dict[str, object]) -> vmft_pb2.VmStatus:
         current = self.arbiter.current(name)
         generation = int(str(record.get("generation", 0)))
-        if current is not None and (current.generation > generation or current.node != self.settings.name):
+        if current is not None and (current.generation > generation or current.node != self.settings.node_id):
             message = f"fenced: generation {current.generation} belongs to {current.node}"
         else:
             message = "not running: the node restarted and the VM's memory is gone"
@@ -239,7 +240,7 @@ class Node:
 
     def _refusal(self, hello: vmft_pb2.Hello) -> str | None:
         if hello.protocol_version != PROTOCOL_VERSION:
-            return f"protocol version {hello.protocol_version} is not this node's {PROTOCOL_VERSION}"
+            return _version_refusal(hello)
         current = self.arbiter.current(hello.spec.name)
         if current is not None and current.generation > hello.generation:
             return (
@@ -291,15 +292,28 @@ class Node:
         return vm
 
     async def replication_stream(
-        self, requests: AsyncIterator[vmft_pb2.PrimaryMessage]
+        self, requests: AsyncIterator[vmft_pb2.PrimaryMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[vmft_pb2.BackupMessage]:
-        async for reply in backup_stream(self.settings, requests, self.accept_backup, self._detach):
+        async def accept(hello: vmft_pb2.Hello) -> BackupVm | str:
+            if hello.protocol_version != PROTOCOL_VERSION:
+                return _version_refusal(hello)  # changes nothing here: told to anyone, so they can tell
+            # Only the VM's current primary per the arbiter, proven by its node certificate, may touch
+            # the backup: a forged stream (any other node, or an admin) ends here, before a stale VM
+            # is stopped or anything is built.
+            await authz.require_primary_of(context, self.arbiter, hello.spec.name)
+            return await self.accept_backup(hello)
+
+        async for reply in backup_stream(self.settings, requests, accept, self._detach):
             yield reply
 
     def _detach(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _version_refusal(hello: vmft_pb2.Hello) -> str:
+    return f"protocol version {hello.protocol_version} is not this node's {PROTOCOL_VERSION}"
 
 
 _LINK_FAULTS = (vmft_pb2.FAULT_CUT_LINK, vmft_pb2.FAULT_DELAY_LINK, vmft_pb2.FAULT_DROP_LINK)
@@ -318,6 +332,7 @@ class NodeServicer(vmft_pb2_grpc.NodeServicer):
     async def Protect(  # noqa: N802 - gRPC method name
         self, request: vmft_pb2.ProtectRequest, context: grpc.aio.ServicerContext
     ) -> vmft_pb2.VmStatus:
+        await authz.require_admin(context)
         try:
             vm = await self.node.protect(request)
         except (VmftError, OSError, ValueError) as err:  # the image, disk, peer, arbiter, a checkpoint
@@ -333,6 +348,7 @@ class NodeServicer(vmft_pb2_grpc.NodeServicer):
     async def StopVm(  # noqa: N802
         self, request: vmft_pb2.StopVmRequest, context: grpc.aio.ServicerContext
     ) -> vmft_pb2.VmStatus:
+        await authz.require_admin(context)
         try:
             return await self.node.stop_vm(request.name)
         except KeyError:
@@ -342,6 +358,7 @@ class NodeServicer(vmft_pb2_grpc.NodeServicer):
     async def Reprotect(  # noqa: N802
         self, request: vmft_pb2.ReprotectRequest, context: grpc.aio.ServicerContext
     ) -> vmft_pb2.VmStatus:
+        await authz.require_admin(context)
         try:
             vm = await self.node.reprotect(request)
         except VmftError as err:  # the peer refused, or the arbiter is unreachable
@@ -352,6 +369,7 @@ class NodeServicer(vmft_pb2_grpc.NodeServicer):
     async def InjectFault(  # noqa: N802
         self, request: vmft_pb2.FaultRequest, context: grpc.aio.ServicerContext
     ) -> vmft_pb2.FaultReply:
+        await authz.require_admin(context)
         injected_at = time.time()
         try:
             detail = await self.node.inject_fault(request)
@@ -372,7 +390,7 @@ class ReplicationServicer(vmft_pb2_grpc.ReplicationServicer):
     async def Stream(  # noqa: N802
         self, request_iterator: AsyncIterator[vmft_pb2.PrimaryMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[vmft_pb2.BackupMessage]:
-        async for reply in self.node.replication_stream(request_iterator):
+        async for reply in self.node.replication_stream(request_iterator, context):
             yield reply
 
 
@@ -383,11 +401,14 @@ async def serve(settings: NodeSettings, arbiter_path: Path, ready: asyncio.Event
     server = grpc.aio.server()
     vmft_pb2_grpc.add_NodeServicer_to_server(NodeServicer(node), server)
     vmft_pb2_grpc.add_ReplicationServicer_to_server(ReplicationServicer(node), server)
-    port = server.add_insecure_port(settings.name)
-    if port == 0:
-        raise OSError(f"cannot listen on {settings.name}")
+    # Mutual TLS with the node's certificate; plaintext only with --insecure on loopback (tls.bind).
+    tls.bind(server, settings.name, settings.identity, insecure=settings.insecure)
     await server.start()
-    log.warning("node %s serving (data dir %s, arbiter %s)", settings.name, settings.data_dir, arbiter_path)
+    log.warning(
+        "node %s (%s) serving %s (data dir %s, arbiter %s)",
+        settings.node_id, settings.name, "mutual TLS" if settings.identity else "PLAINTEXT",
+        settings.data_dir, arbiter_path,
+    )  # fmt: skip
     if ready is not None:
         ready.set()
     try:

@@ -27,6 +27,7 @@ import grpc
 from monitor.checkpoint import CheckpointError, RecordType
 from monitor.errors import PeerError
 from proto import vmft_pb2, vmft_pb2_grpc
+from replica import tls
 from replica.stream_sink import StreamSink, merge_batches
 from replica.vm_common import PROTOCOL_VERSION, Meter, NodeSettings, ReplicationRefused
 
@@ -55,7 +56,8 @@ class BackupLink:
     def __init__(self, settings: NodeSettings, backup_node: str, target: str) -> None:
         self.settings = settings
         self.backup_node = backup_node
-        self._channel = grpc.aio.insecure_channel(target)
+        # Mutual TLS with this node's own certificate (plaintext only for an --insecure loopback node).
+        self._channel = tls.open_channel(target, settings.identity, insecure=settings.insecure)
         self._call: grpc.aio.StreamStreamCall = vmft_pb2_grpc.ReplicationStub(self._channel).Stream()
 
     async def open(self, hello: vmft_pb2.Hello) -> None:

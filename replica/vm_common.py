@@ -18,6 +18,7 @@ from monitor.config import MachineConfig
 from monitor.errors import PeerError
 from monitor.machine import Machine
 from proto import vmft_pb2
+from replica.tls import Identity
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,16 @@ class NodeSettings:
     # BROKEN ON PURPOSE, for tests only: release outputs without waiting for the backup's acknowledgement
     # (breaks the output rule; the history checker must then find lost writes after a failover).
     unsafe_release_outputs: bool = False
+    # Mutual TLS: the node's own certificate (it serves and calls its peers with it). None only with
+    # `insecure` (plaintext, loopback only). With a certificate, the node is known to the arbiter and its
+    # peers by the certificate's name, not by its address.
+    identity: Identity | None = None
+    insecure: bool = False
+
+    @property
+    def node_id(self) -> str:
+        """The name this node claims generations under: its certificate's name, or its address."""
+        return self.identity.name if self.identity is not None else self.name
 
 
 class ReplicationRefused(PeerError):

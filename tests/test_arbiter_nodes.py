@@ -54,7 +54,8 @@ def _start_round(workdir: Path) -> list[str]:
             with open(log_path, "wb") as log_file:
                 process = subprocess.Popen(
                     [sys.executable, "-c", _AT_ONCE, repr(start_at), "node", "--listen", address,
-                     "--data-dir", str(workdir / f"node{index}"), "--arbiter", str(arbiter)],
+                     "--data-dir", str(workdir / f"node{index}"), "--arbiter", str(arbiter),
+                     "--insecure"],  # plaintext on loopback: this test is about the arbiter file
                     stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT,
                 )  # fmt: skip
             nodes.append((address, process, log_path))

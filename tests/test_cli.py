@@ -25,6 +25,7 @@ from proto import vmft_pb2, vmft_pb2_grpc
 from replica.cli import DEFAULT_ARBITER
 from replica.faults import Fault, inject
 from replica.kv_client import KvClientSync
+from replica.node_client import ClientAuth, find_identity
 
 pytestmark = pytest.mark.kvm
 
@@ -32,12 +33,21 @@ ROOT = Path(__file__).resolve().parent.parent
 KV = ROOT / "guests" / "build" / "kv.elf"
 
 
+# The nodes serve mutual TLS (the default): the test makes its CA with `vmft ca`, and client commands run
+# as its admin through $VMFT_CA and $VMFT_IDENTITY.
+CLIENT_ENV: dict[str, str] = {}
+
+
 def vmft(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "replica.cli", *args],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT), **CLIENT_ENV},
     )  # fmt: skip
+
+
+def admin() -> ClientAuth:
+    return ClientAuth(find_identity(CLIENT_ENV["VMFT_IDENTITY"], CLIENT_ENV["VMFT_CA"]))
 
 
 class MountNamespace:
@@ -107,9 +117,18 @@ class Nodes:
         self.tmp = tmp
         self.auto_reprotect_s = auto_reprotect_s
         self.daemons: list[Daemon] = []
+        self.ca = tmp / "ca"
+        if not (self.ca / "ca.crt").exists():
+            for command in (("init", str(self.ca)), ("issue", "admin", "tester", "--ca", str(self.ca))):
+                made = vmft("ca", *command)
+                assert made.returncode == 0, made.stderr
+        CLIENT_ENV.update(VMFT_CA=str(self.ca), VMFT_IDENTITY="tester")
 
     def add(self) -> Daemon:
         index = len(self.daemons)
+        if not (self.ca / "nodes" / f"node{index}").exists():
+            issued = vmft("ca", "issue", "node", f"node{index}", "--ca", str(self.ca))
+            assert issued.returncode == 0, issued.stderr
         for _attempt in range(3):  # a port taken between picking and binding: pick another
             address = f"127.0.0.1:{_free_port()}"
             daemon = Daemon(address, self.tmp / f"node{index}", self.tmp / f"node{index}.log")
@@ -122,6 +141,7 @@ class Nodes:
         command = self.ns.command(
             sys.executable, "-m", "replica.cli", "node", "--listen", daemon.address,
             "--data-dir", str(daemon.data_dir), "--auto-reprotect", str(self.auto_reprotect_s),
+            "--ca", str(self.ca), "--cert", daemon.data_dir.name,
         )  # fmt: skip
         with open(daemon.log, "ab") as log:
             daemon.process = subprocess.Popen(
@@ -145,7 +165,7 @@ class Nodes:
 
 
 def node_status(address: str, timeout: float = 1.0) -> vmft_pb2.NodeStatus | None:
-    with grpc.insecure_channel(address) as channel:
+    with admin().channel(address) as channel:
         try:
             status: vmft_pb2.NodeStatus = vmft_pb2_grpc.NodeStub(channel).Status(
                 vmft_pb2.StatusRequest(), timeout=timeout
@@ -220,6 +240,7 @@ def nodes_factory(tmp_path: Path) -> Iterator[Callable[[float], Nodes]]:
         for ns, nodes in made:
             nodes.close()
             ns.close()
+        CLIENT_ENV.clear()
 
 
 def protect(a: Daemon, b: Daemon, *options: str) -> tuple[str, str]:
@@ -357,7 +378,7 @@ def test_a_guest_crash_keeps_acknowledged_writes_with_the_defaults(
     until("the next periodic checkpoint", lambda: newest() > taken, 10)
     with KvClientSync([service, backup_service], timeout=2.0) as kv:
         kv.set("k", "acknowledged")
-    inject([a.address, b.address], "vm1", Fault.CRASH, 0.5, 30.0, 0.2)
+    inject([a.address, b.address], "vm1", Fault.CRASH, 0.5, 30.0, 0.2, auth=admin())
     until("the guest restarted", lambda: (s := vm_status(a.address)) is not None and s.faults_recovered == 1)
     got = vmft("kv", f"{service},{backup_service}", "get", "k")
     assert (got.returncode, got.stdout) == (0, "acknowledged\n"), f"an acknowledged write was lost: {got}"

@@ -389,14 +389,16 @@ async def test_checker_catches_outputs_released_without_acknowledgement(tmp_path
 # ----- the command line ------------------------------------------------------------------------------------
 
 
-def _vmft(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def _vmft(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "replica.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )
 
 
@@ -404,7 +406,8 @@ def test_vmft_fault_command(tmp_path: Path) -> None:
     with _pair(tmp_path, []) as controller:  # no --link-relay
         nodes = [arg for n in controller.nodes for arg in ("--node", n.name)]
         primary = controller.vm.primary
-        result = _vmft("fault", "vm1", "crash", *nodes)
+        admin = controller.cluster.client_env()
+        result = _vmft("fault", "vm1", "crash", *nodes, env=admin)
         assert result.returncode == 0, result.stderr
         assert "CRASH" in result.stdout and "vm1" in result.stdout, result.stdout
         status = controller.cluster.wait_for(primary, "vm1", "serving", timeout=15)
@@ -414,13 +417,13 @@ def test_vmft_fault_command(tmp_path: Path) -> None:
             status = controller.cluster.vm_status(primary, "vm1") or status
         assert status.faults_recovered == 1, status
 
-        unknown = _vmft("fault", "nosuchvm", "crash", *nodes)
+        unknown = _vmft("fault", "nosuchvm", "crash", *nodes, env=admin)
         assert unknown.returncode == 1
         assert "nosuchvm" in unknown.stderr and "vmft fault:" in unknown.stderr, unknown.stderr
         assert "Traceback" not in unknown.stderr
 
         controller.repair(30)
-        link = _vmft("fault", "vm1", "cut-link", *nodes)
+        link = _vmft("fault", "vm1", "cut-link", *nodes, env=admin)
         assert link.returncode == 1, link.stdout
         assert "--link-relay" in link.stderr and "Traceback" not in link.stderr, link.stderr
 

@@ -24,7 +24,10 @@ import pytest
 from monitor.loader import load_image_file
 from monitor.record import make_header
 from proto import vmft_pb2, vmft_pb2_grpc
+from replica import tls
+from replica.arbiter import SqliteArbiter
 from replica.cluster import LocalCluster, NodeProcess, ProtectedVm
+from replica.node_client import ClientAuth
 from replica.relay import Relay
 from replica.roles import SERVING_WIRE
 from replica.vm_common import PROTOCOL_VERSION
@@ -177,12 +180,12 @@ async def test_link_cut_leaves_exactly_one_primary(cluster: LocalCluster, silent
         if loser is roles[0]:
             # The old primary lost generation 2 to the backup: fenced, says to whom, serves nothing more.
             assert loser.state == vmft_pb2.VM_STATE_FENCED, loser
-            assert "generation 2" in loser.message and b.name in loser.message, loser.message
+            assert "generation 2" in loser.message and b.node_id in loser.message, loser.message
             assert _refuses(cluster.service_address(vm.name, a)), "a fenced primary still serves"
         else:
             # The backup lost generation 2 to the primary: it stopped, and says to whom it lost.
             assert loser.state == vmft_pb2.VM_STATE_STOPPED, loser
-            assert "generation 2" in loser.message and a.name in loser.message, loser.message
+            assert "generation 2" in loser.message and a.node_id in loser.message, loser.message
 
 
 # ----- the old primary comes back ------------------------------------------------------------------------
@@ -196,7 +199,7 @@ async def test_restarted_old_primary_is_fenced(cluster: LocalCluster) -> None:
     status = cluster.vm_status(a, vm.name)
     assert status is not None, "the restarted node must remember the VM it ran"
     assert status.role == vmft_pb2.ROLE_STOPPED and status.state == vmft_pb2.VM_STATE_FENCED, status
-    assert "generation 2" in status.message and b.name in status.message, status.message
+    assert "generation 2" in status.message and b.node_id in status.message, status.message
     host, port = vm.service.rsplit(":", 1)
     with pytest.raises(OSError):
         socket.create_connection((host, int(port)), timeout=1).close()  # it serves nothing
@@ -250,7 +253,7 @@ async def test_sigstopped_primary_resumed_after_failover_stops_and_withholds(clu
     assert old is not None and old.role == vmft_pb2.ROLE_STOPPED, old
     # Resumed, it found its backup gone, asked the arbiter for generation 2 and learnt that B holds it.
     assert old.state == vmft_pb2.VM_STATE_FENCED, old
-    assert "generation 2" in old.message and b.name in old.message, old.message
+    assert "generation 2" in old.message and b.node_id in old.message, old.message
     assert probe_reply and not probe_reply[0].startswith(b"\x00"), f"a reply escaped: {probe_reply!r}"
     new = cluster.vm_status(b, vm.name)
     assert new is not None and new.role == vmft_pb2.ROLE_PRIMARY and new.generation == 2
@@ -281,8 +284,12 @@ def _hello(protocol_version: int = PROTOCOL_VERSION, mem_mib: int = 64, header_m
     )
 
 
-def _send_hello(node: NodeProcess, hello: vmft_pb2.Hello) -> vmft_pb2.HelloReply:
-    with grpc.insecure_channel(node.name) as channel:
+def _send_hello(cluster: LocalCluster, node: NodeProcess, hello: vmft_pb2.Hello) -> vmft_pb2.HelloReply:
+    """Send `hello` as the node "test-client", which holds the VM's generation in the arbiter (a
+    replication stream is accepted only from the VM's current primary: tests/test_security.py)."""
+    SqliteArbiter(cluster.arbiter_path).claim(hello.spec.name, hello.generation, "test-client")
+    auth = ClientAuth(cluster.identity(tls.Role.NODE, "test-client"))
+    with auth.channel(node.name) as channel:
         call = vmft_pb2_grpc.ReplicationStub(channel).Stream(
             iter([vmft_pb2.PrimaryMessage(hello=hello)]), timeout=10
         )
@@ -295,7 +302,7 @@ def _send_hello(node: NodeProcess, hello: vmft_pb2.Hello) -> vmft_pb2.HelloReply
 
 def test_peer_of_another_version_is_refused(cluster: LocalCluster) -> None:
     node = cluster.add_node()
-    reply = _send_hello(node, _hello(protocol_version=99))
+    reply = _send_hello(cluster, node, _hello(protocol_version=99))
     assert not reply.accepted
     assert "99" in reply.reason and str(PROTOCOL_VERSION) in reply.reason, reply.reason
     assert reply.protocol_version == PROTOCOL_VERSION
@@ -314,7 +321,7 @@ def test_peer_with_another_image_or_memory_is_refused(
     cluster: LocalCluster, hello_args: dict[str, object], words: list[str]
 ) -> None:
     node = cluster.add_node()
-    reply = _send_hello(node, _hello(**hello_args))  # type: ignore[arg-type]
+    reply = _send_hello(cluster, node, _hello(**hello_args))  # type: ignore[arg-type]
     assert not reply.accepted
     for word in words:
         assert word in reply.reason, reply.reason
@@ -332,14 +339,14 @@ def test_vmft_protect_prints_the_backups_refusal(cluster: LocalCluster, tmp_path
     )
     wrapper.chmod(0o755)
     primary = cluster.add_node()
-    with LocalCluster(tmp_path / "v99", python=str(wrapper)) as other:
+    with LocalCluster(tmp_path / "v99", python=str(wrapper), ca_dir=cluster.ca_dir) as other:
         old = other.add_node()
         assert other.status(old).protocol_version == 99
         result = subprocess.run(
             [sys.executable, "-m", "replica.cli", "protect", str(KV),
              "--primary", primary.name, "--backup", old.name, "--name", "vm9"],
             capture_output=True, text=True, timeout=60, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": str(ROOT), **cluster.client_env()},
         )  # fmt: skip
     assert result.returncode != 0, result.stdout
     assert "refused" in result.stderr and "99" in result.stderr, result.stderr
