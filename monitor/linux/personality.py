@@ -1,7 +1,13 @@
-"""The Linux personality on a Machine: one process, its system calls and exceptions, its /proc.
+"""The Linux personality on a Machine: the guest's processes and threads, their system calls and
+exceptions.
 
-`build_linux` makes the machine through the one door (monitor/builder.py, boot=False) and attaches a
-LinuxPersonality to it: a component of the machine (monitor/component.py) that serves the program.
+`build_linux` makes the machine through the one door (monitor/builder.py, boot=False, with the
+personality's machine factory) and loads the program; `restore_linux` restores one from a checkpoint. The
+personality is a component of the machine (monitor/component.py). It reaches into the Machine at a few
+points that have no public hook yet: it adds two port handlers (Machine._out), replaces the vCPU's
+run_once (the TSC-trapping KVM_RUN) and the machine's current_rip (the program's RIP at a system call),
+marks the vCPU blocked while it waits for console input or a deadline (Machine._blocked), emits the exit
+output (Machine._emit), and reads and writes XSAVE state (VcpuFd._get_raw/_set_raw).
 """
 
 from __future__ import annotations

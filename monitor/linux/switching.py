@@ -99,7 +99,7 @@ class ThreadSwitching(PersonalityCore):
     def _wake_ready(self) -> None:
         """Threads waiting on a pipe, a child or poll whose condition now holds become runnable."""
         sched = self.process.sched
-        for thread in sched._waiting():
+        for thread in sched.waiting():
             wait = thread.wait
             if wait is None or wait.kind in ("futex", "sleep", "vfork"):
                 continue

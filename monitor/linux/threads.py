@@ -130,6 +130,10 @@ class Scheduler:
                 moved += 1
         return moved
 
+    def waiting(self) -> list[Thread]:
+        """The blocked threads, in a deterministic order."""
+        return self._waiting()
+
     def _waiting(self) -> list[Thread]:
         return sorted(
             (t for t in self.threads.values() if t.state is ThreadState.BLOCKED), key=lambda t: t.syscalls
