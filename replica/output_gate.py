@@ -13,6 +13,7 @@ import threading
 from typing import Callable
 
 from monitor.journal import OutputKind
+from replica import hops
 
 Deliver = Callable[[OutputKind, bytes], None]
 
@@ -35,6 +36,7 @@ class OutputGate:
                 self._deliver(kind, data)
             else:
                 self._held.append((position, kind, data))
+                hops.hop("hold", position)
 
     def ack(self, position: int) -> None:
         with self._lock:
@@ -60,6 +62,7 @@ class OutputGate:
             self.released += 1
             self._note(kind, position)
             self._deliver(kind, data)
+            hops.hop("release", position)
 
     def _note(self, kind: OutputKind, position: int) -> None:
         # Console lines are diagnostics (a guest announcing its own crash among them): the replay target

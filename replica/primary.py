@@ -13,6 +13,7 @@ import grpc
 
 from monitor import builder
 from monitor.checkpoint import CheckpointError, Checkpointer, CheckpointStats, CheckpointStore, Loading
+from monitor.errors import PeerError
 from monitor.loader import ImageError
 from monitor.machine import MachineResult
 from monitor.netserver import NicServer, parse_address
@@ -244,7 +245,7 @@ class PrimaryVm:
                     sent += len(record)
                     self.reprotect_progress = min(0.99, sent / max(1, machine.memory.size // 4))
                 await producer
-        except (grpc.aio.AioRpcError, CheckpointError, OSError) as err:
+        except (grpc.RpcError, PeerError, CheckpointError, OSError) as err:
             if producer is not None:
                 producer.cancel()
             await self._close_link()
@@ -298,11 +299,13 @@ class PrimaryVm:
         core, link = self.core, self.link
         assert link is not None and core.sink is not None and core.machine is not None
         machine = core.machine
+        loop = asyncio.get_running_loop()
 
-        def on_ack(ack: vmft_pb2.Ack) -> None:
+        def on_ack(ack: vmft_pb2.Ack) -> None:  # the link's ack thread: outputs are released right here
             if link is self.link:  # a restart ended this pairing: its acks are of another timeline
                 self.standing.ack(ack.received, ack.replayed)
-                self._ack_seen.set()
+                if not self._ack_seen.is_set():  # someone waits for an ack (_backup_holds)
+                    loop.call_soon_threadsafe(self._ack_seen.set)
 
         reason = await link.run(core.sink, lambda: machine.position, core.meter, on_ack)
         await self._backup_lost(link, reason)

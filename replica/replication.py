@@ -17,7 +17,9 @@ asks the arbiter to stay primary alone, the backup asks it to take over (primary
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -27,7 +29,7 @@ import grpc
 from monitor.checkpoint import CheckpointError, RecordType
 from monitor.errors import PeerError
 from proto import vmft_pb2, vmft_pb2_grpc
-from replica import tls
+from replica import hops, tls
 from replica.stream_sink import StreamSink, merge_batches
 from replica.vm_common import PROTOCOL_VERSION, Meter, NodeSettings, ReplicationRefused
 
@@ -41,35 +43,144 @@ class PeerSilent(PeerError):
     """The peer said nothing for longer than the failure timeout, or closed the stream."""
 
 
-# How a broken replication link shows. InvalidStateError ("RPC already finished") is a write after the backup
-# ended the RPC (e.g. it went live while this node was stopped): uncaught, it killed the replication task and
-# left the primary protected in name, holding every output, never asking the arbiter.
-LINK_ERRORS = (PeerSilent, grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
-
-
 # ----- the primary's half -----------------------------------------------------------------------------
 
 
+def _channel(settings: NodeSettings, target: str) -> grpc.Channel:
+    """Mutual TLS with this node's own certificate (plaintext only for an --insecure loopback node). A
+    synchronous channel: the stream is driven by threads, not by the event loop."""
+    if settings.identity is not None:
+        return grpc.secure_channel(target, tls.channel_credentials(settings.identity))
+    tls.check_plaintext(target, settings.insecure)
+    return grpc.insecure_channel(target)
+
+
+class _Outgoing:
+    """What the primary sends, as the request iterator gRPC's own sending thread pulls from (it asks for
+    the next message once the previous one is written): first the control messages put here (Hello, a
+    checkpoint's records), then, once `attach`ed, the log straight from the vCPU thread's hand-off (one
+    merged batch for everything logged while the previous write was in flight), or a heartbeat when the
+    log was idle for a heartbeat interval. No event loop on the way from the vCPU to the wire.
+
+    At most `window` log messages are in flight (sent, not yet acknowledged): a lone output goes out at
+    once, but under load the log gathers while the window is full, so that the stream carries a few large
+    messages per round trip instead of one per output (its cost, and the acknowledgements', is per
+    message: FACTS.md), and an output waits at most about one more round trip (or 1 ms, after which the
+    window no longer holds the log back)."""
+
+    def __init__(self, heartbeat_s: float, window: int = 2) -> None:
+        self._heartbeat_s = heartbeat_s
+        self._window = window
+        self._in_flight: collections.deque[int] = collections.deque()  # horizons sent, not yet acked
+        self._window_wait = min(heartbeat_s, 0.001)
+        self._overdue = False  # the window stayed full for `_window_wait`: send anyway
+        self._cond = threading.Condition()
+        self._control: collections.deque[vmft_pb2.PrimaryMessage] = collections.deque()
+        self._sink: StreamSink | None = None
+        self._position: Callable[[], int] = lambda: 0
+        self._closed = False
+        self.sent_bytes = 0  # log bytes sent (the loop folds them into the Meter: it is not thread-safe)
+
+    def put(self, message: vmft_pb2.PrimaryMessage) -> None:
+        with self._cond:
+            self._control.append(message)
+            self._cond.notify_all()
+
+    def backlog(self) -> int:
+        return len(self._control)
+
+    def attach(self, sink: StreamSink, position: Callable[[], int]) -> None:
+        with self._cond:
+            self._sink, self._position = sink, position
+            self._cond.notify_all()
+
+    def acked(self, received: int) -> None:
+        """Ack thread: the backup holds the log up to `received` (frees the window)."""
+        with self._cond:
+            in_flight = self._in_flight
+            if in_flight and in_flight[0] <= received:
+                while in_flight and in_flight[0] <= received:
+                    in_flight.popleft()
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            sink = self._sink
+            self._cond.notify_all()
+        if sink is not None:
+            sink.wake()
+
+    def _heartbeat(self) -> vmft_pb2.PrimaryMessage:
+        return vmft_pb2.PrimaryMessage(heartbeat=vmft_pb2.Heartbeat(position=self._position()))
+
+    def __iter__(self) -> _Outgoing:
+        return self
+
+    def __next__(self) -> vmft_pb2.PrimaryMessage:
+        while True:
+            with self._cond:
+                if self._control:
+                    return self._control.popleft()
+                if self._closed:
+                    raise StopIteration
+                sink = self._sink
+                if sink is None:
+                    self._cond.wait(self._heartbeat_s)
+                    continue
+                # A full window holds the log back for at most `_window_wait`: a slow or lossy link
+                # (acknowledgements held up) must neither stall the log nor make the backup think this
+                # primary silent; then whatever is pending goes out as if the window were open.
+                if len(self._in_flight) >= self._window and not self._overdue:
+                    if not self._cond.wait(self._window_wait) and len(self._in_flight) >= self._window:
+                        self._overdue = True
+                    continue
+                self._overdue = False
+            batches = sink.take_blocking(self._heartbeat_s)
+            if self._closed:
+                raise StopIteration
+            if not batches:
+                return self._heartbeat()
+            batch = merge_batches(batches)
+            hops.hop("take", batch.horizon)
+            message = vmft_pb2.PrimaryMessage(batch=batch)
+            self.sent_bytes += message.ByteSize()
+            with self._cond:
+                self._in_flight.append(max(batch.horizon, batch.end_position))
+            if batch.ended:
+                self.close()  # the guest stopped: the stream is half-closed after this message
+            return message
+
+
 class BackupLink:
-    """The primary's end of one stream to a backup node (`target`: its address, or a relay in front)."""
+    """The primary's end of one stream to a backup node (`target`: its address, or a relay in front).
+
+    The stream runs on threads, with gRPC's synchronous API: gRPC's sending thread takes the log from the
+    vCPU's hand-off (`_Outgoing`), and an ack thread reads the backup's acknowledgements and hands each to
+    `on_ack` at once, on that thread (the output gate releases there: no trip through the event loop).
+    The event loop only opens the link, watches for silence and learns how it ended."""
 
     def __init__(self, settings: NodeSettings, backup_node: str, target: str) -> None:
         self.settings = settings
         self.backup_node = backup_node
-        # Mutual TLS with this node's own certificate (plaintext only for an --insecure loopback node).
-        self._channel = tls.open_channel(target, settings.identity, insecure=settings.insecure)
-        self._call: grpc.aio.StreamStreamCall = vmft_pb2_grpc.ReplicationStub(self._channel).Stream()
+        self._channel = _channel(settings, target)
+        self._outgoing = _Outgoing(settings.heartbeat_interval_s)
+        self._call: Any = None  # the stream (a grpc response iterator and call), started by `open`
+        self._lock = threading.Lock()  # an on_ack call and `close` exclude each other
+        self._closed = False
 
     async def open(self, hello: vmft_pb2.Hello) -> None:
         """Send Hello and wait for the backup's answer; ReplicationRefused (link closed) unless accepted."""
+        self._outgoing.put(vmft_pb2.PrimaryMessage(hello=hello))
+        self._call = vmft_pb2_grpc.ReplicationStub(self._channel).Stream(self._outgoing)
         try:
-            await self._call.write(vmft_pb2.PrimaryMessage(hello=hello))
-            reply = await asyncio.wait_for(self._call.read(), self.settings.connect_timeout_s)
-        except (grpc.aio.AioRpcError, TimeoutError) as err:
+            first = asyncio.to_thread(next, self._call, None)
+            reply = await asyncio.wait_for(first, self.settings.connect_timeout_s)
+        except (grpc.RpcError, TimeoutError) as err:
             await self.close()
-            detail = err.details() if isinstance(err, grpc.aio.AioRpcError) else "no answer"
+            detail = err.details() if isinstance(err, grpc.Call) else "no answer"
             raise ReplicationRefused(f"backup node {self.backup_node} unreachable: {detail}") from err
-        if reply is grpc.aio.EOF or not reply.HasField("hello_reply"):
+        if reply is None or not reply.HasField("hello_reply"):
             await self.close()
             raise ReplicationRefused(f"backup node {self.backup_node} closed the stream")
         if not reply.hello_reply.accepted:
@@ -79,11 +190,23 @@ class BackupLink:
             )
 
     async def send_checkpoint_record(self, record: bytes) -> None:
-        await self._call.write(vmft_pb2.PrimaryMessage(checkpoint_record=record))
+        """Queue one record; waits while more than a few are queued (the stream's pace); PeerSilent if
+        the stream ended."""
+        self._outgoing.put(vmft_pb2.PrimaryMessage(checkpoint_record=record))
+        while self._outgoing.backlog() > 8:
+            if self._closed or self._call is None or self._call.done():
+                raise PeerSilent("the replication stream ended while a checkpoint was being sent")
+            await asyncio.sleep(0.0005)
 
     async def close(self) -> None:
-        self._call.cancel()
-        await self._channel.close()
+        """After this returns, `on_ack` is not called again (an old pairing's acks never reach a new
+        gate)."""
+        with self._lock:
+            self._closed = True
+        self._outgoing.close()
+        if self._call is not None:
+            self._call.cancel()
+        self._channel.close()
 
     async def run(
         self,
@@ -92,53 +215,56 @@ class BackupLink:
         meter: Meter,
         on_ack: Callable[[vmft_pb2.Ack], None],
     ) -> str:
-        """Stream the log from `sink` (heartbeats at `position()` when idle), hand every Ack to `on_ack`;
-        return why the link ended (the backup closed it, went silent, or the connection broke)."""
-        call, settings = self._call, self.settings
+        """Stream the log from `sink` (heartbeats at `position()` when idle), hand every Ack to `on_ack`
+        on the ack thread (it must be thread-safe); return why the link ended (the backup closed it, went
+        silent, or the connection broke)."""
+        loop = asyncio.get_running_loop()
+        call, settings, outgoing = self._call, self.settings, self._outgoing
+        assert call is not None, "open the link first"
         last_heard = time.monotonic()
+        ended: asyncio.Future[str] = loop.create_future()
 
-        async def sender() -> None:
-            while True:
-                batches = await sink.take(settings.heartbeat_interval_s)
-                if batches:
-                    # One message for everything queued while the previous write was in flight: the
-                    # stream's cost is per message, and the backup acknowledges per message group.
-                    batch = merge_batches(batches)
-                    message = vmft_pb2.PrimaryMessage(batch=batch)
-                    await call.write(message)
-                    meter.add(message.ByteSize())
-                    if batch.ended:
-                        return
-                else:
-                    heartbeat = vmft_pb2.Heartbeat(position=position())
-                    await call.write(vmft_pb2.PrimaryMessage(heartbeat=heartbeat))
+        def finish(reason: str) -> None:
+            if not ended.done():
+                ended.set_result(reason)
 
-        async def receiver() -> None:
+        def receive() -> None:  # the ack thread
             nonlocal last_heard
-            while True:
-                message = await call.read()
-                if message is grpc.aio.EOF:
-                    raise PeerSilent("the backup closed the stream")
-                last_heard = time.monotonic()
-                if message.HasField("ack"):
-                    on_ack(message.ack)
+            reason = "the backup closed the stream"
+            try:
+                for message in call:
+                    last_heard = time.monotonic()
+                    if message.HasField("ack"):
+                        hops.hop("ackrecv", message.ack.received)
+                        outgoing.acked(message.ack.received)
+                        with self._lock:
+                            if self._closed:
+                                break
+                            on_ack(message.ack)
+            except grpc.RpcError as err:
+                reason = f"stream broken: {err.code().name}" if isinstance(err, grpc.Call) else str(err)
+            finally:
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(finish, reason)
 
-        async def watchdog() -> None:
-            while True:
-                await asyncio.sleep(settings.heartbeat_interval_s)
-                silent = time.monotonic() - last_heard
-                if silent > settings.failure_timeout_s:
-                    raise PeerSilent(f"no word from the backup for {silent * 1000:.0f} ms")
-
-        reason = "the link ended"
+        outgoing.attach(sink, position)
+        receiver = threading.Thread(target=receive, name=f"acks from {self.backup_node}", daemon=True)
+        receiver.start()
+        counted = 0
         try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(sender())
-                group.create_task(receiver())
-                group.create_task(watchdog())
-        except* LINK_ERRORS as group_error:
-            reason = "; ".join(str(e).splitlines()[0] for e in group_error.exceptions)
-        return reason
+            while not ended.done():
+                await asyncio.wait({ended}, timeout=settings.heartbeat_interval_s)
+                sent = outgoing.sent_bytes
+                if sent > counted:
+                    meter.add(sent - counted)
+                    counted = sent
+                silent = time.monotonic() - last_heard
+                if silent > settings.failure_timeout_s and not ended.done():
+                    finish(f"no word from the backup for {silent * 1000:.0f} ms")
+        finally:
+            if not ended.done():  # cancelled: the caller closes the link
+                ended.cancel()
+        return ended.result()
 
 
 # ----- the backup's half ------------------------------------------------------------------------------
@@ -237,6 +363,7 @@ async def _acknowledge(
                 if not vm.following():
                     break
                 if message.HasField("batch"):
+                    hops.hop("recv", message.batch.horizon)
                     vm.on_batch(message.batch, message.ByteSize())
                     if message.batch.ended:
                         reason = ""  # the guest stopped on the primary; replay finishes by itself
@@ -268,7 +395,9 @@ async def _acknowledge(
                 if not reason:
                     yield vm.ack()  # the last acknowledgement: the primary's final outputs go out
                 break
-            yield vm.ack()
+            ack = vm.ack()
+            hops.hop("ack", ack.ack.received)
+            yield ack
     except asyncio.CancelledError:
         reason = reason or "the primary's connection dropped"
         raise

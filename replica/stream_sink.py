@@ -1,4 +1,9 @@
-"""The hand-off of log batches from the vCPU thread to the replication stream on the event loop.
+"""The hand-off of log batches from the vCPU thread to the replication stream's sender.
+
+The sender is a thread (replica/replication.py: gRPC's synchronous API pulls the next message from it),
+woken by the vCPU thread directly through a condition: no trip through the event loop between the guest's
+exit and the write. An async `take` remains for callers on the event loop (it wakes the loop only while
+one is waiting).
 
 Policy when the backup is slow: the buffer holds up to `max_pending` batches; beyond that the vCPU waits
 (the guest is throttled, never silently) and a warning says so. Outputs are held by the output rule
@@ -18,6 +23,7 @@ import logging
 import threading
 
 from proto import vmft_pb2
+from replica import hops
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +35,7 @@ class StreamSink:
         self._cond = threading.Condition()
         self._ready = asyncio.Event()
         self._signalled = False  # a wake-up of the loop is on its way (set and cleared under _cond)
+        self._loop_waiting = False  # an async `take` waits for the loop to be woken (under _cond)
         self._max_pending = max_pending
         self.discard = False
         self.throttled = 0  # times the vCPU had to wait for the stream
@@ -41,6 +48,7 @@ class StreamSink:
         self.retained.append(batch)
         if self.discard:
             return
+        hops.hop("flush", batch.horizon)
         with self._cond:
             self._pending.append(batch)
             if len(self._pending) > self._max_pending:
@@ -48,8 +56,9 @@ class StreamSink:
                 log.warning("replication backlog of %d batches: throttling the vCPU", len(self._pending))
                 while len(self._pending) > self._max_pending // 2 and not self.discard:
                     self._cond.wait(0.1)
-            if self._signalled:
-                return  # the loop has not taken the queue yet: it will find this batch with the others
+            self._cond.notify_all()  # the sender thread, if it waits
+            if self._signalled or not self._loop_waiting:
+                return  # no loop waits, or it has yet to take the queue (and finds this batch in it)
             self._signalled = True
         self._loop.call_soon_threadsafe(self._ready.set)
 
@@ -66,7 +75,10 @@ class StreamSink:
     async def take(self, wait_s: float) -> list[vmft_pb2.EventBatch]:
         """Event loop: the queued batches, waiting up to `wait_s` for at least one (a loop timer bounds
         the wait: no task per call, as asyncio.wait_for would make)."""
-        if not self._pending:
+        with self._cond:
+            wait = not self._pending
+            self._loop_waiting = wait
+        if wait:
             timer = self._loop.call_later(wait_s, self._ready.set)
             try:
                 await self._ready.wait()
@@ -74,11 +86,92 @@ class StreamSink:
                 timer.cancel()
         self._ready.clear()
         with self._cond:
-            batches = list(self._pending)
-            self._pending.clear()
-            self._signalled = False
+            self._loop_waiting = False
+            return self._drain()
+
+    def take_blocking(self, wait_s: float) -> list[vmft_pb2.EventBatch]:
+        """Sender thread: the queued batches, waiting up to `wait_s` for at least one ([] after that, or
+        at once once the sink discards)."""
+        with self._cond:
+            if not self._pending and not self.discard:
+                self._cond.wait(wait_s)
+            return self._drain()
+
+    def wake(self) -> None:
+        """Let a sender thread waiting in `take_blocking` go now (the link is closing)."""
+        with self._cond:
             self._cond.notify_all()
+
+    def _drain(self) -> list[vmft_pb2.EventBatch]:
+        batches = take_bounded(self._pending, MAX_MESSAGE_BYTES)  # what is left goes in the next message
+        self._signalled = False
+        self._cond.notify_all()  # a throttled vCPU
         return batches
+
+
+# One replication message carries at most this much log: far under gRPC's 4 MiB message limit (the audit
+# saw a guest logging fast while its backup paused for 150 ms make one 37 MB message, which broke the
+# stream and failed a healthy pair over), and small enough to keep the stream's latency even.
+MAX_MESSAGE_BYTES = 1 << 20
+
+
+def take_bounded(pending: collections.deque[vmft_pb2.EventBatch], limit: int) -> list[vmft_pb2.EventBatch]:
+    """Take batches from the front of `pending` while together they stay under `limit` bytes (always
+    at least one, unless `pending` is empty); a single batch over `limit` is cut by events, its tail
+    put back in front. The rest stays queued for the next message."""
+    out: list[vmft_pb2.EventBatch] = []
+    total = 0
+    while pending:
+        size = pending[0].ByteSize()
+        if out and total + size > limit:
+            break
+        batch = pending.popleft()
+        if size > limit:
+            pieces = split_batch(batch, limit)
+            pending.extendleft(reversed(pieces[1:]))
+            out.append(pieces[0])
+            break
+        out.append(batch)
+        total += size
+    return out
+
+
+def split_batch(batch: vmft_pb2.EventBatch, limit: int) -> list[vmft_pb2.EventBatch]:
+    """`batch` cut by events into consecutive batches of about `limit` bytes at most (an event larger
+    than that goes alone). Each piece but the last is open: its horizon ends before the next piece's
+    first event; the last keeps the horizon and the end marker."""
+    positions = list(itertools.accumulate(batch.position_deltas, initial=batch.first_position))[1:]
+    starts = [0]
+    size = 0
+    data = batch.data
+    for i in range(len(positions)):
+        cost = (len(data[i]) if i < len(data) else 0) + 32  # the event's columns, roughly
+        if size and size + cost > limit:
+            starts.append(i)
+            size = 0
+        size += cost
+    if len(starts) == 1:
+        return [batch]
+    pieces = []
+    for n, first in enumerate(starts):
+        end = starts[n + 1] if n + 1 < len(starts) else len(positions)
+        piece = vmft_pb2.EventBatch(first_position=positions[first])
+        piece.position_deltas.extend(
+            [0, *(b - a for a, b in zip(positions[first : end - 1], positions[first + 1 : end]))]
+        )
+        piece.rips.extend(batch.rips[first:end])
+        piece.kinds.extend(batch.kinds[first:end])
+        piece.values.extend(batch.values[first:end])
+        piece.data.extend(batch.data[first:end])
+        if end < len(positions):
+            piece.horizon = positions[end] - 1
+        else:
+            piece.horizon = batch.horizon
+            piece.end_position, piece.ended, piece.end_reason = (
+                batch.end_position, batch.ended, batch.end_reason,
+            )  # fmt: skip
+        pieces.append(piece)
+    return pieces
 
 
 def merge_batches(batches: list[vmft_pb2.EventBatch]) -> vmft_pb2.EventBatch:

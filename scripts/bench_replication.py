@@ -1,7 +1,10 @@
 """Replication cost: the kv guest protected by a backup against the same guest unprotected, both in one
 LocalCluster (three `vmft node` processes on loopback: the replicated primary, its backup, and the
 unprotected VM's node), measured in interleaved phases. The client load is build/kvload (scripts/kvload.c),
-a C epoll generator in its own process, on the last core (--no-pin: anywhere); the nodes are not pinned.
+a C epoll generator in its own process. Where things run (two cores: --no-pin leaves all of it to the
+scheduler): the load generator and the backup's node on the last core, the replicated primary's node and the
+unprotected VM's node on the first, so that the primary and its backup never share a core and each VM under
+test has a core of its own beside the generator.
 
 Figures: throughput with many concurrent connections; the latency one sequential client pays (p50, p99) and
 what the output rule adds at p50, beside a gRPC unary round trip measured here; the log bandwidth under the
@@ -10,6 +13,8 @@ concurrent load beside the clients' request bandwidth; the backup's lag behind t
 from __future__ import annotations
 
 import argparse
+import bisect
+import os
 import statistics
 import tempfile
 import time
@@ -32,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
     parser.add_argument("--quick", action="store_true", help="a few seconds in all (smoke test)")
     parser.add_argument("--keep", metavar="DIR", help="run the cluster in DIR and keep its node logs")
-    parser.add_argument("--no-pin", action="store_true", help="leave the load generator unpinned")
+    parser.add_argument("--no-pin", action="store_true", help="pin neither the load generator nor the nodes")
+    parser.add_argument("--hops", action="store_true",
+                        help="also time each hop of the sequential phases' replicated requests")  # fmt: skip
 
 
 @dataclass
@@ -65,8 +72,10 @@ def _sample_during(
     return samples
 
 
-def _unary_rtt(node: NodeProcess, count: int) -> list[float]:
-    with grpc.insecure_channel(node.name) as channel:
+def _unary_rtt(cluster: LocalCluster, node: NodeProcess, count: int) -> list[float]:
+    # The cluster's own credentials when it has them (mutual TLS), else plaintext.
+    opened = cluster.channel(node) if hasattr(cluster, "channel") else grpc.insecure_channel(node.name)
+    with opened as channel:
         stub = vmft_pb2_grpc.NodeStub(channel)
         stub.Status(vmft_pb2.StatusRequest(), timeout=5)
         out = []
@@ -75,6 +84,54 @@ def _unary_rtt(node: NodeProcess, count: int) -> list[float]:
             stub.Status(vmft_pb2.StatusRequest(), timeout=5)
             out.append(time.perf_counter() - start)
     return out
+
+
+def _pin(node: NodeProcess, cpus: set[int]) -> None:
+    """Every thread the node has now; the threads it starts later (vCPUs, gRPC's) inherit the mask."""
+    for task in os.listdir(f"/proc/{node.pid}/task"):
+        try:
+            os.sched_setaffinity(int(task), cpus)
+        except OSError:
+            pass  # the thread ended meanwhile
+
+
+_HOPS = ("hold", "flush", "take", "recv", "ack", "ackrecv", "release")
+
+
+def _hop_delays(directory: Path, windows: list[tuple[float, float]]) -> dict[str, list[float]]:
+    """Join the nodes' hop records (replica/hops.py) by position: for each output held during one of
+    `windows` (monotonic seconds), when each later hop first covered its position; the delay from the
+    previous hop, per hop (seconds)."""
+    records: dict[str, list[tuple[int, int]]] = {name: [] for name in _HOPS}
+    for path in directory.glob("*.hops"):
+        for line in path.read_text().splitlines():
+            name, key, ns = line.split()
+            if name in records:
+                records[name].append((int(ns), int(key)))
+    for values in records.values():
+        values.sort()
+    delays: dict[str, list[float]] = {name: [] for name in _HOPS[1:]}
+    for held_ns, position in records["hold"]:
+        if not any(lo * 1e9 <= held_ns <= hi * 1e9 for lo, hi in windows):
+            continue
+        previous = held_ns
+        found: dict[str, int] = {}
+        for name in _HOPS[1:]:
+            values = records[name]
+            i = bisect.bisect_left(values, (previous - 1000, 0))
+            while i < len(values) and values[i][1] < position:
+                i += 1
+            if i == len(values):
+                break
+            hit = values[i][0]
+            found[name] = hit
+            previous = hit
+        if len(found) == len(_HOPS) - 1:
+            last = held_ns
+            for name in _HOPS[1:]:
+                delays[name].append((found[name] - last) / 1e9)
+                last = found[name]
+    return delays
 
 
 def _median(values: list[float]) -> float:
@@ -86,11 +143,22 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
     if args.quick:
         seconds, latency_seconds, rounds = 0.8, 0.4, 1
     image = benchlib.guest_path("kv.elf")
-    cpu = None if args.no_pin else kvload.cpu_layout()[0]
+    cpu, servers = kvload.cpu_layout()
+    if args.no_pin:
+        cpu = None
+    hop_windows: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory(prefix="vmft-bench-replication.") as tmp:
         workdir = Path(args.keep) if args.keep else Path(tmp)
+        hop_dir = workdir / "hops"
+        if args.hops:
+            hop_dir.mkdir(parents=True, exist_ok=True)
+            os.environ["VMFT_HOPS"] = str(hop_dir)  # inherited by the nodes (replica/hops.py)
         with LocalCluster(workdir) as cluster:
             a, b, c = cluster.add_node(), cluster.add_node(), cluster.add_node()
+            if cpu is not None:
+                _pin(a, {min(servers)})
+                _pin(b, {cpu})
+                _pin(c, {min(servers)})
             rep = cluster.protect(image, a, b, name="rep")
             cluster.wait_for(b, "rep", "backup", timeout=20)
             solo = cluster.protect(image, c, None, name="solo")
@@ -117,12 +185,16 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
                     if which == "replicated":
                         request_rate.append(result.request_bytes / result.seconds)
                 for which in order if r % 2 else reversed(order):
+                    began = time.monotonic()
                     result = kvload.run([services[which]], 1, latency_seconds, tag=f"l{r}", cpu=cpu)
                     latencies[which].append(result.histogram)
-            rtt = _unary_rtt(a, 50 if args.quick else 300)
+                    if which == "replicated":
+                        hop_windows.append((began, time.monotonic()))
+            rtt = _unary_rtt(cluster, a, 50 if args.quick else 300)
             status = cluster.vm_status(a, "rep")
             if status is None or not status.protected:
                 raise RuntimeError(f"the replicated VM lost its backup during the benchmark: {status}")
+        hop_delays = _hop_delays(hop_dir, hop_windows) if args.hops else {}
 
     ms = 1000.0
     rep_tput, solo_tput = _median(throughput["replicated"]), _median(throughput["unreplicated"])
@@ -137,7 +209,7 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
     conns = args.connections
     rtt_p50 = benchlib.percentile(rtt, 50) * ms
     log_rate = _median(samples.log_bytes_per_s) / 1024
-    return [
+    figures = [
         benchlib.Figure(f"kv throughput, {conns} connections, replicated", rep_tput, "ops/s",
                         solo_tput, "the same, unreplicated (target ratio >= 0.9)"),
         benchlib.Figure("kv latency p50, one sequential client, replicated", rep_p50, "ms",
@@ -153,3 +225,9 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
         benchlib.Figure(f"backup lag, {conns} connections", lag_ms, "ms",
                         failure_timeout_ms, "failure timeout (setting)"),
     ]  # fmt: skip
+    figures += [
+        benchlib.Figure(f"replication hop p50: {previous} -> {name}", _median(values) * ms, "ms",
+                        float(len(values)), "outputs joined")
+        for previous, (name, values) in zip(_HOPS, hop_delays.items())
+    ]  # fmt: skip
+    return figures
