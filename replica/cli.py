@@ -233,13 +233,15 @@ def _node_call(
 def cmd_protect(args: argparse.Namespace) -> int:
     from proto import vmft_pb2
 
+    from replica.cluster import empty_disk_size
+
     image = load_image_file(args.image)
     spec = vmft_pb2.VmSpec(
         name=args.name,
-        image_path=str(Path(args.image).resolve()),
+        image=image.data,  # each node stores it by sha256 in its image directory: no host paths
         image_sha256=image.sha256,
         mem_mib=args.mem,
-        disk_path=str(Path(args.disk).resolve()) if args.disk else "",
+        disk_size=empty_disk_size(args.disk) if args.disk else 0,  # made empty inside each data dir
         arg=args.arg,
         hang_timeout_s=args.hang_timeout,
     )

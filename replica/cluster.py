@@ -246,10 +246,10 @@ class LocalCluster:
         loaded = load_image_file(image)
         spec = vmft_pb2.VmSpec(
             name=name,
-            image_path=str(Path(image).resolve()),
+            image=loaded.data,  # the nodes store it in their image directories (no host paths)
             image_sha256=loaded.sha256,
             mem_mib=mem_mib,
-            disk_path=str(Path(disk).resolve()) if disk else "",
+            disk_size=empty_disk_size(disk) if disk else 0,
             arg=arg,
             hang_timeout_s=hang_timeout_s,
         )
@@ -308,6 +308,20 @@ class LocalCluster:
                 return last
             time.sleep(0.02)
         raise ClusterError(f"{name} on {node.name} is not {predicate} after {timeout} s (last: {last})")
+
+
+def empty_disk_size(path: str | Path) -> int:
+    """The size of an empty (all holes) disk file: the nodes make such a disk inside their data
+    directories; a request never names a host file, so a disk with content cannot be handed over."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            os.lseek(f.fileno(), 0, os.SEEK_DATA)
+        except OSError:
+            return size  # no data anywhere: all holes
+    if any(Path(path).read_bytes()):
+        raise ClusterError(f"{path} holds data: protect makes empty disks on the nodes (give an empty file)")
+    return size
 
 
 def _matches(vm: vmft_pb2.VmStatus, predicate: str) -> bool:

@@ -9,7 +9,10 @@ node has since claimed a newer generation, this node is fenced for that VM and s
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import re
+import secrets
 import os
 import signal
 import subprocess
@@ -26,13 +29,17 @@ from monitor.loader import ImageError
 from monitor.machine import install_kick_handler
 from monitor.record import LogError
 from proto import vmft_pb2, vmft_pb2_grpc
-from replica import authz, tls
+from replica import authz, confine, tls
 from replica.arbiter import Arbiter, SqliteArbiter
 from replica.backup import BackupVm
 from replica.primary import PrimaryVm
 from replica.replication import backup_stream
 from replica.roles import State
-from replica.vm_common import PROTOCOL_VERSION, NodeSettings, ReplicationRefused, copy_sparse, file_sha256
+from replica.vm_common import PROTOCOL_VERSION, NodeSettings, ReplicationRefused
+
+MAX_IMAGE_BYTES = 3 << 20  # a guest image travels in one request, under gRPC's 4 MiB message limit
+MAX_DISK_BYTES = 64 << 30  # sparse: costs only what the guest writes
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +72,55 @@ class Node:
             except (OSError, ValueError) as err:
                 log.warning("ignoring unreadable VM record %s: %s", path, err)
 
-    def _disk_path(self, name: str, role: str) -> Path:
-        path = self.settings.data_dir / "disks" / f"{name}.{role}.img"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
+    # ----- confined input: images by content hash, disks made here (replica/confine.py) ----------------
+
+    @property
+    def images_dir(self) -> Path:
+        return self.settings.data_dir / "images"
+
+    def _install_image(self, spec: vmft_pb2.VmSpec) -> None:
+        """Store the image the request carries in this node's image directory, named by its sha256 (or
+        find the one named by `image_sha256` there), and point `spec.image_path` at it. The request's own
+        image_path is never used: no request names a host file. Runs on a worker thread."""
+        if spec.image:
+            if len(spec.image) > MAX_IMAGE_BYTES:
+                raise ReplicationRefused(f"image of {len(spec.image)} bytes: at most {MAX_IMAGE_BYTES}")
+            digest = hashlib.sha256(spec.image).hexdigest()
+            if spec.image_sha256 and spec.image_sha256 != digest:
+                raise ReplicationRefused(
+                    f"the image's sha256 is {digest[:16]}..., not {spec.image_sha256[:16]}..."
+                )
+            spec.image_sha256 = digest
+        elif not _SHA256.fullmatch(spec.image_sha256):
+            raise ReplicationRefused("the request carries no image and no image sha256")
+        name = f"{spec.image_sha256}.elf"
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        if spec.image:
+            try:
+                fd = confine.open_inside(self.images_dir, name, "r")
+                os.close(fd)  # a regular file of that name is there: by its name, the same content
+            except confine.ConfinementError:
+                staged = f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
+                with confine.open_file_inside(self.images_dir, staged, "x") as f:
+                    f.write(spec.image)
+                os.replace(self.images_dir / staged, self.images_dir / name)  # replaces a FIFO or link too
+        spec.image_path = str(self.images_dir / name)  # load_spec_image opens it confined, and checks it
+
+    def _make_disk(self, spec: vmft_pb2.VmSpec, role: str) -> str | None:
+        """An empty disk of `spec.disk_size` bytes inside the data directory (None: no disk). The request's
+        disk_path is ignored: a disk is never a host file named by a request."""
+        if not spec.disk_size:
+            return None
+        if spec.disk_size > MAX_DISK_BYTES or spec.disk_size % 512:
+            raise ReplicationRefused(
+                f"disk size {spec.disk_size}: a multiple of 512, at most {MAX_DISK_BYTES}"
+            )
+        disks = self.settings.data_dir / "disks"
+        disks.mkdir(parents=True, exist_ok=True)
+        name = f"{confine.validate_name(spec.name)}.{role}.img"
+        with confine.open_file_inside(disks, name, "w") as f:  # a FIFO, device or link there is refused
+            os.ftruncate(f.fileno(), spec.disk_size)
+        return str(disks / name)
 
     def _adopt(self, backup: BackupVm) -> None:
         """A backup went live: from now on it is this node's primary of that VM."""
@@ -83,27 +135,17 @@ class Node:
         await vm.reprotect(request.backup_node, request.backup_service)
         return vm
 
-    def _disk_copy(self, spec: vmft_pb2.VmSpec, role: str) -> str | None:
-        """Each side applies the guest's writes to its own copy of the disk image."""
-        if not spec.disk_path:
-            return None
-        if spec.disk_sha256 and file_sha256(spec.disk_path) != spec.disk_sha256:
-            raise ReplicationRefused(f"disk image {spec.disk_path} differs from the primary's (sha256)")
-        target = self._disk_path(spec.name, role)
-        copy_sparse(spec.disk_path, target)
-        return str(target)
-
     # ----- node API ----------------------------------------------------------------------------------
 
     async def protect(self, request: vmft_pb2.ProtectRequest) -> PrimaryVm:
         spec = request.spec
+        confine.validate_name(spec.name)
         if spec.name in self.vms and self.vms[spec.name].core.running():
             raise ReplicationRefused(f"VM {spec.name} already runs on this node")
         current = await asyncio.to_thread(self.arbiter.current, spec.name)
         generation = (current.generation if current else 0) + 1
-        if spec.disk_path and not spec.disk_sha256:
-            spec.disk_sha256 = await asyncio.to_thread(file_sha256, spec.disk_path)
-        disk = await asyncio.to_thread(self._disk_copy, spec, "primary")  # hashing and copying take a while
+        await asyncio.to_thread(self._install_image, spec)
+        disk = await asyncio.to_thread(self._make_disk, spec, "primary")
         if not await asyncio.to_thread(self.arbiter.claim, spec.name, generation, self.settings.node_id):
             raise ReplicationRefused(f"another node claimed generation {generation} of {spec.name} first")
         vm = PrimaryVm.new(
@@ -257,6 +299,10 @@ class Node:
 
     async def accept_backup(self, hello: vmft_pb2.Hello) -> BackupVm | str:
         """The backup VM for a primary's Hello, running (or waiting for its checkpoint); or why not."""
+        try:
+            confine.validate_name(hello.spec.name)
+        except confine.BadName as err:
+            return str(err)
         refusal = self._refusal(hello)
         if refusal is not None:
             return refusal
@@ -271,11 +317,8 @@ class Node:
             await stale.stop()
         vm: BackupVm | None = None
         try:
-            disk = None
-            if not hello.checkpoint_follows:
-                disk = await asyncio.to_thread(self._disk_copy, hello.spec, "backup")
-            if hello.checkpoint_follows and hello.spec.disk_path:
-                disk = str(self._disk_path(hello.spec.name, "backup"))  # written by the restore
+            await asyncio.to_thread(self._install_image, hello.spec)
+            disk = await asyncio.to_thread(self._make_disk, hello.spec, "backup")  # a restore writes it
             vm = BackupVm(self.settings, self.arbiter, hello, disk)
             vm.on_promoted = self._adopt
             if hello.checkpoint_follows:
@@ -283,7 +326,8 @@ class Node:
                 vm.standing.to(State.SEEDING)
             else:
                 vm.start()
-        except (ImageError, LogError, ReplicationRefused, OSError, ValueError) as err:
+        except (ImageError, LogError, ReplicationRefused, OSError, ValueError,
+                confine.ConfinementError) as err:  # fmt: skip
             if vm is not None:
                 await vm.stop()
             return str(err) or "unknown"

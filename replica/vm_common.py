@@ -13,16 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Coroutine
 
-from monitor.loader import GuestImage, ImageError, load_image_file
+from monitor.loader import GuestImage, ImageError, parse_image
 from monitor.config import MachineConfig
 from monitor.errors import PeerError
 from monitor.machine import Machine
 from proto import vmft_pb2
+from replica import confine
 from replica.tls import Identity
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
+MAX_IMAGE_FILE = 16 << 20  # a guest image read from a node's image directory
 
 
 @dataclass
@@ -88,7 +90,13 @@ def copy_sparse(source: str | Path, target: str | Path) -> None:
 
 
 def load_spec_image(spec: vmft_pb2.VmSpec) -> GuestImage:
-    image = load_image_file(spec.image_path)
+    """The image a node stored for `spec` (node.py sets image_path inside its image directory), opened
+    confined: a regular file, no link, never a FIFO or device (replica/confine.py)."""
+    path = Path(spec.image_path)
+    with confine.open_file_inside(path.parent, path.name, "r") as f:
+        image = parse_image(f.read(MAX_IMAGE_FILE + 1), str(path))
+    if len(image.data) > MAX_IMAGE_FILE:
+        raise ImageError(f"{path}: larger than {MAX_IMAGE_FILE} bytes")
     if spec.image_sha256 and image.sha256 != spec.image_sha256:
         raise ImageError(
             f"{spec.image_path} has sha256 {image.sha256[:16]}..., the pair runs {spec.image_sha256[:16]}..."

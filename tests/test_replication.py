@@ -267,7 +267,7 @@ def _hello(protocol_version: int = PROTOCOL_VERSION, mem_mib: int = 64, header_m
            header_image: str | None = None) -> vmft_pb2.Hello:  # fmt: skip
     image = load_image_file(KV)
     spec = vmft_pb2.VmSpec(
-        name="probe", image_path=str(KV), image_sha256=image.sha256, mem_mib=mem_mib, hang_timeout_s=2.0
+        name="probe", image=image.data, image_sha256=image.sha256, mem_mib=mem_mib, hang_timeout_s=2.0
     )
     header = make_header(image, header_mem_mib << 20)
     if header_image is not None:

@@ -12,6 +12,8 @@ Every wait is bounded; every process is stopped by its PID (LocalCluster)."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import subprocess
 import sys
 import time
@@ -180,3 +182,76 @@ def test_a_node_serves_plaintext_only_when_told_and_only_on_loopback(tmp_path: P
         wide = _node("--listen", address, "--data-dir", data, "--arbiter", arbiter, "--insecure")
         assert wide.returncode != 0 and "loopback" in wide.stderr, (address, wide.stderr)
     assert not Path(data).exists(), "a refused node made nothing"
+
+
+# ----- confined input: no request names a host path ------------------------------------------------------
+
+
+def _protect(cluster: LocalCluster, node: NodeProcess, spec: vmft_pb2.VmSpec) -> grpc.RpcError | None:
+    request = vmft_pb2.ProtectRequest(spec=spec, service=cluster.service_address(spec.name or "x", node))
+    with cluster.channel(node) as channel:
+        try:
+            vmft_pb2_grpc.NodeStub(channel).Protect(request, timeout=20)
+        except grpc.RpcError as err:
+            return err
+    return None
+
+
+def _outside(root: Path, inside: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every entry under `root` but not under `inside`: (mode, size, content of regular files)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if inside in path.parents or path == inside:
+            continue
+        st = path.lstat()
+        data = path.read_bytes() if path.is_file() and not path.is_symlink() else b""
+        out[str(path)] = (st.st_mode, st.st_size, data)
+    return out
+
+
+def test_requests_cannot_name_host_paths(tmp_path: Path) -> None:
+    if not KV.exists():
+        pytest.fail(f"{KV} is not built: run scripts/setup", pytrace=False)
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    image = load_image_file(KV)
+    other = b"\x7fELF not a real image"
+    other_sha = hashlib.sha256(other).hexdigest()
+    with LocalCluster(tmp_path / "cluster") as cluster:
+        a = cluster.add_node()
+        before = _outside(tmp_path, cluster.workdir)
+        # Names that are paths: refused before anything is made.
+        for bad in ("../../escape", "/tmp/escape", "..", "a/b", ""):
+            err = _protect(cluster, a, vmft_pb2.VmSpec(name=bad, image=image.data, mem_mib=64))
+            assert err is not None and "name" in (err.details() or ""), (bad, err)
+        # A host file as the image (a FIFO: it used to block the node's loop), no image bytes: refused,
+        # the FIFO never opened (the node answers at once).
+        err = _protect(cluster, a, vmft_pb2.VmSpec(
+            name="vm1", image_path=str(fifo), image_sha256=other_sha, mem_mib=64))  # fmt: skip
+        assert err is not None and "no such file" in (err.details() or ""), err
+        # A FIFO planted in the node's own image directory under an image's name: refused, no block.
+        images = a.data_dir / "images"
+        os.mkfifo(images / f"{other_sha}.elf")
+        err = _protect(cluster, a, vmft_pb2.VmSpec(name="vm1", image_sha256=other_sha, mem_mib=64))
+        assert err is not None and "FIFO" in (err.details() or ""), err
+        # A symbolic link planted there to a host file: refused too.
+        (images / f"{'ab' * 32}.elf").symlink_to(victim)
+        err = _protect(cluster, a, vmft_pb2.VmSpec(name="vm1", image_sha256="ab" * 32, mem_mib=64))
+        assert err is not None and "link" in (err.details() or ""), err
+        # Host paths for the image and the disk are ignored: the image travels in the request, the disk
+        # is made empty inside the data directory.
+        spec = vmft_pb2.VmSpec(
+            name="vm1", image=image.data, image_path=str(victim), disk_path=str(victim),
+            disk_size=1 << 20, mem_mib=64, hang_timeout_s=2.0,
+        )  # fmt: skip
+        assert _protect(cluster, a, spec) is None
+        status = cluster.wait_for(a, "vm1", "serving", timeout=10)
+        assert status.role == vmft_pb2.ROLE_PRIMARY
+        assert (a.data_dir / "disks" / "vm1.primary.img").stat().st_size == 1 << 20
+        assert (images / f"{image.sha256}.elf").read_bytes() == image.data
+        assert a.alive()
+        after = _outside(tmp_path, cluster.workdir)
+    assert after == before, "something outside the cluster's directory was written"
+    assert victim.read_bytes() == b"precious"
