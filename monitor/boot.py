@@ -83,7 +83,8 @@ def write_boot_structures(memory: GuestMemory, arg: int = 0) -> None:
     memory.write(g.BOOT_INFO_ADDR, info)
 
 
-def _segment(selector: int, code: bool) -> Segment:
+def flat_segment(selector: int, code: bool) -> Segment:
+    """A flat 64-bit code or data segment register for `selector` (its DPL from the selector's RPL)."""
     return Segment(
         base=0,
         limit=0xFFFFFFFF,
@@ -100,8 +101,8 @@ def _segment(selector: int, code: bool) -> Segment:
 
 def set_entry_registers(vcpu: VcpuFd, entry: int) -> None:
     sregs: Sregs = vcpu.get_sregs()
-    sregs.cs = _segment(g.SEL_KERNEL_CODE, code=True)
-    data = _segment(g.SEL_KERNEL_DATA, code=False)
+    sregs.cs = flat_segment(g.SEL_KERNEL_CODE, code=True)
+    data = flat_segment(g.SEL_KERNEL_DATA, code=False)
     sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
     sregs.tr = Segment(base=g.TSS_ADDR, limit=TSS_LIMIT, selector=g.SEL_TSS, type=0xB, present=1, s=0, g=0)
     sregs.gdt.base = g.GDT_ADDR

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import struct
 
+from monitor.boot import flat_segment
 from monitor.kvm import VcpuFd
 from monitor.kvm_abi import Ioctl, Regs, Segment, Sregs
 from monitor.linux.native import load_code
@@ -148,30 +149,15 @@ def write_low_memory(memory: GuestMemory) -> None:
     memory.write(SYSCALL_PAGE, bytes(page))
 
 
-def _segment(selector: int, code: bool) -> Segment:
-    return Segment(
-        base=0,
-        limit=0xFFFFFFFF,
-        selector=selector,
-        type=0xB if code else 0x3,
-        present=1,
-        dpl=selector & 3,
-        db=0 if code else 1,
-        s=1,
-        l=1 if code else 0,
-        g=1,
-    )
-
-
 def enter_user(memory: GuestMemory, vcpu: VcpuFd, page_table: int, entry: int, stack: int) -> None:
     """Registers for the first entry: ring 0 at an `iretq` whose frame drops into ring 3 at `entry`."""
     frame = struct.pack("<5Q", entry, SEL_USER_CODE, USER_RFLAGS, stack, SEL_USER_DATA)
     frame_at = KERNEL_STACK_TOP - len(frame)
     memory.write(frame_at, frame)
     sregs: Sregs = vcpu.get_sregs()
-    sregs.cs = _segment(SEL_KERNEL_CODE, code=True)
-    sregs.ss = _segment(SEL_KERNEL_DATA, code=False)
-    user_data = _segment(SEL_USER_DATA, code=False)
+    sregs.cs = flat_segment(SEL_KERNEL_CODE, code=True)
+    sregs.ss = flat_segment(SEL_KERNEL_DATA, code=False)
+    user_data = flat_segment(SEL_USER_DATA, code=False)
     sregs.ds = sregs.es = sregs.fs = sregs.gs = user_data
     sregs.tr = Segment(base=TSS_ADDR, limit=TSS_LIMIT, selector=SEL_TSS, type=0xB, present=1, s=0, g=0)
     sregs.gdt.base = GDT_ADDR
