@@ -28,6 +28,7 @@ from replica.cli_common import (
     EXIT_USAGE,
     error_line,
     result_exit_status,
+    run_until_stopped,
     write_console,
 )
 
@@ -54,21 +55,15 @@ def machine_config(args: argparse.Namespace) -> MachineConfig:
 
 async def run_machine(machine: Machine, listen: str | None) -> MachineResult:
     """Run until the guest stops; SIGINT/SIGTERM stop it cleanly at a synchronous exit."""
-    loop = asyncio.get_running_loop()
     server: NicServer | None = None
     if listen:
         host, port = parse_address(listen)
         server = NicServer(machine.net_backend, host, port)
         bound = await server.start()
         print(f"vmft: listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, machine.stop)
     try:
-        machine.start()
-        return await machine.wait()
+        return await run_until_stopped(machine)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         if server is not None:
             await server.close()
 

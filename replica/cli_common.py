@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import sys
 
 from monitor.errors import VmftError
-from monitor.machine import MachineResult, StopReason
+from monitor.machine import Machine, MachineResult, StopReason
 
 EXIT_USAGE = 2  # the user asked for something that cannot work (bad option, bad file)
 EXIT_UNREACHABLE = 3  # a node, service or socket did not answer
@@ -41,3 +43,16 @@ def fail(message: str, status: int = EXIT_USAGE) -> int:
     """Print one error line and return the exit status (for `return fail(...)` in a command)."""
     print(f"vmft: error: {message}", file=sys.stderr)
     return status
+
+
+async def run_until_stopped(machine: Machine) -> MachineResult:
+    """Start `machine` and wait until it stops; SIGINT/SIGTERM stop it cleanly at a synchronous exit."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, machine.stop)
+    try:
+        machine.start()
+        return await machine.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

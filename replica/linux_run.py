@@ -25,8 +25,9 @@ from monitor.errors import VmftError
 from monitor.journal import Journal
 from monitor.linux.manifest import check_root_files
 from monitor.linux.personality import DEFAULT_ENV, LinuxConfig, LinuxPersonality, build_linux
-from monitor.machine import Machine, MachineResult, StopReason
+from monitor.machine import StopReason
 from monitor.record import DEFAULT_HASH_EVERY, ReplayJournal, open_recording, open_replay
+from replica.cli_common import run_until_stopped
 
 log = logging.getLogger("vmft")
 
@@ -97,18 +98,6 @@ def _write_stream(number: int, data: bytes) -> None:
     os.write(number, data)
 
 
-async def _run(machine: Machine) -> MachineResult:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, machine.stop)
-    try:
-        machine.start()
-        return await machine.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
-
 def run(args: argparse.Namespace, layer: Path) -> int:
     personality = LinuxPersonality(_config(args, layer))
     journal: Journal | None = None
@@ -117,7 +106,7 @@ def run(args: argparse.Namespace, layer: Path) -> int:
     machine = build_linux(personality, journal)
     personality.on_stream = _write_stream
     try:
-        result = asyncio.run(_run(machine))
+        result = asyncio.run(run_until_stopped(machine))
     finally:
         machine.close()
         personality.close()
