@@ -191,7 +191,9 @@ def cmd_node(args: argparse.Namespace) -> int:
         assert task is not None
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
-        await serve(settings, Path(args.arbiter))
+        from replica.node_etcd import parse_endpoints
+
+        await serve(settings, Path(args.arbiter), etcd=parse_endpoints(args.etcd) if args.etcd else None)
 
     try:
         asyncio.run(main())
@@ -261,11 +263,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     from replica import node_client
 
     auth = node_client.from_args(args)
+    addresses = list(args.node or [])
+    cluster: dict[str, Any] = {}
+    if args.etcd:
+        from replica import status_cli
+        from replica.node_etcd import parse_endpoints
+
+        cluster = status_cli.cluster_view(parse_endpoints(args.etcd), auth)
+        addresses += [m["address"] for m in cluster["members"] if m["address"] not in addresses]
+    if not addresses and not args.etcd:
+        print("vmft status: give --node ADDR (repeat) or --etcd ENDPOINTS", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        from replica import status_cli
+
+        nodes = [status_cli.node_view(address, auth) for address in addresses]
+        status_cli.print_json({**cluster, "nodes": nodes})
+        return 1 if nodes and all("error" in n for n in nodes) else 0
+    for member in cluster.get("members", []):
+        print(f"member {member['name']} at {member['address']}: {member['vms']} VMs, "
+              f"{member['memory_free_mib']} MiB free")  # fmt: skip
+    for claim in cluster.get("claims", []):
+        print(f"arbiter: {claim['vm']} generation {claim['generation']} held by {claim['node']}")
     failed = 0
     print(
         f"{'node':22} {'vm':10} {'role':8} {'gen':>3} {'position':>10} {'acked':>10} {'held':>5} prot  state"
     )
-    for address in args.node:
+    for address in addresses:
         with auth.channel(address) as channel:
             try:
                 node = vmft_pb2_grpc.NodeStub(channel).Status(vmft_pb2.StatusRequest(), timeout=5)
@@ -286,7 +310,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 + (f" log {vm.log_bytes_per_s / 1024:.1f} KiB/s" if vm.log_bytes_per_s else "")
                 + (f" {vm.reprotect_progress:.0%}" if vm.state == vmft_pb2.VM_STATE_REPROTECTING else "")
             )
-    return 1 if failed == len(args.node) else 0
+    return 1 if addresses and failed == len(addresses) else 0
 
 
 def cmd_reprotect(args: argparse.Namespace) -> int:
@@ -390,6 +414,10 @@ def _add_node_parser(sub: Subparsers) -> None:
         "--insecure", action="store_true", help="serve plaintext (refused on any address but loopback)"
     )
     node.add_argument(
+        "--etcd", default=None, metavar="HOST:PORT[,...]",
+        help="the arbiter and membership on etcd (its client endpoints); default: the SQLite --arbiter",
+    )  # fmt: skip
+    node.add_argument(
         "--arbiter", default=DEFAULT_ARBITER, metavar="PATH", help="the machine's arbiter database"
     )
     node.add_argument("--heartbeat-ms", type=float, default=5.0, help="heartbeat interval (default 5 ms)")
@@ -445,9 +473,11 @@ def _add_pair_parsers(sub: Subparsers) -> None:
     reprotect.set_defaults(func=cmd_reprotect)
 
     status = sub.add_parser("status", help="show every VM of the given nodes")
+    status.add_argument("--node", action="append", metavar="ADDR", help="a node daemon (repeat)")
     status.add_argument(
-        "--node", action="append", required=True, metavar="ADDR", help="a node daemon (repeat)"
+        "--etcd", metavar="HOST:PORT[,...]", help="the cluster from etcd: its members, the arbiter's claims"
     )
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
     node_client.add_arguments(status)
     status.set_defaults(func=cmd_status)
 

@@ -81,10 +81,12 @@ class LocalCluster:
         auto_reprotect_s: float = 0.0,
         insecure: bool = False,
         ca_dir: str | Path | None = None,
+        etcd: list[str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.insecure = insecure
+        self.etcd = etcd  # client endpoints: the nodes' arbiter and membership (else the SQLite file)
         self.ca_dir: Path | None = None
         self.admin: tls.Identity | None = None
         if insecure:
@@ -153,6 +155,7 @@ class LocalCluster:
             "--heartbeat-ms", str(self.heartbeat_ms),
             "--failure-timeout-ms", str(self.failure_timeout_ms),
             "--auto-reprotect", str(self.auto_reprotect_s),
+            *(["--etcd", ",".join(self.etcd)] if self.etcd else []),
             *(["--cert", str(node.identity.directory)] if node.identity is not None else ["--insecure"]),
             *node.extra_args,
         ]  # fmt: skip

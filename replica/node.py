@@ -167,6 +167,11 @@ class Node:
         self._remember(vm, "primary")
         return vm
 
+    def usage(self) -> tuple[int, int]:
+        """(VMs running here, their guest memory in MiB): what membership publishes."""
+        running = [vm for vm in self.vms.values() if vm.core.running()]
+        return len(running), sum(vm.core.spec.mem_mib for vm in running)
+
     def status(self) -> vmft_pb2.NodeStatus:
         out = vmft_pb2.NodeStatus(node=self.settings.name, protocol_version=PROTOCOL_VERSION, pid=os.getpid())
         for vm in self.vms.values():
@@ -438,10 +443,20 @@ class ReplicationServicer(vmft_pb2_grpc.ReplicationServicer):
             yield reply
 
 
-async def serve(settings: NodeSettings, arbiter_path: Path, ready: asyncio.Event | None = None) -> None:
-    """Run a node until cancelled (SIGINT/SIGTERM in the command line)."""
+async def serve(
+    settings: NodeSettings,
+    arbiter_path: Path,
+    ready: asyncio.Event | None = None,
+    etcd: list[str] | None = None,
+) -> None:
+    """Run a node until cancelled (SIGINT/SIGTERM in the command line). With `etcd` endpoints the arbiter
+    is etcd and the node registers in its membership table (replica/node_etcd.py); else the SQLite file."""
+    from replica import node_etcd
+
     install_kick_handler()  # VMs may be built on worker threads (restores); signals need the main thread
-    node = Node(settings, SqliteArbiter(arbiter_path))
+    arbiter: Arbiter = node_etcd.open_arbiter(settings, etcd) if etcd else SqliteArbiter(arbiter_path)
+    node = Node(settings, arbiter)
+    membership = node_etcd.NodeMembership(settings, etcd, node.usage) if etcd else None
     server = grpc.aio.server()
     vmft_pb2_grpc.add_NodeServicer_to_server(NodeServicer(node), server)
     vmft_pb2_grpc.add_ReplicationServicer_to_server(ReplicationServicer(node), server)
@@ -451,12 +466,18 @@ async def serve(settings: NodeSettings, arbiter_path: Path, ready: asyncio.Event
     log.warning(
         "node %s (%s) serving %s (data dir %s, arbiter %s)",
         settings.node_id, settings.name, "mutual TLS" if settings.identity else "PLAINTEXT",
-        settings.data_dir, arbiter_path,
+        settings.data_dir, f"etcd {','.join(etcd)}" if etcd else arbiter_path,
     )  # fmt: skip
-    if ready is not None:
-        ready.set()
     try:
+        if membership is not None:
+            await membership.start()
+        if ready is not None:
+            ready.set()
         await server.wait_for_termination()
     finally:
+        if membership is not None:
+            await membership.close()
         await node.close()
         await server.stop(grace=0.5)
+        if isinstance(arbiter, node_etcd.EtcdArbiter):
+            await asyncio.to_thread(arbiter.close)

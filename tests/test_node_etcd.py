@@ -1,0 +1,89 @@
+"""`vmft node --etcd`: the arbiter on a real etcd (under the cluster's CA: only certificates of the cluster
+reach it) and the nodes registered in its membership; `vmft status --etcd --json` shows the cluster from
+etcd. A pair protected on etcd fails over when its primary's node is SIGKILLed: the backup's node wins
+generation 2 in etcd, and the dead node leaves the membership when its lease runs out.
+
+Every wait is bounded; every process is stopped by its PID (LocalCluster, EtcdCluster)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from replica import tls
+from replica.cluster import LocalCluster
+from replica.etcd_server import EtcdCluster, EtcdTls
+
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd-server is not installed"),
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+KV = ROOT / "guests" / "build" / "kv.elf"
+
+
+def _status(cluster: LocalCluster, endpoints: list[str]) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, "-m", "replica.cli", "status", "--etcd", ",".join(endpoints), "--json"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **cluster.client_env()},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    view: dict[str, Any] = json.loads(result.stdout)
+    return view
+
+
+def _until(what: str, check: Any, limit_s: float = 15.0) -> Any:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not within {limit_s} s")
+
+
+def test_a_pair_on_etcd_fails_over_and_the_cluster_shows_in_status(tmp_path: Path) -> None:
+    if not KV.exists():
+        pytest.fail(f"{KV} is not built: run scripts/setup", pytrace=False)
+    ca = tmp_path / "ca"
+    tls.init_ca(ca)
+    member = tls.issue(ca, tls.Role.NODE, "etcd-m0")
+    etcd = EtcdCluster(tmp_path / "etcd", 1, tls=[EtcdTls(ca=member.ca, cert=member.cert, key=member.key)])
+    try:
+        etcd.start(credentials=tls.channel_credentials(member))
+        endpoints = etcd.endpoints
+        with LocalCluster(tmp_path / "cluster", ca_dir=ca, etcd=endpoints) as cluster:
+            a, b = cluster.add_node(), cluster.add_node()
+            vm = cluster.protect(KV, a, b)
+            cluster.wait_for(b, vm.name, "backup", timeout=15)
+            view = _status(cluster, endpoints)
+            members = {m["name"]: m["address"] for m in view["members"]}
+            assert members == {a.node_id: a.name, b.node_id: b.name}, view["members"]
+            assert [(c["vm"], c["generation"], c["node"]) for c in view["claims"]] == [("vm1", 1, a.node_id)]
+            roles = {n["address"]: [v["role"] for v in n.get("vms", [])] for n in view["nodes"]}
+            assert roles == {a.name: ["ROLE_PRIMARY"], b.name: ["ROLE_BACKUP"]}, view["nodes"]
+            assert not (cluster.workdir / "arbiter.sqlite").exists(), "the SQLite arbiter was not used"
+
+            cluster.kill_node(a)
+            promoted = cluster.wait_for(b, vm.name, "serving", timeout=15)
+            assert promoted.generation == 2
+
+            def one_member() -> dict[str, Any] | None:
+                view = _status(cluster, endpoints)
+                return view if len(view["members"]) == 1 else None
+
+            after = _until("the dead node leaving the membership", one_member)
+            assert [m["name"] for m in after["members"]] == [b.node_id]
+            assert [(c["generation"], c["node"]) for c in after["claims"]] == [(2, b.node_id)]
+    finally:
+        etcd.stop()
