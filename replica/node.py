@@ -31,6 +31,7 @@ from monitor.record import LogError
 from proto import vmft_pb2, vmft_pb2_grpc
 from replica import authz, confine, tls
 from replica.arbiter import Arbiter, SqliteArbiter
+from replica.membership import Membership
 from replica.backup import BackupVm
 from replica.primary import PrimaryVm
 from replica.replication import backup_stream
@@ -53,6 +54,7 @@ class Node:
         self.vms: dict[str, ReplicatedVm] = {}
         self.remembered: dict[str, dict[str, object]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self.membership: Membership | None = None  # on etcd: placements only onto live members
         (settings.data_dir / "vms").mkdir(parents=True, exist_ok=True)
         self._load_remembered()
 
@@ -132,8 +134,16 @@ class Node:
         vm = self.vms.get(request.name)
         if not isinstance(vm, PrimaryVm):
             raise ReplicationRefused(f"this node is not the primary of {request.name}")
+        await self._check_member(request.backup_node)
         await vm.reprotect(request.backup_node, request.backup_service)
         return vm
+
+    async def _check_member(self, address: str) -> None:
+        """On etcd, a VM's memory and disk go only to a live member of the cluster (by its address)."""
+        if self.membership is None or not address:
+            return
+        if address not in {m.address for m in await self.membership.members()}:
+            raise ReplicationRefused(f"{address} is not a live member of the cluster")
 
     # ----- node API ----------------------------------------------------------------------------------
 
@@ -142,6 +152,7 @@ class Node:
         confine.validate_name(spec.name)
         if spec.name in self.vms and self.vms[spec.name].core.running():
             raise ReplicationRefused(f"VM {spec.name} already runs on this node")
+        await self._check_member(request.backup_node)
         current = await asyncio.to_thread(self.arbiter.current, spec.name)
         generation = (current.generation if current else 0) + 1
         await asyncio.to_thread(self._install_image, spec)
@@ -285,10 +296,10 @@ class Node:
 
     # ----- the replication stream (backup side; the protocol itself is in replication.py) ---------------
 
-    def _refusal(self, hello: vmft_pb2.Hello) -> str | None:
+    async def _refusal(self, hello: vmft_pb2.Hello) -> str | None:
         if hello.protocol_version != PROTOCOL_VERSION:
             return _version_refusal(hello)
-        current = self.arbiter.current(hello.spec.name)
+        current = await asyncio.to_thread(self.arbiter.current, hello.spec.name)  # etcd: a round trip
         if current is not None and current.generation > hello.generation:
             return (
                 f"stale generation {hello.generation}: {current.node} holds generation {current.generation}"
@@ -308,7 +319,7 @@ class Node:
             confine.validate_name(hello.spec.name)
         except confine.BadName as err:
             return str(err)
-        refusal = self._refusal(hello)
+        refusal = await self._refusal(hello)
         if refusal is not None:
             return refusal
         stale = self.vms.get(hello.spec.name)
@@ -374,6 +385,13 @@ _GUEST_FAULT_COMMANDS = {
 }
 
 
+async def _valid_name(context: grpc.aio.ServicerContext, name: str) -> None:
+    try:
+        confine.validate_name(name)
+    except confine.BadName as err:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
+
 class NodeServicer(vmft_pb2_grpc.NodeServicer):
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -398,6 +416,7 @@ class NodeServicer(vmft_pb2_grpc.NodeServicer):
         self, request: vmft_pb2.StopVmRequest, context: grpc.aio.ServicerContext
     ) -> vmft_pb2.VmStatus:
         await authz.require_admin(context)
+        await _valid_name(context, request.name)
         try:
             return await self.node.stop_vm(request.name)
         except KeyError:
@@ -408,6 +427,7 @@ class NodeServicer(vmft_pb2_grpc.NodeServicer):
         self, request: vmft_pb2.ReprotectRequest, context: grpc.aio.ServicerContext
     ) -> vmft_pb2.VmStatus:
         await authz.require_admin(context)
+        await _valid_name(context, request.name)
         try:
             vm = await self.node.reprotect(request)
         except VmftError as err:  # the peer refused, or the arbiter is unreachable
@@ -457,6 +477,7 @@ async def serve(
     arbiter: Arbiter = node_etcd.open_arbiter(settings, etcd) if etcd else SqliteArbiter(arbiter_path)
     node = Node(settings, arbiter)
     membership = node_etcd.NodeMembership(settings, etcd, node.usage) if etcd else None
+    node.membership = membership.membership if membership is not None else None
     server = grpc.aio.server()
     vmft_pb2_grpc.add_NodeServicer_to_server(NodeServicer(node), server)
     vmft_pb2_grpc.add_ReplicationServicer_to_server(ReplicationServicer(node), server)

@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from proto import vmft_pb2, vmft_pb2_grpc
 from replica import tls
 from replica.cluster import LocalCluster
 from replica.etcd_server import EtcdCluster, EtcdTls
@@ -85,5 +87,19 @@ def test_a_pair_on_etcd_fails_over_and_the_cluster_shows_in_status(tmp_path: Pat
             after = _until("the dead node leaving the membership", one_member)
             assert [m["name"] for m in after["members"]] == [b.node_id]
             assert [(c["generation"], c["node"]) for c in after["claims"]] == [(2, b.node_id)]
+
+            # Re-protection only onto a live member: an address that is not one is refused; a new
+            # member's node is accepted (a live checkpoint streamed over mutual TLS).
+            stranger = vmft_pb2.ReprotectRequest(
+                name=vm.name, backup_node="127.0.0.1:1", backup_service="127.0.0.1:2"
+            )
+            with cluster.channel(b) as channel, pytest.raises(grpc.RpcError) as refused:
+                vmft_pb2_grpc.NodeStub(channel).Reprotect(stranger, timeout=30)
+            assert "not a live member" in (refused.value.details() or ""), refused.value.details()
+            c = cluster.add_node()
+            _until("the new node in the membership", lambda: len(_status(cluster, endpoints)["members"]) == 2)
+            status = cluster.reprotect(vm, b, c)
+            assert status.protected, status
+            cluster.wait_for(c, vm.name, "backup", timeout=15)
     finally:
         etcd.stop()
