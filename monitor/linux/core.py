@@ -25,7 +25,9 @@ from monitor.linux.signals import (
 )
 from monitor.linux.syscalls import SyscallTable
 from monitor.linux.threads import Thread
+from monitor.dirty import bitmap_to_pages
 from monitor.machine import MEMORY_SLOT, Machine
+from monitor.memory import PAGE_SIZE
 
 if TYPE_CHECKING:
     from monitor.linux.kernel import LinuxProcess
@@ -72,10 +74,21 @@ class PersonalityCore:
     def flush_tlb(self) -> None:
         """kvm_pvm notices page-table changes only when the memory slot is re-created (FACTS.md)."""
         machine = self.machine
-        machine.dirty.collect()  # the slot's dirty log dies with it
-        address = machine.memory.host_address
+        memory = machine.memory
+        # The slot's dirty log dies with it: move its bits into the monitor's own dirty bytes, which every
+        # consumer (checkpoints, state hashes) collects. Not DirtyTracker.collect(): it may run at the same
+        # time on a checkpointing thread, and two collects at once lose bits.
+        log = machine.vm.get_dirty_log(MEMORY_SLOT, memory.size // PAGE_SIZE)
+        for page in bitmap_to_pages(log):
+            memory.mark_dirty(page * PAGE_SIZE, PAGE_SIZE)
+        address = memory.host_address
         machine.vm.set_memory_region(MEMORY_SLOT, 0, 0, address, log_dirty=True)
-        machine.vm.set_memory_region(MEMORY_SLOT, 0, machine.memory.size, address, log_dirty=True)
+        machine.vm.set_memory_region(MEMORY_SLOT, 0, memory.size, address, log_dirty=True)
+        # Measured: after the slot is re-created with dirty logging, kvm_pvm does not log every later guest
+        # write (a checkpoint then restored stale pages, about 1 in 10). Turning logging off and on again
+        # write-protects the slot as enabling it on a live slot does, and the log is complete again.
+        machine.vm.set_memory_region(MEMORY_SLOT, 0, memory.size, address, log_dirty=False)
+        machine.vm.set_memory_region(MEMORY_SLOT, 0, memory.size, address, log_dirty=True)
 
     def _set_fs_base(self, value: int) -> None:
         self._vcpu.set_msrs([(boot.MSR_FS_BASE, value)])
