@@ -90,10 +90,10 @@ class StreamSink:
             return self._drain()
 
     def take_blocking(self, wait_s: float) -> list[vmft_pb2.EventBatch]:
-        """Sender thread: the queued batches, waiting up to `wait_s` for at least one ([] after that, or
-        at once once the sink discards)."""
+        """Sender thread: the queued batches, waiting up to `wait_s` for at least one ([] after that; a
+        discarding sink waits too, so that a sender still attached to it paces its heartbeats)."""
         with self._cond:
-            if not self._pending and not self.discard:
+            if not self._pending:
                 self._cond.wait(wait_s)
             return self._drain()
 
