@@ -354,6 +354,20 @@ async def _acknowledge(
     ended = False  # the reader is done: `reason` says why ("" = the guest stopped on the primary)
     reason = "the primary closed the stream"
     timer: asyncio.TimerHandle | None = None
+    # Batches received and not yet handed to the replay: the acknowledgement goes out first (the replay's
+    # vCPU thread would compete with its write for the interpreter), and they follow once it is written.
+    received: list[tuple[vmft_pb2.EventBatch, int]] = []
+
+    def hand_over() -> None:
+        for batch, size in received:
+            vm.on_batch(batch, size)
+        received.clear()
+
+    def ack() -> vmft_pb2.BackupMessage:
+        message = vm.ack()
+        for batch, _ in received:
+            message.ack.received = max(message.ack.received, batch.horizon, batch.end_position)
+        return message
 
     async def reader() -> None:
         nonlocal last_heard, reason, ended
@@ -364,7 +378,7 @@ async def _acknowledge(
                     break
                 if message.HasField("batch"):
                     hops.hop("recv", message.batch.horizon)
-                    vm.on_batch(message.batch, message.ByteSize())
+                    received.append((message.batch, message.ByteSize()))
                     if message.batch.ended:
                         reason = ""  # the guest stopped on the primary; replay finishes by itself
                         break
@@ -392,12 +406,14 @@ async def _acknowledge(
             await wake.wait()
             wake.clear()
             if ended:
+                hand_over()
                 if not reason:
                     yield vm.ack()  # the last acknowledgement: the primary's final outputs go out
                 break
-            ack = vm.ack()
-            hops.hop("ack", ack.ack.received)
-            yield ack
+            message = ack()
+            hops.hop("ack", message.ack.received)
+            yield message
+            hand_over()
     except asyncio.CancelledError:
         reason = reason or "the primary's connection dropped"
         raise
@@ -405,6 +421,7 @@ async def _acknowledge(
         if timer is not None:
             timer.cancel()
         reading.cancel()  # no batch is taken after this: the failover replays exactly what was acked
+        hand_over()  # (acknowledged or not: the replay has everything received)
         # Detached: gRPC cancels this handler when the primary's connection dies, and a failover
         # cancelled between the arbiter's claim and going live would leave the VM neither.
         if reason:
