@@ -242,6 +242,16 @@ def cmd_protect(args: argparse.Namespace) -> int:
         arg=args.arg,
         hang_timeout_s=args.hang_timeout,
     )
+    if args.etcd and not args.backup:  # placement: a live member other than the primary's node
+        from replica.node_etcd import parse_endpoints, pick_backup
+
+        auth = node_client.from_args(args)
+        chosen = pick_backup(parse_endpoints(args.etcd), auth.identity, args.mem, args.primary)
+        if chosen is None:
+            print("vmft protect: no live member can host the backup", file=sys.stderr)
+            return 1
+        args.backup = chosen.address
+        print(f"backup placed on {chosen.name} ({chosen.address}, {chosen.memory_free_mib} MiB free)")
     service = args.service or _free_loopback_address()
     backup_service = args.backup_service or (_free_loopback_address() if args.backup else "")
     request = vmft_pb2.ProtectRequest(
@@ -452,7 +462,13 @@ def _add_pair_parsers(sub: Subparsers) -> None:
     _add_machine_args(protect)
     protect.add_argument("--name", default="vm1", help="the VM's name (default vm1)")
     protect.add_argument("--primary", required=True, metavar="ADDR", help="node daemon to run the primary")
-    protect.add_argument("--backup", metavar="ADDR", help="node daemon to run the backup (omit: unprotected)")
+    protect.add_argument(
+        "--backup", metavar="ADDR",
+        help="node daemon to run the backup (omit: unprotected, or placed by --etcd)",
+    )  # fmt: skip
+    protect.add_argument(
+        "--etcd", metavar="HOST:PORT[,...]", help="without --backup: place the backup on a live member"
+    )
     protect.add_argument("--service", metavar="HOST:PORT", help="where the primary serves clients")
     protect.add_argument(
         "--backup-service", metavar="HOST:PORT", help="where the backup serves once promoted"

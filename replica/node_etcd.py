@@ -100,3 +100,23 @@ class NodeMembership:
             except EtcdError as err:
                 log.warning("leaving the membership failed: %s", err)
         await self.client.close()
+
+
+async def _pick(endpoints: Sequence[str], creds: grpc.ChannelCredentials | None, memory_mib: int,
+                exclude_address: str) -> MemberInfo | None:  # fmt: skip
+    client = EtcdClient(endpoints, credentials=creds)
+    try:
+        membership = Membership(client)
+        skip = {m.name for m in await membership.members() if m.address == exclude_address}
+        return await membership.pick(memory_mib, exclude=skip)
+    finally:
+        await client.close()
+
+
+def pick_backup(
+    endpoints: Sequence[str], identity: tls.Identity | None, memory_mib: int, primary_address: str
+) -> MemberInfo | None:
+    """Placement for `vmft protect --etcd` without --backup: the live member with the most free memory
+    that can host the VM, other than the primary's node (None: no such member)."""
+    creds = tls.channel_credentials(identity) if identity is not None else None
+    return asyncio.run(_pick(endpoints, creds, memory_mib, primary_address))

@@ -103,3 +103,31 @@ def test_a_pair_on_etcd_fails_over_and_the_cluster_shows_in_status(tmp_path: Pat
             cluster.wait_for(c, vm.name, "backup", timeout=15)
     finally:
         etcd.stop()
+
+
+def test_vmft_protect_places_the_backup_on_a_live_member(tmp_path: Path) -> None:
+    if not KV.exists():
+        pytest.fail(f"{KV} is not built: run scripts/setup", pytrace=False)
+    ca = tmp_path / "ca"
+    tls.init_ca(ca)
+    member = tls.issue(ca, tls.Role.NODE, "etcd-m0")
+    etcd = EtcdCluster(tmp_path / "etcd", 1, tls=[EtcdTls(ca=member.ca, cert=member.cert, key=member.key)])
+    try:
+        etcd.start(credentials=tls.channel_credentials(member))
+        endpoints = etcd.endpoints
+        with LocalCluster(tmp_path / "cluster", ca_dir=ca, etcd=endpoints) as cluster:
+            a, b = cluster.add_node(), cluster.add_node()
+            _until("both nodes in the membership", lambda: len(_status(cluster, endpoints)["members"]) == 2)
+            result = subprocess.run(
+                [sys.executable, "-m", "replica.cli", "protect", str(KV), "--primary", a.name,
+                 "--etcd", ",".join(endpoints), "--name", "placed"],
+                capture_output=True, text=True, timeout=60, cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT), **cluster.client_env()},
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            assert f"backup placed on {b.node_id} ({b.name}" in result.stdout, result.stdout
+            cluster.wait_for(b, "placed", "backup", timeout=15)
+            primary = cluster.vm_status(a, "placed")
+            assert primary is not None and primary.protected and primary.role == vmft_pb2.ROLE_PRIMARY
+    finally:
+        etcd.stop()
