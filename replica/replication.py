@@ -8,10 +8,14 @@
     EventBatch | Heartbeat ...            ->
                                           <-  Ack (received, replayed) per group of messages read
 
-The primary sends whatever the vCPU logged while the previous write was in flight as one merged batch
-(the stream's cost is per message), or a heartbeat when idle; outputs wait in the output gate until an Ack
-covers them. Either side that hears nothing for the failure timeout declares the other lost: the primary
-asks the arbiter to stay primary alone, the backup asks it to take over (primary.py, backup.py).
+The primary drives its end with threads and gRPC's synchronous API, not the event loop: gRPC's sending
+thread takes what the vCPU logged straight from its hand-off (one merged batch per message: the stream's
+cost is per message; at most two unacknowledged messages, so that the log gathers under load), or a
+heartbeat when idle; an ack thread releases the outputs waiting in the output gate the moment an Ack
+covers them. The backup acknowledges on receipt, before the batches reach its replay. Either side that
+hears nothing for the failure timeout declares the other lost: the primary asks the arbiter to stay
+primary alone, the backup asks it to take over (primary.py, backup.py). Each hop can be timed with
+replica/hops.py (scripts/bench replication --hops).
 """
 
 from __future__ import annotations
@@ -344,10 +348,10 @@ async def _seed(vm: BackupVm, requests: AsyncIterator[vmft_pb2.PrimaryMessage]) 
 async def _acknowledge(
     vm: BackupVm, requests: AsyncIterator[vmft_pb2.PrimaryMessage], silence_s: float, detach: Detach
 ) -> AsyncIterator[vmft_pb2.BackupMessage]:
-    """A reader task takes the primary's messages as they come and hands their batches to the replay;
-    this generator sends one acknowledgement per group of messages read while the previous one was being
-    written (under load, one per drained group; idle, one per message). A loop timer, not a task per
-    message, notices a silent primary."""
+    """A reader task takes the primary's messages as they come; this generator sends one acknowledgement
+    per group of messages read while the previous one was being written (under load, one per drained
+    group; idle, one per message), then hands the group's batches to the replay. A loop timer, not a task
+    per message, notices a silent primary."""
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
     last_heard = time.monotonic()
