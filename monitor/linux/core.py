@@ -84,11 +84,6 @@ class PersonalityCore:
         address = memory.host_address
         machine.vm.set_memory_region(MEMORY_SLOT, 0, 0, address, log_dirty=True)
         machine.vm.set_memory_region(MEMORY_SLOT, 0, memory.size, address, log_dirty=True)
-        # Measured: after the slot is re-created with dirty logging, kvm_pvm does not log every later guest
-        # write (a checkpoint then restored stale pages, about 1 in 10). Turning logging off and on again
-        # write-protects the slot as enabling it on a live slot does, and the log is complete again.
-        machine.vm.set_memory_region(MEMORY_SLOT, 0, memory.size, address, log_dirty=False)
-        machine.vm.set_memory_region(MEMORY_SLOT, 0, memory.size, address, log_dirty=True)
 
     def _set_fs_base(self, value: int) -> None:
         self._vcpu.set_msrs([(boot.MSR_FS_BASE, value)])
