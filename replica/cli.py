@@ -191,9 +191,15 @@ def cmd_node(args: argparse.Namespace) -> int:
         assert task is not None
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
+        from replica.node import NodeLimits
         from replica.node_etcd import parse_endpoints
 
-        await serve(settings, Path(args.arbiter), etcd=parse_endpoints(args.etcd) if args.etcd else None)
+        await serve(
+            settings,
+            Path(args.arbiter),
+            etcd=parse_endpoints(args.etcd) if args.etcd else None,
+            limits=NodeLimits(max_vms=args.max_vms, memory_mib=args.memory_mib),
+        )
 
     try:
         asyncio.run(main())
@@ -422,6 +428,10 @@ def _add_node_parser(sub: Subparsers) -> None:
     )  # fmt: skip
     node.add_argument(
         "--insecure", action="store_true", help="serve plaintext (refused on any address but loopback)"
+    )
+    node.add_argument("--max-vms", type=int, default=16, help="VMs (primaries and backups) it takes on")
+    node.add_argument(
+        "--memory-mib", type=int, default=0, help="guest memory it gives its VMs (default: the machine's)"
     )
     node.add_argument(
         "--etcd", default=None, metavar="HOST:PORT[,...]",

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
@@ -47,10 +48,23 @@ log = logging.getLogger(__name__)
 ReplicatedVm = PrimaryVm | BackupVm
 
 
+@dataclass(frozen=True)
+class NodeLimits:
+    """What one node takes on: VMs (primaries and backups) and the guest memory they may use. A request
+    beyond either is refused; membership publishes both (placement)."""
+
+    max_vms: int = 16
+    memory_mib: int = 0  # 0: the machine's memory
+
+    def budget_mib(self) -> int:
+        return self.memory_mib or int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20)
+
+
 class Node:
-    def __init__(self, settings: NodeSettings, arbiter: Arbiter) -> None:
+    def __init__(self, settings: NodeSettings, arbiter: Arbiter, limits: NodeLimits | None = None) -> None:
         self.settings = settings
         self.arbiter = arbiter
+        self.limits = limits or NodeLimits()
         self.vms: dict[str, ReplicatedVm] = {}
         self.remembered: dict[str, dict[str, object]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -152,6 +166,7 @@ class Node:
         confine.validate_name(spec.name)
         if spec.name in self.vms and self.vms[spec.name].core.running():
             raise ReplicationRefused(f"VM {spec.name} already runs on this node")
+        self._check_limits(spec)
         await self._check_member(request.backup_node)
         current = await asyncio.to_thread(self.arbiter.current, spec.name)
         generation = (current.generation if current else 0) + 1
@@ -177,6 +192,18 @@ class Node:
         self.vms[spec.name] = vm
         self._remember(vm, "primary")
         return vm
+
+    def _check_limits(self, spec: vmft_pb2.VmSpec) -> None:
+        """Refuse a VM beyond this node's limits (a stale VM of the same name does not count)."""
+        running = [vm for name, vm in self.vms.items() if vm.core.running() and name != spec.name]
+        if len(running) >= self.limits.max_vms:
+            raise ReplicationRefused(f"this node runs {len(running)} VMs, its limit (--max-vms)")
+        used = sum(vm.core.spec.mem_mib for vm in running)
+        if used + spec.mem_mib > self.limits.budget_mib():
+            raise ReplicationRefused(
+                f"{spec.mem_mib} MiB more would pass this node's memory budget "
+                f"({used} of {self.limits.budget_mib()} MiB used, --memory-mib)"
+            )
 
     def usage(self) -> tuple[int, int]:
         """(VMs running here, their guest memory in MiB): what membership publishes."""
@@ -322,6 +349,10 @@ class Node:
         refusal = await self._refusal(hello)
         if refusal is not None:
             return refusal
+        try:
+            self._check_limits(hello.spec)
+        except ReplicationRefused as err:
+            return str(err)
         stale = self.vms.get(hello.spec.name)
         if stale is not None and stale.core.running():
             # A machine of an older generation of this VM still runs here (a backup that has not yet
@@ -468,6 +499,7 @@ async def serve(
     arbiter_path: Path,
     ready: asyncio.Event | None = None,
     etcd: list[str] | None = None,
+    limits: NodeLimits | None = None,
 ) -> None:
     """Run a node until cancelled (SIGINT/SIGTERM in the command line). With `etcd` endpoints the arbiter
     is etcd and the node registers in its membership table (replica/node_etcd.py); else the SQLite file."""
@@ -475,8 +507,8 @@ async def serve(
 
     install_kick_handler()  # VMs may be built on worker threads (restores); signals need the main thread
     arbiter: Arbiter = node_etcd.open_arbiter(settings, etcd) if etcd else SqliteArbiter(arbiter_path)
-    node = Node(settings, arbiter)
-    membership = node_etcd.NodeMembership(settings, etcd, node.usage) if etcd else None
+    node = Node(settings, arbiter, limits)
+    membership = node_etcd.NodeMembership(settings, etcd, node.usage, node.limits) if etcd else None
     node.membership = membership.membership if membership is not None else None
     server = grpc.aio.server()
     vmft_pb2_grpc.add_NodeServicer_to_server(NodeServicer(node), server)

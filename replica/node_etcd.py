@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -23,10 +23,12 @@ from replica.etcd_client import EtcdClient, EtcdError
 from replica.membership import MemberInfo, Membership, Registration
 from replica.vm_common import NodeSettings
 
+if TYPE_CHECKING:
+    from replica.node import NodeLimits
+
 log = logging.getLogger(__name__)
 
 UPDATE_EVERY_S = 1.0
-DEFAULT_MAX_VMS = 16
 
 
 def parse_endpoints(text: str) -> list[str]:
@@ -41,18 +43,19 @@ def open_arbiter(settings: NodeSettings, endpoints: Sequence[str]) -> EtcdArbite
     return EtcdArbiter(endpoints, credentials=credentials(settings))
 
 
-def machine_memory_mib() -> int:
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20)
-
-
 class NodeMembership:
     """This node's entry in the membership table, kept up to date while it runs."""
 
     def __init__(
-        self, settings: NodeSettings, endpoints: Sequence[str], usage: Callable[[], tuple[int, int]]
+        self,
+        settings: NodeSettings,
+        endpoints: Sequence[str],
+        usage: Callable[[], tuple[int, int]],
+        limits: NodeLimits,
     ) -> None:
-        """`usage()`: (VMs this node runs, guest memory they use in MiB)."""
+        """`usage()`: (VMs this node runs, guest memory they use in MiB); `limits`: its capacity."""
         self.settings = settings
+        self.limits = limits
         self.client = EtcdClient(endpoints, credentials=credentials(settings))
         self.membership = Membership(self.client)
         self.usage = usage
@@ -62,8 +65,8 @@ class NodeMembership:
     def _info(self) -> MemberInfo:
         vms, used = self.usage()
         return MemberInfo(
-            name=self.settings.node_id, address=self.settings.name, memory_mib=machine_memory_mib(),
-            max_vms=DEFAULT_MAX_VMS, vms=vms, memory_used_mib=used,
+            name=self.settings.node_id, address=self.settings.name, memory_mib=self.limits.budget_mib(),
+            max_vms=self.limits.max_vms, vms=vms, memory_used_mib=used,
         )  # fmt: skip
 
     async def start(self, ttl_s: int = 2) -> None:

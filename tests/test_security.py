@@ -27,7 +27,7 @@ from monitor.loader import load_image_file
 from monitor.record import make_header
 from proto import vmft_pb2, vmft_pb2_grpc
 from replica import tls
-from replica.cluster import LocalCluster, NodeProcess, ProtectedVm
+from replica.cluster import ClusterError, LocalCluster, NodeProcess, ProtectedVm
 from replica.kv_client import KvClientSync
 from replica.node_client import ClientAuth
 from replica.vm_common import PROTOCOL_VERSION
@@ -255,3 +255,21 @@ def test_requests_cannot_name_host_paths(tmp_path: Path) -> None:
         after = _outside(tmp_path, cluster.workdir)
     assert after == before, "something outside the cluster's directory was written"
     assert victim.read_bytes() == b"precious"
+
+
+def test_a_node_refuses_vms_beyond_its_limits(tmp_path: Path) -> None:
+    if not KV.exists():
+        pytest.fail(f"{KV} is not built: run scripts/setup", pytrace=False)
+    with LocalCluster(tmp_path / "cluster") as cluster:
+        a = cluster.add_node(["--max-vms", "1"])
+        b = cluster.add_node(["--memory-mib", "100"])
+        cluster.protect(KV, a, None, name="vm1")
+        with pytest.raises(ClusterError, match="--max-vms"):
+            cluster.protect(KV, a, None, name="vm2")
+        with pytest.raises(ClusterError, match="memory budget"):
+            cluster.protect(KV, b, None, name="vm3", mem_mib=128)
+        with pytest.raises(ClusterError, match="--max-vms"):  # a full node refuses to be a backup too
+            cluster.protect(KV, b, a, name="vm4")
+        assert cluster.vm_status(a, "vm2") is None and cluster.vm_status(a, "vm4") is None
+        first = cluster.vm_status(a, "vm1")
+        assert first is not None and first.role == vmft_pb2.ROLE_PRIMARY
