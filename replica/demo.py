@@ -21,6 +21,7 @@ async def demo(image: Path, clients: int, before_s: float, after_s: float, workd
         primary = cluster.add_node()
         backup = cluster.add_node()
         print(f"demo: node A {primary.name} (pid {primary.pid}), node B {backup.name} (pid {backup.pid})")
+        print(f"demo: every link mutual TLS, certificates from the cluster CA in {cluster.ca_dir}")
         vm = cluster.protect(image, primary, backup)
         print(
             f"demo: protected kv guest: primary on A, backup on B; service {vm.service}, "
