@@ -1,6 +1,6 @@
 """Userspace interrupt state: pending vectors, latched event bits, and the one injection rule.
 
-The rule (DESIGN.md): at a synchronous exit, if a vector is pending and the vCPU reports
+The rule (docs/design.md): at a synchronous exit, if a vector is pending and the vCPU reports
 `ready_for_interrupt_injection` with IF set, inject the lowest pending vector with KVM_INTERRUPT;
 otherwise it stays pending. The decision depends only on guest state, so replay makes it identically.
 The interrupt window is never requested: its exit lands at timing-dependent instructions here.

@@ -1,7 +1,7 @@
 """Confined input: names that cannot name host paths, files that cannot be FIFOs or devices, and
 decompression that cannot be told to allocate without bound.
 
-The audit (FACTS.md, last section) found requests naming host paths (`../` in a VM name, `disk_path`,
+The audit (docs/design.md) found requests naming host paths (`../` in a VM name, `disk_path`,
 `image_path`), a checkpoint naming the file it restores into, FIFOs and /dev/zero blocking the event loop
 or growing memory, and zstd frames whose declared size was trusted. The rules here:
 

@@ -1,7 +1,7 @@
 """A small grpc.aio client for etcd's v3 API (the subset in proto/etcd.proto).
 
 Why our own: `etcd3` does not import with protobuf 7, `aetcd` has no TLS, `etcd3gw` is synchronous and
-`etcd3aio` is young (FACTS.md). The stubs generated from proto/etcd.proto speak etcd's wire format, and
+`etcd3aio` is young (docs/design.md). The stubs generated from proto/etcd.proto speak etcd's wire format, and
 this module adds only what a node needs: several endpoints (one channel each), a bounded deadline on
 every call, failing over to the next member when one does not answer, and mutual TLS through ordinary
 gRPC channel credentials.

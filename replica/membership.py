@@ -5,7 +5,7 @@ and renews the lease every third of its TTL. etcd deletes the key when the lease
 `members()` lists exactly the nodes whose renewals still reach etcd: a node that dies, hangs or is cut
 off from the etcd quorum disappears within its TTL (plus etcd's expiry sweep, about half a second).
 
-etcd expires leases on its side and fences nobody (FACTS.md), so the node keeps its own view: the lease
+etcd expires leases on its side and fences nobody (docs/design.md), so the node keeps its own view: the lease
 is valid until the moment its last successful renewal was *sent* plus the TTL etcd granted (sent, not
 answered: etcd counts from when it renewed, which is after we sent). When that deadline passes without
 a newer renewal, the registration is `lost` (an asyncio.Event) and the node must stop acting as a

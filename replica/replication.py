@@ -69,7 +69,7 @@ class _Outgoing:
     At most `window` log messages are in flight (sent, not yet acknowledged): a lone output goes out at
     once, but under load the log gathers while the window is full, so that the stream carries a few large
     messages per round trip instead of one per output (its cost, and the acknowledgements', is per
-    message: FACTS.md), and an output waits at most about one more round trip (or 1 ms, after which the
+    message: docs/design.md), and an output waits at most about one more round trip (or 1 ms, after which the
     window no longer holds the log back)."""
 
     def __init__(self, heartbeat_s: float, window: int = 2) -> None:

@@ -78,7 +78,7 @@ CROSS_CORE_RUNS = 30
     len(os.sched_getaffinity(0)) < 2, reason="needs two cores to record on one, replay on another"
 )
 def test_thirty_recordings_replay_on_another_core(tmp_path: Path) -> None:
-    """glibc stores the APIC ID CPUID gives (FACTS.md): without cpuid_trap these replays diverge."""
+    """glibc stores the APIC ID CPUID gives (docs/design.md): without cpuid_trap these replays diverge."""
     first, second = sorted(os.sched_getaffinity(0))[:2]
     outputs = set()
     for i in range(CROSS_CORE_RUNS):

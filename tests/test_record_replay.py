@@ -217,7 +217,7 @@ async def test_a_hung_recording_replays_without_a_false_divergence(
 
 
 HLT_GUEST = r"""
-/* A guest that idles the way DESIGN.md says guests may: `sti; hlt` in ring 0, woken by the timer.
+/* A guest that idles the way the platform allows ring-0 code to: `sti; hlt` in ring 0, woken by the timer.
  * Arms a 0.2 ms one-shot timer HALTS times, halting until each fires; the interrupt handler counts. */
 #define HALTS 30
     .section .text.entry, "ax"

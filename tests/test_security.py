@@ -1,4 +1,4 @@
-"""The node API under mutual TLS (the default), against the audit's findings (FACTS.md, last section): real
+"""The node API under mutual TLS (the default), against the audit's findings (docs/design.md): real
 `vmft node` processes of a LocalCluster with its CA in its work directory.
 
 - a client without a certificate (plaintext), or with one from another CA, is refused;

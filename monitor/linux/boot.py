@@ -7,7 +7,7 @@ except the system-call page, which the program may execute but not write:
     0x1000 GDT   0x2000 IDT   0x3000 TSS + I/O bitmap   0x6000 ring-0 stubs (entry, exceptions)
     0x7000 system-call page (user, read-only): `out %al, $SYSCALL_PORT`   0x8000..0xA000 ring-0 stack
 
-On kvm_pvm `syscall` stays at CPL 3 and jumps to LSTAR (FACTS.md), so LSTAR points at the system-call
+On kvm_pvm `syscall` stays at CPL 3 and jumps to LSTAR (docs/design.md), so LSTAR points at the system-call
 page and each system call is one port-I/O exit; the monitor returns through the synced registers.
 Exceptions go through the IDT to ring-0 stubs, which report the vector with one `out` to EXCEPTION_PORT
 and return with `iretq` (the monitor may have rewritten the frame: an emulated RDTSC skips the

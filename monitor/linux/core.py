@@ -72,7 +72,7 @@ class PersonalityCore:
         return self._machine
 
     def flush_tlb(self) -> None:
-        """kvm_pvm notices page-table changes only when the memory slot is re-created (FACTS.md)."""
+        """kvm_pvm notices page-table changes only when the memory slot is re-created (docs/design.md)."""
         machine = self.machine
         memory = machine.memory
         # The slot's dirty log dies with it: move its bits into the monitor's own dirty bytes, which every

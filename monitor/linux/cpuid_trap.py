@@ -1,6 +1,6 @@
 """CPUID made independent of the host core: `cpuid` instructions rewritten into a trap the monitor answers.
 
-On kvm_pvm CPUID runs natively in ring 3 and never exits, and there is no CPUID faulting (FACTS.md); the
+On kvm_pvm CPUID runs natively in ring 3 and never exits, and there is no CPUID faulting (docs/design.md); the
 answer includes the core's APIC ID, which glibc stores (`_dl_x86_cpu_features`), so a recording replayed
 on another core would differ. So when the monitor maps executable code from a file, it finds the
 file's `cpuid` instructions (a linear-sweep disassembly by binutils' objdump, cached by content hash)

@@ -1,7 +1,7 @@
 """The guest's address space: physical pages, the page tables the monitor owns, and the mappings.
 
 Everything is mapped eagerly (a page fault through the guest IDT costs ~55 µs against ~8 µs for a page
-mapped ahead, FACTS.md). kvm_pvm's shadow MMU does not notice the monitor's page-table writes, so when a
+mapped ahead, docs/design.md). kvm_pvm's shadow MMU does not notice the monitor's page-table writes, so when a
 PTE the guest has used (Accessed bit set) loses its mapping or a permission, the address space asks for a
 flush (`flush_tlb`, a memslot delete and re-add); adding mappings needs none.
 

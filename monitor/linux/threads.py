@@ -1,4 +1,4 @@
-"""Threads of the one process, switched by the monitor at system calls only (DESIGN.md).
+"""Threads of the one process, switched by the monitor at system calls only (docs/design.md).
 
 All threads share the one vCPU. The running thread keeps it until it blocks (a futex wait, a sleep),
 yields, exits, or has made PREEMPT_SYSCALLS system calls while others are runnable; every switch happens
