@@ -34,7 +34,6 @@ PROGRAM = (
 WAIT_S = 60
 
 
-@KNOWN_STALE_PAGE
 def test_checkpoint_of_a_running_python_restores_and_finishes(tmp_path: Path) -> None:
     layer = tmp_path / "layer"
     argv = ["/usr/bin/python3", "-c", PROGRAM]
@@ -97,7 +96,6 @@ THREADED = (
 )
 
 
-@KNOWN_STALE_PAGE
 def test_checkpoint_of_a_threaded_program_restores_and_finishes(tmp_path: Path) -> None:
     argv = ["/usr/bin/python3", "-c", THREADED]
     personality = LinuxPersonality(LinuxConfig(program=argv[0], argv=argv, layer=tmp_path / "layer"))

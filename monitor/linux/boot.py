@@ -22,7 +22,7 @@ import struct
 
 from monitor.boot import flat_segment
 from monitor.kvm import VcpuFd
-from monitor.kvm_abi import Ioctl, Regs, Segment, Sregs
+from monitor.kvm_abi import KVM_SYNC_X86_REGS, Ioctl, Regs, Segment, Sregs
 from monitor.linux.native import load_code
 from monitor.memory import GuestMemory
 
@@ -231,10 +231,24 @@ class TscTrappingRunner:
     """A drop-in for VcpuFd.run_once (0 or an errno) that runs the guest with RDTSC trapped."""
 
     def __init__(self, vcpu: VcpuFd) -> None:
+        self._vcpu = vcpu
         self._fd = vcpu.fd
         self._fn = _trapping_run()
         self._request = int(Ioctl.RUN)
 
     def __call__(self) -> int:
         result = int(self._fn(self._fd, self._request))
-        return -result if result < 0 else 0
+        if result < 0:
+            self._apply_pending_regs()
+            return -result
+        return 0
+
+    def _apply_pending_regs(self) -> None:
+        """A KVM_RUN that returned at once (a kick, immediate_exit) may leave registers written into
+        kvm_run's synced area unapplied (seen on kvm_pvm: a checkpoint taken there resumed at the
+        system-call page). Apply them now, so that whatever reads the vCPU next (a checkpoint) sees them."""
+        run = self._vcpu.run
+        if run.kvm_dirty_regs & KVM_SYNC_X86_REGS:
+            regs = Regs.from_buffer_copy(bytes(run.s.regs.regs))
+            self._vcpu.set_regs(regs)
+            run.kvm_dirty_regs &= ~KVM_SYNC_X86_REGS
