@@ -13,12 +13,6 @@ from monitor.machine import StopReason
 
 pytestmark = pytest.mark.kvm
 
-# About 1 restore in 10 crashes near the program's end on a stale page (docs/linux.md, "What does not
-# work yet"): not strict, so a pass is a pass and the known failure does not fail the suite.
-KNOWN_STALE_PAGE = pytest.mark.xfail(
-    strict=False, reason="a restore sometimes finds a stale page (docs/linux.md)"
-)
-
 PROGRAM = (
     "import os, random\n"
     "random.seed(7)\n"
