@@ -313,7 +313,7 @@ async def backup_stream(
             return
         yield vm.ack()
     timeout = max(hello.failure_timeout_ms / 1000, settings.failure_timeout_s)
-    async for ack in _acknowledge(vm, requests, timeout, detach):
+    async for ack in _Acknowledger(vm, timeout).replies(requests, detach):
         yield ack
 
 
@@ -345,88 +345,93 @@ async def _seed(vm: BackupVm, requests: AsyncIterator[vmft_pb2.PrimaryMessage]) 
     return True
 
 
-async def _acknowledge(
-    vm: BackupVm, requests: AsyncIterator[vmft_pb2.PrimaryMessage], silence_s: float, detach: Detach
-) -> AsyncIterator[vmft_pb2.BackupMessage]:
-    """A reader task takes the primary's messages as they come; this generator sends one acknowledgement
-    per group of messages read while the previous one was being written (under load, one per drained
-    group; idle, one per message), then hands the group's batches to the replay. A loop timer, not a task
-    per message, notices a silent primary."""
-    loop = asyncio.get_running_loop()
-    wake = asyncio.Event()
-    last_heard = time.monotonic()
-    ended = False  # the reader is done: `reason` says why ("" = the guest stopped on the primary)
-    reason = "the primary closed the stream"
-    timer: asyncio.TimerHandle | None = None
-    # Batches received and not yet handed to the replay: the acknowledgement goes out first (the replay's
-    # vCPU thread would compete with its write for the interpreter), and they follow once it is written.
-    received: list[tuple[vmft_pb2.EventBatch, int]] = []
+class _Acknowledger:
+    """The backup's side of one stream: a reader task takes the primary's messages as they come; the
+    generator (`replies`) sends one acknowledgement per group of messages read while the previous one was
+    being written (under load, one per drained group; idle, one per message), then hands the group's
+    batches to the replay. A loop timer, not a task per message, notices a silent primary."""
 
-    def hand_over() -> None:
-        for batch, size in received:
-            vm.on_batch(batch, size)
-        received.clear()
+    def __init__(self, vm: BackupVm, silence_s: float) -> None:
+        self.vm = vm
+        self.silence_s = silence_s
+        self.wake = asyncio.Event()
+        self.last_heard = time.monotonic()
+        self.ended = False  # the reader is done: `reason` says why ("" = the guest stopped on the primary)
+        self.reason = "the primary closed the stream"
+        self.timer: asyncio.TimerHandle | None = None
+        # Batches received and not yet handed to the replay: the acknowledgement goes out first (the
+        # replay's vCPU thread would compete with its write for the interpreter), and they follow once it
+        # is written.
+        self.received: list[tuple[vmft_pb2.EventBatch, int]] = []
 
-    def ack() -> vmft_pb2.BackupMessage:
-        message = vm.ack()
-        for batch, _ in received:
+    def hand_over(self) -> None:
+        for batch, size in self.received:
+            self.vm.on_batch(batch, size)
+        self.received.clear()
+
+    def ack(self) -> vmft_pb2.BackupMessage:
+        message = self.vm.ack()
+        for batch, _ in self.received:
             message.ack.received = max(message.ack.received, batch.horizon, batch.end_position)
         return message
 
-    async def reader() -> None:
-        nonlocal last_heard, reason, ended
+    async def read(self, requests: AsyncIterator[vmft_pb2.PrimaryMessage]) -> None:
         try:
             async for message in requests:
-                last_heard = time.monotonic()
-                if not vm.following():
+                self.last_heard = time.monotonic()
+                if not self.vm.following():
                     break
                 if message.HasField("batch"):
                     hops.hop("recv", message.batch.horizon)
-                    received.append((message.batch, message.ByteSize()))
+                    self.received.append((message.batch, message.ByteSize()))
                     if message.batch.ended:
-                        reason = ""  # the guest stopped on the primary; replay finishes by itself
+                        self.reason = ""  # the guest stopped on the primary; replay finishes by itself
                         break
-                wake.set()
+                self.wake.set()
         except grpc.aio.AioRpcError as err:
-            reason = f"stream broken: {err.code().name}"
+            self.reason = f"stream broken: {err.code().name}"
         finally:
-            ended = True
-            wake.set()
+            self.ended = True
+            self.wake.set()
 
-    def check_silence() -> None:
-        nonlocal reason, ended, timer
-        silent = time.monotonic() - last_heard
-        if silent > silence_s:
-            reason = f"no word from the primary for {silent * 1000:.0f} ms"
-            ended = True
-            wake.set()
+    def check_silence(self) -> None:
+        silent = time.monotonic() - self.last_heard
+        if silent > self.silence_s:
+            self.reason = f"no word from the primary for {silent * 1000:.0f} ms"
+            self.ended = True
+            self.wake.set()
         else:
-            timer = loop.call_later(silence_s - silent + 0.001, check_silence)
+            loop = asyncio.get_running_loop()
+            self.timer = loop.call_later(self.silence_s - silent + 0.001, self.check_silence)
 
-    reading = loop.create_task(reader())
-    timer = loop.call_later(silence_s, check_silence)
-    try:
-        while True:
-            await wake.wait()
-            wake.clear()
-            if ended:
-                hand_over()
-                if not reason:
-                    yield vm.ack()  # the last acknowledgement: the primary's final outputs go out
-                break
-            message = ack()
-            hops.hop("ack", message.ack.received)
-            yield message
-            hand_over()
-    except asyncio.CancelledError:
-        reason = reason or "the primary's connection dropped"
-        raise
-    finally:
-        if timer is not None:
-            timer.cancel()
-        reading.cancel()  # no batch is taken after this: the failover replays exactly what was acked
-        hand_over()  # (acknowledged or not: the replay has everything received)
-        # Detached: gRPC cancels this handler when the primary's connection dies, and a failover
-        # cancelled between the arbiter's claim and going live would leave the VM neither.
-        if reason:
-            detach(vm.primary_lost(reason))
+    async def replies(
+        self, requests: AsyncIterator[vmft_pb2.PrimaryMessage], detach: Detach
+    ) -> AsyncIterator[vmft_pb2.BackupMessage]:
+        loop = asyncio.get_running_loop()
+        reading = loop.create_task(self.read(requests))
+        self.timer = loop.call_later(self.silence_s, self.check_silence)
+        try:
+            while True:
+                await self.wake.wait()
+                self.wake.clear()
+                if self.ended:
+                    self.hand_over()
+                    if not self.reason:
+                        yield self.vm.ack()  # the last acknowledgement: the primary's final outputs go out
+                    break
+                message = self.ack()
+                hops.hop("ack", message.ack.received)
+                yield message
+                self.hand_over()
+        except asyncio.CancelledError:
+            self.reason = self.reason or "the primary's connection dropped"
+            raise
+        finally:
+            if self.timer is not None:
+                self.timer.cancel()
+            reading.cancel()  # no batch is taken after this: the failover replays exactly what was acked
+            self.hand_over()  # (acknowledged or not: the replay has everything received)
+            # Detached: gRPC cancels this handler when the primary's connection dies, and a failover
+            # cancelled between the arbiter's claim and going live would leave the VM neither.
+            if self.reason:
+                detach(self.vm.primary_lost(self.reason))
