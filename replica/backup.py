@@ -112,7 +112,9 @@ class BackupVm:
 
     # ----- failover --------------------------------------------------------------------------------
 
-    async def primary_lost(self, reason: str) -> None:
+    async def primary_lost(self, reason: str, silent: bool = False) -> None:
+        """The primary is gone: claim the next generation, finish the log and go live. After silence the
+        claim waits `silent_claim_delay_s`, so that a primary that still reaches the arbiter wins it."""
         standing, core = self.standing, self.core
         if (
             standing.role is not Role.BACKUP
@@ -122,6 +124,10 @@ class BackupVm:
             return
         core.times.suspect()
         standing.to(State.PROMOTING)
+        if silent:
+            await asyncio.sleep(core.settings.silent_claim_delay_s)
+            if core.result is not None or not standing.is_(State.PROMOTING):
+                return  # stopped meanwhile
         generation = standing.generation + 1
         log.warning(
             "%s: primary %s lost (%s); claiming generation %d",

@@ -358,6 +358,7 @@ class _Acknowledger:
         self.last_heard = time.monotonic()
         self.ended = False  # the reader is done: `reason` says why ("" = the guest stopped on the primary)
         self.reason = "the primary closed the stream"
+        self.silent = False  # the primary went silent (a partition, or a dead host), not a broken stream
         self.timer: asyncio.TimerHandle | None = None
         # Batches received and not yet handed to the replay: the acknowledgement goes out first (the
         # replay's vCPU thread would compete with its write for the interpreter), and they follow once it
@@ -398,6 +399,7 @@ class _Acknowledger:
         silent = time.monotonic() - self.last_heard
         if silent > self.silence_s:
             self.reason = f"no word from the primary for {silent * 1000:.0f} ms"
+            self.silent = True
             self.ended = True
             self.wake.set()
         else:
@@ -434,4 +436,4 @@ class _Acknowledger:
             # Detached: gRPC cancels this handler when the primary's connection dies, and a failover
             # cancelled between the arbiter's claim and going live would leave the VM neither.
             if self.reason:
-                detach(self.vm.primary_lost(self.reason))
+                detach(self.vm.primary_lost(self.reason, silent=self.silent))

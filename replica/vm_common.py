@@ -33,6 +33,11 @@ class NodeSettings:
     data_dir: Path
     heartbeat_interval_s: float = 0.005
     failure_timeout_s: float = 0.3
+    # A backup that noticed its primary's silence (not a broken connection) waits this long before it claims
+    # the next generation: in a partition both sides notice at the failure timeout, and the primary, if it
+    # still reaches the arbiter, must win (its clients can still reach it). Kept well under 50 ms, so a
+    # primary that is really gone is replaced within the failure timeout plus 50 ms.
+    silent_claim_delay_s: float = 0.03
     connect_timeout_s: float = 5.0
     hash_every: int = 20000
     checkpoint_every_s: float = 1.0  # the primary's periodic checkpoints (restart after a guest fault)

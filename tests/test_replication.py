@@ -145,7 +145,9 @@ async def test_sigkill_backup_primary_goes_on_unprotected(cluster: LocalCluster)
 @pytest.mark.parametrize("silent", [False, True], ids=["reset", "silent"])
 async def test_link_cut_leaves_exactly_one_primary(cluster: LocalCluster, silent: bool) -> None:
     """Both nodes reach the arbiter; only the link between them breaks (reset at once, or silently so
-    that only the heartbeat timeouts notice). Exactly one of them is primary afterwards."""
+    that only the heartbeat timeouts notice). Exactly one of them is primary afterwards. Silently (a
+    partition), both notice at the same timeout and the primary, which its clients can still reach, must
+    win: the backup defers its claim after silence."""
     a = cluster.add_node()
     b = cluster.add_node()
     with Relay(b.name) as relay:
@@ -177,6 +179,8 @@ async def test_link_cut_leaves_exactly_one_primary(cluster: LocalCluster, silent
         winner = next(s for s in roles if s is not None and s.role == vmft_pb2.ROLE_PRIMARY)
         assert winner.generation == 2 and not winner.protected
         loser = next(s for s in roles if s is not None and s.role == vmft_pb2.ROLE_STOPPED)
+        if silent:
+            assert winner is roles[0], f"the old primary lost generation 2 after silence: {roles}"
         if loser is roles[0]:
             # The old primary lost generation 2 to the backup: fenced, says to whom, serves nothing more.
             assert loser.state == vmft_pb2.VM_STATE_FENCED, loser
