@@ -88,15 +88,6 @@ def _unary_rtt(cluster: LocalCluster, node: NodeProcess, count: int) -> list[flo
     return out
 
 
-def _pin(node: NodeProcess, cpus: set[int]) -> None:
-    """Every thread the node has now; the threads it starts later (vCPUs, gRPC's) inherit the mask."""
-    for task in os.listdir(f"/proc/{node.pid}/task"):
-        try:
-            os.sched_setaffinity(int(task), cpus)
-        except OSError:
-            pass  # the thread ended meanwhile
-
-
 _HOPS = ("hold", "flush", "take", "recv", "ack", "ackrecv", "release")
 
 
@@ -161,9 +152,9 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
         with LocalCluster(workdir, failure_timeout_ms=args.failure_timeout_ms) as cluster:
             a, b, c = cluster.add_node(), cluster.add_node(), cluster.add_node()
             if cpu is not None:
-                _pin(a, {min(servers)})
-                _pin(b, {cpu})
-                _pin(c, {min(servers)})
+                kvload.pin_threads(a.pid, {min(servers)})  # threads it starts later inherit it
+                kvload.pin_threads(b.pid, {cpu})
+                kvload.pin_threads(c.pid, {min(servers)})
             rep = cluster.protect(image, a, b, name="rep")
             cluster.wait_for(b, "rep", "backup", timeout=20)
             solo = cluster.protect(image, c, None, name="solo")
