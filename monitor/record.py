@@ -155,6 +155,7 @@ class LogFileReader:
             frame = data[start : start + length]
             if zlib.crc32(frame) != crc:
                 raise LogError(f"{self.path}: corrupted: frame {index} at byte {offset} fails its checksum")
+            self._check_declared_size(frame, index, offset)
             batch = vmft_pb2.EventBatch()
             try:
                 batch.ParseFromString(decompressor.decompress(frame, max_output_size=MAX_FRAME))
@@ -163,6 +164,19 @@ class LogFileReader:
             yield batch
             offset = start + length
             index += 1
+
+    def _check_declared_size(self, frame: bytes, index: int, offset: int) -> None:
+        """zstandard honours `max_output_size` only for frames that do not declare their size: one that
+        declares more is refused before anything is allocated (a few KB of log could otherwise take GBs)."""
+        try:
+            declared = zstandard.frame_content_size(frame)
+        except zstandard.ZstdError as err:
+            raise LogError(f"{self.path}: corrupted: frame {index} at byte {offset}: {err}") from err
+        if declared > MAX_FRAME:
+            raise LogError(
+                f"{self.path}: corrupted: frame {index} at byte {offset} declares {declared} bytes "
+                f"decompressed, more than a frame may hold ({MAX_FRAME})"
+            )
 
 
 # ----- recording ---------------------------------------------------------------------------------

@@ -134,3 +134,41 @@ def test_queue_source_drains_then_stops() -> None:
     assert got == [1, 2]
     with pytest.raises(JournalStop):  # and stays closed
         source.next_batch(0.01)
+
+
+def test_a_frame_declaring_a_huge_size_is_refused_before_decompressing(tmp_path: Path) -> None:
+    """An 8 KB frame of zeros declares 256 MiB: zstandard ignores max_output_size for a frame that declares
+    its size, so the reader must refuse it before decompressing (in a fresh process: its peak memory)."""
+    import subprocess
+    import sys
+    import zlib
+
+    import zstandard
+
+    frame = zstandard.ZstdCompressor(level=1).compress(bytes(256 << 20))
+    assert len(frame) < 64 << 10
+    header = vmft_pb2.LogHeader(format_version=record.LOG_FORMAT_VERSION).SerializeToString()
+    bomb = tmp_path / "bomb.vmlog"
+    bomb.write_bytes(
+        record.LOG_MAGIC + len(header).to_bytes(4, "little") + header
+        + len(frame).to_bytes(4, "little") + zlib.crc32(frame).to_bytes(4, "little") + frame
+    )  # fmt: skip
+    probe = (
+        "import resource, sys\n"
+        "from monitor.record import LogFileReader\n"
+        "from monitor.errors import LogError\n"
+        "try:\n"
+        "    list(LogFileReader(sys.argv[1]).batches())\n"
+        "    print('read')\n"
+        "except LogError as err:\n"
+        "    print('refused', err)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", probe, str(bomb)], cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    verdict, peak_mib = run.stdout.splitlines()
+    assert verdict.startswith("refused") and "declares 268435456 bytes" in verdict, verdict
+    assert int(peak_mib) < 200, f"the reader took {peak_mib} MiB before refusing"
