@@ -13,7 +13,6 @@ import logging
 import struct
 import threading
 
-from monitor.address import parse_address as parse_address  # callers' import path
 from monitor.devices.net import MAX_MESSAGE, NetBackend, NetMessage
 from monitor.guest_abi import NetKind
 

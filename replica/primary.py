@@ -16,7 +16,8 @@ from monitor.checkpoint import CheckpointError, Checkpointer, CheckpointStats, C
 from monitor.errors import PeerError
 from monitor.loader import ImageError
 from monitor.machine import MachineResult
-from monitor.netserver import NicServer, parse_address
+from monitor.address import parse_address
+from monitor.netserver import NicServer
 from monitor.record import IteratorSource, ReplayJournal, make_header
 from monitor.restart import NODE_POLICY, FaultRestarter
 from proto import vmft_pb2

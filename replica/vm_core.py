@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from monitor.journal import Journal
 from monitor.machine import Machine, MachineResult
-from monitor.netserver import NicServer, parse_address
+from monitor.address import parse_address
+from monitor.netserver import NicServer
 from monitor.record import RecordJournal
 from proto import vmft_pb2
 from replica.arbiter import Arbiter
