@@ -28,21 +28,21 @@ PROGRAM = (
 WAIT_S = 60
 
 
-def test_checkpoint_of_a_running_python_restores_and_finishes(tmp_path: Path) -> None:
-    layer = tmp_path / "layer"
-    argv = ["/usr/bin/python3", "-c", PROGRAM]
+def _run_with_checkpoint(
+    argv: list[str], layer: Path, checkpoint: Path, lines: int, poll_s: float
+) -> tuple[bytes, int]:
+    """Run `argv` live, checkpoint it once it has printed `lines` lines, and run it to its end: its whole
+    output, and how much of it came before the checkpoint."""
     personality = LinuxPersonality(LinuxConfig(program=argv[0], argv=argv, layer=layer))
     machine = build_linux(personality)
     out = bytearray()
     personality.on_stream = lambda number, data: out.extend(data)
     at_checkpoint: list[int] = []
-    checkpoint = tmp_path / "running.ckpt"
-    restored_layer = tmp_path / "restored-layer"  # a fresh layer: the checkpoint carries the files
     try:
         machine.start()
         deadline = time.monotonic() + WAIT_S
-        while out.count(b"\n") < 5 and time.monotonic() < deadline and machine.is_running():
-            time.sleep(0.01)
+        while out.count(b"\n") < lines and time.monotonic() < deadline and machine.is_running():
+            time.sleep(poll_s)
         assert machine.is_running(), "the program finished before the checkpoint"
         Checkpointer(machine).save(checkpoint, on_paused=lambda position: at_checkpoint.append(len(out)))
         result = machine.wait_blocking(WAIT_S)
@@ -50,12 +50,12 @@ def test_checkpoint_of_a_running_python_restores_and_finishes(tmp_path: Path) ->
         machine.close()
         personality.close()
     assert result.reason is StopReason.EXITED and result.exit_code == 0, result.describe()
-    full = bytes(out)
-    assert full.endswith(b"lines 30\n")
-    before = full[: at_checkpoint[0]]
-    assert 5 <= before.count(b"\n") < 30
+    return bytes(out), at_checkpoint[0]
 
-    again = LinuxPersonality(LinuxConfig(program=argv[0], argv=argv, layer=restored_layer))
+
+def _finish_restored(argv: list[str], layer: Path, checkpoint: Path) -> bytes:
+    """Restore `checkpoint` into a fresh personality on `layer` and run it to its end: what it printed."""
+    again = LinuxPersonality(LinuxConfig(program=argv[0], argv=argv, layer=layer))
     restored = restore_linux(again, checkpoint)
     rest = bytearray()
     again.on_stream = lambda number, data: rest.extend(data)
@@ -65,7 +65,19 @@ def test_checkpoint_of_a_running_python_restores_and_finishes(tmp_path: Path) ->
         restored.close()
         again.close()
     assert result.reason is StopReason.EXITED and result.exit_code == 0, result.describe()
-    assert before + bytes(rest) == full
+    return bytes(rest)
+
+
+def test_checkpoint_of_a_running_python_restores_and_finishes(tmp_path: Path) -> None:
+    layer = tmp_path / "layer"
+    argv = ["/usr/bin/python3", "-c", PROGRAM]
+    checkpoint = tmp_path / "running.ckpt"
+    restored_layer = tmp_path / "restored-layer"  # a fresh layer: the checkpoint carries the files
+    full, at_checkpoint = _run_with_checkpoint(argv, layer, checkpoint, lines=5, poll_s=0.01)
+    assert full.endswith(b"lines 30\n")
+    before = full[:at_checkpoint]
+    assert 5 <= before.count(b"\n") < 30
+    assert before + _finish_restored(argv, restored_layer, checkpoint) == full
     assert (restored_layer / "tmp" / "work" / "log.txt").read_bytes() == (
         layer / "tmp" / "work" / "log.txt"
     ).read_bytes()
@@ -92,34 +104,7 @@ THREADED = (
 
 def test_checkpoint_of_a_threaded_program_restores_and_finishes(tmp_path: Path) -> None:
     argv = ["/usr/bin/python3", "-c", THREADED]
-    personality = LinuxPersonality(LinuxConfig(program=argv[0], argv=argv, layer=tmp_path / "layer"))
-    machine = build_linux(personality)
-    out = bytearray()
-    personality.on_stream = lambda number, data: out.extend(data)
-    at_checkpoint: list[int] = []
     checkpoint = tmp_path / "threads.ckpt"
-    try:
-        machine.start()
-        deadline = time.monotonic() + WAIT_S
-        while out.count(b"\n") < 3 and time.monotonic() < deadline and machine.is_running():
-            time.sleep(0.005)
-        assert machine.is_running(), "the program finished before the checkpoint"
-        Checkpointer(machine).save(checkpoint, on_paused=lambda position: at_checkpoint.append(len(out)))
-        result = machine.wait_blocking(WAIT_S)
-    finally:
-        machine.close()
-        personality.close()
-    assert result.reason is StopReason.EXITED and result.exit_code == 0, result.describe()
-    full = bytes(out)
+    full, at_checkpoint = _run_with_checkpoint(argv, tmp_path / "layer", checkpoint, lines=3, poll_s=0.005)
     assert full.endswith(b"done True\n")
-    again = LinuxPersonality(LinuxConfig(program=argv[0], argv=argv, layer=tmp_path / "layer2"))
-    restored = restore_linux(again, checkpoint)
-    rest = bytearray()
-    again.on_stream = lambda number, data: rest.extend(data)
-    try:
-        result = restored.run_blocking(WAIT_S)
-    finally:
-        restored.close()
-        again.close()
-    assert result.reason is StopReason.EXITED and result.exit_code == 0, result.describe()
-    assert full[: at_checkpoint[0]] + bytes(rest) == full
+    assert full[:at_checkpoint] + _finish_restored(argv, tmp_path / "layer2", checkpoint) == full
