@@ -7,6 +7,7 @@ Every wait is bounded; every process is stopped by its PID (LocalCluster, EtcdCl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -54,7 +56,10 @@ def _until(what: str, check: Any, limit_s: float = 15.0) -> Any:
     raise AssertionError(f"{what}: not within {limit_s} s")
 
 
-def test_a_pair_on_etcd_fails_over_and_the_cluster_shows_in_status(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _etcd_under_ca(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
+    """The kv image built, a cluster CA in tmp_path, and a one-member etcd serving mutual TLS under it:
+    (the CA directory, etcd's endpoints); etcd stopped at the end."""
     if not KV.exists():
         pytest.fail(f"{KV} is not built: run scripts/setup", pytrace=False)
     ca = tmp_path / "ca"
@@ -63,7 +68,13 @@ def test_a_pair_on_etcd_fails_over_and_the_cluster_shows_in_status(tmp_path: Pat
     etcd = EtcdCluster(tmp_path / "etcd", 1, tls=[EtcdTls(ca=member.ca, cert=member.cert, key=member.key)])
     try:
         etcd.start(credentials=tls.channel_credentials(member))
-        endpoints = etcd.endpoints
+        yield ca, etcd.endpoints
+    finally:
+        etcd.stop()
+
+
+def test_a_pair_on_etcd_fails_over_and_the_cluster_shows_in_status(tmp_path: Path) -> None:
+    with _etcd_under_ca(tmp_path) as (ca, endpoints):
         with LocalCluster(tmp_path / "cluster", ca_dir=ca, etcd=endpoints) as cluster:
             a, b = cluster.add_node(), cluster.add_node()
             vm = cluster.protect(KV, a, b)
@@ -101,20 +112,10 @@ def test_a_pair_on_etcd_fails_over_and_the_cluster_shows_in_status(tmp_path: Pat
             status = cluster.reprotect(vm, b, c)
             assert status.protected, status
             cluster.wait_for(c, vm.name, "backup", timeout=15)
-    finally:
-        etcd.stop()
 
 
 def test_vmft_protect_places_the_backup_on_a_live_member(tmp_path: Path) -> None:
-    if not KV.exists():
-        pytest.fail(f"{KV} is not built: run scripts/setup", pytrace=False)
-    ca = tmp_path / "ca"
-    tls.init_ca(ca)
-    member = tls.issue(ca, tls.Role.NODE, "etcd-m0")
-    etcd = EtcdCluster(tmp_path / "etcd", 1, tls=[EtcdTls(ca=member.ca, cert=member.cert, key=member.key)])
-    try:
-        etcd.start(credentials=tls.channel_credentials(member))
-        endpoints = etcd.endpoints
+    with _etcd_under_ca(tmp_path) as (ca, endpoints):
         with LocalCluster(tmp_path / "cluster", ca_dir=ca, etcd=endpoints) as cluster:
             a, b = cluster.add_node(), cluster.add_node()
             _until("both nodes in the membership", lambda: len(_status(cluster, endpoints)["members"]) == 2)
@@ -129,5 +130,3 @@ def test_vmft_protect_places_the_backup_on_a_live_member(tmp_path: Path) -> None
             cluster.wait_for(b, "placed", "backup", timeout=15)
             primary = cluster.vm_status(a, "placed")
             assert primary is not None and primary.protected and primary.role == vmft_pb2.ROLE_PRIMARY
-    finally:
-        etcd.stop()
