@@ -98,6 +98,8 @@ class Node:
         """Store the image the request carries in this node's image directory, named by its sha256 (or
         find the one named by `image_sha256` there), and point `spec.image_path` at it. The request's own
         image_path is never used: no request names a host file. Runs on a worker thread."""
+        if spec.HasField("linux"):
+            return  # a Linux program: no image, its files come from a root (replica/guest_kind.py)
         if spec.image:
             if len(spec.image) > MAX_IMAGE_BYTES:
                 raise ReplicationRefused(f"image of {len(spec.image)} bytes: at most {MAX_IMAGE_BYTES}")
