@@ -4,6 +4,9 @@ Framing on the wire: each message is a 4-byte big-endian length and that many pa
 connection gets an id; its messages reach the guest as NET_RX DATA records tagged with that id, and
 connecting and closing reach it as OPEN and CLOSE records. Replies come back through `transmit`, which
 the vCPU thread calls; the writes happen on the event loop.
+
+Unframed (`framed=False`, a Linux guest's TCP service: monitor/linux/sockets.py), the bytes of a
+connection go both ways as they come, each read of up to 64 KiB one DATA message.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ _LENGTH = struct.Struct(">I")
 
 
 class NicServer:
-    def __init__(self, backend: NetBackend, host: str, port: int, first_conn_id: int = 1) -> None:
+    def __init__(
+        self, backend: NetBackend, host: str, port: int, first_conn_id: int = 1, framed: bool = True
+    ) -> None:
         self._backend = backend
+        self._framed = framed
         self._host = host
         self._port = port
         self._next_id = first_conn_id
@@ -81,7 +87,12 @@ class NicServer:
             self._tasks.add(task)
         self._backend.push(NetMessage(conn, NetKind.OPEN, b""))
         try:
-            while True:
+            while not self._framed:
+                data = await reader.read(MAX_MESSAGE)
+                if not data:
+                    break
+                self._backend.push(NetMessage(conn, NetKind.DATA, data))
+            while self._framed:
                 header = await reader.readexactly(_LENGTH.size)
                 (length,) = _LENGTH.unpack(header)
                 if length > MAX_MESSAGE:
@@ -128,7 +139,7 @@ class NicServer:
             if writer is None:
                 continue  # the client went away; the guest hears CLOSE
             if msg.kind is NetKind.DATA:
-                writer.write(_LENGTH.pack(len(msg.payload)) + msg.payload)
+                writer.write(_LENGTH.pack(len(msg.payload)) + msg.payload if self._framed else msg.payload)
             elif msg.kind is NetKind.CLOSE:
                 self._writers.pop(msg.conn, None)
                 writer.close()

@@ -1,11 +1,12 @@
 """`vmft run --linux` and `vmft replay --linux`: an unmodified Linux program as the guest.
 
-    vmft run --linux [--root DIR] [--mem MiB] [--record LOG] -- PROGRAM [ARGS...]
+    vmft run --linux [--root DIR] [--mem MiB] [--record LOG] [--service HOST:PORT] -- PROGRAM [ARGS...]
     vmft replay --linux [--root DIR] [--mem MiB] LOG -- PROGRAM [ARGS...]
 
 The program's stdout and stderr are the console, stdin is the console's input, and the exit status is
 the program's (128+N after a fatal signal N, with a message on stderr). The writable layer (the guest's
-/tmp and /home) is a fresh temporary directory unless --layer names one.
+/tmp and /home) is a fresh temporary directory unless --layer names one. With --service, the first
+port the program listens on is served at HOST:PORT (docs/linux.md, "Network").
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from monitor.address import parse_address
 from monitor.errors import VmftError
 from monitor.journal import Journal
 from monitor.linux.manifest import check_root_files
 from monitor.linux.personality import DEFAULT_ENV, LinuxConfig, LinuxPersonality, build_linux
-from monitor.machine import StopReason
+from monitor.machine import Machine, MachineResult, StopReason
+from monitor.netserver import NicServer
 from monitor.record import DEFAULT_HASH_EVERY, ReplayJournal, open_recording, open_replay
 from replica.cli_common import run_until_stopped
 
@@ -65,6 +68,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
     if command == "run":
         parser.add_argument("--record", metavar="LOG", help="record the nondeterministic event log to LOG")
         parser.add_argument("--hash-every", type=int, default=DEFAULT_HASH_EVERY, metavar="N")
+        parser.add_argument(
+            "--service",
+            type=parse_address,
+            metavar="HOST:PORT",
+            help="serve the first port the program listens on at HOST:PORT (port 0: any free port)",
+        )
     else:
         parser.add_argument("log", help="event log written by `vmft run --linux --record`")
     parser.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM [ARGS...]")
@@ -106,7 +115,7 @@ def run(args: argparse.Namespace, layer: Path) -> int:
     machine = build_linux(personality, journal)
     personality.on_stream = _write_stream
     try:
-        result = asyncio.run(run_until_stopped(machine))
+        result = asyncio.run(_serve(machine, args.service))
     finally:
         machine.close()
         personality.close()
@@ -118,6 +127,20 @@ def run(args: argparse.Namespace, layer: Path) -> int:
         return 128 + signal.SIGINT
     print(f"vmft: guest {result.describe()}", file=sys.stderr)
     return EXIT_DIVERGED if result.reason is StopReason.DIVERGED else EXIT_GUEST_FAILED
+
+
+async def _serve(machine: Machine, service: tuple[str, int] | None) -> MachineResult:
+    """Run the machine; with a service address, the host side of the guest's listening port (raw TCP:
+    connections, bytes and closes become the guest's events; its writes come back as outputs)."""
+    if service is None:
+        return await run_until_stopped(machine)
+    server = NicServer(machine.net_backend, service[0], service[1], framed=False)
+    host, port = await server.start()
+    print(f"vmft: service on {host}:{port}", file=sys.stderr, flush=True)
+    try:
+        return await run_until_stopped(machine)
+    finally:
+        await server.close()
 
 
 def replay(args: argparse.Namespace, layer: Path) -> int:

@@ -22,6 +22,9 @@ from proto import vmft_pb2
 
 MAX_MESSAGE = 64 * 1024
 MAX_TX_BUFFER = 4 << 20
+# The payload of a CLOSE the host makes for a connection that died with the old primary (or host): a
+# Linux guest's socket reads it as ECONNRESET; a vmft-platform guest ignores CLOSE payloads.
+RESET = b"reset"
 _HEADER = struct.Struct(NET_MESSAGE.fmt)
 
 
@@ -212,7 +215,7 @@ class Net:
             elif msg.kind is NetKind.CLOSE:
                 gone.discard(msg.conn)
         for conn in sorted(gone):
-            backend.push(NetMessage(conn, NetKind.CLOSE, b""))
+            backend.push(NetMessage(conn, NetKind.CLOSE, RESET))
 
     def replicated(self) -> bytes:
         """The connections the guest believes open (host queues and counters are host state)."""
@@ -223,7 +226,7 @@ class Net:
     def connections_lost(self) -> None:
         """The host side lost every connection (a failover): tell the guest, as live news."""
         for conn in sorted(self.open_conns):
-            self.backend.push(NetMessage(conn, NetKind.CLOSE, b""))
+            self.backend.push(NetMessage(conn, NetKind.CLOSE, RESET))
 
 
 def deliver_tx(backend: NetBackend, data: bytes) -> None:

@@ -1,5 +1,6 @@
-"""Waiting on many files and talking between processes without a network: socketpair (AF_UNIX stream)
-and epoll, built on the pipes and poll readiness of fdtable.py and calls_fs.py."""
+"""Waiting on many files and talking between processes: socketpair (AF_UNIX stream), epoll, select and
+pselect6, eventfd, built on the pipes and poll readiness of fdtable.py and calls_fs.py (sockets answer
+poll themselves: monitor/linux/sockets.py; their calls are in calls_net.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from monitor.linux.mm import LinuxError
 from monitor.linux.process import ProcessState
 
 AF_UNIX, SOCK_STREAM, SOCK_TYPE_MASK = 1, 1, 0xF
+POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP = 1, 2, 4, 8, 0x10
 SOCK_NONBLOCK, SOCK_CLOEXEC = 0o4000, 0o2000000
-MSG_DONTWAIT = 0x40
 EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD = 1, 2, 3
 FIONBIO = 0x5421
 _EVENT = struct.Struct("<IQ")  # struct epoll_event is packed on x86-64
@@ -36,62 +37,6 @@ class EventCalls(ProcessState):
         second = self.fds.install(fdt.SocketEnd(flags, b, a), cloexec)
         self.space.write(sv, struct.pack("<ii", first, second))
         return 0
-
-    def _socket(self, fd: int) -> fdt.SocketEnd:
-        file = self.fds.get(fd)
-        if not isinstance(file, fdt.SocketEnd):
-            raise LinuxError(errno.ENOTSOCK)
-        return file
-
-    def sys_sendto(self, fd: int, buf: int, length: int, flags: int, *_: int) -> int:
-        sock = self._socket(fd)
-        saved = sock.flags
-        if flags & MSG_DONTWAIT:
-            sock.flags |= fdt.O_NONBLOCK
-        try:
-            return sock.write(self.space.read(buf, min(length, 1 << 20)))
-        finally:
-            sock.flags = saved
-
-    def sys_recvfrom(self, fd: int, buf: int, length: int, flags: int, addr: int, addrlen: int) -> int:
-        sock = self._socket(fd)
-        saved = sock.flags
-        if flags & MSG_DONTWAIT:
-            sock.flags |= fdt.O_NONBLOCK
-        try:
-            data = sock.read(min(length, 1 << 20))
-        finally:
-            sock.flags = saved
-        self.space.write(buf, data)
-        if addr and addrlen:
-            self.space.write(addrlen, struct.pack("<I", 0))
-        return len(data)
-
-    def sys_shutdown(self, fd: int, how: int, *_: int) -> int:
-        sock = self._socket(fd)
-        if how in (1, 2):  # SHUT_WR, SHUT_RDWR
-            sock.shutdown_write()
-        return 0
-
-    def sys_setsockopt(self, fd: int, *_: int) -> int:
-        self._socket(fd)
-        return 0
-
-    def sys_getsockopt(self, fd: int, level: int, name: int, value: int, length: int, *_: int) -> int:
-        self._socket(fd)
-        if value and length:
-            self.space.write(value, struct.pack("<i", 0))
-            self.space.write(length, struct.pack("<I", 4))
-        return 0
-
-    def sys_getsockname(self, fd: int, addr: int, length: int, *_: int) -> int:
-        self._socket(fd)
-        if addr and length:
-            self.space.write(addr, struct.pack("<H", AF_UNIX))
-            self.space.write(length, struct.pack("<I", 2))
-        return 0
-
-    sys_getpeername = sys_getsockname
 
     # ----- epoll ---------------------------------------------------------------------------------------
 
@@ -154,3 +99,82 @@ class EventCalls(ProcessState):
 
     def sys_epoll_pwait(self, epfd: int, events: int, maxevents: int, timeout: int, *_: int) -> int:
         return self.sys_epoll_wait(epfd, events, maxevents, timeout)
+
+    # ----- eventfd -------------------------------------------------------------------------------------
+
+    def sys_eventfd2(self, initval: int, flags: int, *_: int) -> int:
+        if flags & ~(fdt.O_NONBLOCK | fdt.O_CLOEXEC | fdt.EventFd.SEMAPHORE):
+            raise LinuxError(errno.EINVAL)
+        file = fdt.EventFd(flags, initval & 0xFFFFFFFF, bool(flags & fdt.EventFd.SEMAPHORE))
+        return self.fds.install(file, cloexec=bool(flags & fdt.O_CLOEXEC))
+
+    def sys_eventfd(self, initval: int, *_: int) -> int:
+        return self.sys_eventfd2(initval, 0)
+
+    # ----- select ---------------------------------------------------------------------------------------
+
+    def sys_select(
+        self, nfds: int, readfds: int, writefds: int, exceptfds: int, timeout: int, *_: int
+    ) -> int:
+        timeout_ns = None
+        if timeout:
+            sec, usec = struct.unpack("<qq", self.space.read(timeout, 16))
+            if sec < 0 or not 0 <= usec < 1_000_000:
+                raise LinuxError(errno.EINVAL)
+            timeout_ns = sec * 1_000_000_000 + usec * 1000
+        return self._select(nfds, readfds, writefds, exceptfds, timeout_ns, timeout)
+
+    def sys_pselect6(
+        self, nfds: int, readfds: int, writefds: int, exceptfds: int, timeout: int, *_: int
+    ) -> int:
+        timeout_ns = None
+        if timeout:
+            sec, nsec = struct.unpack("<qq", self.space.read(timeout, 16))
+            if sec < 0 or not 0 <= nsec < 1_000_000_000:
+                raise LinuxError(errno.EINVAL)
+            timeout_ns = sec * 1_000_000_000 + nsec
+        return self._select(nfds, readfds, writefds, exceptfds, timeout_ns, timeout)
+
+    def _select(
+        self, nfds: int, sets: int, writes: int, excepts: int, timeout_ns: int | None, timeout: int
+    ) -> int:
+        """select on poll's readiness. A call that must wait is run again when a file is ready; one with
+        a timeout has its timeout zeroed first (Linux too writes back the time left), so the call run
+        again at the deadline returns at once with what is ready then (nothing: all sets cleared)."""
+        if not 0 <= nfds <= fdt.MAX_FDS:
+            raise LinuxError(errno.EINVAL)
+        size = (nfds + 63) // 64 * 8
+        masks = [
+            int.from_bytes(self.space.read(addr, size), "little") if addr and size else 0
+            for addr in (sets, writes, excepts)
+        ]
+        out = [0, 0, 0]
+        watched: list[tuple[fdt.OpenFile, int]] = []
+        for fd in range(nfds):
+            bit = 1 << fd
+            wanted = (POLLIN if masks[0] & bit else 0) | (POLLOUT if masks[1] & bit else 0)
+            wanted |= POLLPRI if masks[2] & bit else 0
+            if not wanted:
+                continue
+            if fd not in self.fds.fds:
+                raise LinuxError(errno.EBADF)
+            file = self.fds.get(fd)
+            got = poll_events(file, wanted)
+            watched.append((file, wanted))
+            if masks[0] & bit and got & (POLLIN | POLLHUP | POLLERR):
+                out[0] |= bit
+            if masks[1] & bit and got & (POLLOUT | POLLERR):
+                out[1] |= bit
+            if masks[2] & bit and got & POLLPRI:
+                out[2] |= bit
+        count = sum(bin(m).count("1") for m in out)
+        if count or timeout_ns == 0:
+            for addr, mask in zip((sets, writes, excepts), out):
+                if addr and size:
+                    self.space.write(addr, mask.to_bytes(size, "little"))
+            return count
+        if timeout_ns is not None:
+            deadline = self.now_ns(time.CLOCK_MONOTONIC) + timeout_ns
+            self.space.write(timeout, bytes(16))  # run again at the deadline: it returns at once then
+            raise fdt.WouldBlock(("poll", watched, deadline, "rerun"))
+        raise fdt.WouldBlock(("poll", watched, None))

@@ -39,6 +39,9 @@ _STATFS = struct.Struct("<qqqqqqqiiqqq32x")
 
 def poll_events(file: fdt.OpenFile, events: int) -> int:
     """What poll reports for a file now. Only pipes ever wait; everything else is always ready."""
+    own = file.poll_mask(events)  # sockets, eventfds (monitor/linux/sockets.py, fdtable.py)
+    if own is not None:
+        return own
     if isinstance(file, fdt.SocketEnd):
         return poll_events(file.rx, events & ~POLLOUT) | (poll_events(file.tx, events & ~POLLIN) & ~POLLHUP)
     if isinstance(file, fdt.PipeEnd):

@@ -348,11 +348,6 @@ class ProcessCalls(ProcessState):
     def sys_waitid(self, *_: int) -> int:
         raise LinuxError(errno.ECHILD)  # waitid: not yet (wait4 is)
 
-    # ----- the network: not yet ------------------------------------------------------------------
-
-    def sys_socket(self, *_: int) -> int:
-        raise LinuxError(errno.EACCES)  # no network for Linux guests yet (glibc's nscd probe lands here)
-
     # ----- the end ---------------------------------------------------------------------------------
 
     def sys_exit_group(self, status: int, *_: int) -> int:

@@ -31,6 +31,7 @@ from monitor.memory import PAGE_SIZE
 
 if TYPE_CHECKING:
     from monitor.linux.kernel import LinuxProcess
+    from monitor.linux.sockets import NetStack
 
 log = logging.getLogger("monitor.linux.personality")
 
@@ -54,6 +55,7 @@ class PersonalityCore:
     syscalls: SyscallTable
     table: ProcessTable
     fatal: FatalSignal | None
+    net: NetStack
     _machine: Machine | None
     _host: Host
     _vcpu: VcpuFd
@@ -109,4 +111,13 @@ class PersonalityCore:
         raise NotImplementedError
 
     def _deliver_pending(self) -> None:
+        raise NotImplementedError
+
+    def _wake_ready(self) -> None:
+        raise NotImplementedError
+
+    def _expire_deadlines(self) -> None:
+        raise NotImplementedError
+
+    def _wait_for_news(self) -> Thread:
         raise NotImplementedError

@@ -141,6 +141,11 @@ class OpenFile:
     def sync(self) -> None:
         pass
 
+    def poll_mask(self, events: int) -> int | None:
+        """What poll reports for this file now, or None: calls_fs.poll_events decides (pipes wait,
+        everything else is always ready). Sockets and eventfds answer themselves."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -527,3 +532,48 @@ class EpollFile(OpenFile):
 
     def describe(self) -> tuple[object, ...]:
         return (self.kind, sorted((fd, ev, data) for fd, (ev, data, _f) in self.interest.items()))
+
+
+class EventFd(OpenFile):
+    """eventfd2: a 64-bit counter that write adds to and read takes (or, with EFD_SEMAPHORE, takes one)."""
+
+    kind = "eventfd"
+    SEMAPHORE = 1
+
+    def __init__(self, flags: int, count: int, semaphore: bool) -> None:
+        super().__init__("anon_inode:[eventfd]", (flags & O_NONBLOCK) | O_RDWR)
+        self.count = count
+        self.semaphore = semaphore
+
+    def read(self, n: int) -> bytes:
+        if n < 8:
+            raise LinuxError(errno.EINVAL)
+        if not self.count:
+            if self.flags & O_NONBLOCK:
+                raise LinuxError(errno.EAGAIN)
+            raise WouldBlock(("poll", [(self, 1)], None))  # POLLIN: runs again when counted up
+        value = 1 if self.semaphore else self.count
+        self.count -= value
+        return struct.pack("<Q", value)
+
+    def write(self, data: bytes) -> int:
+        if len(data) < 8:
+            raise LinuxError(errno.EINVAL)
+        value = struct.unpack_from("<Q", data)[0]
+        if value == (1 << 64) - 1:
+            raise LinuxError(errno.EINVAL)
+        if self.count + value >= (1 << 64) - 1:
+            if self.flags & O_NONBLOCK:
+                raise LinuxError(errno.EAGAIN)
+            raise WouldBlock(("poll", [(self, 4)], None))  # POLLOUT
+        self.count += value
+        return 8
+
+    def poll_mask(self, events: int) -> int | None:
+        return (events & 1 if self.count else 0) | (events & 4 if self.count < (1 << 64) - 2 else 0)
+
+    def stat(self) -> StatInfo:
+        return StatInfo(dev=PIPE_DEV, ino=10, mode=0o600)
+
+    def describe(self) -> tuple[object, ...]:
+        return (self.kind, self.flags, self.count, self.semaphore)

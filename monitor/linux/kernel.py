@@ -9,12 +9,13 @@ from typing import Callable
 from monitor.linux.calls_events import EventCalls
 from monitor.linux.calls_fs import FileCalls
 from monitor.linux.calls_mm import MemoryCalls
+from monitor.linux.calls_net import NetCalls
 from monitor.linux.calls_proc import ProcessCalls
 from monitor.linux.calls_thread import ThreadCalls
 from monitor.linux.fs import Synthetic
 
 
-class LinuxProcess(ThreadCalls, EventCalls, FileCalls, MemoryCalls, ProcessCalls):
+class LinuxProcess(ThreadCalls, EventCalls, NetCalls, FileCalls, MemoryCalls, ProcessCalls):
     """The process: its state (ProcessState) with every system call mixed in, and its /proc."""
 
     def proc_entry(self, parts: list[str]) -> Synthetic | None:

@@ -70,6 +70,8 @@ from monitor.linux.control import ProcessControl
 from monitor.linux.delivery import SignalDelivery
 from monitor.linux.kernel import LinuxProcess
 from monitor.linux.switching import ThreadSwitching
+from monitor.linux.netwait import NetworkWaiting
+from monitor.linux.sockets import NetStack
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,9 @@ class LinuxConfig:
     mem_mib: int = 512
     hang_timeout_s: float = 60.0
     stdin_fd: int | None = None  # host descriptor the console reads from (None: end of input)
+    # What the identity says of the root instead of its host path: the name a node knows a prepared root
+    # by (the pair's nodes keep it at different paths; replica/guest_kind.py). None: the path.
+    root_name: str | None = None
 
 
 def identity(program_data: bytes, config: LinuxConfig) -> bytes:
@@ -100,12 +105,16 @@ def identity(program_data: bytes, config: LinuxConfig) -> bytes:
     h = hashlib.sha256(program_data).hexdigest()
     cpu = f"cpuid:{cpuid_trap.table_hash()}"
     spec = "\0".join(
-        [h, config.program, *config.argv, "--", *config.env, config.cwd, config.root or "<host view>", cpu]
+        [h, config.program, *config.argv, "--", *config.env, config.cwd, _root_label(config), cpu]
     )
     return b"vmft-linux\0" + spec.encode()
 
 
-class LinuxPersonality(ProcessControl, ThreadSwitching, SignalDelivery, PersonalityCore):
+def _root_label(config: LinuxConfig) -> str:
+    return config.root_name or config.root or "<host view>"
+
+
+class LinuxPersonality(ProcessControl, NetworkWaiting, ThreadSwitching, SignalDelivery, PersonalityCore):
     """The Linux kernel a Machine's guest sees: a component of the machine (monitor/component.py).
 
     It plugs into a machine built by monitor/builder.py (with boot=False) with a small surface: two
@@ -142,6 +151,7 @@ class LinuxPersonality(ProcessControl, ThreadSwitching, SignalDelivery, Personal
         self.cpuid_count = 0
         self._machine: Machine | None = None
         self._random_at = 0
+        self.net = NetStack()  # the guest's sockets, served at the VM's service address
 
     # ----- attaching to a machine ----------------------------------------------------------------------
 
@@ -158,7 +168,10 @@ class LinuxPersonality(ProcessControl, ThreadSwitching, SignalDelivery, Personal
             execve=self._execve,
             wait_child=self._wait_child,
             signal_process=self._signal_process,
+            net=self.net,
         )
+        self.net.attach(machine)
+        self.net.sigpipe = lambda: self.process._signal_self(Sig.SIGPIPE)
         self.process = LinuxProcess(
             space, self.fs, self._host, ProgramInfo(self.program_path, self.config.argv, self.config.env)
         )
@@ -263,6 +276,8 @@ class LinuxPersonality(ProcessControl, ThreadSwitching, SignalDelivery, Personal
         if rip != boot.SYSCALL_RETURN_RIP:
             self._end(ProcessExit(128 + Sig.SIGSEGV, FatalSignal(Sig.SIGSEGV, f"port I/O at {rip - 2:#x}")))
         self.syscall_count += 1
+        if self.net.active:
+            self.net.poll_news()  # connections, bytes and closes the host queued become the guest's here
         try:
             result = self.syscalls.call(rax, rdi, rsi, rdx, r10, r8, r9)
         except ProcessExit as end:
@@ -378,6 +393,7 @@ class LinuxPersonality(ProcessControl, ThreadSwitching, SignalDelivery, Personal
         parts = [self.processes[pid].digest() for pid in sorted(self.processes)]
         return (
             b"".join(parts)
+            + self.net.describe()
             + repr(
                 (self.table.zombies, sorted((k, sorted(v)) for k, v in self.table.children.items()))
             ).encode()
@@ -396,6 +412,7 @@ class LinuxPersonality(ProcessControl, ThreadSwitching, SignalDelivery, Personal
         self._cpu_fs_base = msg.fs_base  # the vCPU's MSRs come back with the checkpoint
 
     def close(self) -> None:
+        self.net.detached = True  # the VM is gone: closing its sockets is no output
         for process in self.processes.values():
             process.fds.close_all()
 

@@ -43,6 +43,7 @@ class Host:
     execve: Callable[[str, list[str], list[str]], None]
     wait_child: Callable[[int, int], tuple[int, int]]  # (pid or -1, options) -> (pid, wait status)
     signal_process: Callable[[int, int], None]  # (pid, signal) to another process
+    net: object = None  # the guest's sockets (monitor/linux/sockets.py NetStack), shared by its processes
 
 
 @dataclass

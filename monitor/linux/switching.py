@@ -144,6 +144,8 @@ class ThreadSwitching(PersonalityCore):
     def _wait_for_deadline(self) -> Thread:
         """No thread can run: sleep until the earliest deadline (live), or end a deadlock."""
         sched = self.process.sched
+        if self.net.active:  # a listening guest: the network may wake a thread (netwait.py)
+            return self._wait_for_news()
         if not sched.deadlines():
             waiting = ", ".join(f"{t.tid}" for t in sched.threads.values())
             raise_exit = ProcessExit(

@@ -59,6 +59,12 @@ class Thread:
     restart: int = -1  # a system call to run again when it resumes (it blocked), else -1
 
 
+def _tail(target: object) -> tuple[object, ...]:
+    """A poll wait's target past (kind, files, deadline): "rerun" runs the call again at its deadline
+    (select: its timeout was zeroed, so it returns at once with its sets cleared)."""
+    return target[3:] if isinstance(target, tuple) else ()
+
+
 @dataclass
 class Scheduler:
     threads: dict[int, Thread] = field(default_factory=dict)
@@ -167,7 +173,7 @@ class Scheduler:
             wait = thread.wait
             if wait is not None and wait.deadline_ns is not None and wait.clock in now:
                 if now[wait.clock] >= wait.deadline_ns:
-                    if wait.kind == "poll":
+                    if wait.kind == "poll" and "rerun" not in _tail(wait.target):
                         thread.restart = -1  # poll's timeout: it returns 0 instead of running again
                     self._make_runnable(thread, -errno.ETIMEDOUT if wait.kind == "futex" else 0)
 

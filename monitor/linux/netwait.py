@@ -1,0 +1,71 @@
+"""Waiting for the network: when every thread of a listening guest waits, the vCPU sleeps until the host
+has news (a connection, bytes, a close), a deadline passes, or the machine is asked to pause or stop.
+
+Each wake is an EVENTS event whose value says why (so a replay, which never sleeps, takes the same
+steps): news (a NET_RX event follows with the messages), time (deadlines are checked again: clock
+events), or a control request (the thread that blocked last is made to run its call again, so the
+vCPU reaches the end of this exit and can park for a checkpoint or stop; the call then blocks again).
+"""
+
+from __future__ import annotations
+
+import time
+
+from monitor.journal import EventKind
+from monitor.linux.calls_proc import CLOCKS
+from monitor.linux.core import PersonalityCore
+from monitor.linux.threads import Thread
+
+WOKE_TIME, WOKE_NEWS, WOKE_CONTROL = 0, 1, 2
+_MAX_SLEEP_S = 0.25  # longest one sleep lasts before control requests are looked at again
+
+
+class NetworkWaiting(PersonalityCore):
+    def _wait_for_news(self) -> Thread:
+        sched = self.process.sched
+        journal = self.machine.journal
+        while True:
+            self._wake_ready()
+            self._expire_deadlines()
+            picked = sched.pick()
+            if picked is not None:
+                return picked
+            why = journal.value(EventKind.EVENTS, self._sleep_for_news)
+            if why == WOKE_NEWS:
+                self.net.take(journal)
+            elif why == WOKE_CONTROL:
+                blocked = sched.threads.get(sched.current) or sched.waiting()[0]
+                sched.make_runnable(blocked, 0)  # its call runs again (restart is kept)
+                picked = sched.pick()
+                assert picked is not None
+                return picked
+
+    def _sleep_for_news(self) -> int:
+        """Live (not replaying): sleep until news, a deadline or a control request; say which."""
+        machine = self.machine
+        backend = machine.net_backend
+        sched = self.process.sched
+        while True:
+            if machine._control is not None:
+                return WOKE_CONTROL
+            if backend.has_news():
+                return WOKE_NEWS
+            timeout = _MAX_SLEEP_S
+            deadlines = sched.deadlines()
+            if deadlines:
+                # The host's clock directly: only the outcome (time is up) is an event.
+                left = min(deadline - time.clock_gettime_ns(CLOCKS[clock]) for clock, deadline in deadlines)
+                if left <= 0:
+                    return WOKE_TIME
+                timeout = min(timeout, left / 1e9)
+            machine.journal.idle()  # recording: what came before can go to the backup now
+            with machine._wake_cond:
+                if not machine._news and not backend.has_news() and machine._control is None:
+                    machine._blocked = True  # waiting for clients is not a hang
+                    try:
+                        machine._wake_cond.wait(timeout)
+                    finally:
+                        machine._blocked = False
+                machine._news = False
+            if deadlines and not backend.has_news():
+                return WOKE_TIME
