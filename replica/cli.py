@@ -343,6 +343,49 @@ def cmd_reprotect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """`vmft migrate VM --to NODE`: the primary's node moves the primary there (replica/migration.py)."""
+    import json
+
+    import grpc
+
+    from proto import vmft_pb2, vmft_pb2_grpc
+    from replica import node_client
+
+    auth = node_client.from_args(args)
+    primary = None
+    for address in args.node:  # the node that runs the VM's primary now
+        with auth.channel(address) as channel:
+            try:
+                status = vmft_pb2_grpc.NodeStub(channel).Status(vmft_pb2.StatusRequest(), timeout=5)
+            except grpc.RpcError:
+                continue
+        if any(vm.name == args.vm and vm.role == vmft_pb2.ROLE_PRIMARY for vm in status.vms):
+            primary = address
+            break
+    if primary is None:
+        print(f"vmft migrate: no node of {', '.join(args.node)} runs {args.vm}'s primary", file=sys.stderr)
+        return 1
+    request = vmft_pb2.MigrateRequest(
+        name=args.vm, target_node=args.to, target_service=args.service or "",
+        next_backup_node=args.next_backup or "", next_backup_service=args.next_backup_service or "",
+    )  # fmt: skip
+    reply = _node_call(args, primary, "Migrate", request, 300, "vmft migrate")
+    if reply is None:
+        return 1
+    if args.json:
+        print(json.dumps({
+            "name": reply.name, "from": primary, "to": reply.target_node, "generation": reply.generation,
+            "position": reply.position, "total_s": reply.total_s, "seed_s": reply.seed_s,
+            "catch_up_s": reply.catch_up_s, "switch_ms": reply.switch_ms,
+            "next_backup": reply.next_backup_node, "message": reply.message,
+        }, sort_keys=True))  # fmt: skip
+    else:
+        print(reply.message)
+        print(f"total {reply.total_s:.2f} s (seed {reply.seed_s:.2f} s, catch-up {reply.catch_up_s:.2f} s)")
+    return 0
+
+
 def cmd_fault(args: argparse.Namespace) -> int:
     from replica import node_client
     from replica.faults import Fault, FaultError, inject
@@ -497,6 +540,25 @@ def _add_pair_parsers(sub: Subparsers) -> None:
     )
     node_client.add_arguments(reprotect)
     reprotect.set_defaults(func=cmd_reprotect)
+
+    migrate = sub.add_parser("migrate", help="move a VM's primary to another node (a planned switch)")
+    migrate.add_argument("vm", help="the VM's name")
+    migrate.add_argument("--to", required=True, metavar="ADDR", help="node daemon to run the primary")
+    migrate.add_argument(
+        "--node", action="append", required=True, metavar="ADDR",
+        help="node daemons that may run the primary now (repeat; the one that does is asked)",
+    )  # fmt: skip
+    migrate.add_argument(
+        "--service", metavar="HOST:PORT", help="where the target serves (needed unless it is the backup)"
+    )
+    migrate.add_argument(
+        "--next-backup", metavar="ADDR", help="the backup after migration (default: the old backup "
+        "if it is not the target, else the old primary's node)",
+    )  # fmt: skip
+    migrate.add_argument("--next-backup-service", metavar="HOST:PORT", help="where that backup serves")
+    migrate.add_argument("--json", action="store_true", help="print the outcome and its timings as JSON")
+    node_client.add_arguments(migrate)
+    migrate.set_defaults(func=cmd_migrate)
 
     status = sub.add_parser("status", help="show every VM of the given nodes")
     status.add_argument("--node", action="append", metavar="ADDR", help="a node daemon (repeat)")

@@ -30,7 +30,7 @@ from monitor.loader import ImageError
 from monitor.machine import install_kick_handler
 from monitor.record import LogError
 from proto import vmft_pb2, vmft_pb2_grpc
-from replica import authz, confine, tls
+from replica import authz, confine, migration, tls
 from replica.arbiter import Arbiter, SqliteArbiter
 from replica.membership import Membership
 from replica.backup import BackupVm
@@ -467,6 +467,33 @@ class NodeServicer(vmft_pb2_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
             raise
         return vm.status()
+
+    async def Migrate(  # noqa: N802
+        self, request: vmft_pb2.MigrateRequest, context: grpc.aio.ServicerContext
+    ) -> vmft_pb2.MigrateReply:
+        await authz.require_admin(context)
+        await _valid_name(context, request.name)
+        try:
+            return await migration.migrate(self.node, request)
+        except VmftError as err:
+            log.warning("migration of %s failed: %s", request.name, err)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+            raise
+
+    async def Handover(  # noqa: N802
+        self, request: vmft_pb2.HandoverRequest, context: grpc.aio.ServicerContext
+    ) -> vmft_pb2.HandoverReply:
+        await _valid_name(context, request.name)
+        # Only the VM's current primary (its node certificate, per the arbiter) may hand it over.
+        await authz.require_primary_of(context, self.node.arbiter, request.name)
+        try:
+            return await migration.take_over(self.node, request)
+        except migration.HandoverRefused as err:  # nothing claimed: the primary may go on
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+            raise
+        except VmftError as err:  # after the claim: the arbiter settles who serves
+            await context.abort(grpc.StatusCode.ABORTED, str(err))
+            raise
 
     async def InjectFault(  # noqa: N802
         self, request: vmft_pb2.FaultRequest, context: grpc.aio.ServicerContext

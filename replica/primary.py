@@ -5,8 +5,10 @@ new one from a live checkpoint, and restart the guest from a checkpoint after a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -67,6 +69,9 @@ class PrimaryVm:
         self._replay_target = 0  # the last restart replayed the log up to here
         self._retained_from = retained_from  # the sink's retained log covers every position after this one
         self._tasks: list[asyncio.Task[None]] = []
+        self.handed_over = False  # a planned switch gave the guest to another node (replica/migration.py)
+        # Where automatic re-protection goes (replica/placement.py; None: the pair's other node, always).
+        self.choose_backup: Callable[[PrimaryVm], Awaitable[tuple[str, str] | None]] | None = None
 
     @classmethod
     def new(
@@ -284,15 +289,64 @@ class PrimaryVm:
                 return
             if not self.standing.is_(State.RUNNING_UNPROTECTED) or not self.backup_node:
                 continue
+            target = (self.backup_node, self.backup_service)
+            if self.choose_backup is not None:  # on etcd: the pair's node if live, else another member
+                chosen = await self.choose_backup(self)
+                if chosen is None:
+                    continue
+                target = chosen
             try:
-                await self.reprotect(self.backup_node, self.backup_service)
+                await self.reprotect(*target)
             except ReplicationRefused as err:
                 log.info(
                     "%s: automatic re-protection onto %s not yet possible: %s",
                     self.name,
-                    self.backup_node,
+                    target[0],
                     err,
                 )
+
+    # ----- a planned switch (replica/migration.py) ------------------------------------------------
+
+    async def release_backup(self, why: str) -> bool:
+        """Let the backup go on purpose: claim the next generation first (the backup, seeing its stream
+        end, then loses its own claim and stops), then close the link and run alone. False if another
+        node holds that generation (this primary is fenced and stops)."""
+        core, standing, link = self.core, self.standing, self.link
+        if not standing.is_(State.RUNNING) or link is None:
+            raise ReplicationRefused(f"{self.name} has no backup to release ({standing.state.value})")
+        self.link = None  # its acks no longer count, and its end is no loss (_backup_lost)
+        generation = standing.generation + 1
+        owner = await claim_or_owner(core.arbiter, self.name, generation, core.settings.node_id)
+        await link.close()
+        if owner is not None:
+            if not standing.is_(State.FENCED, State.STOPPED):
+                standing.to(State.FENCED, f"generation {generation} belongs to {owner}: stopping")
+            await self.stop()
+            return False
+        standing.generation = generation
+        if standing.is_(State.RUNNING):  # (a guest fault meanwhile: the restart goes on alone)
+            assert core.sink is not None
+            standing.run_alone(core.sink)
+            message = f"backup released ({why}); alone in generation {generation}"
+            standing.to(State.RUNNING_UNPROTECTED, message)
+        return True
+
+    @contextlib.asynccontextmanager
+    async def parked(self) -> AsyncIterator[int]:
+        """The vCPU parked at a synchronous exit (no checkpoint beside it) with the log up to there handed
+        to the stream: yields that position. On leaving, the vCPU runs on unless `handed_over` was set
+        meanwhile (the guest lives on another node from that position)."""
+        machine, journal = self.core.machine, self.core.journal
+        assert machine is not None and journal is not None
+        async with self._checkpoint_lock:
+            await asyncio.to_thread(machine.pause)
+            try:
+                position = machine.position
+                journal.flush(position)
+                yield position
+            finally:
+                if not self.handed_over:
+                    machine.resume()
 
     # ----- replication ---------------------------------------------------------------------------
 
