@@ -9,20 +9,20 @@ import logging
 import time
 from typing import Callable
 
-from monitor import builder
 from monitor.checkpoint import Loading, RecordStream, RestoreStats
+from monitor.linux.manifest import RootMismatch
 from monitor.loader import GuestImage
 from monitor.machine import Machine
 from monitor.record import QueueSource, ReplayJournal, check_header
 from proto import vmft_pb2
 from replica.arbiter import Arbiter, claim_or_owner
-from replica.roles import Role, Standing, State
+from replica.guest_kind import Guest, close_machine
+from replica.roles import TERMINAL, Role, Standing, State
 from replica.vm_common import (
     cancel_other_tasks,
     spawn,
     NodeSettings,
-    load_spec_image,
-    machine_config,
+    ReplicationRefused,
 )
 from replica.vm_core import GoLive, VmCore
 
@@ -34,7 +34,10 @@ class BackupVm:
         self, settings: NodeSettings, arbiter: Arbiter, hello: vmft_pb2.Hello, disk: str | None
     ) -> None:
         standing = Standing(Role.BACKUP, hello.generation)
-        self.core = VmCore(settings, arbiter, hello.spec, hello.backup_service, disk, standing)
+        self.guest = Guest(hello.spec, settings.data_dir, disk)  # ImageError, GuestSpecError, ...
+        self.core = VmCore(
+            settings, arbiter, hello.spec, hello.backup_service, disk, standing, guest=self.guest
+        )
         self.standing = standing
         self.hello = hello
         self.spec = hello.spec
@@ -52,41 +55,40 @@ class BackupVm:
         return self._go_live.position
 
     def check(self) -> GuestImage:
-        """Raise if the pair cannot work here (other image, memory size, CPUID)."""
-        image = load_spec_image(self.spec)
-        mem_size = machine_config(self.spec, self.core.disk).mem_size
-        check_header(self.hello.header, image, mem_size, what="the primary's log")
+        """Raise if the pair cannot work here (other image or Linux program, memory size, CPUID)."""
+        image = self.guest.image
+        check_header(self.hello.header, image, self.guest.mem_size, what="the primary's log")
         return image
 
     def start(self) -> None:
         """Boot the VM and start replaying the log from position 0."""
-        image = self.check()
+        self.check()
         journal = self._replay_journal(self.hello.header.start_position)
-        machine = builder.build(machine_config(self.spec, self.core.disk), journal=journal, image=image)
-        self._run(machine)
+        self._run(self.guest.build_machine(journal))
 
     async def start_from_checkpoint(self) -> RestoreStats:
         """Build the VM from the checkpoint records received so far (the last is the manifest), then
         replay the log from the checkpoint's position."""
-        image = self.check()
+        self.check()
         records = self.checkpoint_records
         self.checkpoint_records = []
         machine, stats = await asyncio.to_thread(
-            builder.restore,
+            self.guest.restore_machine,
             RecordStream(records, what=f"checkpoint from {self.primary_node}"),
             journal=self._replay_journal,
-            image=image,
-            mem_size=machine_config(self.spec, self.core.disk).mem_size,
-            disk=self.core.disk,
-            hang_timeout_s=self.spec.hang_timeout_s or None,
             loading=Loading.LAZY,  # the new backup acknowledges and replays at once
         )
+        try:
+            self.guest.check_restored(machine)  # before any replay: the root files its program read
+        except RootMismatch as err:
+            close_machine(machine)
+            raise ReplicationRefused(f"refused: {err}") from err
         self.standing.received = machine.position
         self._run(machine)
         return stats
 
     def _replay_journal(self, position: int) -> ReplayJournal:
-        journal = ReplayJournal(self.source, start_position=position)
+        journal = self.guest.replay_journal(self.source, position, keep_console=True)
         journal.promote = self._go_live.on_vcpu
         return journal
 
@@ -98,9 +100,22 @@ class BackupVm:
 
     def following(self) -> bool:
         """Still taking the primary's log (not gone live, not stopped)."""
-        return self.standing.role is Role.BACKUP and self.core.result is None
+        return (
+            self.standing.role is Role.BACKUP
+            and self.core.result is None
+            and self.standing.state not in TERMINAL
+        )
 
     def on_batch(self, batch: vmft_pb2.EventBatch, size: int) -> None:
+        if not self.following():
+            return  # refused (below): nothing more is replayed
+        try:
+            self.guest.check_batch(batch)  # a Linux program's root files, before they are replayed
+        except RootMismatch as err:
+            self.standing.to(State.FAILED, f"refused: {err}")
+            log.error("%s: %s", self.name, self.standing.message)
+            spawn(self._tasks, self.stop(), "stop")  # the stream ends: the primary runs alone
+            return
         self.source.put(batch)
         self.standing.received = max(self.standing.received, batch.horizon, batch.end_position)
         self.core.meter.add(size)

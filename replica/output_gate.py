@@ -27,6 +27,9 @@ class OutputGate:
         self.unprotected = False  # the arbiter confirmed this primary alone: release at once
         self.released = 0
         self.released_position = 0  # position of the newest network output made visible (clients saw it)
+        # A Linux program's stdout and stderr are what its users see (replica/guest_kind.py): then console
+        # output counts for the replay target too.
+        self.console_is_output = False
 
     def hold(self, kind: OutputKind, data: bytes, position: int) -> None:
         with self._lock:
@@ -65,9 +68,9 @@ class OutputGate:
             hops.hop("release", position)
 
     def _note(self, kind: OutputKind, position: int) -> None:
-        # Console lines are diagnostics (a guest announcing its own crash among them): the replay target
-        # of a restart is what the service's clients saw.
-        if kind is OutputKind.NET:
+        # A platform guest's console lines are diagnostics (a guest announcing its own crash among them):
+        # the replay target of a restart is what the service's clients saw.
+        if kind is OutputKind.NET or (kind is OutputKind.CONSOLE and self.console_is_output):
             self.released_position = position
 
     @property

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import grpc
 
-from monitor import builder
 from monitor.checkpoint import CheckpointError, Checkpointer, CheckpointStats, CheckpointStore, Loading
 from monitor.errors import PeerError
 from monitor.loader import ImageError
@@ -25,6 +24,7 @@ from monitor.restart import NODE_POLICY, FaultRestarter
 from proto import vmft_pb2
 from replica.arbiter import Arbiter, claim_or_owner
 from replica.backup import BackupVm
+from replica.guest_kind import Guest, close_machine
 from replica.relay import Relay
 from replica.replication import BackupLink
 from replica.roles import Role, Standing, State
@@ -35,8 +35,6 @@ from replica.vm_common import (
     PROTOCOL_VERSION,
     NodeSettings,
     ReplicationRefused,
-    load_spec_image,
-    machine_config,
 )
 from replica.vm_core import GoLive, VmCore, record_journal
 
@@ -58,9 +56,8 @@ class PrimaryVm:
         self._checkpointer: Checkpointer | None = None  # re-protection's live checkpoints
         self._periodic: Checkpointer | None = None
         self._store = CheckpointStore(core.settings.data_dir / "checkpoints" / core.name)
-        self._restarter = FaultRestarter(
-            NODE_POLICY, self._store, machine_config(core.spec, core.disk).hang_timeout_s
-        )
+        assert core.guest is not None
+        self._restarter = FaultRestarter(NODE_POLICY, self._store, core.guest.hang_timeout_s)
         # One checkpoint at a time (periodic, or re-protection's live one: both use the dirty-page log); a
         # restart waits for the one in flight. Readers (status, metrics, the log stream) take no lock: on
         # the one event loop they read between awaits, and they must answer while a restart or a
@@ -85,7 +82,8 @@ class PrimaryVm:
         backup_service: str,
         disk: str | None,
     ) -> PrimaryVm:
-        core = VmCore(settings, arbiter, spec, service, disk, Standing(Role.PRIMARY, generation))
+        guest = Guest(spec, settings.data_dir, disk)  # ImageError, GuestSpecError, ...
+        core = VmCore(settings, arbiter, spec, service, disk, Standing(Role.PRIMARY, generation), guest=guest)
         return cls(core, backup_node, backup_service)
 
     @classmethod
@@ -103,14 +101,16 @@ class PrimaryVm:
     async def start(self) -> None:
         """Build the VM, connect to the backup (which must accept the pair), then run and serve."""
         core = self.core
-        image = load_spec_image(core.spec)
+        assert core.guest is not None
+        image = core.guest.image
         core.spec.image_sha256 = image.sha256
         core.sink = StreamSink(asyncio.get_running_loop())
         journal = record_journal(core.sink, core.settings)
-        machine = builder.build(machine_config(core.spec, core.disk), journal=journal, image=image)
+        machine = core.guest.build_machine(journal)
         core.machine = machine
         core.journal = journal
         gate = self.standing.new_gate(machine.deliver)
+        gate.console_is_output = core.guest.console_is_output
         machine.output_handler = gate.hold
         if core.settings.unsafe_release_outputs:
             log.error("%s: UNSAFE: outputs are released without the backup's acknowledgement", self.name)
@@ -405,8 +405,9 @@ class PrimaryVm:
 
     async def _watch_machine(self) -> None:
         core = self.core
-        assert core.machine is not None
-        result = await core.machine.wait()
+        machine = core.machine
+        assert machine is not None and core.guest is not None
+        result = core.guest.fault_view(machine, await machine.wait())  # a Linux SIGSEGV is a crash
         if (
             self._restarter.is_fault(result)
             and not self.standing.is_(State.FENCED)
@@ -532,27 +533,24 @@ class PrimaryVm:
         """Restore the checkpoint at `path`, replay `batches` onto it, go live (vm_core.GoLive) and serve;
         False if another node holds the next generation (this one is fenced: it must not go live)."""
         core = self.core
-        old_machine = core.machine
-        assert old_machine is not None
+        old_machine, guest = core.machine, core.guest
+        assert old_machine is not None and guest is not None
         go_live = GoLive(core, retained=list(batches))
 
         def make_journal(position: int) -> ReplayJournal:
-            replay = ReplayJournal(
-                IteratorSource(iter(batches), what="the retained log"), start_position=position
-            )
+            # (Its console output is already in this node's console log: it replays only what went out.)
+            source = IteratorSource(iter(batches), what="the retained log")
+            replay = guest.replay_journal(source, position, keep_console=False)
             replay.promote = go_live.on_vcpu
             return replay
 
+        close_machine(old_machine)  # first: a Linux guest's writable layer is made afresh from the checkpoint
         machine, stats = await asyncio.to_thread(
-            builder.restore,
+            guest.restore_machine,
             path,
             journal=make_journal,
-            image=old_machine.image,
-            disk=core.disk,
-            hang_timeout_s=core.spec.hang_timeout_s or None,
             loading=Loading.LAZY,  # the replay to the last reply starts at once
         )
-        old_machine.close()
         standing = self.standing
         generation = standing.generation + 1
         owner = await claim_or_owner(core.arbiter, self.name, generation, core.settings.node_id)
@@ -562,7 +560,7 @@ class PrimaryVm:
             standing.to(State.FENCED, f"generation {generation} belongs to {owner}: not restarting")
         if standing.is_(State.FENCED):
             log.warning("%s: %s", self.name, standing.message)
-            machine.close()
+            close_machine(machine)
             return False
         # End the old pairing's stream too: a backup that has not replayed into the fault (its last batch
         # not yet sent) would otherwise take heartbeats forever, "replaying", and block re-protection.

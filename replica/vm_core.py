@@ -21,6 +21,7 @@ from monitor.netserver import NicServer
 from monitor.record import RecordJournal
 from proto import vmft_pb2
 from replica.arbiter import Arbiter
+from replica.guest_kind import Guest
 from replica.roles import SERVING, TERMINAL, Role, Standing, State
 from replica.stream_sink import StreamSink
 from replica.vm_common import FailoverTimes, Meter, NodeSettings, stop_machine
@@ -57,6 +58,8 @@ class VmCore:
     meter: Meter = field(default_factory=Meter)
     failovers: int = 0
     faults_recovered: int = 0
+    # How this node runs the VM's guest (replica/guest_kind.py: the one place a spec becomes a machine).
+    guest: Guest | None = None
 
     @property
     def name(self) -> str:
@@ -104,6 +107,8 @@ class VmCore:
             await self.nic.close()
             self.nic = None
         await stop_machine(self.machine, self.name)
+        if self.guest is not None:
+            self.guest.remove()  # a Linux guest's writable layer is this VM's alone, on this node
 
     def stopped(self, result: MachineResult) -> None:
         """The machine ended for good: say so (a fenced VM stays fenced)."""
@@ -138,6 +143,7 @@ class GoLive:
         core.journal = record_journal(sink, core.settings, start_position=position - 1)
         # The arbiter made this node the only primary: outputs go out at once until re-protected.
         gate = core.standing.new_gate(machine.deliver)
+        gate.console_is_output = core.guest is not None and core.guest.console_is_output
         core.standing.run_alone(sink)
         machine.output_handler = gate.hold
         self.position = position - 1

@@ -1,0 +1,184 @@
+"""Linux programs as protected pairs on real node processes (replica/guest_kind.py): replicated with the
+backup's replay verifying the state hashes, failover after SIGKILL of the primary's node with the console
+output continuing, restart after a SIGSEGV, re-protection after the backup's node died, and a backup
+whose root differs refused, naming the file."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from proto import vmft_pb2, vmft_pb2_grpc
+from replica.cluster import ClusterError, LocalCluster, NodeProcess, ProtectedVm
+
+pytestmark = pytest.mark.kvm
+
+WAIT_S = 30.0
+HASH_EVERY = 20000  # NodeSettings.hash_every: the backup compares a state hash this often
+
+# A counter with time and randomness (events of the log). Each line also makes ~300 system calls, so the
+# replay passes a state-hash position every few seconds. With CRASH set, a line's random byte below 6
+# (about one in 40) makes it read address 0: a SIGSEGV at a live, nondeterministic point.
+COUNTER = """
+import ctypes, os, sys, time
+crash = len(sys.argv) > 1
+i = 0
+while True:
+    for _ in range(300):
+        os.getpid()
+    r = os.urandom(1)[0]
+    if crash and r < 6 and i > 3:
+        ctypes.string_at(0)
+    print(i, r, time.time_ns() % 1000, flush=True)
+    i += 1
+    time.sleep(0.02)
+"""
+
+
+def protect_linux(
+    cluster: LocalCluster,
+    primary: NodeProcess,
+    backup: NodeProcess | None,
+    argv: list[str],
+    name: str = "vm1",
+    root: str = "",
+    mem_mib: int = 256,
+    hang_timeout_s: float = 10.0,
+) -> ProtectedVm:
+    spec = vmft_pb2.VmSpec(name=name, mem_mib=mem_mib, hang_timeout_s=hang_timeout_s)
+    spec.linux.argv.extend(argv)
+    spec.linux.root = root
+    service = cluster.service_address(name, primary)
+    backup_service = cluster.service_address(name, backup) if backup else ""
+    request = vmft_pb2.ProtectRequest(
+        spec=spec, backup_node=backup.name if backup else "", service=service, backup_service=backup_service
+    )
+    with cluster.channel(primary) as channel:
+        try:
+            vmft_pb2_grpc.NodeStub(channel).Protect(request, timeout=60)
+        except grpc.RpcError as err:
+            raise ClusterError(f"protect failed: {err.details()}") from err
+    return ProtectedVm(name, primary, backup, service, backup_service)
+
+
+def console(node: NodeProcess, name: str = "vm1") -> bytes:
+    """What the node let out of the VM's console (a backup: what its replay produced)."""
+    path = node.data_dir / "console" / f"{name}.out"
+    return path.read_bytes() if path.exists() else b""
+
+
+def wait_lines(node: NodeProcess, lines: int, limit_s: float = WAIT_S) -> bytes:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        out = console(node)
+        if out.count(b"\n") >= lines:
+            return out
+        time.sleep(0.05)
+    raise AssertionError(
+        f"{node.name}: fewer than {lines} console lines in {limit_s} s: {console(node)[-300:]!r}"
+    )
+
+
+def wait_status(
+    cluster: LocalCluster, node: NodeProcess, what: str, check: object, limit_s: float = WAIT_S
+) -> vmft_pb2.VmStatus:
+    assert callable(check)
+    deadline = time.monotonic() + limit_s
+    status = None
+    while time.monotonic() < deadline:
+        try:
+            status = cluster.vm_status(node, "vm1", timeout=2.0)
+        except grpc.RpcError:
+            status = None
+        if status is not None and check(status):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {limit_s} s (last: {status})")
+
+
+def counter_lines(out: bytes) -> list[int]:
+    return [int(line.split()[0]) for line in out.splitlines()]
+
+
+def assert_counts_on(out: bytes) -> None:
+    """The counter's lines run 0, 1, 2, ... with none missing or repeated."""
+    counts = counter_lines(out)
+    assert counts == list(range(len(counts))), counts[:50]
+
+
+def test_a_linux_pair_replicates_and_fails_over_with_the_console_continuing(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path) as cluster:
+        a, b = cluster.add_node(), cluster.add_node()
+        protect_linux(cluster, a, b, ["/usr/bin/python3", "-c", COUNTER])
+        wait_status(cluster, a, "protected", lambda s: s.protected and s.state == vmft_pb2.VM_STATE_RUNNING)
+        # The backup replays past two state-hash positions: the hashes matched (a mismatch stops it).
+        backup = wait_status(
+            cluster, b, "replayed past two state hashes", lambda s: s.position > 2 * HASH_EVERY + 1000
+        )
+        assert backup.role == vmft_pb2.ROLE_BACKUP and backup.state == vmft_pb2.VM_STATE_REPLAYING, backup
+        seen = wait_lines(a, 15)
+        assert_counts_on(seen)
+
+        cluster.kill_node(a)
+        promoted = wait_status(cluster, b, "promoted", lambda s: s.role == vmft_pb2.ROLE_PRIMARY)
+        assert promoted.generation == 2
+        after = wait_lines(b, seen.count(b"\n") + 10)
+        # Nothing a reader of the old primary's console saw is lost: it is a prefix of the new one's.
+        assert after.startswith(seen), (seen[-200:], after[: len(seen) + 100][-300:])
+        assert_counts_on(after)
+
+
+def test_a_linux_program_that_segfaults_is_restarted_from_its_checkpoint(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path) as cluster:
+        a, b = cluster.add_node(), cluster.add_node()
+        protect_linux(cluster, a, b, ["/usr/bin/python3", "-c", COUNTER, "crash"])
+        restarted = wait_status(
+            cluster, a, "restarted after a SIGSEGV", lambda s: s.faults_recovered >= 1, 60
+        )
+        assert "SIGSEGV" in restarted.message or "crashed" in restarted.message, restarted.message
+        before = console(a).count(b"\n")
+        out = wait_lines(a, before + 5)  # it continues, and nothing it had let out is taken back
+        assert_counts_on(out)
+
+
+def test_a_linux_pair_is_reprotected_after_its_backup_node_died(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path) as cluster:
+        a, b = cluster.add_node(), cluster.add_node()
+        vm = protect_linux(cluster, a, b, ["/usr/bin/python3", "-c", COUNTER])
+        wait_status(cluster, a, "protected", lambda s: s.protected and s.state == vmft_pb2.VM_STATE_RUNNING)
+        wait_lines(a, 5)
+        cluster.kill_node(b)
+        wait_status(cluster, a, "alone", lambda s: s.state == vmft_pb2.VM_STATE_RUNNING_UNPROTECTED)
+        cluster.start_node(b)
+        status = cluster.reprotect(vm, a, b)
+        assert status.protected, status
+        # The new backup, seeded from a live checkpoint, replays on past a state hash.
+        start = wait_status(
+            cluster, b, "replaying", lambda s: s.state == vmft_pb2.VM_STATE_REPLAYING
+        ).position
+        backup = wait_status(
+            cluster, b, "replayed past a state hash", lambda s: s.position > start + HASH_EVERY
+        )
+        assert backup.state == vmft_pb2.VM_STATE_REPLAYING, backup
+        assert_counts_on(wait_lines(a, console(a).count(b"\n") + 5))
+
+
+def test_a_backup_whose_root_differs_is_refused_naming_the_file(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path) as cluster:
+        a, b = cluster.add_node(), cluster.add_node()
+        for node, text in ((a, "i=0\nwhile true; do echo $i; i=$((i+1)); done\n"), (b, "echo other\n")):
+            root = node.data_dir / "roots" / "app"
+            (root / "bin").mkdir(parents=True)
+            (root / "srv").mkdir()
+            shutil.copy("/bin/busybox", root / "bin" / "busybox")
+            (root / "srv" / "run.sh").write_text(text)
+        protect_linux(cluster, a, b, ["/bin/busybox", "sh", "/srv/run.sh"], root="app")
+        refused = wait_status(cluster, b, "refused", lambda s: s.role == vmft_pb2.ROLE_STOPPED)
+        assert "/srv/run.sh" in refused.message and "differs" in refused.message, refused.message
+        alone = wait_status(cluster, a, "alone", lambda s: s.state == vmft_pb2.VM_STATE_RUNNING_UNPROTECTED)
+        assert not alone.protected
+        wait_lines(a, 100)  # the primary runs on, unprotected
