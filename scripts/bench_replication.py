@@ -163,6 +163,13 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
                 kvload.run([address], 1, requests=20, tag="warm", timeout=60)  # connects the service
 
             throughput: dict[str, list[float]] = {k: [] for k in services}
+            # CPU each node spends per request under the concurrent load: on two cores the primary's
+            # node is CPU-bound, so replication's own CPU is what its throughput pays for.
+            cpu_per_request: dict[str, list[float]] = {k: [] for k in ("primary", "backup", "unreplicated")}
+            nodes_of = {
+                "replicated": {"primary": a.pid, "backup": b.pid},
+                "unreplicated": {"unreplicated": c.pid},
+            }
             request_rate: list[float] = []
             samples = Samples()
             latencies: dict[str, list[kvload.Histogram]] = {k: [] for k in services}
@@ -170,6 +177,7 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
             for r in range(rounds):
                 for which in order if r % 2 == 0 else reversed(order):
                     start = time.monotonic()
+                    cpu_before = {k: benchlib.process_cpu_seconds(p) for k, p in nodes_of[which].items()}
                     load = kvload.start([services[which]], args.connections, seconds, tag=f"t{r}", cpu=cpu)
                     if which == "replicated":
                         got = _sample_during(cluster, a, "rep", load, start, seconds)
@@ -178,6 +186,11 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
                         samples.log_bytes_per_s += got.log_bytes_per_s
                     result = load.result()
                     throughput[which].append(result.rate)
+                    # the whole phase (warm-up included) at the counted rate: CPU was read around all of it
+                    requests = max(1.0, result.rate * (time.monotonic() - start))
+                    for k, p in nodes_of[which].items():
+                        used = benchlib.process_cpu_seconds(p) - cpu_before[k]
+                        cpu_per_request[k].append(used / requests)
                     if which == "replicated":
                         request_rate.append(result.request_bytes / result.seconds)
                 for which in order if r % 2 else reversed(order):
@@ -205,6 +218,7 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
     conns = args.connections
     rtt_p50 = benchlib.percentile(rtt, 50) * ms
     log_rate = _median(samples.log_bytes_per_s) / 1024
+    cpu_us = {k: _median(v) * 1e6 for k, v in cpu_per_request.items()}
     figures = [
         benchlib.Figure(f"kv throughput, {conns} connections, replicated", rep_tput, "ops/s",
                         solo_tput, "the same, unreplicated (target ratio >= 0.9)"),
@@ -214,6 +228,10 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
                         solo_p99, "the same, unreplicated"),
         benchlib.Figure("latency the output rule adds at p50", rep_p50 - solo_p50, "ms",
                         rtt_p50, "gRPC unary round trip p50 (target: < 1 ms added)"),
+        benchlib.Figure(f"primary node CPU per request, {conns} connections", cpu_us["primary"], "us",
+                        cpu_us["unreplicated"], "the unreplicated node's"),
+        benchlib.Figure(f"backup node CPU per request, {conns} connections", cpu_us["backup"], "us",
+                        cpu_us["unreplicated"], "the unreplicated node's"),
         benchlib.Figure(f"log bandwidth, {conns} connections", log_rate, "KiB/s",
                         _median(request_rate) / 1024, "client request bytes/s"),
         benchlib.Figure(f"backup lag, {conns} connections", lag_positions, "positions",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import os
 import statistics
 import subprocess
 from collections.abc import Callable, Iterable
@@ -94,6 +95,12 @@ def report(figures: list[Figure], as_json: bool = False, out: TextIO | None = No
 # --- measuring on a noisy machine ------------------------------------------------------------------------
 
 GUEST_BUILD = ROOT / "guests" / "build"
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process (all its threads) has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def guest_path(name: str) -> Path:
