@@ -317,6 +317,12 @@ class Machine:
         self._thread.start()
         threading.Thread(target=self._watchdog, name="vcpu0-watchdog", daemon=True).start()
 
+    @property
+    def vcpu_thread_id(self) -> int | None:
+        """The vCPU thread's kernel id (a node puts it in the VM's cpu cgroup); None before start."""
+        thread = self._thread
+        return thread.native_id if thread is not None else None
+
     def run_blocking(self, timeout: float | None = None) -> MachineResult:
         self.start()
         return self.wait_blocking(timeout)

@@ -198,7 +198,8 @@ def cmd_node(args: argparse.Namespace) -> int:
             settings,
             Path(args.arbiter),
             etcd=parse_endpoints(args.etcd) if args.etcd else None,
-            limits=NodeLimits(max_vms=args.max_vms, memory_mib=args.memory_mib),
+            limits=NodeLimits(max_vms=args.max_vms, memory_mib=args.memory_mib, cgroups=not args.no_cgroups),
+            metrics=args.metrics,
         )
 
     try:
@@ -247,6 +248,9 @@ def cmd_protect(args: argparse.Namespace) -> int:
         disk_size=empty_disk_size(args.disk) if args.disk else 0,  # made empty inside each data dir
         arg=args.arg,
         hang_timeout_s=args.hang_timeout,
+        cpu_quota=args.cpu_quota,
+        memory_limit_mib=args.memory_limit_mib,
+        moving_address=args.moving_address or "",
     )
     if args.etcd and not args.backup:  # placement: a live member other than the primary's node
         from replica.node_etcd import parse_endpoints, pick_backup
@@ -313,6 +317,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"{address:22} unreachable: {err.code().name}")
                 failed += 1
                 continue
+        print(
+            f"{address:22} memory {node.memory_reserved_mib} of {node.memory_budget_mib} MiB reserved, "
+            f"{len([vm for vm in node.vms if vm.role != vmft_pb2.ROLE_STOPPED])} of {node.max_vms} VMs; "
+            f"limits: {node.resource_limits or 'none'}"
+            + (f"; metrics {node.metrics}" if node.metrics else "")
+        )
         if not node.vms:
             print(f"{address:22} (no VMs)")
         for vm in node.vms:
@@ -477,6 +487,14 @@ def _add_node_parser(sub: Subparsers) -> None:
         "--memory-mib", type=int, default=0, help="guest memory it gives its VMs (default: the machine's)"
     )
     node.add_argument(
+        "--metrics", default=None, metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )  # fmt: skip
+    node.add_argument(
+        "--no-cgroups", action="store_true",
+        help="apply no cgroup limits (per-VM cpu quotas, the node's memory limit)",
+    )  # fmt: skip
+    node.add_argument(
         "--etcd", default=None, metavar="HOST:PORT[,...]",
         help="the arbiter and membership on etcd (its client endpoints); default: the SQLite --arbiter",
     )  # fmt: skip
@@ -523,6 +541,15 @@ def _add_pair_parsers(sub: Subparsers) -> None:
         "--etcd", metavar="HOST:PORT[,...]", help="without --backup: place the backup on a live member"
     )
     protect.add_argument("--service", metavar="HOST:PORT", help="where the primary serves clients")
+    protect.add_argument("--cpu-quota", type=float, default=0.0, help="CPUs its vCPU may use (0: no limit)")
+    protect.add_argument(
+        "--memory-limit-mib", type=int, default=0,
+        help="memory it reserves on a node (default: guest RAM plus the node's monitor overhead)",
+    )  # fmt: skip
+    protect.add_argument(
+        "--moving-address", metavar="IP/PREFIX",
+        help="a service address on the hosts' network that moves with the primary (give --service IP:PORT)",
+    )  # fmt: skip
     protect.add_argument(
         "--backup-service", metavar="HOST:PORT", help="where the backup serves once promoted"
     )

@@ -31,12 +31,16 @@ from monitor.machine import install_kick_handler
 from monitor.record import LogError
 from proto import vmft_pb2, vmft_pb2_grpc
 from replica import authz, confine, migration, tls
+from replica import cgroups
 from replica.arbiter import Arbiter, SqliteArbiter
 from replica.membership import Membership
+from replica.metrics import MetricsServer
 from replica.backup import BackupVm
 from replica.primary import PrimaryVm
 from replica.replication import backup_stream
 from replica.roles import State
+from replica.service_address import ServiceAddresses
+from replica.vm_core import VmCore
 from replica.vm_common import PROTOCOL_VERSION, NodeSettings, ReplicationRefused
 
 MAX_IMAGE_BYTES = 3 << 20  # a guest image travels in one request, under gRPC's 4 MiB message limit
@@ -55,9 +59,20 @@ class NodeLimits:
 
     max_vms: int = 16
     memory_mib: int = 0  # 0: the machine's memory
+    # What a VM's monitor takes beyond guest RAM, reserved for a VM whose spec sets no memory limit: a
+    # 64 MiB kv guest under load grew its primary node's RSS by 18 MiB (docs/design.md, resource limits).
+    vm_overhead_mib: int = 32
+    # Beyond the budget, what the node process itself needs (an idle node: 64 MiB RSS); the kernel limit
+    # of a node given --memory-mib is the budget plus this.
+    node_overhead_mib: int = 192
+    cgroups: bool = True  # apply per-VM cpu limits and the node's memory limit where the kernel allows
 
     def budget_mib(self) -> int:
         return self.memory_mib or int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20)
+
+    def reservation_mib(self, spec: vmft_pb2.VmSpec) -> int:
+        """The memory a VM reserves against the budget: its memory limit, or guest RAM plus overhead."""
+        return spec.memory_limit_mib or spec.mem_mib + self.vm_overhead_mib
 
 
 class Node:
@@ -69,6 +84,9 @@ class Node:
         self.remembered: dict[str, dict[str, object]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.membership: Membership | None = None  # on etcd: placements only onto live members
+        self.cgroups: cgroups.NodeCgroups | None = None  # per-VM cpu limits (serve() sets it up)
+        self.metrics_address = ""  # the Prometheus endpoint, "" when off
+        settings.metrics.attach(self)
         (settings.data_dir / "vms").mkdir(parents=True, exist_ok=True)
         self._load_remembered()
 
@@ -145,6 +163,8 @@ class Node:
         primary = PrimaryVm.adopt(backup)
         self.vms[backup.name] = primary
         self._remember(primary, "primary")
+        times = backup.core.times
+        self.settings.metrics.recovered(backup.name, "failover", times.serving_at - times.suspected_at)
 
     async def reprotect(self, request: vmft_pb2.ReprotectRequest) -> PrimaryVm:
         vm = self.vms.get(request.name)
@@ -187,12 +207,16 @@ class Node:
             disk,
         )
         try:
+            await self._take_address(spec)  # before the VM binds its service there
             await vm.start()
         except BaseException:
             await vm.stop()
+            if self.settings.addresses is not None:
+                await self.settings.addresses.release(spec.name)
             raise
         self.vms[spec.name] = vm
         self._remember(vm, "primary")
+        self.apply_limits()
         return vm
 
     def _check_limits(self, spec: vmft_pb2.VmSpec) -> None:
@@ -200,20 +224,99 @@ class Node:
         running = [vm for name, vm in self.vms.items() if vm.core.running() and name != spec.name]
         if len(running) >= self.limits.max_vms:
             raise ReplicationRefused(f"this node runs {len(running)} VMs, its limit (--max-vms)")
-        used = sum(vm.core.spec.mem_mib for vm in running)
-        if used + spec.mem_mib > self.limits.budget_mib():
+        if spec.memory_limit_mib and spec.memory_limit_mib < spec.mem_mib:
             raise ReplicationRefused(
-                f"{spec.mem_mib} MiB more would pass this node's memory budget "
-                f"({used} of {self.limits.budget_mib()} MiB used, --memory-mib)"
+                f"memory limit {spec.memory_limit_mib} MiB is below the guest's {spec.mem_mib} MiB of RAM"
+            )
+        if spec.cpu_quota and not cgroups.MIN_CPU_QUOTA <= spec.cpu_quota <= (os.cpu_count() or 1):
+            raise ReplicationRefused(
+                f"cpu quota {spec.cpu_quota}: from {cgroups.MIN_CPU_QUOTA} to {os.cpu_count()} CPUs (0: none)"
+            )
+        used = sum(self.limits.reservation_mib(vm.core.spec) for vm in running)
+        wanted = self.limits.reservation_mib(spec)
+        if used + wanted > self.limits.budget_mib():
+            raise ReplicationRefused(
+                f"{wanted} MiB more (guest RAM and monitor overhead) would pass this node's memory budget "
+                f"({used} of {self.limits.budget_mib()} MiB reserved, --memory-mib)"
             )
 
     def usage(self) -> tuple[int, int]:
-        """(VMs running here, their guest memory in MiB): what membership publishes."""
+        """(VMs running here, the memory they reserve in MiB): what membership publishes."""
         running = [vm for vm in self.vms.values() if vm.core.running()]
-        return len(running), sum(vm.core.spec.mem_mib for vm in running)
+        return len(running), sum(self.limits.reservation_mib(vm.core.spec) for vm in running)
+
+    # ----- resource limits and metrics (replica/cgroups.py, replica/metrics.py) ----------------------
+
+    def apply_limits(self) -> None:
+        """Put each running VM's vCPU thread in its cpu cgroup (a restart or a go-live may have made a new
+        thread) and drop the cgroups of VMs gone. Cheap: called after a VM starts and every half second."""
+        if self.cgroups is None:
+            return
+        live: set[str] = set()
+        for name, vm in list(self.vms.items()):
+            machine = vm.core.machine
+            thread_id = machine.vcpu_thread_id if machine is not None and machine.result is None else None
+            if thread_id is None or not vm.core.running():
+                continue
+            live.add(name)
+            try:
+                self.cgroups.place(name, thread_id, vm.core.spec.cpu_quota)
+            except cgroups.CgroupError as err:
+                log.warning("%s: %s", name, err)  # the thread ended meanwhile: the next round sees it
+        for name in self.cgroups.placed() - live:
+            self.cgroups.forget(name)
+
+    async def _take_address(self, spec: vmft_pb2.VmSpec) -> None:
+        if not spec.moving_address:
+            return
+        if self.settings.addresses is None:
+            raise ReplicationRefused("this node does not hold moving service addresses")
+        await self.settings.addresses.take_over(spec.name, spec.moving_address)
+
+    async def keep_addresses(self) -> None:
+        """Renew the moving addresses of this node's running primaries and drop the others'. One that
+        expired (the node stalled past its lifetime) is taken again only if the arbiter still names this
+        node in the VM's generation: a superseded primary never takes it back from its successor."""
+        addresses = self.settings.addresses
+        if addresses is None:
+            return
+        wanted = {
+            name for name, vm in self.vms.items()
+            if isinstance(vm, PrimaryVm) and vm.core.spec.moving_address and vm.core.running()
+        }  # fmt: skip
+        await addresses.keep(wanted)
+        for name in wanted - set(addresses.held):
+            vm = self.vms[name]
+            current = await asyncio.to_thread(self.arbiter.current, name)
+            if current is not None and current.node == self.settings.node_id and (
+                current.generation == vm.standing.generation
+            ):
+                await addresses.take_over(name, vm.core.spec.moving_address)
+
+    async def _upkeep_loop(self, interval_s: float = 0.5) -> None:
+        """Resource limits and moving addresses follow the VMs (failovers, restarts, stops)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self.apply_limits()
+            try:
+                await self.keep_addresses()
+            except VmftError as err:
+                log.error("moving addresses: %s", err)
+
+    def metric_cores(self) -> list[VmCore]:
+        return [vm.core for vm in self.vms.values()]
+
+    def metric_memory(self) -> tuple[int, int, int]:
+        running, reserved = self.usage()
+        return self.limits.budget_mib(), reserved, running
 
     def status(self) -> vmft_pb2.NodeStatus:
         out = vmft_pb2.NodeStatus(node=self.settings.name, protocol_version=PROTOCOL_VERSION, pid=os.getpid())
+        out.memory_budget_mib = self.limits.budget_mib()
+        out.memory_reserved_mib = self.usage()[1]
+        out.max_vms = self.limits.max_vms
+        out.resource_limits = self.cgroups.describe() if self.cgroups is not None else "none (off)"
+        out.metrics = self.metrics_address
         for vm in self.vms.values():
             out.vms.append(vm.status())
         for name, record in self.remembered.items():
@@ -382,6 +485,7 @@ class Node:
             return str(err) or "unknown"
         self.vms[vm.name] = vm
         self._remember(vm, "backup")
+        self.apply_limits()
         return vm
 
     async def replication_stream(
@@ -523,15 +627,58 @@ class ReplicationServicer(vmft_pb2_grpc.ReplicationServicer):
             yield reply
 
 
+class _NodeExtras:
+    """What a node runs beside its gRPC services (issue 12): the metrics endpoint, the loop that keeps
+    VMs' vCPU threads in their cpu cgroups, and the kernel memory limit of a node given a budget."""
+
+    def __init__(self, node: Node, metrics: str | None) -> None:
+        self.node = node
+        self.metrics_server = MetricsServer(node.settings.metrics, metrics) if metrics else None
+        self._tasks: list[asyncio.Task[None]] = []
+        if node.settings.addresses is None:
+            node.settings.addresses = ServiceAddresses()
+
+    async def start(self) -> None:
+        node, limits = self.node, self.node.limits
+        if limits.cgroups:
+            node.cgroups = cgroups.NodeCgroups()
+            if limits.memory_mib:
+                try:
+                    node.cgroups.limit_node_memory(limits.memory_mib + limits.node_overhead_mib)
+                except cgroups.CgroupError as err:
+                    log.warning("no node memory limit: %s", err)
+            log.warning("resource limits: %s", node.cgroups.describe())
+        self._tasks.append(asyncio.create_task(node._upkeep_loop(), name="upkeep"))
+        if self.metrics_server is not None:
+            await self.metrics_server.start()
+            node.metrics_address = self.metrics_server.address
+
+    async def close_before_vms(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
+
+    async def close(self) -> None:
+        """After the VMs stopped: their addresses and cgroups, and the node's, go."""
+        if self.node.settings.addresses is not None:
+            await self.node.settings.addresses.close()
+        if self.node.cgroups is not None:
+            self.node.cgroups.close()
+
+
 async def serve(
     settings: NodeSettings,
     arbiter_path: Path,
     ready: asyncio.Event | None = None,
     etcd: list[str] | None = None,
     limits: NodeLimits | None = None,
+    metrics: str | None = None,
 ) -> None:
     """Run a node until cancelled (SIGINT/SIGTERM in the command line). With `etcd` endpoints the arbiter
-    is etcd and the node registers in its membership table (replica/node_etcd.py); else the SQLite file."""
+    is etcd and the node registers in its membership table (replica/node_etcd.py); else the SQLite file.
+    With `metrics` (HOST:PORT) it serves Prometheus metrics there (replica/metrics.py)."""
     from replica import node_etcd
 
     install_kick_handler()  # VMs may be built on worker threads (restores); signals need the main thread
@@ -550,7 +697,9 @@ async def serve(
         settings.node_id, settings.name, "mutual TLS" if settings.identity else "PLAINTEXT",
         settings.data_dir, f"etcd {','.join(etcd)}" if etcd else arbiter_path,
     )  # fmt: skip
+    extras = _NodeExtras(node, metrics)
     try:
+        await extras.start()
         if membership is not None:
             await membership.start()
         if ready is not None:
@@ -559,7 +708,9 @@ async def serve(
     finally:
         if membership is not None:
             await membership.close()
+        await extras.close_before_vms()
         await node.close()
+        await extras.close()
         await server.stop(grace=0.5)
         if isinstance(arbiter, node_etcd.EtcdArbiter):
             await asyncio.to_thread(arbiter.close)

@@ -76,3 +76,9 @@ class OutputGate:
     @property
     def held(self) -> int:
         return len(self._held)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the outputs held (metrics read it at a scrape: O(held))."""
+        with self._lock:
+            return sum(len(data) for _, _, data in self._held)

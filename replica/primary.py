@@ -210,6 +210,8 @@ class PrimaryVm:
         spawn(self._tasks, self._replicate(), "_replicate")
         await self._backup_holds(stats.position if stats else 0)
         self.last_reprotect = (time.monotonic() - began, self.last_reprotect[1], sent)
+        self.core.settings.metrics.checkpoint_saved(self.name, "reprotect", stats)
+        self.core.settings.metrics.reprotected(self.name, self.last_reprotect[0])
 
     async def _seed_backup(self, backup_node: str) -> tuple[CheckpointStats | None, int]:
         """Stream a live checkpoint to the new backup; at its position the log switches to a new sink and
@@ -390,6 +392,8 @@ class PrimaryVm:
             assert core.sink is not None
             standing.run_alone(core.sink)
             core.times.serving()
+            waited = core.times.serving_at - core.times.suspected_at
+            core.settings.metrics.recovered(self.name, "backup_lost", waited)
             standing.to(
                 State.RUNNING_UNPROTECTED, f"backup lost ({reason}); primary alone in generation {generation}"
             )
@@ -456,6 +460,7 @@ class PrimaryVm:
                 # The guest faulted while this checkpoint was being taken: it may hold the faulted state.
                 store.mark_bad(stats.checkpoint_id)
                 return
+            core.settings.metrics.checkpoint_saved(self.name, "periodic", stats)
             keep_from = self._restart_log_start()
             if keep_from > self._retained_from:
                 sink.retained = [batch for batch in sink.retained if batch.horizon > keep_from]
@@ -519,6 +524,7 @@ class PrimaryVm:
             return
         self._restarter.restarted(entry.checkpoint_id, time.monotonic() - started)
         core.faults_recovered += 1
+        core.settings.metrics.recovered(self.name, "restart", time.monotonic() - started)
         standing.to(
             State.RUNNING_UNPROTECTED,
             f"restarted from checkpoint {entry.checkpoint_id[:12]} after {fault.reason.value} "

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Coroutine
+from typing import TYPE_CHECKING, Any, Coroutine
 
 from monitor.loader import GuestImage, ImageError, parse_image
 from monitor.config import MachineConfig
@@ -19,7 +19,11 @@ from monitor.errors import PeerError
 from monitor.machine import Machine
 from proto import vmft_pb2
 from replica import confine
+from replica.metrics import NodeMetrics
 from replica.tls import Identity
+
+if TYPE_CHECKING:
+    from replica.service_address import ServiceAddresses
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,10 @@ class NodeSettings:
     # peers by the certificate's name, not by its address.
     identity: Identity | None = None
     insecure: bool = False
+    # The node's Prometheus metrics (replica/metrics.py): primary and node call its hooks.
+    metrics: NodeMetrics = field(default_factory=NodeMetrics)
+    # The service addresses that move with primaries (replica/service_address.py); None: none here.
+    addresses: ServiceAddresses | None = None
 
     @property
     def node_id(self) -> str:
@@ -148,11 +156,13 @@ class Meter:
 
     samples: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
     total: int = 0
+    bytes_total: int = 0  # every byte ever counted (the metrics' log byte counter)
 
     def add(self, nbytes: int) -> None:
         now = time.monotonic()
         self.samples.append((now, nbytes))
         self.total += nbytes
+        self.bytes_total += nbytes
         self._expire(now)
 
     def _expire(self, now: float) -> None:

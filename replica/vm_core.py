@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from monitor.errors import VmftError
 from monitor.journal import Journal
 from monitor.machine import Machine, MachineResult
 from monitor.address import parse_address
@@ -157,6 +158,12 @@ class GoLive:
         await asyncio.wait_for(self._live.wait(), within_s)
         core = self.core
         assert core.machine is not None
+        if core.spec.moving_address and core.settings.addresses is not None:
+            # The VM's service address moves here first (added, announced), so that it can be bound.
+            try:
+                await core.settings.addresses.take_over(core.name, core.spec.moving_address)
+            except VmftError as err:
+                log.error("%s: cannot take over the service address: %s", core.name, err)
         host, port = parse_address(core.service)
         first = first_conn_id if first_conn_id is not None else core.machine.net.max_conn + 1
         core.nic = NicServer(core.machine.net_backend, host, port, first_conn_id=first)
