@@ -46,7 +46,7 @@ from replica import tls
 from replica.backup import BackupVm
 from replica.primary import PrimaryVm
 from replica.roles import SERVING, State
-from replica.vm_common import NodeSettings, ReplicationRefused
+from replica.vm_common import ReplicationRefused
 
 if TYPE_CHECKING:
     from replica.node import Node
@@ -57,7 +57,8 @@ CATCH_UP_TIMEOUT_S = 60.0
 ACK_TIMEOUT_S = 2.0  # the target acknowledges the parked position (one round trip, normally)
 HOLDS_TIMEOUT_S = 2.0  # on the target: the acknowledged log reaches its replay
 HANDOVER_TIMEOUT_S = 30.0  # the target claims, finishes its replay and serves
-NEXT_BACKUP_ATTEMPTS = 5  # the new primary's re-protection onto the next backup, a second apart
+NEXT_BACKUP_ATTEMPTS = 5
+PROTECT_AGAIN_AFTER_S = 0.3  # the new primary's re-protection onto the next backup, a second apart
 
 
 class MigrationError(ReplicationRefused):
@@ -221,6 +222,25 @@ async def _until(done: Callable[[], bool], vm: PrimaryVm, what: str, poll_s: flo
 
 async def _switch(node: Node, vm: PrimaryVm, migration: Migration) -> vmft_pb2.MigrateReply:
     """Park the vCPU, let the target acknowledge the log up to there, hand over; fence this primary."""
+    # The channel (its TLS handshake: milliseconds) is made before the guest stops, not during the pause.
+    channel = tls.open_channel(migration.target, node.settings.identity, insecure=node.settings.insecure)
+    try:
+        try:
+            await asyncio.wait_for(channel.channel_ready(), HANDOVER_TIMEOUT_S)
+        except TimeoutError as err:
+            raise HandoverRefused(f"{migration.target} unreachable") from err
+        handover, position = await _parked_switch(vm, migration, vmft_pb2_grpc.NodeStub(channel))
+        if not vm.standing.is_(State.FENCED, State.STOPPED):
+            vm.standing.to(State.FENCED, f"migrated to {migration.target} (generation {handover.generation})")
+        await vm.stop()  # the service closes first: its clients reconnect to the target
+    finally:
+        await channel.close()
+    return migration.reply(handover, position)
+
+
+async def _parked_switch(
+    vm: PrimaryVm, migration: Migration, stub: vmft_pb2_grpc.NodeStub
+) -> tuple[vmft_pb2.HandoverReply, int]:
     standing = vm.standing
     generation = standing.generation
     async with vm.parked() as position:
@@ -230,12 +250,13 @@ async def _switch(node: Node, vm: PrimaryVm, migration: Migration) -> vmft_pb2.M
             await asyncio.wait_for(_until(lambda: standing.acked >= position, vm, "switching"), ACK_TIMEOUT_S)
         except TimeoutError as err:
             raise MigrationError(f"{vm.name}: the target did not acknowledge position {position}") from err
+        acked_ms = (time.monotonic() - parked_at) * 1000
         request = vmft_pb2.HandoverRequest(
             name=vm.name, generation=generation, position=position,
             next_backup_node=migration.next_backup, next_backup_service=migration.next_backup_service,
         )  # fmt: skip
         try:
-            handover = await _handover(node.settings, migration.target, request)
+            handover = await _handover(stub, migration.target, request)
         except HandoverRefused:
             raise  # the target claimed nothing: resume, still protected
         except MigrationError as err:
@@ -247,28 +268,24 @@ async def _switch(node: Node, vm: PrimaryVm, migration: Migration) -> vmft_pb2.M
             raise MigrationError(f"{err}; the target won the arbiter: {vm.name} runs there") from err
         vm.handed_over = True
         migration.switch_ms = (time.monotonic() - parked_at) * 1000
-    if not standing.is_(State.FENCED, State.STOPPED):
-        standing.to(State.FENCED, f"migrated to {migration.target} (generation {handover.generation})")
-    await vm.stop()  # the service closes first: its clients reconnect to the target
-    return migration.reply(handover, position)
+    log.info(
+        "%s: switch: acknowledged %.1f ms after the park, target serving after %.1f ms (its part %.1f ms)",
+        vm.name, acked_ms, migration.switch_ms, handover.took_ms,
+    )  # fmt: skip
+    return handover, position
 
 
 async def _handover(
-    settings: NodeSettings, target: str, request: vmft_pb2.HandoverRequest
+    stub: vmft_pb2_grpc.NodeStub, target: str, request: vmft_pb2.HandoverRequest
 ) -> vmft_pb2.HandoverReply:
     """Handover on the target's node, with this node's certificate (it names the VM's primary)."""
-    channel = tls.open_channel(target, settings.identity, insecure=settings.insecure)
     try:
-        reply: vmft_pb2.HandoverReply = await vmft_pb2_grpc.NodeStub(channel).Handover(
-            request, timeout=HANDOVER_TIMEOUT_S
-        )
+        reply: vmft_pb2.HandoverReply = await stub.Handover(request, timeout=HANDOVER_TIMEOUT_S)
         return reply
     except grpc.aio.AioRpcError as err:
         if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
             raise HandoverRefused(f"{target} refused the switch: {err.details()}") from err
         raise MigrationError(f"handover to {target}: {err.code().name} {err.details() or ''}") from err
-    finally:
-        await channel.close()
 
 
 # ----- the target's node ----------------------------------------------------------------------------
@@ -295,7 +312,9 @@ async def take_over(node: Node, request: vmft_pb2.HandoverRequest) -> vmft_pb2.H
     if not isinstance(primary, PrimaryVm) or primary.core is not vm.core or vm.standing.state not in SERVING:
         raise MigrationError(f"{vm.name} did not go live here: {vm.standing.message}")
     took_ms = (time.monotonic() - began) * 1000
-    log.warning("%s: took over from %s in %.1f ms", vm.name, vm.primary_node, took_ms)
+    log.warning(
+        "%s: took over from %s in %.1f ms (%s)", vm.name, vm.primary_node, took_ms, vm.standing.message
+    )
     if request.next_backup_node:
         _detached(_protect_again(node, primary, request.next_backup_node, request.next_backup_service))
     return vmft_pb2.HandoverReply(generation=vm.standing.generation, live_from=vm.live_from, took_ms=took_ms)
@@ -304,6 +323,7 @@ async def take_over(node: Node, request: vmft_pb2.HandoverRequest) -> vmft_pb2.H
 async def _protect_again(node: Node, vm: PrimaryVm, backup: str, service: str) -> None:
     """The new primary re-protects onto the next backup (the old primary's VM may still be stopping)."""
     request = vmft_pb2.ReprotectRequest(name=vm.name, backup_node=backup, backup_service=service)
+    await asyncio.sleep(PROTECT_AGAIN_AFTER_S)
     for attempt in range(NEXT_BACKUP_ATTEMPTS):
         if node.vms.get(vm.name) is not vm or vm.core.result is not None:
             return
