@@ -74,6 +74,11 @@ class Journal(Protocol):
         """Called at every synchronous exit, before it is handled (replay waits here for log)."""
         ...
 
+    def exit_done(self, position: int) -> None:
+        """Exit `position` is fully handled: no event belongs to it any more (recording: an output made
+        at it can go to the backup now, not one guest run later at the next exit)."""
+        ...
+
     def idle(self) -> None:
         """The guest is blocked waiting for news (recording: flush what is complete)."""
         ...
@@ -126,6 +131,9 @@ class LiveJournal:
         return True
 
     def at_exit(self, position: int) -> None:
+        pass
+
+    def exit_done(self, position: int) -> None:
         pass
 
     def state_hash_due(self, position: int) -> bool:

@@ -448,6 +448,7 @@ class Machine:
                 vcpu.interrupt(irq.next_vector())
             if self._control is not None and self._handle_control(completed_io=False):
                 return MachineResult(StopReason.STOPPED, self.position)
+            journal.exit_done(position)
 
     def _unknown_port(self, port: int, direction: str) -> int:
         self.guest_faults.append(f"{direction} on unknown port 0x{port:x}")

@@ -265,6 +265,10 @@ class RecordJournal:
         elif self._flush_interval and time.monotonic() - self._last_flush >= self._flush_interval:
             self.flush(position - 1)
 
+    def exit_done(self, position: int) -> None:
+        if self._urgent:
+            self.flush(position)
+
     def switch_sink(self, sink: BatchSink, position: int) -> None:
         """At a synchronous exit with the vCPU parked at `position` (a checkpoint's pause): every event up
         to `position` goes to the old sink, every later one to `sink` (a new backup seeded from that
@@ -434,6 +438,10 @@ class ReplayJournal:
             self.end_position = batch.end_position
             self.horizon = max(self.horizon, batch.end_position)
             self.stats.end_reason = batch.end_reason
+
+    def exit_done(self, position: int) -> None:
+        if self.delegate is not None:
+            self.delegate.exit_done(position)
 
     def at_exit(self, position: int) -> None:
         if self.delegate is not None:
