@@ -201,6 +201,7 @@ class NetStack:
         self.next_port = EPHEMERAL_FIRST
         self.active = False  # the guest has listened: news is taken at every system call from now on
         self.detached = False  # the VM is gone: closing descriptors makes no output
+        self.restored: dict[int, TcpSocket] = {}  # a restore's sockets by number (socket_state.py)
         self.sigpipe: Callable[[], object] = lambda: None  # SIGPIPE to the running process
         self._machine: Machine | None = None
 

@@ -14,6 +14,8 @@ from typing import Callable
 
 from monitor.errors import CheckpointError
 from monitor.linux import fdtable as fdt
+from monitor.linux import socket_state
+from monitor.linux import sockets as sk
 from monitor.linux.mm import AddressSpace, LinuxError, Vma
 from monitor.linux.process import ProcessState
 from monitor.linux.threads import FIRST_TID, Scheduler, Thread, ThreadState, Wait
@@ -61,19 +63,19 @@ def save(process: ProcessState, random_at: int, syscalls: int) -> vmft_pb2.Linux
         msg.root_files[path] = data
     files: dict[int, int] = {}
     pipes: dict[int, fdt.Pipe] = {}
-    for fd in sorted(process.fds.fds):
-        entry = process.fds.fds[fd]
-        key = id(entry.file)
-        if key not in files:
-            files[key] = len(msg.files)
-            msg.files.append(_save_file(entry.file, pipes))
-        msg.fds.add(fd=fd, file=files[key], cloexec=entry.cloexec)
 
     def file_index(file: fdt.OpenFile) -> int:
         if id(file) not in files:
             files[id(file)] = len(msg.files)
-            msg.files.append(_save_file(file, pipes))
+            msg.files.add()  # its place first: an epoll's interest list may name files after it
+            saved = _save_file(file, pipes)
+            socket_state.save_file(file, saved, file_index, pipes)
+            msg.files[files[id(file)]].CopyFrom(saved)
         return files[id(file)]
+
+    for fd in sorted(process.fds.fds):
+        entry = process.fds.fds[fd]
+        msg.fds.add(fd=fd, file=file_index(entry.file), cloexec=entry.cloexec)
 
     for tid in sorted(sched.threads):
         msg.threads.append(_save_thread(sched.threads[tid], pipes, file_index))
@@ -82,6 +84,8 @@ def save(process: ProcessState, random_at: int, syscalls: int) -> vmft_pb2.Linux
     for ino, pipe in sorted(pipes.items()):
         msg.pipes.add(ino=ino, buffer=bytes(pipe.buffer))
     msg.layer.extend(save_layer(process.fs.layer))
+    if isinstance(process.host.net, sk.NetStack):
+        msg.net.CopyFrom(socket_state.save_net(process.host.net))
     return msg
 
 
@@ -198,6 +202,12 @@ def restore_layer(layer: Path, entries: list[vmft_pb2.LinuxLayerEntry]) -> None:
         os.utime(path, ns=(entry.atime_ns, entry.mtime_ns))
 
 
+def _pipe(pipes: dict[int, fdt.Pipe], ino: int) -> fdt.Pipe:
+    if ino not in pipes:
+        raise CheckpointError(f"a Linux guest's socketpair names pipe {ino} the checkpoint does not hold")
+    return pipes[ino]
+
+
 def _key_path(key: tuple[int, ...]) -> int:
     padded = (*key, 0, 0, 0)[:3]
     return padded[0] << 18 | padded[1] << 9 | padded[2]
@@ -254,7 +264,12 @@ def restore(process: ProcessState, msg: vmft_pb2.LinuxState, console: fdt.Consol
     restore_layer(process.fs.layer, list(msg.layer))
     pipes = {p.ino: fdt.Pipe(buffer=bytearray(p.buffer), ino=p.ino) for p in msg.pipes}
     process.fds.close_all()
+    stack = process.host.net
+    if isinstance(stack, sk.NetStack) and msg.HasField("net"):
+        socket_state.restore_net(stack, msg.net)
     opened = [_open(process, f, pipes, console) for f in msg.files]
+    for saved, file in zip(msg.files, opened):
+        socket_state.fill_epoll(saved, file, opened)
     for entry in msg.fds:
         process.fds.install(opened[entry.file], cloexec=entry.cloexec, at=entry.fd)
     _restore_threads(process, msg, pipes, opened)
@@ -264,6 +279,11 @@ def _open(
     process: ProcessState, saved: vmft_pb2.LinuxOpenFile, pipes: dict[int, fdt.Pipe], console: fdt.ConsoleIo
 ) -> fdt.OpenFile:
     file: fdt.OpenFile
+    stack = process.host.net
+    if isinstance(stack, sk.NetStack):
+        known = socket_state.open_file(saved, stack, lambda ino: _pipe(pipes, ino))
+        if known is not None:
+            return known
     if saved.kind == "console":
         file = fdt.ConsoleFile(saved.path, saved.flags, saved.number, console)
     elif saved.kind == "device":

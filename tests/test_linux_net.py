@@ -1,0 +1,394 @@
+"""TCP servers in Linux guests: Debian's redis-server with the real redis-cli, a Python server on
+nonblocking sockets and epoll, record and replay of a session, resets and broken pipes, a checkpoint of
+a listening server with an open connection (docs/linux.md, "Network")."""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from monitor.checkpoint.take import Checkpointer
+from monitor.devices.net import RESET, NetMessage
+from monitor.guest_abi import NetKind
+from monitor.linux.personality import LinuxConfig, LinuxPersonality, build_linux, restore_linux
+from monitor.machine import Machine, StopReason
+
+pytestmark = pytest.mark.kvm
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT_S = 60.0
+REDIS = shutil.which("redis-server")
+REDIS_CLI = shutil.which("redis-cli")
+needs_redis = pytest.mark.skipif(
+    REDIS is None or REDIS_CLI is None,
+    reason="redis-server and redis-tools are not installed (scripts/setup)",
+)
+
+
+class GuestService:
+    """`vmft run --linux --service 127.0.0.1:0 ...` as a process: its service address, its exit."""
+
+    def __init__(self, argv: list[str], layer: Path, record: Path | None = None) -> None:
+        cmd = [sys.executable, "-m", "replica.cli", "run", "--linux", "--layer", str(layer)]
+        cmd += ["--service", "127.0.0.1:0", *(["--record", str(record)] if record else []), "--", *argv]
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+        )
+        self._lines: queue.Queue[bytes] = queue.Queue()
+        self.stderr = bytearray()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self.address = self._service_address()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr += line
+            self._lines.put(line)
+
+    def _service_address(self) -> tuple[str, int]:
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                line = self._lines.get(timeout=0.5)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            if line.startswith(b"vmft: service on "):
+                host, port = line.split()[-1].decode().rsplit(":", 1)
+                return host, int(port)
+        self.stop()
+        raise AssertionError(f"no service address: {bytes(self.stderr)!r}")
+
+    def wait(self) -> tuple[int, bytes]:
+        """The exit status and stdout (the guest stopped by itself)."""
+        stdout, _ = self.proc.communicate(timeout=WAIT_S)
+        return self.proc.returncode, stdout
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def redis_cli(address: tuple[str, int], *args: str) -> str:
+    assert REDIS_CLI is not None
+    done = subprocess.run(
+        [REDIS_CLI, "-h", address[0], "-p", str(address[1]), *args],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def replay(log: Path, argv: list[str], layer: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`vmft replay --linux` (on a copy of the layer as the recording began, if it had files)."""
+    options = ["--layer", str(layer)] if layer is not None else []
+    return subprocess.run(
+        [sys.executable, "-m", "replica.cli", "replay", "--linux", *options, str(log), "--", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S * 2,
+    )
+
+
+@needs_redis
+def test_redis_cli_set_get_incr(tmp_path: Path) -> None:
+    assert REDIS is not None
+    argv = [REDIS, "--port", "6379", "--save", "", "--appendonly", "no"]
+    service = GuestService(argv, tmp_path / "layer")
+    try:
+        assert redis_cli(service.address, "PING") == "PONG"
+        assert redis_cli(service.address, "SET", "greeting", "hello from the guest") == "OK"
+        assert redis_cli(service.address, "GET", "greeting") == "hello from the guest"
+        assert [redis_cli(service.address, "INCR", "n") for _ in range(3)] == ["1", "2", "3"]
+        assert redis_cli(service.address, "GET", "missing") == ""
+        assert redis_cli(service.address, "SHUTDOWN", "NOSAVE") == ""  # redis-cli: the server went away
+        status, _ = service.wait()
+        assert status == 0, bytes(service.stderr)
+    finally:
+        service.stop()
+
+
+def _raw_session(address: tuple[str, int]) -> bytes:
+    """Pipelined commands on one connection (the redis protocol as redis-py would send it)."""
+    with socket.create_connection(address, timeout=WAIT_S) as conn:
+        conn.sendall(b"".join(b"*3\r\n$3\r\nSET\r\n$2\r\nk%d\r\n$2\r\nv%d\r\n" % (i, i) for i in range(10)))
+        want = b"+OK\r\n" * 10
+        got = b""
+        while len(got) < len(want):
+            chunk = conn.recv(4096)
+            assert chunk, f"the server closed after {got!r}"
+            got += chunk
+        return got
+
+
+@needs_redis
+def test_redis_session_with_aof_records_and_replays_to_the_same_state(tmp_path: Path) -> None:
+    assert REDIS is not None
+    argv = [REDIS, "--port", "6379", "--save", "", "--appendonly", "yes", "--dir", "/tmp"]
+    log = tmp_path / "redis.log"
+    layer = tmp_path / "layer"
+    service = GuestService(argv, layer, record=log)
+    try:
+        assert _raw_session(service.address) == b"+OK\r\n" * 10
+        clients = [
+            threading.Thread(target=redis_cli, args=(service.address, "INCR", "hits")) for _ in range(4)
+        ]
+        [c.start() for c in clients]
+        [c.join(WAIT_S) for c in clients]
+        assert redis_cli(service.address, "GET", "hits") == "4"
+        assert redis_cli(service.address, "MGET", "k0", "k9") == "v0\nv9"
+        redis_cli(service.address, "SHUTDOWN")
+        status, _ = service.wait()
+        assert status == 0, bytes(service.stderr)
+    finally:
+        service.stop()
+    aof = (layer / "tmp" / "appendonlydir").glob("*.incr.aof")
+    assert b"INCR" in b"".join(p.read_bytes() for p in aof)  # the AOF went into the writable layer
+    replayed = replay(log, argv)
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert "verdict: IDENTICAL" in replayed.stdout
+
+
+SERVER = r"""
+import errno, os, selectors, socket, sys
+sel = selectors.EpollSelector()
+lst = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+lst.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+lst.bind(("::", 8080))
+lst.listen(16)
+lst.setblocking(False)
+print("listening", lst.getsockname()[:2], lst.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) != 0)
+sel.register(lst, selectors.EVENT_READ)
+for kind, target in ((socket.SOCK_STREAM, ("127.0.0.1", 80)), (socket.SOCK_DGRAM, None)):
+    try:
+        out = socket.socket(socket.AF_INET, kind)
+        out.connect(target)
+    except OSError as err:
+        print("outbound", kind, errno.errorcode[err.errno])
+other = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+other.bind(("127.0.0.1", 8081))
+other.listen(1)  # a second port: the service address stays with the first
+try:
+    other.accept()
+except BlockingIOError:
+    print("accept would block")
+served = 0
+while served < 3:
+    for key, _ in sel.select(timeout=30):
+        if key.fileobj is lst:
+            conn, peer = lst.accept()
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sel.register(conn, selectors.EVENT_READ)
+            continue
+        conn = key.fileobj
+        data = conn.recv(65536)
+        if data:
+            conn.sendall(data.upper())
+        else:
+            sel.unregister(conn)
+            conn.close()
+            served += 1
+print("served", served)
+"""
+
+
+def test_python_server_on_nonblocking_sockets_and_epoll(tmp_path: Path) -> None:
+    layer = tmp_path / "layer"
+    (layer / "tmp").mkdir(parents=True)
+    (layer / "tmp" / "server.py").write_text(SERVER)
+    service = GuestService(["/usr/bin/python3", "/tmp/server.py"], layer)
+    try:
+        conns = [socket.create_connection(service.address, timeout=WAIT_S) for _ in range(3)]
+        for i, conn in enumerate(conns):  # three clients at once, interleaved
+            conn.sendall(b"hello %d " % i)
+        for conn in reversed(conns):
+            conn.sendall(b"x" * 100_000)
+        for i, conn in enumerate(conns):
+            want = (b"hello %d " % i).upper() + b"X" * 100_000
+            got = b""
+            while len(got) < len(want):
+                chunk = conn.recv(1 << 16)
+                assert chunk, f"closed after {len(got)} bytes"
+                got += chunk
+            assert got == want
+            conn.close()
+        status, stdout = service.wait()
+    finally:
+        service.stop()
+    assert status == 0, bytes(service.stderr)
+    assert stdout.decode().splitlines() == [
+        "listening ('::', 8080) True",
+        "outbound 1 ENETUNREACH",
+        "outbound 2 EACCES",
+        "accept would block",
+        "served 3",
+    ]
+
+
+RESET_SERVER = r"""
+import signal, socket, sys
+sys.stdout.reconfigure(line_buffering=True)
+s = socket.socket()
+s.bind(("127.0.0.1", 9000)); s.listen(1)
+conn, peer = s.accept()
+print("peer", peer[0], conn.recv(100))
+try:
+    print("more", conn.recv(100))
+except ConnectionResetError:
+    print("reset")
+print("after", conn.recv(100))
+try:
+    conn.send(b"late")
+except BrokenPipeError:
+    print("broken pipe")
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+conn.send(b"again")
+print("not reached")
+"""
+
+
+def _program(tmp_path: Path, text: str) -> Path:
+    layer = tmp_path / "layer"
+    (layer / "tmp").mkdir(parents=True, exist_ok=True)
+    (layer / "tmp" / "prog.py").write_text(text)
+    return layer
+
+
+def _captured(machine: Machine) -> list[NetMessage]:
+    sent: list[NetMessage] = []
+    machine.net_backend.transmit = sent.extend  # the outputs, as a NIC server would get them
+    return sent
+
+
+def test_reset_connection_reads_econnreset_and_writes_raise_epipe_then_sigpipe(tmp_path: Path) -> None:
+    layer = _program(tmp_path, RESET_SERVER)
+    personality = LinuxPersonality(
+        LinuxConfig("/usr/bin/python3", ["/usr/bin/python3", "/tmp/prog.py"], layer)
+    )
+    machine = build_linux(personality)
+    out = bytearray()
+    personality.on_stream = lambda number, data: out.extend(data)
+    sent = _captured(machine)
+    for kind, payload in ((NetKind.OPEN, b""), (NetKind.DATA, b"first"), (NetKind.CLOSE, RESET)):
+        machine.net_backend.push(NetMessage(1, kind, payload))  # queued before the guest listens
+    try:
+        result = machine.run_blocking(WAIT_S)
+    finally:
+        machine.close()
+        personality.close()
+    assert result.reason is StopReason.EXITED and result.exit_code == 128 + 13, result.describe()  # SIGPIPE
+    assert out.decode().splitlines() == ["peer 127.0.0.1 b'first'", "reset", "after b''", "broken pipe"]
+    assert sent == []  # nothing reached the dead connection
+
+
+CHECKPOINTED = r"""
+import selectors, socket
+sel = selectors.DefaultSelector()
+s = socket.socket(); s.bind(("0.0.0.0", 7000)); s.listen(8); s.setblocking(False)
+sel.register(s, selectors.EVENT_READ)
+store = {}
+while True:
+    for key, _ in sel.select():
+        if key.fileobj is s:
+            c, _ = s.accept(); c.setblocking(False); sel.register(c, selectors.EVENT_READ); continue
+        c = key.fileobj
+        try:
+            data = c.recv(1000)
+        except ConnectionResetError:
+            data = b""
+            print("reset", flush=True)
+        if not data:
+            sel.unregister(c); c.close(); continue
+        cmd, _, rest = data.decode().strip().partition(" ")
+        if cmd == "set":
+            k, v = rest.split(); store[k] = v; c.send(b"ok\n")
+        elif cmd == "get":
+            c.send((store.get(rest, "-") + "\n").encode())
+        elif cmd == "quit":
+            raise SystemExit(0)
+"""
+
+
+def _until_sent(sent: list[NetMessage], count: int, machine: Machine) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while len(sent) < count and time.monotonic() < deadline and machine.is_running():
+        time.sleep(0.01)
+    assert len(sent) >= count, f"the guest sent {sent}"
+
+
+def test_checkpoint_of_a_listening_server_with_an_open_connection_restores(tmp_path: Path) -> None:
+    layer = _program(tmp_path, CHECKPOINTED)
+    argv = ["/usr/bin/python3", "/tmp/prog.py"]
+    personality = LinuxPersonality(LinuxConfig(argv[0], argv, layer))
+    machine = build_linux(personality)
+    sent = _captured(machine)
+    checkpoint = tmp_path / "server.ckpt"
+    try:
+        machine.start()
+        for kind, payload in ((NetKind.OPEN, b""), (NetKind.DATA, b"set a 1\n")):
+            machine.net_backend.push(NetMessage(1, kind, payload))
+        _until_sent(sent, 1, machine)
+        assert sent == [NetMessage(1, NetKind.DATA, b"ok\n")]
+        Checkpointer(machine).save(checkpoint)  # the server waits in epoll with connection 1 open
+    finally:
+        machine.stop()
+        machine.close()
+        personality.close()
+    # Restored live elsewhere: connection 1's client is gone (it reads as reset), the listener serves on.
+    again = LinuxPersonality(LinuxConfig(argv[0], argv, _program(tmp_path / "fresh", "")))
+    restored = restore_linux(again, checkpoint)
+    out = bytearray()
+    again.on_stream = lambda number, data: out.extend(data)
+    resent = _captured(restored)
+    first = restored.next_conn_id()
+    assert first == 2
+    try:
+        restored.start()
+        for kind, payload in ((NetKind.OPEN, b""), (NetKind.DATA, b"get a\n")):
+            restored.net_backend.push(NetMessage(first, kind, payload))
+        _until_sent(resent, 1, restored)
+        restored.net_backend.push(NetMessage(first, NetKind.DATA, b"quit\n"))
+        result = restored.wait_blocking(WAIT_S)
+    finally:
+        restored.close()
+        again.close()
+    assert result.reason is StopReason.EXITED and result.exit_code == 0, result.describe()
+    assert NetMessage(first, NetKind.DATA, b"1\n") in resent
+    assert out == b"reset\n"
+
+
+def test_sigterm_while_the_server_waits_ends_a_recording_that_replays(tmp_path: Path) -> None:
+    """Stopping a recording while every thread waits for clients (the stop interrupts the wait)."""
+    layer = _program(tmp_path, CHECKPOINTED)
+    shutil.copytree(layer, tmp_path / "replay-layer")
+    log = tmp_path / "server.log"
+    argv = ["/usr/bin/python3", "/tmp/prog.py"]
+    service = GuestService(argv, layer, record=log)
+    try:
+        with socket.create_connection(service.address, timeout=WAIT_S) as conn:
+            conn.sendall(b"set x 42\n")
+            assert conn.recv(10) == b"ok\n"
+            service.proc.terminate()
+            status, _ = service.wait()
+        assert status == 128 + 2, bytes(service.stderr)  # stopped (as by SIGINT/SIGTERM)
+    finally:
+        service.stop()
+    replayed = replay(log, argv, tmp_path / "replay-layer")
+    assert "verdict: IDENTICAL" in replayed.stdout, replayed.stdout + replayed.stderr
+    assert os.path.getsize(log) > 0
