@@ -147,8 +147,10 @@ def test_redis_session_with_aof_records_and_replays_to_the_same_state(tmp_path: 
         clients = [
             threading.Thread(target=redis_cli, args=(service.address, "INCR", "hits")) for _ in range(4)
         ]
-        [c.start() for c in clients]
-        [c.join(WAIT_S) for c in clients]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(WAIT_S)
         assert redis_cli(service.address, "GET", "hits") == "4"
         assert redis_cli(service.address, "MGET", "k0", "k9") == "v0\nv9"
         redis_cli(service.address, "SHUTDOWN")
