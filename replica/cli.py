@@ -661,11 +661,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from replica import linux_run  # `run --linux -- PROGRAM ARGS...` has its own parser
+    from replica import linux_protect, linux_run  # `run|protect --linux ... -- PROGRAM ARGS...`: own parsers
 
     argv = sys.argv[1:] if argv is None else argv
     if linux_run.wants(argv):
         return linux_run.main(argv)
+    if linux_protect.wants(argv):
+        return linux_protect.main(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else os.environ.get("VMFT_LOG", "WARNING").upper(),

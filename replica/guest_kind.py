@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -74,7 +75,8 @@ def kind_of(spec: vmft_pb2.VmSpec) -> GuestKind:
 
 class ConsoleLog:
     """DATA_DIR/console/NAME.out: the console output this node let out (or, on a backup, replayed).
-    Appended from the vCPU or acknowledgement thread; O_APPEND keeps each write whole."""
+    Appended from the vCPU or acknowledgement thread; O_APPEND keeps each write whole, the lock keeps a
+    write off a descriptor being closed (its number could be reused meanwhile)."""
 
     def __init__(self, directory: Path, name: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -82,15 +84,18 @@ class ConsoleLog:
         fd = confine.open_inside(directory, self.path.name, "w")  # a link or FIFO planted there is refused
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
         self._fd = fd
+        self._lock = threading.Lock()
 
     def write(self, data: bytes) -> None:
-        if self._fd >= 0 and data:
-            os.write(self._fd, data)
+        with self._lock:
+            if self._fd >= 0 and data:
+                os.write(self._fd, data)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
 
 class ConsoleReplayJournal(ReplayJournal):
@@ -242,6 +247,12 @@ class Guest:
         it that went out); a platform guest's console is diagnostics."""
         return self.kind is GuestKind.LINUX
 
+    @property
+    def framed_service(self) -> bool:
+        """How the service address carries bytes: vmft-platform's NIC messages are length-framed; a Linux
+        program's listening socket takes a raw TCP stream (monitor/netserver.py)."""
+        return self.kind is GuestKind.PLATFORM
+
     # ----- the root a Linux program reads ------------------------------------------------------------
 
     def check_batch(self, batch: vmft_pb2.EventBatch) -> None:
@@ -301,9 +312,12 @@ class Guest:
             f"{personality.program_path} {fatal.message}",
         )
 
-    def remove(self) -> None:
-        """The VM stopped on this node: its writable layer goes (the console log stays to be read)."""
-        self.console.close()
+    def remove(self, close_console: bool) -> None:
+        """The VM ended or stopped on this node: its writable layer goes. The console log stays to be read;
+        `close_console`: nothing more is written to it (after the guest ended by itself, its last outputs
+        still go out when the backup acknowledges them)."""
+        if close_console:
+            self.console.close()
         if self.layer is not None:
             shutil.rmtree(self.layer, ignore_errors=True)
 

@@ -121,7 +121,7 @@ class PrimaryVm:
         else:
             self.standing.run_alone(core.sink)
         host, port = parse_address(core.service)
-        core.nic = NicServer(machine.net_backend, host, port)
+        core.nic = NicServer(machine.net_backend, host, port, framed=core.guest.framed_service)
         await core.nic.start()
         await self._checkpoint()  # the first one, before the guest runs: a restart always has one
         machine.start()

@@ -109,11 +109,13 @@ class VmCore:
             self.nic = None
         await stop_machine(self.machine, self.name)
         if self.guest is not None:
-            self.guest.remove()  # a Linux guest's writable layer is this VM's alone, on this node
+            self.guest.remove(close_console=True)  # a Linux guest's writable layer: this VM's, on this node
 
     def stopped(self, result: MachineResult) -> None:
         """The machine ended for good: say so (a fenced VM stays fenced)."""
         self.result = result
+        if self.guest is not None:
+            self.guest.remove(close_console=False)  # ended for good: nothing restarts from its layer
         standing = self.standing
         if standing.state not in (State.FENCED, State.STOPPED):
             detail = result.describe()
@@ -166,6 +168,7 @@ class GoLive:
                 log.error("%s: cannot take over the service address: %s", core.name, err)
         host, port = parse_address(core.service)
         first = first_conn_id if first_conn_id is not None else core.machine.net.max_conn + 1
-        core.nic = NicServer(core.machine.net_backend, host, port, first_conn_id=first)
+        framed = core.guest is None or core.guest.framed_service
+        core.nic = NicServer(core.machine.net_backend, host, port, first_conn_id=first, framed=framed)
         await core.nic.start()
         core.times.serving()

@@ -5,7 +5,11 @@ whose root differs refused, naming the file."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -170,15 +174,57 @@ def test_a_linux_pair_is_reprotected_after_its_backup_node_died(tmp_path: Path) 
 def test_a_backup_whose_root_differs_is_refused_naming_the_file(tmp_path: Path) -> None:
     with LocalCluster(tmp_path) as cluster:
         a, b = cluster.add_node(), cluster.add_node()
-        for node, text in ((a, "i=0\nwhile true; do echo $i; i=$((i+1)); done\n"), (b, "echo other\n")):
-            root = node.data_dir / "roots" / "app"
-            (root / "bin").mkdir(parents=True)
-            (root / "srv").mkdir()
-            shutil.copy("/bin/busybox", root / "bin" / "busybox")
-            (root / "srv" / "run.sh").write_text(text)
+        make_root(a, "i=0\nwhile true; do echo $i; i=$((i+1)); done\n")
+        make_root(b, "echo other\n")
         protect_linux(cluster, a, b, ["/bin/busybox", "sh", "/srv/run.sh"], root="app")
         refused = wait_status(cluster, b, "refused", lambda s: s.role == vmft_pb2.ROLE_STOPPED)
         assert "/srv/run.sh" in refused.message and "differs" in refused.message, refused.message
         alone = wait_status(cluster, a, "alone", lambda s: s.state == vmft_pb2.VM_STATE_RUNNING_UNPROTECTED)
         assert not alone.protected
         wait_lines(a, 100)  # the primary runs on, unprotected
+
+
+def make_root(node: NodeProcess, script: str, name: str = "app") -> None:
+    """A prepared root in the node's DATA_DIR/roots/NAME: busybox and a script."""
+    root = node.data_dir / "roots" / name
+    (root / "bin").mkdir(parents=True)
+    (root / "srv").mkdir()
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    (root / "srv" / "run.sh").write_text(script)
+
+
+def vmft(cluster: LocalCluster, *argv: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **cluster.client_env()}
+    return subprocess.run(
+        [sys.executable, "-m", "replica.cli", *argv], capture_output=True, text=True, env=env, timeout=90
+    )
+
+
+def test_vmft_protect_linux_runs_a_program_from_a_named_root_as_a_pair(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path) as cluster:
+        a, b = cluster.add_node(), cluster.add_node()
+        for node in (a, b):
+            make_root(node, 'i=0\nwhile [ $i -lt 400 ]; do echo "line $i $GREETING"; i=$((i+1)); done\n')
+        done = vmft(
+            cluster, "protect", "--linux", "--root", "app", "--env", "GREETING=hi", "--cwd", "/srv",
+            "--mem", "64", "--primary", a.name, "--backup", b.name, "--json",
+            "vm1", "--", "/bin/busybox", "sh", "run.sh",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        reply = json.loads(done.stdout)
+        assert reply["name"] == "vm1" and reply["generation"] == 1 and reply["backup"] == b.name
+        expected = "".join(f"line {i} hi\n" for i in range(400)).encode()
+        deadline = time.monotonic() + WAIT_S
+        while console(a) != expected or console(b) != expected:  # the backup's replay, too
+            assert time.monotonic() < deadline, (console(a)[-100:], console(b)[-100:])
+            time.sleep(0.05)
+        ended = wait_status(cluster, b, "replayed to the end", lambda s: s.role == vmft_pb2.ROLE_STOPPED)
+        assert "exited" in ended.message and "code 0" in ended.message, ended.message
+        assert not list((b.data_dir / "layers").iterdir())  # its writable layer went with it
+
+        missing = vmft(
+            cluster, "protect", "--linux", "--root", "nosuch", "--primary", a.name, "vm2", "--", "/bin/sh"
+        )
+        assert missing.returncode == 1 and "root nosuch" in missing.stderr, missing.stderr
+        escape = vmft(cluster, "protect", "--linux", "--root", "..", "--primary", a.name, "vm2", "--", "/x")
+        assert escape.returncode == 1 and "bad root name" in escape.stderr, escape.stderr
