@@ -34,6 +34,7 @@ from replica import authz, confine, migration, tls
 from replica import cgroups
 from replica.arbiter import Arbiter, SqliteArbiter
 from replica.membership import Membership
+from replica.placement import Placement
 from replica.metrics import MetricsServer
 from replica.backup import BackupVm
 from replica.primary import PrimaryVm
@@ -160,7 +161,7 @@ class Node:
 
     def _adopt(self, backup: BackupVm) -> None:
         """A backup went live: from now on it is this node's primary of that VM."""
-        primary = PrimaryVm.adopt(backup)
+        primary = self._placed(PrimaryVm.adopt(backup))
         self.vms[backup.name] = primary
         self._remember(primary, "primary")
         times = backup.core.times
@@ -172,6 +173,12 @@ class Node:
             raise ReplicationRefused(f"this node is not the primary of {request.name}")
         await self._check_member(request.backup_node)
         await vm.reprotect(request.backup_node, request.backup_service)
+        return vm
+
+    def _placed(self, vm: PrimaryVm) -> PrimaryVm:
+        """On etcd, automatic re-protection places the backup on a live member (replica/placement.py)."""
+        if self.membership is not None:
+            vm.choose_backup = Placement(self.membership, self.settings.name).backup_for
         return vm
 
     async def _check_member(self, address: str) -> None:
@@ -206,6 +213,7 @@ class Node:
             request.backup_service,
             disk,
         )
+        self._placed(vm)
         try:
             await self._take_address(spec)  # before the VM binds its service there
             await vm.start()
