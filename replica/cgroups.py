@@ -107,14 +107,14 @@ def _write(path: Path, value: str) -> None:
         raise CgroupError(f"writing {value!r} to {path}: {err}") from err
 
 
-def _rmdir(path: Path) -> bool:
+def _rmdir(path: Path, quiet: bool = False) -> bool:
     try:
         path.rmdir()
         return True
     except FileNotFoundError:
         return True
     except OSError as err:
-        log.warning("cannot remove cgroup %s: %s", path, err)
+        (log.debug if quiet else log.warning)("cannot remove cgroup %s: %s", path, err)
         return False
 
 
@@ -170,10 +170,10 @@ class NodeCgroups:
             return False
         if self._placed.get(vm) == (thread_id, cpu_quota):
             return True
-        directory.mkdir(parents=True, exist_ok=True)
         quota = int(cpu_quota * CFS_PERIOD_US) if cpu_quota > 0 else -1
         if 0 < quota < 1000:
             raise CgroupError(f"cpu quota {cpu_quota}: at least {MIN_CPU_QUOTA} CPUs")
+        directory.mkdir(parents=True, exist_ok=True)
         _write(directory / "cpu.cfs_period_us", str(CFS_PERIOD_US))
         _write(directory / "cpu.cfs_quota_us", str(quota))
         _write(directory / "tasks", str(thread_id))  # moves this thread only (v1)
@@ -182,11 +182,12 @@ class NodeCgroups:
         return True
 
     def forget(self, vm: str) -> None:
-        """The VM stopped here: its cgroup goes (its vCPU thread has ended, so the cgroup is empty)."""
-        if self._placed.pop(vm, None) is not None:
+        """The VM stopped here: its cgroup goes once its vCPU thread has ended (until then the cgroup is
+        busy and stays placed, so the next call tries again)."""
+        if vm in self._placed:
             directory = self.cpu_dir(vm)
-            if directory is not None:
-                _rmdir(directory)
+            if directory is None or _rmdir(directory, quiet=True):
+                del self._placed[vm]
 
     def placed(self) -> set[str]:
         return set(self._placed)
