@@ -233,6 +233,7 @@ async def _switch(node: Node, vm: PrimaryVm, migration: Migration) -> vmft_pb2.M
         if not vm.standing.is_(State.FENCED, State.STOPPED):
             vm.standing.to(State.FENCED, f"migrated to {migration.target} (generation {handover.generation})")
         await vm.stop()  # the service closes first: its clients reconnect to the target
+        log.info("%s: stopped %.1f ms after the park", vm.name, (time.time() - migration.parked_at) * 1000)
     finally:
         await channel.close()
     return migration.reply(handover, position)
