@@ -4,12 +4,21 @@ Faults are named from the pair's point of view (`kill-primary`, `stop-backup`, `
 carries one out is found by asking the nodes who holds which role. The same catalogue serves the command
 line (`vmft fault`), the campaign runner and the pytest plugin; the node API takes the node-relative
 FaultKind of proto/vmft.proto.
+
+Partition faults (`isolate-primary`, `split-pair`, `isolate-backup`, `isolate-etcd`) are not carried out by a
+node: they take real links down between test hosts (replica/hosts.py), so they exist only where each node
+and each etcd member is its own host (`vmft chaos --hosts N`). `plan_partition` turns one into the cut it
+makes, `apply_partition`/`heal_partition` make and undo it. The relay's faults (cut/delay/drop of the
+replication link inside the primary's node) stay as they are: this kernel has no netem for delay and loss.
 """
 
 from __future__ import annotations
 
 import enum
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -17,6 +26,9 @@ from proto import vmft_pb2, vmft_pb2_grpc
 from monitor.errors import VmftError
 from replica import node_client
 from replica.tls import TlsError
+
+if TYPE_CHECKING:
+    from replica.hosts import HostNetwork
 
 
 class Fault(enum.Enum):
@@ -33,6 +45,14 @@ class Fault(enum.Enum):
     DROP_LINK = "drop-link"
     FAIL_DISK = "fail-disk"
     HEAL = "heal"
+    # Partitions between test hosts (no node carries them out: see PARTITIONS).
+    ISOLATE_PRIMARY = "isolate-primary"  # the primary's host cut off from everyone (clients, etcd, peers)
+    SPLIT_PAIR = "split-pair"  # the primary's and the backup's hosts cut from each other only
+    ISOLATE_BACKUP = "isolate-backup"  # the backup's host cut off from everyone
+    ISOLATE_ETCD = "isolate-etcd"  # one etcd member's host cut off from everyone
+
+
+PARTITIONS = frozenset({Fault.ISOLATE_PRIMARY, Fault.SPLIT_PAIR, Fault.ISOLATE_BACKUP, Fault.ISOLATE_ETCD})
 
 
 @dataclass(frozen=True)
@@ -97,6 +117,8 @@ def inject(
 ) -> vmft_pb2.FaultReply:
     """Inject `fault` into `vm`, which runs on some of `nodes` (HOST:PORT of node daemons). Faults are
     control operations: `auth` (or the remembered credentials) must be an admin's."""
+    if fault in PARTITIONS:
+        raise FaultError(f"{fault.value} cuts links between test hosts: only `vmft chaos --hosts N` has them")
     target = CATALOGUE[fault]
     try:
         primary, backup = find_roles(nodes, vm, auth=auth)
@@ -115,3 +137,63 @@ def inject(
         except grpc.RpcError as err:
             raise FaultError(f"{fault.value} on {address}: {err.details()}") from err
     return reply
+
+
+# ----- partitions between test hosts --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartitionCut:
+    """The links one partition fault takes down: `isolated` hosts cut off from everyone (their bridge link
+    down), or with `between` the two hosts of `isolated` cut from each other only (blackhole routes)."""
+
+    fault: Fault
+    isolated: tuple[str, ...]
+    between: bool = False
+
+    def describe(self) -> str:
+        if self.between:
+            return f"hosts {self.isolated[0]} and {self.isolated[1]} cut from each other"
+        return f"host {self.isolated[0]} cut off"
+
+
+def plan_partition(
+    fault: Fault,
+    primary_host: str | None,
+    backup_host: str | None,
+    etcd_hosts: Sequence[str],
+    rng: random.Random,
+) -> PartitionCut:
+    """The cut `fault` makes, given which hosts hold the primary and the backup now (the etcd member is
+    drawn with `rng`, so a seeded campaign repeats)."""
+    if fault not in PARTITIONS:
+        raise FaultError(f"{fault.value} is not a partition fault")
+    if fault is Fault.ISOLATE_ETCD:
+        if not etcd_hosts:
+            raise FaultError("isolate-etcd needs etcd members on their own hosts")
+        return PartitionCut(fault, (rng.choice(list(etcd_hosts)),))
+    if primary_host is None:
+        raise FaultError(f"{fault.value}: no host holds the primary")
+    if fault is Fault.ISOLATE_PRIMARY:
+        return PartitionCut(fault, (primary_host,))
+    if backup_host is None:
+        raise FaultError(f"{fault.value}: no host holds the backup")
+    if fault is Fault.ISOLATE_BACKUP:
+        return PartitionCut(fault, (backup_host,))
+    return PartitionCut(fault, (primary_host, backup_host), between=True)
+
+
+def apply_partition(net: HostNetwork, cut: PartitionCut) -> None:
+    if cut.between:
+        net.cut_between(*cut.isolated)
+    else:
+        for host in cut.isolated:
+            net.cut(host)
+
+
+def heal_partition(net: HostNetwork, cut: PartitionCut) -> None:
+    if cut.between:
+        net.heal_between(*cut.isolated)
+    else:
+        for host in cut.isolated:
+            net.heal(host)

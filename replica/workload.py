@@ -5,6 +5,14 @@ per acknowledged INCR (so a value above that is a write applied twice, below it 
 of its own key must return the last acknowledged SET (or, after a failed SET whose outcome is unknown,
 that value or the older one). At the end every key is read back. The recovery a client saw is the gap
 between its last success before a fault and its first success after it.
+
+With `shared_counter` the clients also increment one key they all share, and the checker adds: **never two
+primaries releasing output**. It is judged from what the clients saw, not from the nodes' status (a cut-off
+host cannot be asked, and a status read races the failover it describes): two copies of the service that
+both release replies must, under load, answer increments of the shared counter from diverged states. So
+two acknowledged increments that returned the same value, or an increment that returned a value no higher
+than one acknowledged before it was sent (real-time order), mean two primaries released output. Each reply
+also records the address that answered it, so a violation names both servers.
 """
 
 from __future__ import annotations
@@ -17,11 +25,13 @@ from dataclasses import dataclass, field
 
 from replica.kv_client import KvClient, KvError, KvUnavailable
 
+SHARED_FRACTION = 0.15  # of each client's operations, with the shared counter on
 
-@dataclass
+
+@dataclass(slots=True)  # a long campaign keeps a million of these
 class Op:
     client: int
-    kind: str  # set, incr, get, final
+    kind: str  # set, incr, get, shared (an INCR of the key every client shares), final
     key: str
     argument: str
     start: float
@@ -29,12 +39,13 @@ class Op:
     ok: bool
     result: str = ""
     error: str = ""
+    server: str = ""  # the address that answered (ok ops)
 
 
 @dataclass
 class Violation:
     client: int
-    kind: str  # lost, duplicated, inconsistent-read
+    kind: str  # lost, duplicated, inconsistent-read, two-primaries
     detail: str
 
 
@@ -53,10 +64,11 @@ class Verdict:
         lost = sum(v.kind == "lost" for v in self.violations)
         duplicated = sum(v.kind == "duplicated" for v in self.violations)
         inconsistent = sum(v.kind == "inconsistent-read" for v in self.violations)
+        two = sum(v.kind == "two-primaries" for v in self.violations)
         return (
             f"{self.ops} operations, {self.acknowledged_writes} acknowledged writes checked, "
             f"lost {lost}, duplicated {duplicated}, inconsistent reads {inconsistent}, "
-            f"failed ops {self.failed_ops}"
+            f"two primaries {two}, failed ops {self.failed_ops}"
         )
 
 
@@ -79,8 +91,12 @@ class Workload:
         op_timeout_s: float = 10.0,
         pause_s: float = 0.0,
         attempt_timeout_s: float = 0.5,
+        shared_counter: bool = False,
     ) -> None:
         self.addresses = addresses
+        self.shared_counter = shared_counter
+        self.shared_acked = 0
+        self.shared_unknown = 0
         self.clients = clients
         self.keys_per_client = keys_per_client
         self.seed = seed
@@ -128,6 +144,10 @@ class Workload:
         try:
             while not self._stop.is_set() and (max_ops is None or done < max_ops):
                 done += 1
+                # Drawn only with the shared counter on, so the other ops' sequence is otherwise unchanged.
+                if self.shared_counter and rng.random() < SHARED_FRACTION:
+                    await self._shared_incr(client, index)
+                    continue
                 choice = rng.random()
                 if choice < 0.4:
                     await self._incr(client, index, counter_key, model)
@@ -150,7 +170,9 @@ class Workload:
             model.counter_unknown += 1
             self.history.append(Op(index, "incr", key, "1", start, time.monotonic(), False, error=str(err)))
             return
-        self.history.append(Op(index, "incr", key, "1", start, time.monotonic(), True, str(value)))
+        self.history.append(
+            Op(index, "incr", key, "1", start, time.monotonic(), True, str(value), server=client.address)
+        )
         model.counter_acked += 1
         self._check_counter(index, model, value, "after INCR")
 
@@ -162,7 +184,9 @@ class Workload:
             model.values.setdefault(key, {""}).add(value)  # outcome unknown: either may be read
             self.history.append(Op(index, "set", key, value, start, time.monotonic(), False, error=str(err)))
             return
-        self.history.append(Op(index, "set", key, value, start, time.monotonic(), True))
+        self.history.append(
+            Op(index, "set", key, value, start, time.monotonic(), True, server=client.address)
+        )
         model.values[key] = {value}
 
     async def _get(self, client: KvClient, index: int, key: str, model: ClientModel) -> None:
@@ -172,8 +196,27 @@ class Workload:
         except (KvUnavailable, KvError, OSError) as err:
             self.history.append(Op(index, "get", key, "", start, time.monotonic(), False, error=str(err)))
             return
-        self.history.append(Op(index, "get", key, "", start, time.monotonic(), True, value or ""))
+        self.history.append(
+            Op(index, "get", key, "", start, time.monotonic(), True, value or "", server=client.address)
+        )
         self._check_value(index, model, key, value or "", "read")
+
+    def shared_key(self) -> str:
+        return f"w{self.run_id}shared"
+
+    async def _shared_incr(self, client: KvClient, index: int) -> None:
+        key = self.shared_key()
+        start = time.monotonic()
+        try:
+            value = await client.incr(key, 1)
+        except (KvUnavailable, KvError, OSError) as err:
+            self.shared_unknown += 1
+            self.history.append(Op(index, "shared", key, "1", start, time.monotonic(), False, error=str(err)))
+            return
+        self.shared_acked += 1
+        self.history.append(
+            Op(index, "shared", key, "1", start, time.monotonic(), True, str(value), server=client.address)
+        )
 
     def _check_counter(self, index: int, model: ClientModel, value: int, when: str) -> None:
         low, high = model.counter_acked, model.counter_acked + model.counter_unknown
@@ -210,6 +253,16 @@ class Workload:
                 for key in list(model.values):
                     value = await client.get(key)
                     self._check_value(index, model, key, value or "", "final")
+            if self.shared_counter:
+                final = int(await client.get(self.shared_key()) or 0)
+                low, high = self.shared_acked, self.shared_acked + self.shared_unknown
+                if not low <= final <= high:
+                    kind = "lost" if final < low else "duplicated"
+                    self.violations.append(
+                        Violation(-1, kind, f"shared counter is {final} at the end, {low} increments were "
+                                  f"acknowledged and {high - low} have an unknown outcome")
+                    )  # fmt: skip
+                self.violations.extend(check_shared(self.history))
         finally:
             await client.close()
         writes = sum(1 for op in self.history if op.ok and op.kind in ("set", "incr"))
@@ -232,8 +285,59 @@ class Workload:
                 gaps.append(max(b - a for a, b in zip(points, points[1:])))
         return gaps
 
+    def servers_since(self, t: float) -> list[str]:
+        """The addresses that answered clients after `t` (the history is in completion order)."""
+        seen: set[str] = set()
+        for op in reversed(self.history):
+            if op.end <= t:
+                break
+            if op.ok and op.server:
+                seen.add(op.server)
+        return sorted(seen)
+
     def latencies(self) -> list[float]:
         return [op.end - op.start for op in self.history if op.ok]
+
+
+def check_shared(history: list[Op], limit: int = 20) -> list[Violation]:
+    """Two primaries releasing output, as the clients saw it on the shared counter (every acknowledged
+    INCR of it adds 1): two acknowledged increments with the same value (two diverged copies both replied),
+    or an increment whose value is not above that of one acknowledged before it was sent (a copy that
+    missed an acknowledged write replied). At most `limit` violations are detailed, then one that counts
+    the rest."""
+    acked = [op for op in history if op.kind == "shared" and op.ok]
+    out: list[Violation] = []
+    extra = 0
+
+    def found(op: Op, detail: str) -> None:
+        nonlocal extra
+        if len(out) < limit:
+            out.append(Violation(op.client, "two-primaries", detail))
+        else:
+            extra += 1
+
+    first_with: dict[int, Op] = {}
+    for op in acked:
+        other = first_with.setdefault(int(op.result), op)
+        if other is not op:
+            found(op, f"shared counter value {op.result} was returned twice: to client {other.client} by "
+                      f"{other.server} and to client {op.client} by {op.server}")  # fmt: skip
+    # Real-time order: sweep the ops by start, keeping the highest value among those that ended before.
+    by_end = sorted(acked, key=lambda op: op.end)
+    highest: Op | None = None
+    i = 0
+    for op in sorted(acked, key=lambda op: op.start):
+        while i < len(by_end) and by_end[i].end < op.start:
+            if highest is None or int(by_end[i].result) > int(highest.result):
+                highest = by_end[i]
+            i += 1
+        if highest is not None and int(op.result) <= int(highest.result):
+            found(op, f"shared counter gave {op.result} (client {op.client}, by {op.server}) after "
+                      f"{highest.result} was acknowledged (client {highest.client}, by {highest.server}) "
+                      "before it was sent")  # fmt: skip
+    if extra:
+        out.append(Violation(-1, "two-primaries", f"{extra} more shared-counter violations"))
+    return out
 
 
 def percentile(values: list[float], fraction: float) -> float:
