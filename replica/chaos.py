@@ -601,5 +601,7 @@ async def run_campaign(
 def write_report(report: CampaignReport, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(report.to_json())
-    (out / "report.txt").write_text(report.table() + "\n")
+    partitions = report.partition_table()
+    text = report.table() + "\n" + (f"partitions:\n{partitions}\n" if partitions else "") + report.summary()
+    (out / "report.txt").write_text(text + "\n")
     report.plot(out / "timeline.png")

@@ -418,12 +418,17 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 
     faults = [Fault(name) for name in args.faults.split(",")] if args.faults else None
     started = time.monotonic()
+    # With --json stdout carries only the report; the progress goes to stderr.
+    out = sys.stderr if args.json else sys.stdout
+
+    def say(line: str) -> None:
+        print(line, file=out, flush=True)
 
     def progress(line: str) -> None:
-        print(f"chaos {time.monotonic() - started:6.1f}s {line}", flush=True)
+        say(f"chaos {time.monotonic() - started:6.1f}s {line}")
 
-    with work_directory(args.keep, print) as workdir:  # removed at the end unless --keep
-        print(f"chaos: work directory {workdir}, report into {args.out}", flush=True)
+    with work_directory(args.keep, say) as workdir:  # removed at the end unless --keep
+        say(f"chaos: work directory {workdir}, report into {args.out}")
         report = asyncio.run(
             run_campaign(
                 workdir,
@@ -435,14 +440,20 @@ def cmd_chaos(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 clients=args.clients,
                 settle_s=args.settle,
+                hosts=args.hosts,
+                etcd_members=args.etcd_members,
+                partition_s=args.partition,
             )
         )
+    if args.json:
+        print(report.to_json())
+        return 0 if report.ok else 1
     print(report.table())
-    print(
-        f"chaos: {len(report.faults)} faults in {report.seconds:.0f} s, {report.operations} operations, "
-        f"{report.acknowledged_writes} acknowledged writes checked, {report.failed_operations} failed "
-        f"(not acknowledged): verdict {report.verdict}"
-    )
+    partitions = report.partition_table()
+    if partitions:
+        print("partitions (client-seen outage: the longest gap a client saw, and the median over clients):")
+        print(partitions)
+    print(report.summary())
     for violation in report.violations[:20]:
         print(f"chaos: VIOLATION {violation}")
     print(f"chaos: wrote {args.out}/report.json, report.txt and timeline.png")
@@ -626,6 +637,14 @@ def _add_chaos_parser(sub: Subparsers) -> None:
     chaos.add_argument("--out", default="chaos-report", metavar="DIR", help="where the report goes")
     chaos.add_argument("--keep", action="store_true",
                        help="keep the work directory (/tmp/vmft-chaos.*: node data, logs, the disk)")
+    chaos.add_argument("--hosts", type=int, default=0, metavar="N",
+                       help="run each of N nodes as its own namespace host, on etcd, with partition faults "
+                       "(needs root; default 0: two nodes on loopback)")
+    chaos.add_argument("--etcd-members", type=int, default=3, metavar="M",
+                       help="with --hosts: etcd members, each on its own host (default 3)")
+    chaos.add_argument("--partition", type=float, default=1.0, metavar="S",
+                       help="with --hosts: how long a partition lasts before it heals (default 1.0)")
+    chaos.add_argument("--json", action="store_true", help="print the report as JSON (progress on stderr)")
     chaos.set_defaults(func=cmd_chaos)
 
 
