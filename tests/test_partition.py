@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 
-from monitor.loader import load_image_file
-from proto import vmft_pb2, vmft_pb2_grpc
-from replica import hosts, node_client, tls
-from replica.etcd_server import EtcdCluster, EtcdTls
+from proto import vmft_pb2
+from replica import hosts
+from replica.host_nodes import HostCluster, HostNode
 from replica.hosts import HostNetwork
 from replica.roles import is_serving
 from replica.workload import Workload
@@ -33,107 +28,11 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd-server is not installed"),
 ]
 
-ROOT = Path(__file__).resolve().parent.parent
-NODE_PORT, SERVICE_PORT = 7400, 7411
 FAILURE_TIMEOUT_MS = 300
 # Generous: the protocol promises the failure timeout plus 50 ms; a loaded two-core machine adds its own.
 RECOVERY_BOUND_S = 3.0
 # A client gives up on an address after this long: a silent host is noticed by the client too.
 ATTEMPT_S = 0.1
-
-
-@dataclass
-class HostNode:
-    host: hosts.Host
-    identity: tls.Identity
-    process: subprocess.Popen[bytes]
-
-    @property
-    def address(self) -> str:
-        return f"{self.host.address}:{NODE_PORT}"
-
-    @property
-    def service(self) -> str:
-        return f"{self.host.address}:{SERVICE_PORT}"
-
-
-class HostCluster:
-    """etcd on host `e`, one `vmft node` per other host, an admin client in the root namespace."""
-
-    def __init__(self, net: HostNetwork, workdir: Path) -> None:
-        self.net = net
-        self.ca = workdir / "ca"
-        tls.init_ca(self.ca)
-        self.auth = node_client.ClientAuth(tls.issue(self.ca, tls.Role.ADMIN, "admin"))
-        e = net.add("e")
-        member = tls.issue(self.ca, tls.Role.NODE, "etcd-m0", [e.address])
-        self.etcd = EtcdCluster(workdir / "etcd", 1, hosts=[e.address], argv_prefix=[e.argv([])],
-                                tls=[EtcdTls(ca=member.ca, cert=member.cert, key=member.key)])  # fmt: skip
-        self.etcd.start(credentials=tls.channel_credentials(member))
-        self.nodes: dict[str, HostNode] = {}
-
-    def close(self) -> None:
-        self.etcd.stop()  # the nodes are stopped by the host network (by PID)
-
-    def add_node(self, name: str) -> HostNode:
-        host = self.net.add(name)
-        identity = tls.issue(self.ca, tls.Role.NODE, f"node-{name}", [host.address])
-        argv = [
-            sys.executable, "-m", "replica.cli", "node",
-            "--listen", f"{host.address}:{NODE_PORT}", "--data-dir", str(host.data_dir / "node"),
-            "--cert", str(identity.directory), "--etcd", ",".join(self.etcd.endpoints),
-            "--heartbeat-ms", "5", "--failure-timeout-ms", str(FAILURE_TIMEOUT_MS), "--auto-reprotect", "0",
-        ]  # fmt: skip
-        log = open(host.data_dir / "node.log", "ab")  # noqa: SIM115 - handed to the child
-        try:
-            process = self.net.spawn(name, argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        finally:
-            log.close()
-        node = HostNode(host, identity, process)
-        self.nodes[name] = node
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, (host.data_dir / "node.log").read_text()[-2000:]
-            try:
-                self.status(node, timeout=0.5)
-                return node
-            except grpc.RpcError:
-                assert time.monotonic() < deadline, f"node {name} did not serve within 30 s"
-                time.sleep(0.1)
-
-    def status(self, node: HostNode, timeout: float = 5.0) -> vmft_pb2.NodeStatus:
-        with self.auth.channel(node.address) as channel:
-            status: vmft_pb2.NodeStatus = vmft_pb2_grpc.NodeStub(channel).Status(
-                vmft_pb2.StatusRequest(), timeout=timeout
-            )
-            return status
-
-    def vm(self, node: HostNode, timeout: float = 2.0) -> vmft_pb2.VmStatus | None:
-        return next((vm for vm in self.status(node, timeout).vms if vm.name == "vm1"), None)
-
-    def protect(self, image: Path, primary: HostNode, backup: HostNode) -> None:
-        loaded = load_image_file(image)
-        spec = vmft_pb2.VmSpec(name="vm1", image=loaded.data, image_sha256=loaded.sha256, mem_mib=64,
-                               hang_timeout_s=2.0)  # fmt: skip
-        request = vmft_pb2.ProtectRequest(
-            spec=spec, backup_node=backup.address, service=primary.service, backup_service=backup.service
-        )
-        with self.auth.channel(primary.address) as channel:
-            vmft_pb2_grpc.NodeStub(channel).Protect(request, timeout=60)
-
-    def wait(self, node: HostNode, what: str, check: Callable[[vmft_pb2.VmStatus], bool],
-             limit_s: float = 20.0) -> vmft_pb2.VmStatus:  # fmt: skip
-        deadline = time.monotonic() + limit_s
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                last = self.vm(node)
-            except grpc.RpcError:
-                last = None
-            if last is not None and check(last):
-                return last
-            time.sleep(0.05)
-        raise AssertionError(f"{what}: not within {limit_s} s (last: {last})")
 
 
 @pytest.fixture
@@ -142,7 +41,7 @@ def pair(
 ) -> Iterator[tuple[HostCluster, HostNode, HostNode]]:
     """A protected kv pair: primary on host a, backup on host b, etcd on host e."""
     with HostNetwork(tmp_path / "hosts", root_address=True) as net:
-        cluster = HostCluster(net, tmp_path)
+        cluster = HostCluster(net, tmp_path, failure_timeout_ms=FAILURE_TIMEOUT_MS)
         try:
             a, b = cluster.add_node("a"), cluster.add_node("b")
             cluster.protect(guest_image("kv"), a, b)
