@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="connections of the C load beside the checked clients (default 8; 0: none)")
     parser.add_argument("--quick", action="store_true", help="two kills (smoke test)")
     parser.add_argument("--keep", metavar="DIR", help="run the clusters in DIR and keep the node logs")
+    parser.add_argument("--hosts", type=int, default=0, metavar="N",
+                        help="N namespace hosts with etcd (root): kills and isolations (failover_hosts.py)")
 
 
 async def _one_kill(
@@ -94,6 +96,10 @@ async def _all(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> list[benchlib.Figure]:
+    if args.hosts:
+        import failover_hosts
+
+        return failover_hosts.run(args)
     if args.quick:
         args.kills, args.before, args.after = 2, 0.3, 0.2
     with tempfile.TemporaryDirectory(prefix="vmft-bench-failover.") as tmp:
