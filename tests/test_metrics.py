@@ -132,3 +132,14 @@ def test_a_pair_exports_figures_that_move_with_load_and_a_failover(cluster: Loca
     assert _load(vm.addresses, 0.5) > 0  # the new primary serves
     events = value(scrape(metrics_b), "vmft_vm_log_events_total", vm="vm1")
     assert events > 0  # it records now (unprotected), counted from its own journal
+
+    # The old primary's node comes back and the new primary re-protects onto it from a live checkpoint.
+    cluster.start_node(a)
+    cluster.reprotect(vm, b, a)
+    cluster.wait_for(a, vm.name, "backup", timeout=20)
+    again = scrape(metrics_b)
+    assert value(again, "vmft_reprotections_total", vm="vm1") == 1
+    assert value(again, "vmft_reprotect_seconds_count", vm="vm1") == 1
+    assert value(again, "vmft_checkpoint_bytes_count", vm="vm1", kind="reprotect") == 1
+    assert value(again, "vmft_vm_protected", vm="vm1") == 1
+    assert value(scrape(metrics_a), "vmft_vm_info", vm="vm1", role="backup", state="replaying") == 1
