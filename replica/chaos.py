@@ -216,17 +216,24 @@ class PairController:
         self.nodes = nodes
 
     def statuses(self, timeout: float = 0.3) -> dict[str, vmft_pb2.VmStatus]:
+        """The VM's status on each node that answers and holds a copy of it."""
+        return self.poll(timeout)[1]
+
+    def poll(self, timeout: float = 0.3) -> tuple[set[str], dict[str, vmft_pb2.VmStatus]]:
+        """(the nodes that answered, the VM's status on those that hold a copy of it)."""
+        answered: set[str] = set()
         out: dict[str, vmft_pb2.VmStatus] = {}
         for node in self.nodes:
             if not node.alive():
                 continue
             try:
                 status = self.cluster.vm_status(node, self.vm.name, timeout=timeout)
-            except Exception:  # a stopped (SIGSTOP) or dying node does not answer
+            except Exception:  # a stopped (SIGSTOP), cut-off or dying node does not answer
                 continue
+            answered.add(node.name)
             if status is not None:
                 out[node.name] = status
-        return out
+        return answered, out
 
     def serving_primaries(self) -> list[str]:
         """Primaries that could release output. A protected primary of an older generation than the
@@ -275,8 +282,8 @@ class PairController:
             if self.protected():
                 return time.monotonic() - started
             primaries = self.serving_primaries()
-            statuses = self.statuses()
-            if len(primaries) == 1 and len(statuses) == len(self.nodes):
+            answered, statuses = self.poll()
+            if len(primaries) == 1 and len(answered) == len(self.nodes):
                 primary = self.node(primaries[0])
                 status = statuses[primary.name]
                 busy = any(
@@ -488,10 +495,12 @@ class Campaign:
             return outcome
         try:
             await self._watch(outcome, controller, workload, injected_at, injected_wall, duration)
+            # Who answered the clients once they got through again (the last 0.3 s of the watch).
+            served = workload.servers_since(time.monotonic() - 0.3)
+            outcome.served_by = [self._server_name(a, topology) for a in served]
         finally:
             if heal is not None:
                 await heal  # healed before any repair: re-protection needs every link
-        outcome.served_by = [self._server_name(a, topology) for a in workload.servers_since(injected_at)]
         if not outcome.error:
             await self._repair(outcome, fault, controller)
         return outcome
