@@ -142,4 +142,7 @@ def test_a_pair_exports_figures_that_move_with_load_and_a_failover(cluster: Loca
     assert value(again, "vmft_reprotect_seconds_count", vm="vm1") == 1
     assert value(again, "vmft_checkpoint_bytes_count", vm="vm1", kind="reprotect") == 1
     assert value(again, "vmft_vm_protected", vm="vm1") == 1
-    assert value(scrape(metrics_a), "vmft_vm_info", vm="vm1", role="backup", state="replaying") == 1
+    deadline = time.monotonic() + 20  # the new backup restores the checkpoint, then replays
+    while value(scrape(metrics_a), "vmft_vm_info", vm="vm1", role="backup", state="replaying") != 1:
+        assert time.monotonic() < deadline, "the new backup is not replaying after 20 s"
+        time.sleep(0.05)
