@@ -58,6 +58,9 @@ ACK_TIMEOUT_S = 2.0  # the target acknowledges the parked position (one round tr
 HOLDS_TIMEOUT_S = 2.0  # on the target: the acknowledged log reaches its replay
 HANDOVER_TIMEOUT_S = 30.0  # the target claims, finishes its replay and serves
 NEXT_BACKUP_ATTEMPTS = 5
+# The new primary's re-protection waits this long after the switch: its live checkpoint and the new
+# backup's restore (outputs wait for that backup's first acknowledgement) then do not land on the clients
+# reconnecting to it, which would lengthen the one pause they see.
 PROTECT_AGAIN_AFTER_S = 0.3  # the new primary's re-protection onto the next backup, a second apart
 
 
@@ -184,9 +187,11 @@ async def _seed(node: Node, vm: PrimaryVm, migration: Migration) -> None:
     standing, target = vm.standing, migration.target
     if standing.is_(State.RUNNING) and vm.backup_node == target:
         return
-    await node._check_member(target)  # before the backup is let go
+    # Before the backup is let go: the target is a member (on etcd) and answers at all.
+    await node._check_member(target)
+    await _reachable(node, target)
     started = time.monotonic()
-    old = (vm.backup_node, vm.backup_service)
+    old = (vm.backup_node, vm.backup_service) if standing.is_(State.RUNNING) else ("", "")
     if standing.is_(State.RUNNING):
         if not await vm.release_backup(f"migrating to {target}"):
             raise MigrationError(f"{vm.name}: another node took over while its backup was released")
@@ -196,11 +201,23 @@ async def _seed(node: Node, vm: PrimaryVm, migration: Migration) -> None:
         await vm.reprotect(target, migration.target_service)
     except ReplicationRefused as err:
         if standing.is_(State.RUNNING_UNPROTECTED) and old[0]:
-            vm.backup_node, vm.backup_service = old  # automatic re-protection goes back to the old backup
+            # The VM stays here: protected again by its old backup (a live checkpoint), in the background.
+            vm.backup_node, vm.backup_service = old
+            _detached(_protect_again(node, vm, *old, after_s=0.0))
         raise MigrationError(f"{vm.name}: seeding {target} failed: {err}") from err
     if not standing.is_(State.RUNNING) or vm.backup_node != target:
         raise MigrationError(f"{vm.name}: {target} did not become its backup ({standing.state.value})")
     migration.seed_s = time.monotonic() - started
+
+
+async def _reachable(node: Node, target: str, within_s: float = 5.0) -> None:
+    channel = tls.open_channel(target, node.settings.identity, insecure=node.settings.insecure)
+    try:
+        await asyncio.wait_for(channel.channel_ready(), within_s)
+    except TimeoutError as err:
+        raise MigrationError(f"{target} does not answer (within {within_s:.0f} s)") from err
+    finally:
+        await channel.close()
 
 
 async def _catch_up(vm: PrimaryVm) -> None:
@@ -325,10 +342,13 @@ async def take_over(node: Node, request: vmft_pb2.HandoverRequest) -> vmft_pb2.H
     return vmft_pb2.HandoverReply(generation=vm.standing.generation, live_from=vm.live_from, took_ms=took_ms)
 
 
-async def _protect_again(node: Node, vm: PrimaryVm, backup: str, service: str) -> None:
-    """The new primary re-protects onto the next backup (the old primary's VM may still be stopping)."""
+async def _protect_again(
+    node: Node, vm: PrimaryVm, backup: str, service: str, after_s: float = PROTECT_AGAIN_AFTER_S
+) -> None:
+    """Re-protect `vm` onto `backup` (bounded retries): the new primary onto the next backup (the old
+    primary's VM may still be stopping), or a primary whose migration failed onto its old backup."""
     request = vmft_pb2.ReprotectRequest(name=vm.name, backup_node=backup, backup_service=service)
-    await asyncio.sleep(PROTECT_AGAIN_AFTER_S)
+    await asyncio.sleep(after_s)
     for attempt in range(NEXT_BACKUP_ATTEMPTS):
         if node.vms.get(vm.name) is not vm or vm.core.result is not None:
             return

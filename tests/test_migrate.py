@@ -143,3 +143,37 @@ def test_migrate_is_refused_without_an_admin_certificate_and_onto_a_non_backup_w
         # Nothing moved.
         status = cluster.vm_status(a, vm.name)
         assert status is not None and status.role == vmft_pb2.ROLE_PRIMARY and status.protected
+
+
+async def test_a_migration_the_target_refuses_leaves_the_vm_protected_where_it_was(
+    tmp_path: Path, guest_image: Callable[[str], Path]
+) -> None:
+    with LocalCluster(tmp_path) as cluster:
+        a, b = cluster.add_node(), cluster.add_node()
+        full = cluster.add_node(["--max-vms", "0"])  # answers, but takes no VM
+        vm = cluster.protect(guest_image("kv"), a, b)
+        cluster.wait_for(b, vm.name, "backup")
+        workload = Workload(cluster.service_addresses(vm.name), clients=3)
+        load = asyncio.create_task(workload.run())
+        try:
+            await replies_after(workload, 0.0)
+            with pytest.raises(grpc.RpcError) as refused:
+                await asyncio.to_thread(migrate, cluster, vm, a, full)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "limit" in (refused.value.details() or "")
+            # A serves on, and its old backup protects it again (a fresh live checkpoint).
+            deadline = time.monotonic() + 30
+            while True:
+                status = await asyncio.to_thread(cluster.vm_status, a, vm.name)
+                if status is not None and status.protected and status.peer == b.name:
+                    break
+                assert time.monotonic() < deadline, f"not protected by B again: {status}"
+                await asyncio.sleep(0.05)
+            assert status.role == vmft_pb2.ROLE_PRIMARY
+            await replies_after(workload, time.monotonic())
+        finally:
+            workload.stop()
+            await asyncio.wait_for(load, 60)
+        assert cluster.vm_status(full, vm.name) is None
+        verdict = await asyncio.wait_for(workload.verify_final(), 60)
+        assert verdict.ok, verdict.summary()
