@@ -252,13 +252,14 @@ class PairController:
         return next(n for n in self.nodes if n.name == name)
 
     def _next_backup(
-        self, primary: NodeProcess, statuses: dict[str, vmft_pb2.VmStatus]
+        self, primary: NodeProcess, statuses: dict[str, vmft_pb2.VmStatus], refused: dict[str, str]
     ) -> NodeProcess | None:
         """The first node after `primary` (in the cluster's order, wrapping) that holds no live copy of the
-        VM (none, or a stopped one); else the first after it (on two nodes: the other node, as always)."""
+        VM (none, or a stopped one) and has not refused a re-protection in this repair; else the first
+        after it (on two nodes: the other node, as always)."""
         start = self.nodes.index(primary)
         others = [self.nodes[(start + step) % len(self.nodes)] for step in range(1, len(self.nodes))]
-        for node in others:
+        for node in sorted(others, key=lambda n: n.name in refused):  # stable: order kept otherwise
             status = statuses.get(node.name)
             if status is None or status.role in (vmft_pb2.ROLE_STOPPED, vmft_pb2.ROLE_UNSPECIFIED):
                 return node
@@ -275,6 +276,7 @@ class PairController:
         """Bring the pair back to protected; returns the seconds it took."""
         started = time.monotonic()
         deadline = started + timeout
+        refused: dict[str, str] = {}  # node -> why it refused to become the backup (for the error)
         for node in self.nodes:
             if not node.alive():
                 self.cluster.start_node(node)
@@ -292,15 +294,20 @@ class PairController:
                     if name != primary.name
                 )
                 alone = status.state == vmft_pb2.VM_STATE_RUNNING_UNPROTECTED
-                backup = self._next_backup(primary, statuses)
+                backup = self._next_backup(primary, statuses, refused)
                 if not status.protected and alone and not busy and backup is not None:
                     try:
                         self.cluster.reprotect(self.vm, primary, backup)
-                    except ClusterError:
+                        refused.pop(backup.name, None)
+                    except ClusterError as err:
+                        refused[backup.name] = str(err)  # the next attempt prefers another node
                         time.sleep(0.05)  # e.g. the old backup still winding down: try again
                     continue
             time.sleep(0.02)
-        raise ClusterError(f"the pair was not protected again within {timeout} s: {self.statuses()}")
+        raise ClusterError(
+            f"the pair was not protected again within {timeout} s (refused: {refused or 'none'}): "
+            f"{self.statuses()}"
+        )
 
 
 @dataclass
@@ -494,7 +501,9 @@ class Campaign:
             outcome.error = str(err)
             return outcome
         try:
-            await self._watch(outcome, controller, workload, injected_at, injected_wall, duration)
+            await self._watch(
+                outcome, controller, workload, injected_at, injected_wall, duration, fault not in PARTITIONS
+            )
             # Who answered the clients once they got through again (the last 0.3 s of the watch).
             served = workload.servers_since(time.monotonic() - 0.3)
             outcome.served_by = [self._server_name(a, topology) for a in served]
@@ -522,14 +531,20 @@ class Campaign:
         injected_at: float,
         injected_wall: float,
         duration: float,
+        poll_nodes: bool,
     ) -> None:
-        """Watch until a primary serves again and the clients got through (counting serving primaries
-        among the nodes that answer), then measure what the clients and the nodes saw."""
+        """Watch until a primary serves again and the clients got through (with `poll_nodes`, counting
+        serving primaries among the nodes that answer), then measure what the clients and the nodes saw.
+
+        During a partition the nodes are not polled: the clients' replies decide (the shared counter
+        judges two primaries), and a node's Status asks the arbiter on its event loop, which with an etcd
+        member cut off stalls that node, its clients included, for etcd's attempt timeout (0.5 s): the
+        campaign would measure its own polling."""
         deadline = injected_at + self.recovery_timeout_s
         effect_window = duration + self.hang_timeout_s + self.failure_timeout_ms / 1000 + 0.3
         while time.monotonic() < deadline:
-            primaries = await asyncio.to_thread(controller.serving_primaries)
-            outcome.max_primaries = max(outcome.max_primaries, len(primaries))
+            primaries = await asyncio.to_thread(controller.serving_primaries) if poll_nodes else ["?"]
+            outcome.max_primaries = max(outcome.max_primaries, len(primaries) if poll_nodes else 0)
             if time.monotonic() - injected_at > effect_window and primaries:
                 recent = [op for op in workload.history[-50:] if op.ok and op.end > time.monotonic() - 0.2]
                 if recent:
@@ -542,6 +557,8 @@ class Campaign:
         gaps = workload.recovery_after(injected_at, window_s=window)
         outcome.recovery_ms = max(gaps) * 1000 if gaps else None
         outcome.outage_p50_ms = statistics.median(gaps) * 1000 if gaps else None
+        if not poll_nodes:  # one look once the clients are through (the heal may still be pending)
+            outcome.max_primaries = len(await asyncio.to_thread(controller.serving_primaries))
         statuses = await asyncio.to_thread(controller.statuses)
         for status in statuses.values():
             if status.role == vmft_pb2.ROLE_PRIMARY and status.suspected_at >= injected_wall:
