@@ -177,3 +177,18 @@ async def test_a_migration_the_target_refuses_leaves_the_vm_protected_where_it_w
         assert cluster.vm_status(full, vm.name) is None
         verdict = await asyncio.wait_for(workload.verify_final(), 60)
         assert verdict.ok, verdict.summary()
+
+
+def test_bench_migrate_quick_reports_its_figures_as_json() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench"), "migrate", "--quick", "--json",
+         "--load-connections", "2"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "VMFT_BENCH_SET_UP": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = {f["name"]: f for f in map(json.loads, done.stdout.splitlines())}
+    lost = figures["migration writes lost"]
+    assert lost["value"] == 0 and lost["reference"] > 0  # writes were checked, none lost
+    pause = figures["migration client-seen pause max"]
+    assert pause["unit"] == "ms" and pause["value"] > 0
+    assert figures["migration total time, 64 MiB guest, p50"]["value"] > 0
