@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -394,3 +395,45 @@ def test_sigterm_while_the_server_waits_ends_a_recording_that_replays(tmp_path: 
     replayed = replay(log, argv, tmp_path / "replay-layer")
     assert "verdict: IDENTICAL" in replayed.stdout, replayed.stdout + replayed.stderr
     assert os.path.getsize(log) > 0
+
+
+def _http_get(address: tuple[str, int], path: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(f"http://{address[0]}:{address[1]}{path}", timeout=WAIT_S) as reply:
+        return reply.status, reply.read()
+
+
+def _memcached_session(address: tuple[str, int]) -> bytes:
+    with socket.create_connection(address, timeout=WAIT_S) as conn:
+        conn.sendall(b"set a 0 0 5\r\nhello\r\nget a\r\nset n 0 0 1\r\n5\r\nincr n 3\r\n")
+        want = b"STORED\r\nVALUE a 0 5\r\nhello\r\nEND\r\nSTORED\r\n8\r\n"
+        got = b""
+        while len(got) < len(want):
+            chunk = conn.recv(4096)
+            assert chunk, f"closed after {got!r}"
+            got += chunk
+        return got
+
+
+@pytest.mark.parametrize("service", ["memcached", "http.server", "busybox httpd"])
+def test_services_answer_their_clients(tmp_path: Path, service: str) -> None:
+    """memcached (threads, the text protocol), python3 -m http.server, busybox httpd (a process per
+    connection), each with its own client."""
+    layer = tmp_path / "layer"
+    (layer / "tmp" / "www").mkdir(parents=True)
+    (layer / "tmp" / "www" / "index.html").write_text("hello from the guest\n")
+    argv = {
+        "memcached": ["/usr/bin/memcached", "-u", "root", "-p", "11211", "-t", "4"],
+        "http.server": ["/usr/bin/python3", "-m", "http.server", "-d", "/tmp/www", "8000"],
+        "busybox httpd": ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/tmp/www"],
+    }[service]
+    if not os.access(argv[0], os.X_OK):
+        pytest.skip(f"{argv[0]} is not installed (scripts/setup)")
+    guest = GuestService(argv, layer)
+    try:
+        if service == "memcached":
+            assert _memcached_session(guest.address).endswith(b"8\r\n")
+        else:
+            for _ in range(2):
+                assert _http_get(guest.address, "/index.html") == (200, b"hello from the guest\n")
+    finally:
+        guest.stop()

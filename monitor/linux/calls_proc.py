@@ -86,6 +86,9 @@ class ProcessCalls(ProcessState):
 
     sys_setgid = sys_setuid
 
+    def sys_setgroups(self, size: int, *_: int) -> int:
+        return 0 if size == 0 else -errno.EPERM  # dropping every supplementary group (memcached -u root)
+
     def sys_setpgid(self, *_: int) -> int:
         return 0
 
