@@ -45,7 +45,7 @@ from proto import vmft_pb2, vmft_pb2_grpc
 from replica import tls
 from replica.backup import BackupVm
 from replica.primary import PrimaryVm
-from replica.roles import SERVING, State
+from replica.roles import TERMINAL, State
 from replica.vm_common import ReplicationRefused
 
 if TYPE_CHECKING:
@@ -329,17 +329,33 @@ async def take_over(node: Node, request: vmft_pb2.HandoverRequest) -> vmft_pb2.H
             raise HandoverRefused(f"{vm.name}: the log up to position {request.position} is not here")
         await asyncio.sleep(0.0002)
     reason = f"planned switch from {vm.primary_node} at position {request.position} (migration)"
-    await asyncio.shield(_detached(vm.primary_lost(reason)))  # claims, finishes the log, goes live
-    primary = node.vms.get(vm.name)
-    if not isinstance(primary, PrimaryVm) or primary.core is not vm.core or vm.standing.state not in SERVING:
+    going_live = _detached(vm.primary_lost(reason))  # claims, finishes the log, goes live, serves
+    # Answer once the service is up: the rest of the promotion (the node adopting the VM as its primary,
+    # whose first periodic checkpoint starts at once) need not hold back the old primary's clients.
+    while vm.core.times.serving_at < began and not going_live.done():
+        await asyncio.wait({going_live}, timeout=0.0005)
+    if vm.core.times.serving_at < began or vm.standing.state in TERMINAL:
+        await asyncio.wait({going_live}, timeout=HANDOVER_TIMEOUT_S)
         raise MigrationError(f"{vm.name} did not go live here: {vm.standing.message}")
     took_ms = (time.monotonic() - began) * 1000
     log.warning(
-        "%s: took over from %s in %.1f ms (%s)", vm.name, vm.primary_node, took_ms, vm.standing.message
+        "%s: took over from %s in %.1f ms (%s)", vm.name, vm.primary_node, took_ms, vm.core.times.describe()
     )
     if request.next_backup_node:
-        _detached(_protect_again(node, primary, request.next_backup_node, request.next_backup_service))
+        _detached(_after_promotion(node, vm, going_live, request))
     return vmft_pb2.HandoverReply(generation=vm.standing.generation, live_from=vm.live_from, took_ms=took_ms)
+
+
+async def _after_promotion(
+    node: Node, backup: BackupVm, going_live: asyncio.Task[None], request: vmft_pb2.HandoverRequest
+) -> None:
+    """Once the node has adopted the VM as its primary, re-protect it onto the next backup."""
+    await asyncio.wait({going_live}, timeout=HANDOVER_TIMEOUT_S)
+    primary = node.vms.get(backup.name)
+    if not isinstance(primary, PrimaryVm) or primary.core is not backup.core:
+        log.error("%s: not this node's primary after the switch: %s", backup.name, backup.standing.message)
+        return
+    await _protect_again(node, primary, request.next_backup_node, request.next_backup_service)
 
 
 async def _protect_again(
