@@ -39,8 +39,8 @@ from replica.metrics import MetricsServer
 from replica.backup import BackupVm
 from replica.primary import PrimaryVm
 from replica.replication import backup_stream
-from replica.roles import State
-from replica.service_address import ServiceAddresses
+from replica.roles import Role, State
+from replica.service_address import AddressError, MovingAddress, ServiceAddresses, interface_for
 from replica.vm_core import VmCore
 from replica.vm_common import PROTOCOL_VERSION, NodeSettings, ReplicationRefused
 
@@ -87,6 +87,7 @@ class Node:
         self.membership: Membership | None = None  # on etcd: placements only onto live members
         self.cgroups: cgroups.NodeCgroups | None = None  # per-VM cpu limits (serve() sets it up)
         self.metrics_address = ""  # the Prometheus endpoint, "" when off
+        self._taking: set[str] = set()  # VMs whose primary is starting here with a moving address
         settings.metrics.attach(self)
         (settings.data_dir / "vms").mkdir(parents=True, exist_ok=True)
         self._load_remembered()
@@ -196,6 +197,7 @@ class Node:
         if spec.name in self.vms and self.vms[spec.name].core.running():
             raise ReplicationRefused(f"VM {spec.name} already runs on this node")
         self._check_limits(spec)
+        self._check_address(spec)
         await self._check_member(request.backup_node)
         current = await asyncio.to_thread(self.arbiter.current, spec.name)
         generation = (current.generation if current else 0) + 1
@@ -214,6 +216,7 @@ class Node:
             disk,
         )
         self._placed(vm)
+        self._taking.add(spec.name)  # its address is kept while it starts (it is not in self.vms yet)
         try:
             await self._take_address(spec)  # before the VM binds its service there
             await vm.start()
@@ -222,6 +225,8 @@ class Node:
             if self.settings.addresses is not None:
                 await self.settings.addresses.release(spec.name)
             raise
+        finally:
+            self._taking.discard(spec.name)
         self.vms[spec.name] = vm
         self._remember(vm, "primary")
         self.apply_limits()
@@ -274,6 +279,14 @@ class Node:
         for name in self.cgroups.placed() - live:
             self.cgroups.forget(name)
 
+    def _check_address(self, spec: vmft_pb2.VmSpec) -> None:
+        """A VM with a moving address runs only on a node that can hold it (an interface in its subnet)."""
+        if not spec.moving_address:
+            return
+        if self.settings.addresses is None:
+            raise ReplicationRefused("this node does not hold moving service addresses")
+        interface_for(MovingAddress.parse(spec.moving_address))
+
     async def _take_address(self, spec: vmft_pb2.VmSpec) -> None:
         if not spec.moving_address:
             return
@@ -288,15 +301,17 @@ class Node:
         addresses = self.settings.addresses
         if addresses is None:
             return
+        # A primary here, or a backup going live (it takes the address before it serves and is promoted).
         wanted = {
             name for name, vm in self.vms.items()
-            if isinstance(vm, PrimaryVm) and vm.core.spec.moving_address and vm.core.running()
-        }  # fmt: skip
+            if vm.core.spec.moving_address and vm.core.running()
+            and (vm.standing.role is Role.PRIMARY or vm.standing.is_(State.PROMOTING))
+        } | self._taking  # fmt: skip
         await addresses.keep(wanted)
-        for name in wanted - set(addresses.held):
-            vm = self.vms[name]
+        for name in wanted - set(addresses.held) - self._taking:
             current = await asyncio.to_thread(self.arbiter.current, name)
-            if current is not None and current.node == self.settings.node_id and (
+            vm = self.vms.get(name)
+            if vm is not None and current is not None and current.node == self.settings.node_id and (
                 current.generation == vm.standing.generation
             ):
                 await addresses.take_over(name, vm.core.spec.moving_address)
@@ -464,7 +479,8 @@ class Node:
             return refusal
         try:
             self._check_limits(hello.spec)
-        except ReplicationRefused as err:
+            self._check_address(hello.spec)  # it must be able to take the address over at failover
+        except (ReplicationRefused, AddressError) as err:
             return str(err)
         stale = self.vms.get(hello.spec.name)
         if stale is not None and stale.core.running():

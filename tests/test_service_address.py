@@ -140,3 +140,28 @@ def test_a_client_keeps_one_address_across_a_failover(tmp_path: Path) -> None:
         # Nobody is left on a to remove the address: its lifetime ends it (3 s, renewed only by a live node).
         _wait(lambda: not _has_address(net, "a", ip), 10, "the dead node's address expiring")
         assert _has_address(net, "b", ip)  # renewed by the live one
+
+
+@pytest.mark.kvm
+def test_a_node_that_cannot_hold_the_address_refuses_the_vm(tmp_path: Path) -> None:
+    from replica.cluster import ClusterError, LocalCluster
+
+    if not KV.exists():
+        pytest.fail(f"{KV} is not built: run scripts/setup", pytrace=False)
+    with LocalCluster(tmp_path / "cluster") as cluster:
+        node = cluster.add_node()
+        image = load_image_file(KV)
+        # A documentation subnet that no interface of this host is on (this machine's eth0 may use one).
+        taken = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, timeout=10).stdout
+        subnet = next(net for net in ("198.51.100", "203.0.113", "192.0.2") if f" {net}." not in taken)
+        spec = vmft_pb2.VmSpec(
+            name="vm1", image=image.data, image_sha256=image.sha256, mem_mib=64,
+            moving_address=f"{subnet}.200/24",
+        )  # fmt: skip
+        request = vmft_pb2.ProtectRequest(spec=spec, service=f"{subnet}.200:7100")
+        with cluster.channel(node) as channel, pytest.raises(grpc.RpcError) as refused:
+            vmft_pb2_grpc.NodeStub(channel).Protect(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"no interface of this host is in {subnet}.0/24" in str(refused.value.details())
+        with pytest.raises(ClusterError):  # nothing runs, and the node still serves
+            cluster.wait_for(node, "vm1", "primary", timeout=0.5)
