@@ -233,7 +233,8 @@ def restore_records(stream: RecordStream, options: Options) -> tuple[Machine, Re
         for rec in records:
             chunk = reader.feed_record(rec)
             if chunk is not None:
-                verify_chunks([(chunk, what)], header.config.mem_size, 1)
+                if chunk.region is Region.MEMORY:  # a disk chunk is bounded by the disk (lazy() checks it)
+                    verify_chunks([(chunk, what)], header.config.mem_size, 1)
                 items.append((chunk, what))
         manifest = reader.finish()
         restore.loader().lazy(items, options.loading, owners=[])
