@@ -24,7 +24,7 @@ from replica.vm_common import (
     NodeSettings,
     ReplicationRefused,
 )
-from replica.vm_core import GoLive, VmCore
+from replica.vm_core import GoLive, NotLive, VmCore
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,9 @@ class BackupVm:
             await self._go_live.serve(30.0)
         except TimeoutError:
             standing.to(State.FAILED, "replay did not reach the end of the log within 30 s")
+            return
+        except NotLive as err:
+            standing.to(State.FAILED, str(err))
             return
         core.failovers += 1
         standing.promote(generation, core.times.describe())

@@ -16,7 +16,7 @@ import grpc
 from monitor.checkpoint import CheckpointError, Checkpointer, CheckpointStats, CheckpointStore, Loading
 from monitor.errors import PeerError
 from monitor.loader import ImageError
-from monitor.machine import MachineResult
+from monitor.machine import Machine, MachineResult
 from monitor.address import parse_address
 from monitor.netserver import NicServer
 from monitor.record import IteratorSource, ReplayJournal, make_header
@@ -36,7 +36,7 @@ from replica.vm_common import (
     NodeSettings,
     ReplicationRefused,
 )
-from replica.vm_core import GoLive, VmCore, record_journal
+from replica.vm_core import GoLive, NotLive, VmCore, record_journal
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class PrimaryVm:
         self._replay_target = 0  # the last restart replayed the log up to here
         self._retained_from = retained_from  # the sink's retained log covers every position after this one
         self._tasks: list[asyncio.Task[None]] = []
+        self._pending_live: Machine | None = None  # a restart's machine, replaying, not yet live
         self.handed_over = False  # a planned switch gave the guest to another node (replica/migration.py)
         # Where automatic re-protection goes (replica/placement.py; None: the pair's other node, always).
         self.choose_backup: Callable[[PrimaryVm], Awaitable[tuple[str, str] | None]] | None = None
@@ -412,6 +413,8 @@ class PrimaryVm:
         machine = core.machine
         assert machine is not None and core.guest is not None
         result = core.guest.fault_view(machine, await machine.wait())  # a Linux SIGSEGV is a crash
+        if machine is self._pending_live:
+            return  # it stopped before going live: the restart in progress fails (GoLive.serve) and says so
         if (
             self._restarter.is_fault(result)
             and not self.standing.is_(State.FENCED)
@@ -575,6 +578,7 @@ class PrimaryVm:
         self._periodic = Checkpointer(machine, name="periodic")
         self._periodic.continue_from(stats.checkpoint_id)
         self._checkpointer = None
+        self._pending_live = machine
         spawn(self._tasks, self._watch_machine(), "_watch_machine")
         machine.start()
         # Serve (and allow re-protection) only once the replay has reached the last reply and the VM is
@@ -585,6 +589,12 @@ class PrimaryVm:
             raise CheckpointError(
                 "the restarted guest did not finish replaying its log within 120 s"
             ) from None
+        except NotLive as err:
+            raise CheckpointError(str(err)) from None
+        finally:
+            self._pending_live = None
+        if machine.result is not None:  # it stopped while its service started: its watcher returned
+            raise CheckpointError(f"the restarted guest stopped as it went live: {machine.result.describe()}")
         return True
 
     # ----- status and stop ------------------------------------------------------------------------

@@ -122,6 +122,10 @@ class VmCore:
             standing.to(State.STOPPED, f"{standing.message}; {detail}" if standing.message else detail)
 
 
+class NotLive(VmftError):
+    """A VM's machine stopped before the switch from replay to live."""
+
+
 class GoLive:
     """One switch from replay to live. Make it on the event loop, hand `on_vcpu` to the replay journal
     (its `promote` hook), then `await serve(...)`."""
@@ -156,9 +160,22 @@ class GoLive:
         return core.journal
 
     async def serve(self, within_s: float, first_conn_id: int | None = None) -> None:
-        """Wait (up to `within_s`; TimeoutError) until the VM is live, then serve its clients."""
-        await asyncio.wait_for(self._live.wait(), within_s)
+        """Wait (up to `within_s`; TimeoutError) until the VM is live, then serve its clients. NotLive if
+        its machine stopped first (a replay that diverged, a restored guest that faulted again)."""
         core = self.core
+        machine = core.machine
+        assert machine is not None
+        live = asyncio.ensure_future(self._live.wait())
+        ended = asyncio.ensure_future(machine.wait())
+        try:
+            await asyncio.wait({live, ended}, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            live.cancel()
+            ended.cancel()
+        if not self._live.is_set():
+            if machine.result is not None:
+                raise NotLive(f"the guest stopped before it went live: {machine.result.describe()}")
+            raise TimeoutError
         assert core.machine is not None
         if core.spec.moving_address and core.settings.addresses is not None:
             # The VM's service address moves here first (added, announced), so that it can be bound.
