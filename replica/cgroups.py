@@ -192,6 +192,20 @@ class NodeCgroups:
     def placed(self) -> set[str]:
         return set(self._placed)
 
+    def throttled(self, vm: str) -> int:
+        """Periods in which the kernel held VM `vm`'s vCPU to its quota (0 if not placed here)."""
+        directory = self.cpu_dir(vm) if vm in self._placed else None
+        if directory is None:
+            return 0
+        try:
+            for line in (directory / "cpu.stat").read_text().splitlines():
+                key, _, number = line.partition(" ")
+                if key == "nr_throttled":
+                    return int(number)
+        except (OSError, ValueError):
+            pass
+        return 0
+
     # ----- memory: the node as a whole ------------------------------------------------------------
 
     def limit_node_memory(self, limit_mib: int) -> bool:

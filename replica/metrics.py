@@ -20,7 +20,7 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -48,6 +48,10 @@ class NodeView(Protocol):
         """(budget MiB, MiB reserved by running VMs, VMs running)."""
         ...
 
+    def metric_limits(self, core: VmCore) -> tuple[int, int]:
+        """A VM's (memory reserved in MiB, cpu periods its vCPU was throttled in)."""
+        ...
+
 
 class NodeMetrics:
     """The node's registry, its histograms and counters, and the hooks that feed them."""
@@ -55,6 +59,7 @@ class NodeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)  # the node process's memory and CPU (what the budget is about)
         self.recovery = Histogram(
             "vmft_recovery_seconds",
             "From suspecting a fault to serving clients again (failover: a backup went live; restart: "
@@ -171,6 +176,12 @@ class _NodeCollector(Collector):
         log_events = family(CounterMetricFamily, "vmft_vm_log_events", "Events recorded into the log")
         failovers = family(CounterMetricFamily, "vmft_vm_failovers", "Times this VM went live here")
         restarts = family(CounterMetricFamily, "vmft_vm_guest_restarts", "Guest restarts from checkpoints")
+        cpu_quota = family(GaugeMetricFamily, "vmft_vm_cpu_quota", "CPUs its vCPU may use (0: no limit)")
+        reservation = family(GaugeMetricFamily, "vmft_vm_memory_reserved_mib", "Memory it reserves here")
+        throttled = family(
+            CounterMetricFamily, "vmft_vm_cpu_throttled_periods",
+            "Scheduler periods in which its vCPU thread was held to its quota (replica/cgroups.py)",
+        )  # fmt: skip
         names: set[str] = set()
         for core in cores:
             vm = core.name
@@ -197,9 +208,13 @@ class _NodeCollector(Collector):
             )
             failovers.add_metric([vm], core.failovers)
             restarts.add_metric([vm], core.faults_recovered)
+            memory, periods = self.node.metric_limits(core)
+            cpu_quota.add_metric([vm], core.spec.cpu_quota)
+            reservation.add_metric([vm], memory)
+            throttled.add_metric([vm], periods)
         self._events.forget_except(names)
         yield from (info, generation, position, acked, lag, protected, held, held_bytes, log_bytes,
-                    log_events, failovers, restarts)  # fmt: skip
+                    log_events, failovers, restarts, cpu_quota, reservation, throttled)  # fmt: skip
 
 
 def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:

@@ -333,6 +333,10 @@ class Node:
         running, reserved = self.usage()
         return self.limits.budget_mib(), reserved, running
 
+    def metric_limits(self, core: VmCore) -> tuple[int, int]:
+        throttled = self.cgroups.throttled(core.name) if self.cgroups is not None else 0
+        return self.limits.reservation_mib(core.spec), throttled
+
     def status(self) -> vmft_pb2.NodeStatus:
         out = vmft_pb2.NodeStatus(node=self.settings.name, protocol_version=PROTOCOL_VERSION, pid=os.getpid())
         out.memory_budget_mib = self.limits.budget_mib()

@@ -16,7 +16,8 @@ import pytest
 from monitor.loader import load_image_file
 from proto import vmft_pb2, vmft_pb2_grpc
 from replica import cgroups
-from replica.cluster import LocalCluster, NodeProcess
+from replica.cluster import LocalCluster, NodeProcess, free_port
+from test_metrics import scrape, value
 
 ROOT = Path(__file__).resolve().parent.parent
 SPIN = ROOT / "guests" / "build" / "spin.elf"
@@ -91,7 +92,8 @@ def _wait_for(predicate: object, timeout: float = 10.0) -> None:
 
 @pytest.mark.kvm
 def test_cpu_quota_per_vcpu_thread_node_memory_limit_and_budget(cluster: LocalCluster) -> None:
-    node = cluster.add_node(["--memory-mib", "200"])
+    metrics = f"127.0.0.1:{free_port()}"
+    node = cluster.add_node(["--memory-mib", "200", "--metrics", metrics])
     # A guest spinning in ring 3 without exits (2e9 rounds of 1.5 ns natively): it would take a whole CPU.
     spin = _spec(SPIN, "spin", 32, cpu_quota=0.3, hang_timeout_s=600.0, arg=2 * 10**9)
     _protect(cluster, node, spin)
@@ -118,6 +120,12 @@ def test_cpu_quota_per_vcpu_thread_node_memory_limit_and_budget(cluster: LocalCl
     stat = dict(line.split() for line in (vm_dir / "cpu.stat").read_text().splitlines())
     assert int(stat["nr_throttled"]) > throttled_before
     assert share < 0.3 + 0.1, f"the vCPU used {share:.2f} CPU under a 0.3 quota"
+    # The node's metrics say the same.
+    samples = scrape(metrics)
+    assert value(samples, "vmft_vm_cpu_quota", vm="spin") == pytest.approx(0.3)
+    assert value(samples, "vmft_vm_cpu_throttled_periods_total", vm="spin") >= int(stat["nr_throttled"])
+    assert value(samples, "vmft_vm_memory_reserved_mib", vm="spin") == 64
+    assert value(samples, "process_resident_memory_bytes") > 0
 
     # The whole node is in its own memory cgroup: budget plus the node's own base.
     memory_dir = _controller_dir(node.pid, "memory")
