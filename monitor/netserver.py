@@ -6,7 +6,10 @@ connecting and closing reach it as OPEN and CLOSE records. Replies come back thr
 the vCPU thread calls; the writes happen on the event loop.
 
 Unframed (`framed=False`, a Linux guest's TCP service: monitor/linux/sockets.py), the bytes of a
-connection go both ways as they come, each read of up to 64 KiB one DATA message.
+connection go both ways as they come, each read of up to 64 KiB one DATA message. A VM with several
+service addresses has one server per address, sharing one ConnIds (connection ids stay unique); the
+OPEN message of server `service` > 0 carries that number (2 bytes, little-endian), so the guest knows
+which of its listening ports the connection is for.
 """
 
 from __future__ import annotations
@@ -21,17 +24,37 @@ from monitor.guest_abi import NetKind
 
 log = logging.getLogger(__name__)
 _LENGTH = struct.Struct(">I")
+_SERVICE = struct.Struct("<H")
+
+
+class ConnIds:
+    """Connection ids, shared by the servers of one VM."""
+
+    def __init__(self, first: int = 1) -> None:
+        self.next = first
+
+    def take(self) -> int:
+        self.next += 1
+        return self.next - 1
 
 
 class NicServer:
     def __init__(
-        self, backend: NetBackend, host: str, port: int, first_conn_id: int = 1, framed: bool = True
+        self,
+        backend: NetBackend,
+        host: str,
+        port: int,
+        first_conn_id: int = 1,
+        framed: bool = True,
+        service: int = 0,
+        ids: ConnIds | None = None,
     ) -> None:
         self._backend = backend
         self._framed = framed
+        self._open = _SERVICE.pack(service) if service else b""
         self._host = host
         self._port = port
-        self._next_id = first_conn_id
+        self._ids = ids if ids is not None else ConnIds(first_conn_id)
         self._writers: dict[int, asyncio.StreamWriter] = {}
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -49,14 +72,13 @@ class NicServer:
 
     @property
     def next_conn_id(self) -> int:
-        return self._next_id
+        return self._ids.next
 
     def inject(self, payload: bytes) -> int:
         """Deliver one message to the guest as if a client connected, sent it and left (fault injection,
         administration). Its reply, if any, goes nowhere. Returns the connection id used."""
-        conn = self._next_id
-        self._next_id += 1
-        for kind, data in ((NetKind.OPEN, b""), (NetKind.DATA, payload), (NetKind.CLOSE, b"")):
+        conn = self._ids.take()
+        for kind, data in ((NetKind.OPEN, self._open), (NetKind.DATA, payload), (NetKind.CLOSE, b"")):
             self._backend.push(NetMessage(conn, kind, data))
         return conn
 
@@ -79,13 +101,12 @@ class NicServer:
             await self._server.wait_closed()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = self._next_id
-        self._next_id += 1
+        conn = self._ids.take()
         self._writers[conn] = writer
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
-        self._backend.push(NetMessage(conn, NetKind.OPEN, b""))
+        self._backend.push(NetMessage(conn, NetKind.OPEN, self._open))
         try:
             while not self._framed:
                 data = await reader.read(MAX_MESSAGE)
@@ -143,3 +164,15 @@ class NicServer:
             elif msg.kind is NetKind.CLOSE:
                 self._writers.pop(msg.conn, None)
                 writer.close()
+
+
+def transmit_to_all(backend: NetBackend, servers: list[NicServer]) -> None:
+    """Several servers of one VM (sharing ConnIds): each batch of outputs goes to every one of them, and
+    each writes the connections it holds (the last server made would otherwise take every output)."""
+    senders = [server._transmit_threadsafe for server in servers]
+
+    def transmit(messages: list[NetMessage]) -> None:
+        for send in senders:
+            send(messages)
+
+    backend.transmit = transmit

@@ -6,7 +6,8 @@
 The program's stdout and stderr are the console, stdin is the console's input, and the exit status is
 the program's (128+N after a fatal signal N, with a message on stderr). The writable layer (the guest's
 /tmp and /home) is a fresh temporary directory unless --layer names one. With --service, the first
-port the program listens on is served at HOST:PORT (docs/linux.md, "Network").
+port the program listens on is served at HOST:PORT; a second --service serves the second port it listens
+on, and so on (docs/linux.md, "Network").
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from monitor.journal import Journal
 from monitor.linux.manifest import check_root_files
 from monitor.linux.personality import DEFAULT_ENV, LinuxConfig, LinuxPersonality, build_linux
 from monitor.machine import Machine, MachineResult, StopReason
-from monitor.netserver import NicServer
+from monitor.netserver import ConnIds, NicServer, transmit_to_all
 from monitor.record import DEFAULT_HASH_EVERY, ReplayJournal, open_recording, open_replay
 from replica.cli_common import run_until_stopped
 
@@ -71,8 +72,11 @@ def _parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument(
             "--service",
             type=parse_address,
+            action="append",
+            default=[],
             metavar="HOST:PORT",
-            help="serve the first port the program listens on at HOST:PORT (port 0: any free port)",
+            help="serve the first port the program listens on at HOST:PORT (port 0: any free port); "
+            "repeated, the next ports in the order the program listens on them",
         )
     else:
         parser.add_argument("log", help="event log written by `vmft run --linux --record`")
@@ -129,18 +133,23 @@ def run(args: argparse.Namespace, layer: Path) -> int:
     return EXIT_DIVERGED if result.reason is StopReason.DIVERGED else EXIT_GUEST_FAILED
 
 
-async def _serve(machine: Machine, service: tuple[str, int] | None) -> MachineResult:
-    """Run the machine; with a service address, the host side of the guest's listening port (raw TCP:
-    connections, bytes and closes become the guest's events; its writes come back as outputs)."""
-    if service is None:
-        return await run_until_stopped(machine)
-    server = NicServer(machine.net_backend, service[0], service[1], framed=False)
-    host, port = await server.start()
-    print(f"vmft: service on {host}:{port}", file=sys.stderr, flush=True)
+async def _serve(machine: Machine, services: list[tuple[str, int]]) -> MachineResult:
+    """Run the machine with the host side of the guest's listening ports at its service addresses (raw
+    TCP: connections, bytes and closes become the guest's events; its writes come back as outputs)."""
+    ids = ConnIds()
+    servers = [
+        NicServer(machine.net_backend, host, port, framed=False, service=index, ids=ids)
+        for index, (host, port) in enumerate(services)
+    ]
+    transmit_to_all(machine.net_backend, servers)
     try:
+        for server in servers:
+            host, port = await server.start()
+            print(f"vmft: service on {host}:{port}", file=sys.stderr, flush=True)
         return await run_until_stopped(machine)
     finally:
-        await server.close()
+        for server in servers:
+            await server.close()
 
 
 def replay(args: argparse.Namespace, layer: Path) -> int:

@@ -38,16 +38,18 @@ needs_redis = pytest.mark.skipif(
 class GuestService:
     """`vmft run --linux --service 127.0.0.1:0 ...` as a process: its service address, its exit."""
 
-    def __init__(self, argv: list[str], layer: Path, record: Path | None = None) -> None:
+    def __init__(self, argv: list[str], layer: Path, record: Path | None = None, services: int = 1) -> None:
         cmd = [sys.executable, "-m", "replica.cli", "run", "--linux", "--layer", str(layer)]
-        cmd += ["--service", "127.0.0.1:0", *(["--record", str(record)] if record else []), "--", *argv]
+        cmd += ["--service", "127.0.0.1:0"] * services
+        cmd += [*(["--record", str(record)] if record else []), "--", *argv]
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
         )
         self._lines: queue.Queue[bytes] = queue.Queue()
         self.stderr = bytearray()
         threading.Thread(target=self._read_stderr, daemon=True).start()
-        self.address = self._service_address()
+        self.addresses = [self._service_address() for _ in range(services)]
+        self.address = self.addresses[0]
 
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
@@ -437,3 +439,41 @@ def test_services_answer_their_clients(tmp_path: Path, service: str) -> None:
                 assert _http_get(guest.address, "/index.html") == (200, b"hello from the guest\n")
     finally:
         guest.stop()
+
+
+PORTS = r"""
+import select, socket
+listeners = []
+for port in (7001, 7002):
+    s = socket.socket()
+    s.bind(("127.0.0.1", port))
+    s.listen(4)
+    listeners.append(s)
+served = 0
+while served < 4:
+    ready, _, _ = select.select(listeners, [], [], 30.0)
+    for s in ready:
+        conn, _ = s.accept()
+        conn.sendall(b"port %d\n" % s.getsockname()[1])
+        conn.close()
+        served += 1
+print("served", served)
+"""
+
+
+def test_several_service_addresses_map_to_the_ports_in_listening_order(tmp_path: Path) -> None:
+    """Two --service addresses: the first serves the first port the guest listens on, the second the
+    second (here with blocking sockets and select)."""
+    layer = _program(tmp_path, PORTS)
+    guest = GuestService(["/usr/bin/python3", "/tmp/prog.py"], layer, services=2)
+    try:
+        for address in guest.addresses * 2:
+            with socket.create_connection(address, timeout=WAIT_S) as conn:
+                got = b""
+                while chunk := conn.recv(100):
+                    got += chunk
+            assert got == (b"port 7001\n" if address == guest.addresses[0] else b"port 7002\n")
+        status, stdout = guest.wait()
+    finally:
+        guest.stop()
+    assert (status, stdout) == (0, b"served 4\n"), bytes(guest.stderr)

@@ -36,6 +36,7 @@ def _save_socket(sock: sk.TcpSocket) -> vmft_pb2.LinuxSocket:
         state=sock.state.value,
         backlog=[s.number for s in sock.backlog],
         conn=sock.conn,
+        service=sock.service,
         rx=bytes(sock.rx),
         peer_closed=sock.peer_closed,
         reset=sock.reset,
@@ -62,7 +63,7 @@ def restore_net(stack: sk.NetStack, msg: vmft_pb2.LinuxNet) -> None:
         sock.local = (saved.local_address, saved.local_port) if saved.bound else None
         sock.peer = (saved.peer_address, saved.peer_port) if saved.peer_address else None
         sock.options = {(key >> 32, key & 0xFFFFFFFF): value for key, value in saved.options.items()}
-        sock.conn, sock.rx = saved.conn, bytearray(saved.rx)
+        sock.conn, sock.service, sock.rx = saved.conn, saved.service, bytearray(saved.rx)
         sock.peer_closed, sock.reset = saved.peer_closed, saved.reset
         sock.read_shut, sock.write_shut = saved.read_shut, saved.write_shut
         sockets[saved.number] = sock

@@ -102,6 +102,7 @@ class TcpSocket(fdt.OpenFile):
         self.options: dict[tuple[int, int], bytes] = {}  # (level, name) -> the value set
         self.backlog: collections.deque[TcpSocket] = collections.deque()  # listening: not yet accepted
         self.conn = 0  # connected: the NIC connection id
+        self.service = 0  # connected: which service address it came through (0: the first)
         self.rx = bytearray()
         self.peer_closed = False  # the client went away: reads end after the bytes received
         self.reset = False  # the connection died (with an old primary): reads fail with ECONNRESET once
@@ -182,8 +183,8 @@ class TcpSocket(fdt.OpenFile):
     def describe(self) -> tuple[object, ...]:
         return (
             self.kind, self.number, self.family, self.flags, self.state.value, self.local, self.peer,
-            sorted(self.options.items()), [s.conn for s in self.backlog], self.conn, bytes(self.rx),
-            self.peer_closed, self.reset, self.read_shut, self.write_shut,
+            sorted(self.options.items()), [s.conn for s in self.backlog], self.conn, self.service,
+            bytes(self.rx), self.peer_closed, self.reset, self.read_shut, self.write_shut,
         )  # fmt: skip
 
 
@@ -196,7 +197,7 @@ class NetStack:
         self.sockets = 0  # numbers sockets (inode numbers, socket:[N])
         self.listeners: list[TcpSocket] = []  # in the order they listened: service i -> the i-th port
         self.conns: dict[int, TcpSocket] = {}  # NIC connection id -> its socket (queued or accepted)
-        self.unbound: collections.deque[TcpSocket] = collections.deque()  # arrived before any listen
+        self.unbound: list[TcpSocket] = []  # connections that came before their port was listened on
         self.bound: dict[tuple[int, int], TcpSocket] = {}  # (family, port) -> socket
         self.next_port = EPHEMERAL_FIRST
         self.active = False  # the guest has listened: news is taken at every system call from now on
@@ -255,13 +256,14 @@ class NetStack:
         sock.state = TcpState.LISTENING
         self.listeners.append(sock)
         self.active = True
-        if self.service_listener() is sock:
-            while self.unbound:  # connections that came before anyone listened
-                sock.backlog.append(self.unbound.popleft())
+        waiting = [c for c in self.unbound if self.service_listener(c.service) is sock]
+        if waiting:  # connections that came before their port was listened on
+            sock.backlog.extend(waiting)
+            self.unbound = [c for c in self.unbound if c not in waiting]
 
     def service_listener(self, index: int = 0) -> TcpSocket | None:
         """The socket the index-th service address is served by: the first listening socket on the
-        index-th port the guest listened on."""
+        index-th port the guest listened on (ports in the order the guest first listened on them)."""
         ports: list[int] = []
         for sock in self.listeners:
             assert sock.local is not None
@@ -306,7 +308,8 @@ class NetStack:
         if msg.kind is NetKind.OPEN:
             net.open_conns.add(msg.conn)
             net.max_conn = max(net.max_conn, msg.conn)
-            self._open(msg.conn)
+            service = int.from_bytes(msg.payload[:2], "little")  # netserver.py: b"" for the first
+            self._open(msg.conn, service)
             return
         sock = self.conns.get(msg.conn)
         if msg.kind is NetKind.DATA:
@@ -319,12 +322,12 @@ class NetStack:
             sock.reset = msg.payload == RESET
             del self.conns[msg.conn]
 
-    def _open(self, conn: int) -> None:
-        listener = self.service_listener()
+    def _open(self, conn: int, service: int) -> None:
+        listener = self.service_listener(service)
         family = listener.family if listener is not None else AF_INET
         sock = self.new_socket(family, 0)
         sock.state = TcpState.CONNECTED
-        sock.conn = conn
+        sock.conn, sock.service = conn, service
         port = listener.local[1] if listener is not None and listener.local is not None else 0
         sock.local = (_loopback(family), port)
         sock.peer = (_loopback(family), EPHEMERAL_FIRST + conn % 28000)
