@@ -60,6 +60,7 @@ class NodeMembership:
         self.membership = Membership(self.client)
         self.usage = usage
         self.registration: Registration | None = None
+        self.ttl_s = 2
         self._task: asyncio.Task[None] | None = None
 
     def _info(self) -> MemberInfo:
@@ -70,6 +71,7 @@ class NodeMembership:
         )  # fmt: skip
 
     async def start(self, ttl_s: int = 2) -> None:
+        self.ttl_s = ttl_s
         self.registration = await self.membership.register(self._info(), ttl_s=ttl_s)
         self._task = asyncio.create_task(self._keep_up(), name="membership")
         log.warning("node %s registered in etcd membership", self.settings.node_id)
@@ -81,11 +83,23 @@ class NodeMembership:
         lost_logged = False
         while True:
             await asyncio.sleep(UPDATE_EVERY_S)
-            if not registration.alive and not lost_logged:
-                log.error("node %s: its membership lease lapsed (etcd unreachable?)", self.settings.node_id)
-                lost_logged = True
-            elif registration.alive:
+            if not registration.alive:
+                if not lost_logged:  # once per lapse
+                    log.error("node %s: membership lease lapsed (etcd unreachable?)", self.settings.node_id)
+                    lost_logged = True
+                # A lapsed lease is gone for good: come back as a new registration once etcd answers
+                # (else a node cut off for a moment would never again be a member: no backup placed on it).
+                try:
+                    fresh = await self.membership.register(self._info(), ttl_s=self.ttl_s)
+                except EtcdError as err:
+                    log.warning("registering again failed: %s", err)
+                    continue
+                await registration.stop_renewing()  # its renewals ended with the lease: tidy up only
+                registration = self.registration = fresh
+                last = fresh.info
+                log.warning("node %s registered in etcd membership again", self.settings.node_id)
                 lost_logged = False
+                continue
             info = self._info()
             if info != last:
                 try:
