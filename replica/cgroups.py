@@ -14,7 +14,10 @@ What this machine allows, measured (docs/design.md, "Resource limits"):
   `memory_limit_mib` (guest RAM plus the monitor's overhead) is what the node reserves for it against the
   budget (replica/node.py refuses a VM beyond it).
 - The cgroup2 mount here (/sys/fs/cgroup/unified) has no cpu or memory controller (v1 holds them), so
-  threaded mode there limits nothing; a host with cpu on cgroup2 needs threaded-mode placement (not built).
+  threaded mode there (a threaded cgroup can be made) limits nothing; a host with cpu on cgroup2 needs
+  threaded-mode placement (not built).
+- A node started by `ip netns exec` (a namespace test host) sees a /sys remounted without the cgroup
+  mounts: it finds no controller and applies no limits (its status says so).
 
 Cgroups are made under the node's own cgroup in each hierarchy (as read from /proc/self/cgroup), named
 `vmft-node-PID`, and removed when the node closes; a node that died outright leaves empty ones, which the
