@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -253,3 +254,54 @@ def test_vmft_protect_linux_runs_a_program_from_a_named_root_as_a_pair(tmp_path:
         assert missing.returncode == 1 and "root nosuch" in missing.stderr, missing.stderr
         escape = vmft(cluster, "protect", "--linux", "--root", "..", "--primary", a.name, "vm2", "--", "/x")
         assert escape.returncode == 1 and "bad root name" in escape.stderr, escape.stderr
+
+
+ECHO = """
+import socket
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("0.0.0.0", 7000))
+server.listen()
+print("listening", flush=True)
+while True:
+    conn, _ = server.accept()
+    try:
+        while data := conn.recv(4096):
+            conn.sendall(data.upper())
+    except OSError as err:  # a connection that died with the old primary reads as reset
+        print("reset", type(err).__name__, flush=True)
+    conn.close()
+"""
+
+
+def ask(address: str, text: bytes, limit_s: float = WAIT_S) -> bytes:
+    """Send `text` to the service at `address` and read the reply (retrying until it serves)."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=5) as sock:
+                sock.sendall(text)
+                reply = b""
+                while len(reply) < len(text):
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    reply += chunk
+                if reply:
+                    return reply
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"{address} did not answer within {limit_s} s"
+        time.sleep(0.1)
+
+
+def test_a_linux_tcp_service_is_served_by_the_pair_and_after_failover(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path, failure_timeout_ms=FAILURE_TIMEOUT_MS) as cluster:
+        a, b = cluster.add_node(), cluster.add_node()
+        vm = protect_linux(cluster, a, b, ["/usr/bin/python3", "-c", ECHO])
+        assert ask(vm.service, b"hello pair\n") == b"HELLO PAIR\n"
+        cluster.kill_node(a)
+        wait_status(cluster, b, "promoted", lambda s: s.role == vmft_pb2.ROLE_PRIMARY)
+        assert ask(vm.backup_service, b"after failover\n") == b"AFTER FAILOVER\n"
+        assert console(b).startswith(b"listening\n")
