@@ -19,7 +19,7 @@ import logging
 import struct
 import threading
 
-from monitor.devices.net import MAX_MESSAGE, NetBackend, NetMessage
+from monitor.devices.net import CLIENT_EOF, MAX_MESSAGE, NetBackend, NetMessage
 from monitor.guest_abi import NetKind
 
 log = logging.getLogger(__name__)
@@ -107,10 +107,16 @@ class NicServer:
         if task is not None:
             self._tasks.add(task)
         self._backend.push(NetMessage(conn, NetKind.OPEN, self._open))
+        half_closed = False
         try:
             while not self._framed:
                 data = await reader.read(MAX_MESSAGE)
                 if not data:
+                    # The client finished sending (a half-close, or all of it): the guest reads the end
+                    # and the connection stays open for its replies until it closes it (_write).
+                    half_closed = conn in self._writers
+                    if half_closed:
+                        self._backend.push(NetMessage(conn, NetKind.CLOSE, CLIENT_EOF))
                     break
                 self._backend.push(NetMessage(conn, NetKind.DATA, data))
             while self._framed:
@@ -128,9 +134,10 @@ class NicServer:
         except asyncio.CancelledError:
             pass
         finally:
-            if self._writers.pop(conn, None) is not None:
-                self._backend.push(NetMessage(conn, NetKind.CLOSE, b""))
-            writer.close()
+            if not half_closed:
+                if self._writers.pop(conn, None) is not None:
+                    self._backend.push(NetMessage(conn, NetKind.CLOSE, b""))
+                writer.close()
             if task is not None:
                 self._tasks.discard(task)
 

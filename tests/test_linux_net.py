@@ -224,6 +224,7 @@ def test_python_server_on_nonblocking_sockets_and_epoll(tmp_path: Path) -> None:
             conn.sendall(b"hello %d " % i)
         for conn in reversed(conns):
             conn.sendall(b"x" * 100_000)
+        conns[2].shutdown(socket.SHUT_WR)  # a half-close: the replies still come, then the server's end
         for i, conn in enumerate(conns):
             want = (b"hello %d " % i).upper() + b"X" * 100_000
             got = b""
@@ -232,6 +233,8 @@ def test_python_server_on_nonblocking_sockets_and_epoll(tmp_path: Path) -> None:
                 assert chunk, f"closed after {len(got)} bytes"
                 got += chunk
             assert got == want
+            if conn is conns[2]:
+                assert conn.recv(100) == b""
             conn.close()
         status, stdout = service.wait()
     finally:

@@ -25,6 +25,9 @@ MAX_TX_BUFFER = 4 << 20
 # The payload of a CLOSE the host makes for a connection that died with the old primary (or host): a
 # Linux guest's socket reads it as ECONNRESET; a vmft-platform guest ignores CLOSE payloads.
 RESET = b"reset"
+# The payload of a CLOSE an unframed server (a Linux guest's service) makes when the client has finished
+# sending: the guest reads the end, but its replies still go out until it closes the connection itself.
+CLIENT_EOF = b"eof"
 _HEADER = struct.Struct(NET_MESSAGE.fmt)
 
 

@@ -39,6 +39,7 @@ def _save_socket(sock: sk.TcpSocket) -> vmft_pb2.LinuxSocket:
         service=sock.service,
         rx=bytes(sock.rx),
         peer_closed=sock.peer_closed,
+        peer_gone=sock.peer_gone,
         reset=sock.reset,
         read_shut=sock.read_shut,
         write_shut=sock.write_shut,
@@ -64,7 +65,7 @@ def restore_net(stack: sk.NetStack, msg: vmft_pb2.LinuxNet) -> None:
         sock.peer = (saved.peer_address, saved.peer_port) if saved.peer_address else None
         sock.options = {(key >> 32, key & 0xFFFFFFFF): value for key, value in saved.options.items()}
         sock.conn, sock.service, sock.rx = saved.conn, saved.service, bytearray(saved.rx)
-        sock.peer_closed, sock.reset = saved.peer_closed, saved.reset
+        sock.peer_closed, sock.peer_gone, sock.reset = saved.peer_closed, saved.peer_gone, saved.reset
         sock.read_shut, sock.write_shut = saved.read_shut, saved.write_shut
         sockets[saved.number] = sock
     try:
@@ -75,7 +76,7 @@ def restore_net(stack: sk.NetStack, msg: vmft_pb2.LinuxNet) -> None:
     except KeyError as err:
         raise CheckpointError(f"a Linux guest's socket list names socket {err} it does not hold") from None
     for sock in sockets.values():
-        if sock.state is sk.TcpState.CONNECTED and sock.conn and not sock.peer_closed:
+        if sock.state is sk.TcpState.CONNECTED and sock.conn and not sock.peer_gone:
             stack.conns[sock.conn] = sock
         if sock.local is not None and sock.state is not sk.TcpState.CLOSED and sock.conn == 0:
             stack.bound[(sock.family, sock.local[1])] = sock

@@ -22,7 +22,7 @@ import stat
 import struct
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from monitor.devices.net import MAX_MESSAGE, RESET, NetMessage, iter_messages, pack_messages
+from monitor.devices.net import CLIENT_EOF, MAX_MESSAGE, RESET, NetMessage, iter_messages, pack_messages
 from monitor.guest_abi import NetKind, Vector
 from monitor.journal import EventKind, JournalMode, OutputKind
 from monitor.linux import fdtable as fdt
@@ -104,7 +104,8 @@ class TcpSocket(fdt.OpenFile):
         self.conn = 0  # connected: the NIC connection id
         self.service = 0  # connected: which service address it came through (0: the first)
         self.rx = bytearray()
-        self.peer_closed = False  # the client went away: reads end after the bytes received
+        self.peer_closed = False  # the client finished sending: reads end after the bytes received
+        self.peer_gone = False  # the client went away: writes fail (EPIPE)
         self.reset = False  # the connection died (with an old primary): reads fail with ECONNRESET once
         self.read_shut = False
         self.write_shut = False
@@ -132,7 +133,7 @@ class TcpSocket(fdt.OpenFile):
     def send(self, data: bytes, nosignal: bool = False) -> int:
         if self.state is not TcpState.CONNECTED and self.state is not TcpState.CLOSED:
             raise LinuxError(errno.ENOTCONN if self.state is TcpState.NEW else errno.EPIPE)
-        if self.write_shut or self.peer_closed or self.reset or self.state is TcpState.CLOSED:
+        if self.write_shut or self.peer_gone or self.reset or self.state is TcpState.CLOSED:
             if not nosignal:
                 self.stack.raise_sigpipe()
             raise LinuxError(errno.EPIPE)
@@ -156,7 +157,7 @@ class TcpSocket(fdt.OpenFile):
             mask |= events & (POLLIN | POLLRDHUP)
         if self.reset:
             mask |= POLLERR | POLLHUP
-        elif self.peer_closed and self.write_shut:
+        elif self.peer_gone or self.peer_closed and self.write_shut:
             mask |= POLLHUP
         if not self.reset and not self.write_shut:
             mask |= events & POLLOUT
@@ -184,7 +185,7 @@ class TcpSocket(fdt.OpenFile):
         return (
             self.kind, self.number, self.family, self.flags, self.state.value, self.local, self.peer,
             sorted(self.options.items()), [s.conn for s in self.backlog], self.conn, self.service,
-            bytes(self.rx), self.peer_closed, self.reset, self.read_shut, self.write_shut,
+            bytes(self.rx), self.peer_closed, self.peer_gone, self.reset, self.read_shut, self.write_shut,
         )  # fmt: skip
 
 
@@ -316,9 +317,13 @@ class NetStack:
             if sock is not None and not sock.peer_closed and not sock.read_shut:
                 sock.rx += msg.payload
             return
-        net.open_conns.discard(msg.conn)
         if sock is not None:
             sock.peer_closed = True
+        if msg.payload == CLIENT_EOF:
+            return  # a half-close: the connection stays open for the guest's replies and its own close
+        net.open_conns.discard(msg.conn)
+        if sock is not None:
+            sock.peer_gone = True
             sock.reset = msg.payload == RESET
             del self.conns[msg.conn]
 
