@@ -22,6 +22,7 @@ from monitor.devices.net import RESET, NetMessage
 from monitor.guest_abi import NetKind
 from monitor.linux.personality import LinuxConfig, LinuxPersonality, build_linux, restore_linux
 from monitor.machine import Machine, StopReason
+from linux_helpers import run_guest, run_native
 
 pytestmark = pytest.mark.kvm
 
@@ -480,3 +481,38 @@ def test_several_service_addresses_map_to_the_ports_in_listening_order(tmp_path:
     finally:
         guest.stop()
     assert (status, stdout) == (0, b"served 4\n"), bytes(guest.stderr)
+
+
+WAITING = r"""
+import os, select, threading, time
+fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_SEMAPHORE)
+try:
+    os.eventfd_read(fd)
+except BlockingIOError:
+    print("empty")
+os.eventfd_write(fd, 3)
+print(select.select([fd], [fd], [], 0) == ([fd], [fd], []))
+print([os.eventfd_read(fd) for _ in range(3)])
+r, w = os.pipe()
+print(select.select([r], [], [], 0.05))
+threading.Thread(target=lambda: (time.sleep(0.05), os.write(w, b"x"))).start()
+print(select.select([r], [], [], 5) == ([r], [], []))
+blocking = os.eventfd(0)
+threading.Thread(target=lambda: (time.sleep(0.05), os.eventfd_write(blocking, 7))).start()
+print(os.eventfd_read(blocking))
+"""
+
+
+def test_eventfd_and_select_as_natively() -> None:
+    """eventfd (nonblocking, semaphore, a blocking read woken by a thread) and select (ready at once,
+    a timeout with nothing ready, a wait woken by a pipe), against the same program natively."""
+    argv = ["/usr/bin/python3", "-c", WAITING]
+    guest, native = run_guest(argv), run_native(argv)
+    assert (
+        (guest.status, guest.stdout)
+        == (native.status, native.stdout)
+        == (
+            0,
+            b"empty\nTrue\n[1, 1, 1]\n([], [], [])\nTrue\n7\n",
+        )
+    ), guest.stderr
