@@ -5,6 +5,11 @@ Each wake is an EVENTS event whose value says why (so a replay, which never slee
 steps): news (a NET_RX event follows with the messages), time (deadlines are checked again: clock
 events), or a control request (the thread that blocked last is made to run its call again, so the
 vCPU reaches the end of this exit and can park for a checkpoint or stop; the call then blocks again).
+
+It does not flush the log while it sleeps (Journal.idle): this exit has logged events already (the
+deadline of the call that blocked, clock readings), and a batch carries every event buffered, so a
+backup would hold events of an exit the primary never finished and refuse to go live there. Outputs
+are flushed when their own exit ends (flush_on_output), so nothing a client waits for stays behind.
 """
 
 from __future__ import annotations
@@ -58,7 +63,6 @@ class NetworkWaiting(PersonalityCore):
                 if left <= 0:
                     return WOKE_TIME
                 timeout = min(timeout, left / 1e9)
-            machine.journal.idle()  # recording: what came before can go to the backup now
             with machine._wake_cond:
                 if not machine._news and not backend.has_news() and machine._control is None:
                     machine._blocked = True  # waiting for clients is not a hang
