@@ -500,12 +500,16 @@ print(select.select([r], [], [], 5) == ([r], [], []))
 blocking = os.eventfd(0)
 threading.Thread(target=lambda: (time.sleep(0.05), os.eventfd_write(blocking, 7))).start()
 print(os.eventfd_read(blocking))
+import fcntl, socket, struct, termios
+a, b = socket.socketpair()
+a.send(b"hello")
+print(struct.unpack("i", fcntl.ioctl(b, termios.FIONREAD, bytes(4)))[0])
 """
 
 
 def test_eventfd_and_select_as_natively() -> None:
-    """eventfd (nonblocking, semaphore, a blocking read woken by a thread) and select (ready at once,
-    a timeout with nothing ready, a wait woken by a pipe), against the same program natively."""
+    """eventfd (nonblocking, semaphore, a blocking read woken by a thread), select (ready at once, a
+    timeout with nothing ready, a wait woken by a pipe) and FIONREAD on a socket, as natively."""
     argv = ["/usr/bin/python3", "-c", WAITING]
     guest, native = run_guest(argv), run_native(argv)
     assert (
@@ -513,6 +517,6 @@ def test_eventfd_and_select_as_natively() -> None:
         == (native.status, native.stdout)
         == (
             0,
-            b"empty\nTrue\n[1, 1, 1]\n([], [], [])\nTrue\n7\n",
+            b"empty\nTrue\n[1, 1, 1]\n([], [], [])\nTrue\n7\n5\n",
         )
     ), guest.stderr

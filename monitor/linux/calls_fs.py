@@ -210,6 +210,9 @@ class FileCalls(ProcessState):
             assert isinstance(file, fdt.PipeEnd)
             self.space.write(arg, struct.pack("<i", len(file.pipe.buffer)))
             return 0
+        if request == FIONREAD and file.pending_bytes() is not None:  # sockets: received, not yet read
+            self.space.write(arg, struct.pack("<i", file.pending_bytes()))
+            return 0
         raise LinuxError(errno.ENOTTY)  # no terminals here (TCGETS, TIOCGWINSZ...)
 
     def sys_fadvise64(self, fd: int, *_: int) -> int:

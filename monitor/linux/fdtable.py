@@ -146,6 +146,10 @@ class OpenFile:
         everything else is always ready). Sockets and eventfds answer themselves."""
         return None
 
+    def pending_bytes(self) -> int | None:
+        """FIONREAD on a socket: bytes received and not yet read (None: not a socket)."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -501,6 +505,9 @@ class SocketEnd(OpenFile):
             raise LinuxError(errno.EPIPE)
         self.tx.flags = 1 | (self.flags & O_NONBLOCK)
         return self.tx.write(data)
+
+    def pending_bytes(self) -> int | None:
+        return len(self.rx.pipe.buffer)
 
     def shutdown_write(self) -> None:
         if self.tx_open:

@@ -163,7 +163,7 @@ class TcpSocket(fdt.OpenFile):
             mask |= events & POLLOUT
         return mask
 
-    def pending_bytes(self) -> int:
+    def pending_bytes(self) -> int | None:
         return len(self.rx)
 
     def shutdown(self, how: int) -> None:
