@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 
 from monitor.checkpoint import CheckpointError, Checkpointer, CheckpointStats, CheckpointStore, Loading
-from monitor.errors import PeerError
+from monitor.errors import PeerError, VmftError
 from monitor.loader import ImageError
 from monitor.machine import Machine, MachineResult
 from monitor.address import parse_address
@@ -39,6 +39,14 @@ from replica.vm_common import (
 from replica.vm_core import GoLive, NotLive, VmCore, record_journal
 
 log = logging.getLogger(__name__)
+
+
+class _FaultedAgain(VmftError):
+    """A restart's restored guest faulted before it went live."""
+
+    def __init__(self, message: str, result: MachineResult) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class PrimaryVm:
@@ -497,33 +505,49 @@ class PrimaryVm:
         first_conn = old_nic.next_conn_id
         await old_nic.close()
         core.nic = None
-        last_seen = gate.released_position
-        async with self._checkpoint_lock:  # a checkpoint in flight finishes (or is marked bad) first
-            # Progress since the last restart (if any): a reply newer than its replay target reached a client.
-            entry = self._restarter.decide(fault, progressed=last_seen > self._replay_target)
-        if entry is None:
-            raise CheckpointError(
-                "no checkpoint to restart from (or the guest faulted again right after restarts)"
-            )
-        self._store.rewind_to(entry.checkpoint_id)
-        if entry.position < self._retained_from:
-            log.error(
-                "%s: the log kept for restarts starts at position %d, after checkpoint %s (position %d): "
-                "restarting without replay, replies since that checkpoint may be lost",
-                self.name, self._retained_from, entry.checkpoint_id[:12], entry.position,
+        released = gate.released_position
+        retained_from = self._retained_from
+        # Progress since the last restart (if any): a reply newer than its replay target reached a client.
+        progressed = released > self._replay_target
+        while True:
+            async with self._checkpoint_lock:  # a checkpoint in flight finishes (or is marked bad) first
+                entry = self._restarter.decide(fault, progressed=progressed)
+            if entry is None:
+                raise CheckpointError(
+                    "no checkpoint to restart from (or the guest faulted again right after restarts)"
+                )
+            self._store.rewind_to(entry.checkpoint_id)
+            last_seen = released
+            if entry.position < retained_from:
+                log.error(
+                    "%s: the log kept for restarts starts at position %d, after checkpoint %s (position %d): "
+                    "restarting without replay, replies since that checkpoint may be lost",
+                    self.name, retained_from, entry.checkpoint_id[:12], entry.position,
+                )  # fmt: skip
+                last_seen = entry.position
+            last_seen = max(last_seen, entry.position)
+            log.info(
+                "%s: restart from %s (position %d, saved %.1f s ago), log kept from %d, %d batches, "
+                "replay to %d",
+                self.name, entry.checkpoint_id[:12], entry.position, time.monotonic() - entry.saved_at,
+                retained_from, len(core.sink.retained), last_seen,
             )  # fmt: skip
-            last_seen = entry.position
-        last_seen = max(last_seen, entry.position)
-        log.info(
-            "%s: restart from %s (position %d, saved %.1f s ago), log kept from %d, %d batches, replay to %d",
-            self.name, entry.checkpoint_id[:12], entry.position, time.monotonic() - entry.saved_at,
-            self._retained_from, len(core.sink.retained), last_seen,
-        )  # fmt: skip
-        self._replay_target = last_seen
-        self._retained_from = entry.position
-        batches = [window_batch(batch, entry.position, last_seen) for batch in core.sink.retained]
-        batches = [batch for batch in batches if batch.position_deltas or batch.horizon > entry.position]
-        if not await self._restore_and_go_live(entry.path, batches, first_conn) or standing.is_(State.FENCED):
+            self._replay_target = last_seen
+            self._retained_from = entry.position
+            batches = [window_batch(batch, entry.position, last_seen) for batch in core.sink.retained]
+            batches = [batch for batch in batches if batch.position_deltas or batch.horizon > entry.position]
+            try:
+                live = await self._restore_and_go_live(entry.path, batches, first_conn)
+            except _FaultedAgain as again:
+                # The restored guest faulted before it went live (the checkpoint may hold the fault, e.g.
+                # one taken while it spun): the policy hears of a fault right after a restart from it.
+                log.warning("%s: %s", self.name, again)
+                self._restarter.restarted(entry.checkpoint_id, time.monotonic() - started)
+                fault, progressed = again.result, False
+                self._retained_from = retained_from
+                continue
+            break
+        if not live or standing.is_(State.FENCED):
             return
         self._restarter.restarted(entry.checkpoint_id, time.monotonic() - started)
         core.faults_recovered += 1
@@ -590,6 +614,9 @@ class PrimaryVm:
                 "the restarted guest did not finish replaying its log within 120 s"
             ) from None
         except NotLive as err:
+            result = machine.result
+            if result is not None and self._restarter.is_fault(guest.fault_view(machine, result)):
+                raise _FaultedAgain(str(err), guest.fault_view(machine, result)) from None
             raise CheckpointError(str(err)) from None
         finally:
             self._pending_live = None
