@@ -22,6 +22,8 @@ from monitor.devices.net import RESET, NetMessage
 from monitor.guest_abi import NetKind
 from monitor.linux.personality import LinuxConfig, LinuxPersonality, build_linux, restore_linux
 from monitor.machine import Machine, StopReason
+from monitor.record import QueueSource, RecordJournal, ReplayJournal
+from proto import vmft_pb2
 from linux_helpers import run_guest, run_native
 
 pytestmark = pytest.mark.kvm
@@ -313,7 +315,7 @@ s = socket.socket(); s.bind(("0.0.0.0", 7000)); s.listen(8); s.setblocking(False
 sel.register(s, selectors.EVENT_READ)
 store = {}
 while True:
-    for key, _ in sel.select():
+    for key, _ in sel.select(timeout=5):  # a deadline: its clock reading is an event of the waiting exit
         if key.fileobj is s:
             c, _ = s.accept(); c.setblocking(False); sel.register(c, selectors.EVENT_READ); continue
         c = key.fileobj
@@ -520,3 +522,75 @@ def test_eventfd_and_select_as_natively() -> None:
             b"empty\nTrue\n[1, 1, 1]\n([], [], [])\nTrue\n7\n5\n",
         )
     ), guest.stderr
+
+
+class _Forward:
+    """A primary's log sink feeding a backup's replay source, until the primary "dies"."""
+
+    def __init__(self, source: QueueSource) -> None:
+        self.source = source
+        self.alive = True
+
+    def write_batch(self, batch: vmft_pb2.EventBatch) -> None:
+        if self.alive:
+            self.source.put(batch)
+
+    def close(self) -> None:
+        pass
+
+
+class _Nowhere:
+    def write_batch(self, batch: vmft_pb2.EventBatch) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_backup_that_goes_live_while_the_server_waits_serves_and_resets_old_connections(
+    tmp_path: Path,
+) -> None:
+    """The primary records while a server waits for clients (with a connection open); its log stops
+    (the primary died); the replaying backup goes live: it serves new connections at once, the open one
+    reads as reset, and the data written through the old primary is there."""
+    argv = ["/usr/bin/python3", "/tmp/prog.py"]
+    source = QueueSource()
+    forward = _Forward(source)
+    primary_p = LinuxPersonality(LinuxConfig(argv[0], argv, _program(tmp_path / "a", CHECKPOINTED)))
+    primary = build_linux(primary_p, RecordJournal(forward, flush_on_output=True, flush_interval_s=0.002))
+    sent = _captured(primary)
+    backup_p = LinuxPersonality(LinuxConfig(argv[0], argv, _program(tmp_path / "b", CHECKPOINTED)))
+    replaying = ReplayJournal(source)
+    backup = build_linux(backup_p, replaying)
+
+    def promote(position: int) -> RecordJournal:
+        backup.net.connections_lost()  # the connections in the log died with the primary
+        return RecordJournal(_Nowhere(), start_position=position, flush_on_output=True)
+
+    replaying.promote = promote
+    out = bytearray()
+    backup_p.on_stream = lambda number, data: out.extend(data)
+    resent = _captured(backup)
+    try:
+        primary.start()
+        backup.start()
+        for kind, payload in ((NetKind.OPEN, b""), (NetKind.DATA, b"set a 1\n")):
+            primary.net_backend.push(NetMessage(1, kind, payload))
+        _until_sent(sent, 1, primary)
+        time.sleep(0.3)  # the server waits in epoll again (with a deadline: clock events at that exit)
+        forward.alive = False  # the primary dies
+        source.close()
+        first = backup.next_conn_id()
+        for kind, payload in ((NetKind.OPEN, b""), (NetKind.DATA, b"get a\n")):
+            backup.net_backend.push(NetMessage(first, kind, payload))
+        _until_sent(resent, 1, backup)
+        backup.net_backend.push(NetMessage(first, NetKind.DATA, b"quit\n"))
+        result = backup.wait_blocking(WAIT_S)
+    finally:
+        for machine, personality in ((primary, primary_p), (backup, backup_p)):
+            machine.stop()
+            machine.close()
+            personality.close()
+    assert result.reason is StopReason.EXITED and result.exit_code == 0, result.describe()
+    assert first == 2 and NetMessage(first, NetKind.DATA, b"1\n") in resent
+    assert out == b"reset\n"
