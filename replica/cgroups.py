@@ -122,7 +122,8 @@ def _rmdir(path: Path, quiet: bool = False) -> bool:
 
 
 def sweep_stale(support: Support) -> int:
-    """Remove the empty cgroups of nodes that died without closing (named by their PID); how many."""
+    """Remove the empty cgroups of nodes that died without closing (named by their PID); how many. Two
+    nodes starting together may sweep the same directory: whatever vanished meanwhile is skipped."""
     removed = 0
     for base in (support.cpu, support.memory):
         if base is None:
@@ -131,11 +132,21 @@ def sweep_stale(support: Support) -> int:
             pid = directory.name.removeprefix(PREFIX)
             if not pid.isdigit() or Path(f"/proc/{pid}").exists():
                 continue
-            for child in directory.iterdir():
-                if child.is_dir():
-                    _rmdir(child)
+            try:
+                children = [child for child in directory.iterdir() if child.is_dir()]
+            except OSError:
+                continue
+            for child in children:
+                _rmdir(child)
             removed += _rmdir(directory)
     return removed
+
+
+def _mkdir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CgroupError(f"making cgroup {path}: {err}") from err
 
 
 class NodeCgroups:
@@ -176,7 +187,7 @@ class NodeCgroups:
         quota = int(cpu_quota * CFS_PERIOD_US) if cpu_quota > 0 else -1
         if 0 < quota < 1000:
             raise CgroupError(f"cpu quota {cpu_quota}: at least {MIN_CPU_QUOTA} CPUs")
-        directory.mkdir(parents=True, exist_ok=True)
+        _mkdir(directory)
         _write(directory / "cpu.cfs_period_us", str(CFS_PERIOD_US))
         _write(directory / "cpu.cfs_quota_us", str(quota))
         _write(directory / "tasks", str(thread_id))  # moves this thread only (v1)
@@ -218,7 +229,7 @@ class NodeCgroups:
         if base is None:
             return False
         directory = base / self.name
-        directory.mkdir(exist_ok=True)
+        _mkdir(directory)
         _write(directory / "memory.limit_in_bytes", str(limit_mib << 20))
         _write(directory / "cgroup.procs", str(os.getpid()))  # every thread of the process
         self.memory_limit_mib = limit_mib

@@ -320,11 +320,11 @@ class Node:
         """Resource limits and moving addresses follow the VMs (failovers, restarts, stops)."""
         while True:
             await asyncio.sleep(interval_s)
-            self.apply_limits()
             try:
+                self.apply_limits()
                 await self.keep_addresses()
-            except VmftError as err:
-                log.error("moving addresses: %s", err)
+            except (VmftError, OSError) as err:  # the next round tries again
+                log.error("resource limits or moving addresses: %s", err)
 
     def metric_cores(self) -> list[VmCore]:
         return [vm.core for vm in self.vms.values()]

@@ -100,7 +100,14 @@ def _attrs(data: bytes) -> dict[int, bytes]:
 
 def _netlink(kind: int, flags: int, body: bytes) -> list[tuple[int, bytes]]:
     """One rtnetlink request; the messages of its answer (a dump's, or none for an acknowledged change).
-    AddressError with the kernel's reason if it refused."""
+    AddressError with the kernel's reason if it refused, or if the socket failed."""
+    try:
+        return _netlink_exchange(kind, flags, body)
+    except OSError as err:
+        raise AddressError(f"netlink request {kind}: {err}") from err
+
+
+def _netlink_exchange(kind: int, flags: int, body: bytes) -> list[tuple[int, bytes]]:
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
         sock.settimeout(IP_TIMEOUT_S)
         sock.bind((0, 0))
