@@ -504,9 +504,7 @@ class Campaign:
             await self._watch(
                 outcome, controller, workload, injected_at, injected_wall, duration, fault not in PARTITIONS
             )
-            # Who answered the clients once they got through again (the last 0.3 s of the watch).
-            served = workload.servers_since(time.monotonic() - 0.3)
-            outcome.served_by = [self._server_name(a, topology) for a in served]
+            outcome.served_by = [self._server_name(a, topology) for a in outcome.served_by]
         finally:
             if heal is not None:
                 await heal  # healed before any repair: re-protection needs every link
@@ -548,6 +546,8 @@ class Campaign:
             if time.monotonic() - injected_at > effect_window and primaries:
                 recent = [op for op in workload.history[-50:] if op.ok and op.end > time.monotonic() - 0.2]
                 if recent:
+                    # Who answered the clients once they got through again (addresses; named by the caller).
+                    outcome.served_by = sorted({op.server for op in recent if op.server})
                     break
             await asyncio.sleep(0.02)
         else:

@@ -285,16 +285,6 @@ class Workload:
                 gaps.append(max(b - a for a, b in zip(points, points[1:])))
         return gaps
 
-    def servers_since(self, t: float) -> list[str]:
-        """The addresses that answered clients after `t` (the history is in completion order)."""
-        seen: set[str] = set()
-        for op in reversed(self.history):
-            if op.end <= t:
-                break
-            if op.ok and op.server:
-                seen.add(op.server)
-        return sorted(seen)
-
     def latencies(self) -> list[float]:
         return [op.end - op.start for op in self.history if op.ok]
 
