@@ -605,6 +605,8 @@ def _describe(outcome: FaultOutcome, total: int) -> str:
         f"detection {ms(outcome.detection_ms)}, failover {ms(outcome.failover_ms)}, "
         f"re-protection {ms(outcome.reprotect_ms)}"
     )
+    if outcome.partition:
+        text += f" ({outcome.partition}; served by {', '.join(outcome.served_by) or '-'})"
     if outcome.error:
         text += f" ERROR: {outcome.error}"
     return text
