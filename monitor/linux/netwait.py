@@ -39,11 +39,18 @@ class NetworkWaiting(PersonalityCore):
             if why == WOKE_NEWS:
                 self.net.take(journal)
             elif why == WOKE_CONTROL:
-                blocked = sched.threads.get(sched.current) or sched.waiting()[0]
-                sched.make_runnable(blocked, 0)  # its call runs again (restart is kept)
+                sched.make_runnable(self._interruptible(), 0)
                 picked = sched.pick()
                 assert picked is not None
                 return picked
+
+    def _interruptible(self) -> Thread:
+        """The waiting thread a pause or stop wakes: one whose call runs again (a poll, an accept, a
+        read), else a futex waiter (a spurious wake-up is allowed), else the first (a sleep ends early)."""
+        waiting = self.process.sched.waiting()
+        restartable = [t for t in waiting if t.restart >= 0]
+        futex = [t for t in waiting if t.wait is not None and t.wait.kind == "futex"]
+        return (restartable or futex or waiting)[0]
 
     def _sleep_for_news(self) -> int:
         """Live (not replaying): sleep until news, a deadline or a control request; say which."""
