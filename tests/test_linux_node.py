@@ -202,12 +202,26 @@ def test_a_backup_whose_root_differs_is_refused_naming_the_file(tmp_path: Path) 
         a, b = cluster.add_node(), cluster.add_node()
         make_root(a, "i=0\nwhile true; do echo $i; i=$((i+1)); done\n")
         make_root(b, "echo other\n")
-        protect_linux(cluster, a, b, ["/bin/busybox", "sh", "/srv/run.sh"], root="app")
+        vm = protect_linux(cluster, a, b, ["/bin/busybox", "sh", "/srv/run.sh"], root="app")
         refused = wait_status(cluster, b, "refused", lambda s: s.role == vmft_pb2.ROLE_STOPPED)
         assert "/srv/run.sh" in refused.message and "differs" in refused.message, refused.message
         alone = wait_status(cluster, a, "alone", lambda s: s.state == vmft_pb2.VM_STATE_RUNNING_UNPROTECTED)
         assert not alone.protected
         wait_lines(a, 100)  # the primary runs on, unprotected
+        # A new backup seeded from a live checkpoint is refused the same way, before it replays anything:
+        # the checkpoint's program had read /srv/run.sh.
+        try:
+            cluster.reprotect(vm, a, b)
+        except ClusterError:
+            pass
+        again = wait_status(
+            cluster,
+            b,
+            "refused again",
+            lambda s: s.generation > refused.generation and s.role == refused.role,
+        )
+        assert "seeding failed" in again.message and "/srv/run.sh" in again.message, again.message
+        wait_status(cluster, a, "alone again", lambda s: s.state == vmft_pb2.VM_STATE_RUNNING_UNPROTECTED)
 
 
 def make_root(node: NodeProcess, script: str, name: str = "app") -> None:
