@@ -540,7 +540,9 @@ def _add_node_parser(sub: Subparsers) -> None:
 
 
 def _add_pair_parsers(sub: Subparsers) -> None:
-    protect = sub.add_parser("protect", help="start a protected primary/backup pair")
+    protect = sub.add_parser(
+        "protect", help="start a protected primary/backup pair (a Linux program: vmft protect --linux --help)"
+    )
     _add_machine_args(protect)
     protect.add_argument("--name", default="vm1", help="the VM's name (default vm1)")
     protect.add_argument("--primary", required=True, metavar="ADDR", help="node daemon to run the primary")

@@ -63,7 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--service", metavar="HOST:PORT", help="where the primary serves clients")
     parser.add_argument("--backup-service", metavar="HOST:PORT", help="where the backup serves once promoted")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    parser.add_argument("-v", "--verbose", action="store_true")
     node_client.add_arguments(parser)
     parser.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM [ARGS...]")
     return parser
