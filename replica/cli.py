@@ -589,7 +589,9 @@ def _add_pair_parsers(sub: Subparsers) -> None:
         help="node daemons that may run the primary now (repeat; the one that does is asked)",
     )  # fmt: skip
     migrate.add_argument(
-        "--service", metavar="HOST:PORT", help="where the target serves (needed unless it is the backup)"
+        "--service", metavar="HOST:PORT",
+        help="where the target serves (default: the backup's address if it is the backup, else the "
+        "primary's port on the target's host, or a free port on the same host)",
     )
     migrate.add_argument(
         "--next-backup", metavar="ADDR", help="the backup after migration (default: the old backup "

@@ -44,6 +44,7 @@ import grpc
 from proto import vmft_pb2, vmft_pb2_grpc
 from replica import tls
 from replica.backup import BackupVm
+from replica.placement import service_address
 from replica.primary import PrimaryVm
 from replica.roles import TERMINAL, State
 from replica.vm_common import ReplicationRefused
@@ -145,19 +146,25 @@ async def migrate(node: Node, request: vmft_pb2.MigrateRequest) -> vmft_pb2.Migr
 
 
 def _plan(node: Node, vm: PrimaryVm, request: vmft_pb2.MigrateRequest) -> Migration:
+    """Where the VM goes and its backup after. A service address not given follows placement's rule: the
+    primary's port on another host, a free port on this one (replica/placement.py)."""
     target = request.target_node
     backup = vm.backup_node if vm.standing.protected else ""
-    if backup != target and not request.target_service:
-        raise MigrationError(f"{target} is not {vm.name}'s backup: give the address it is to serve on")
+    target_service = request.target_service
+    if backup == target:
+        target_service = vm.backup_service  # it serves where it would after a failover
+    elif not target_service:
+        target_service = service_address(target, vm.core.service)
     if request.next_backup_node:
-        next_backup, next_service = request.next_backup_node, request.next_backup_service
+        next_backup = request.next_backup_node
+        next_service = request.next_backup_service or service_address(next_backup, vm.core.service)
     elif backup and backup != target:
         next_backup, next_service = backup, vm.backup_service  # the pair keeps its backup
     else:
         next_backup, next_service = node.settings.name, vm.core.service  # the pair swaps its roles
     if next_backup == target:
         raise MigrationError("the next backup must not be the target")
-    return Migration(vm.name, target, request.target_service, next_backup, next_service)
+    return Migration(vm.name, target, target_service, next_backup, next_service)
 
 
 async def _run(node: Node, vm: PrimaryVm, migration: Migration) -> vmft_pb2.MigrateReply:
