@@ -43,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=20000, help="requests per test (default 20000)")
     parser.add_argument("--clients", type=int, default=50, help="connections (default 50)")
     parser.add_argument("--kills", type=int, default=10, help="SIGKILLs of the primary (default 10; 0: none)")
+    parser.add_argument(
+        "--failure-timeout-ms",
+        type=float,
+        default=1000.0,
+        help="the pair's failure timeout (default 1000: a backup replaying redis's start-up on a loaded "
+        "2-core machine fell silent past 300 ms)",
+    )
     parser.add_argument("--before", type=float, default=0.5, help="seconds of SETs before each kill")
     parser.add_argument("--after", type=float, default=0.5, help="seconds of SETs after the failover")
 
@@ -226,7 +233,10 @@ def replicated(
     """The pair's benchmark rows, each kill's (recovery, acknowledged, lost), the failure timeout."""
     rows: dict[tuple[str, int], dict[str, float]] = {}
     kills = []
-    with tempfile.TemporaryDirectory(prefix="vmft-bench-redis.") as tmp, LocalCluster(Path(tmp)) as cluster:
+    with (
+        tempfile.TemporaryDirectory(prefix="vmft-bench-redis.") as tmp,
+        LocalCluster(Path(tmp), failure_timeout_ms=args.failure_timeout_ms) as cluster,
+    ):
         a, b = cluster.add_node(), cluster.add_node()
         try:
             vm = _protect(cluster, a, b, "bench")
