@@ -4,24 +4,42 @@ node through a planned switch, and every acknowledged write is there afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
 from proto import vmft_pb2, vmft_pb2_grpc
+from replica import node_client, tls
 from replica.cluster import LocalCluster, NodeProcess, ProtectedVm
+from replica.etcd_server import EtcdCluster, EtcdTls
 from replica.workload import Workload
 
 pytestmark = pytest.mark.kvm
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def etcd_under_ca(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
+    """A cluster CA in tmp_path and a one-member etcd serving mutual TLS under it; stopped at the end."""
+    ca = tmp_path / "ca"
+    tls.init_ca(ca)
+    member = tls.issue(ca, tls.Role.NODE, "etcd-m0")
+    etcd = EtcdCluster(tmp_path / "etcd", 1, tls=[EtcdTls(ca=member.ca, cert=member.cert, key=member.key)])
+    try:
+        etcd.start(credentials=tls.channel_credentials(member))
+        yield ca, etcd.endpoints
+    finally:
+        etcd.stop()
 
 
 async def replies_after(workload: Workload, t: float, count: int = 30, limit_s: float = 20.0) -> None:
@@ -124,8 +142,6 @@ def test_migrate_is_refused_without_an_admin_certificate_and_onto_the_primarys_o
                 vmft_pb2_grpc.NodeStub(channel).Migrate(request, timeout=30)
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         # A node certificate is not an admin's: another node cannot move the VM.
-        from replica import node_client, tls
-
         node_auth = node_client.ClientAuth(cluster.identity(tls.Role.NODE, "node-intruder"))
         with node_auth.channel(a.name) as channel:
             with pytest.raises(grpc.RpcError) as denied:
@@ -192,3 +208,36 @@ def test_bench_migrate_quick_reports_its_figures_as_json() -> None:
     pause = figures["migration client-seen pause max"]
     assert pause["unit"] == "ms" and pause["value"] > 0
     assert figures["migration total time, 64 MiB guest, p50"]["value"] > 0
+
+
+async def test_migration_on_etcd_goes_only_to_a_live_member(
+    tmp_path: Path, guest_image: Callable[[str], Path]
+) -> None:
+    if shutil.which("etcd") is None:
+        pytest.skip("etcd-server is not installed")
+    with etcd_under_ca(tmp_path) as (ca, endpoints):
+        with LocalCluster(tmp_path / "cluster", ca_dir=ca, etcd=endpoints) as cluster:
+            a, b, c = cluster.add_node(), cluster.add_node(), cluster.add_node()
+            vm = cluster.protect(guest_image("kv"), a, b)
+            cluster.wait_for(b, vm.name, "backup")
+            stranger = vmft_pb2.MigrateRequest(name=vm.name, target_node="127.0.0.1:1", target_service="")
+            with cluster.channel(a) as channel:
+                with pytest.raises(grpc.RpcError) as refused:
+                    vmft_pb2_grpc.NodeStub(channel).Migrate(stranger, timeout=30)
+            assert "not a live member" in (refused.value.details() or "")
+            cluster.service_address(vm.name, c)
+            workload = Workload(cluster.service_addresses(vm.name), clients=3)
+            load = asyncio.create_task(workload.run())
+            try:
+                await replies_after(workload, 0.0)
+                reply = await asyncio.to_thread(migrate, cluster, vm, a, c)
+                # Generation 2: the primary alone (its backup released); 3: the target, claimed in etcd.
+                assert reply.generation == 3
+                await replies_after(workload, time.monotonic())
+                status = await asyncio.to_thread(cluster.wait_for, b, vm.name, "backup", 30)
+                assert status.generation == 3
+            finally:
+                workload.stop()
+                await asyncio.wait_for(load, 60)
+            verdict = await asyncio.wait_for(workload.verify_final(), 60)
+            assert verdict.ok, verdict.summary()
