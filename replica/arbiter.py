@@ -141,3 +141,16 @@ async def claim_or_owner(arbiter: Arbiter, vm: str, generation: int, node: str) 
         return None
     current = await asyncio.to_thread(arbiter.current, vm)
     return current.node if current else "?"
+
+
+async def current_within(arbiter: Arbiter, vm: str, within_s: float) -> Claim | None:
+    """The newest claim of `vm`, asked without blocking the event loop (the arbiter's own coroutine where
+    it has one, else a worker thread) and waited for at most `within_s`; ArbiterUnavailable after that.
+    For a status, which must answer while etcd is slow (a member cut off stalls a read for its attempt
+    timeout)."""
+    ask = getattr(arbiter, "current_async", None)
+    pending = ask(vm) if ask is not None else asyncio.to_thread(arbiter.current, vm)
+    try:
+        return await asyncio.wait_for(pending, within_s)
+    except TimeoutError as err:
+        raise ArbiterUnavailable(f"the arbiter did not answer within {within_s * 1000:.0f} ms") from err

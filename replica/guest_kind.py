@@ -73,6 +73,14 @@ def kind_of(spec: vmft_pb2.VmSpec) -> GuestKind:
     return GuestKind.LINUX if spec.HasField("linux") else GuestKind.PLATFORM
 
 
+def fill_defaults(spec: vmft_pb2.VmSpec) -> None:
+    """Write a Linux spec's defaults into it when a node first takes it, so that what the node reserves
+    (replica/node.py limits), what its backup builds and what it runs are the same RAM and hang timeout."""
+    if kind_of(spec) is GuestKind.LINUX:
+        spec.mem_mib = spec.mem_mib or LINUX_MEM_MIB
+        spec.hang_timeout_s = spec.hang_timeout_s or LINUX_HANG_TIMEOUT_S
+
+
 class ConsoleLog:
     """DATA_DIR/console/NAME.out: the console output this node let out (or, on a backup, replayed).
     Appended from the vCPU or acknowledgement thread; O_APPEND keeps each write whole, the lock keeps a

@@ -30,9 +30,9 @@ from monitor.loader import ImageError
 from monitor.machine import install_kick_handler
 from monitor.record import LogError
 from proto import vmft_pb2, vmft_pb2_grpc
-from replica import authz, confine, migration, tls
+from replica import authz, confine, guest_kind, migration, tls
 from replica import cgroups
-from replica.arbiter import Arbiter, SqliteArbiter
+from replica.arbiter import Arbiter, ArbiterUnavailable, SqliteArbiter, current_within
 from replica.membership import Membership
 from replica.placement import Placement
 from replica.metrics import MetricsServer
@@ -41,7 +41,7 @@ from replica.primary import PrimaryVm
 from replica.replication import backup_stream
 from replica.roles import Role, State
 from replica.service_address import AddressError, MovingAddress, ServiceAddresses, interface_for
-from replica.vm_core import VmCore
+from replica.vm_core import STATUS_ARBITER_WAIT_S, VmCore
 from replica.vm_common import PROTOCOL_VERSION, NodeSettings, ReplicationRefused
 
 MAX_IMAGE_BYTES = 3 << 20  # a guest image travels in one request, under gRPC's 4 MiB message limit
@@ -196,6 +196,7 @@ class Node:
         confine.validate_name(spec.name)
         if spec.name in self.vms and self.vms[spec.name].core.running():
             raise ReplicationRefused(f"VM {spec.name} already runs on this node")
+        guest_kind.fill_defaults(spec)
         self._check_limits(spec)
         self._check_address(spec)
         await self._check_member(request.backup_node)
@@ -337,27 +338,33 @@ class Node:
         throttled = self.cgroups.throttled(core.name) if self.cgroups is not None else 0
         return self.limits.reservation_mib(core.spec), throttled
 
-    def status(self) -> vmft_pb2.NodeStatus:
+    async def status(self) -> vmft_pb2.NodeStatus:
+        vms = list(self.vms.values())
+        await asyncio.gather(*(vm.core.check_superseded() for vm in vms))
         out = vmft_pb2.NodeStatus(node=self.settings.name, protocol_version=PROTOCOL_VERSION, pid=os.getpid())
         out.memory_budget_mib = self.limits.budget_mib()
         out.memory_reserved_mib = self.usage()[1]
         out.max_vms = self.limits.max_vms
         out.resource_limits = self.cgroups.describe() if self.cgroups is not None else "none (off)"
         out.metrics = self.metrics_address
-        for vm in self.vms.values():
+        for vm in vms:
             out.vms.append(vm.status())
         for name, record in self.remembered.items():
             if name not in self.vms:
-                out.vms.append(self._remembered_status(name, record))
+                out.vms.append(await self._remembered_status(name, record))
         return out
 
-    def _remembered_status(self, name: str, record: dict[str, object]) -> vmft_pb2.VmStatus:
-        current = self.arbiter.current(name)
+    async def _remembered_status(self, name: str, record: dict[str, object]) -> vmft_pb2.VmStatus:
         generation = int(str(record.get("generation", 0)))
+        unanswered = ""
+        try:
+            current = await current_within(self.arbiter, name, STATUS_ARBITER_WAIT_S)
+        except ArbiterUnavailable as err:
+            current, unanswered = None, f" ({err})"
         if current is not None and (current.generation > generation or current.node != self.settings.node_id):
             message = f"fenced: generation {current.generation} belongs to {current.node}"
         else:
-            message = "not running: the node restarted and the VM's memory is gone"
+            message = f"not running: the node restarted and the VM's memory is gone{unanswered}"
         return vmft_pb2.VmStatus(
             name=name,
             role=vmft_pb2.ROLE_STOPPED,
@@ -575,7 +582,7 @@ class NodeServicer(vmft_pb2_grpc.NodeServicer):
     async def Status(  # noqa: N802
         self, request: vmft_pb2.StatusRequest, context: grpc.aio.ServicerContext
     ) -> vmft_pb2.NodeStatus:
-        return self.node.status()
+        return await self.node.status()
 
     async def StopVm(  # noqa: N802
         self, request: vmft_pb2.StopVmRequest, context: grpc.aio.ServicerContext

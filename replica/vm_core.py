@@ -21,13 +21,15 @@ from monitor.address import parse_address
 from monitor.netserver import NicServer
 from monitor.record import RecordJournal
 from proto import vmft_pb2
-from replica.arbiter import Arbiter
+from replica.arbiter import Arbiter, ArbiterUnavailable, current_within
 from replica.guest_kind import Guest
 from replica.roles import SERVING, TERMINAL, Role, Standing, State
 from replica.stream_sink import StreamSink
 from replica.vm_common import FailoverTimes, Meter, NodeSettings, stop_machine
 
 log = logging.getLogger(__name__)
+
+STATUS_ARBITER_WAIT_S = 0.25  # how long a status waits for the arbiter before it answers without it
 
 
 def record_journal(sink: StreamSink, settings: NodeSettings, start_position: int = 0) -> RecordJournal:
@@ -61,6 +63,7 @@ class VmCore:
     faults_recovered: int = 0
     # How this node runs the VM's guest (replica/guest_kind.py: the one place a spec becomes a machine).
     guest: Guest | None = None
+    superseded_by: int = 0  # the newest generation the arbiter named when a status asked it
 
     @property
     def name(self) -> str:
@@ -70,19 +73,28 @@ class VmCore:
         """Neither stopped nor failed nor fenced (a backup still waiting for its checkpoint counts)."""
         return self.result is None and self.standing.state not in TERMINAL
 
+    async def check_superseded(self, within_s: float = STATUS_ARBITER_WAIT_S) -> None:
+        """Before a status: resumed after a SIGSTOP, a primary may answer before it has noticed (or asked
+        the arbiter) that its backup took over; then it serves nothing (its outputs wait for acks that never
+        come) and its status says SUPERSEDED. Asked off the event loop and bounded: with an etcd member cut
+        off, a blocking read stalled this node's VMs for 0.5 s per status. Unanswered: the last answer."""
+        if self.standing.state not in SERVING:
+            return
+        try:
+            current = await current_within(self.arbiter, self.name, within_s)
+        except ArbiterUnavailable as err:
+            log.debug("status of %s: %s", self.name, err)
+            return
+        if current is not None:
+            self.superseded_by = max(self.superseded_by, current.generation)
+
     def status(self, peer: str) -> vmft_pb2.VmStatus:
         """The status both roles report; the primary adds its own figures."""
         standing = self.standing
-        # The position first: the arbiter's query below blocks the event loop (no ack is taken meanwhile)
-        # but not the vCPU, so a position read after it would overstate how far the backup lags.
         position = self.machine.position if self.machine else 0
         state = standing.state.wire
-        if standing.state in SERVING:
-            # Resumed after a SIGSTOP, a primary may answer before it has noticed (or asked the arbiter)
-            # that its backup took over: then it serves nothing (its outputs wait for acks that never come).
-            current = self.arbiter.current(self.name)
-            if current is not None and current.generation > standing.generation:
-                state = vmft_pb2.VM_STATE_SUPERSEDED
+        if standing.state in SERVING and self.superseded_by > standing.generation:
+            state = vmft_pb2.VM_STATE_SUPERSEDED
         return vmft_pb2.VmStatus(
             name=self.name,
             role=standing.wire_role(),

@@ -3,6 +3,8 @@ and state, protection, acknowledged positions, and a primary superseded by a new
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 from monitor.journal import OutputKind
@@ -51,10 +53,52 @@ def test_a_protected_primary_reports_its_acknowledged_position_and_held_outputs(
 def test_a_primary_the_arbiter_has_superseded_says_so(tmp_path: Path) -> None:
     core, arbiter = _core(tmp_path, Role.PRIMARY, generation=2)
     core.standing.to(State.RUNNING_UNPROTECTED)
+    asyncio.run(core.check_superseded())
     assert core.status("").state == vmft_pb2.VM_STATE_RUNNING_UNPROTECTED
     arbiter.newest = Claim("vm1", 3, "127.0.0.1:9", 0.0)
+    asyncio.run(core.check_superseded())
     status = core.status("")
     assert status.state == vmft_pb2.VM_STATE_SUPERSEDED and status.role == vmft_pb2.ROLE_PRIMARY
+
+
+class SlowArbiter(FakeArbiter):
+    """An arbiter that takes `delay_s` to answer (etcd with the member it asks cut off)."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+
+    def current(self, vm: str) -> Claim | None:
+        time.sleep(self.delay_s)
+        return self.newest
+
+
+def test_a_status_check_neither_blocks_the_event_loop_nor_waits_for_a_slow_arbiter(tmp_path: Path) -> None:
+    settings = NodeSettings(name="127.0.0.1:1", data_dir=tmp_path)
+    arbiter = SlowArbiter(1.0)
+    core = VmCore(settings, arbiter, vmft_pb2.VmSpec(name="vm1"), "", None, Standing(Role.PRIMARY, 2))
+    core.standing.to(State.RUNNING_UNPROTECTED)
+
+    async def check() -> tuple[float, int]:
+        ticks = 0
+
+        async def tick() -> None:  # what the node's other work sees: the loop keeps turning
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        began = time.monotonic()
+        await core.check_superseded(within_s=0.2)
+        took = time.monotonic() - began
+        ticker.cancel()
+        return took, ticks
+
+    took, ticks = asyncio.run(check())
+    assert took < 0.8, f"the status waited {took:.2f} s for the arbiter"
+    assert ticks >= 5, f"the event loop turned {ticks} times in {took:.2f} s"
+    assert core.status("").state == vmft_pb2.VM_STATE_RUNNING_UNPROTECTED
 
 
 def test_a_backup_reports_what_it_received_and_a_stopped_vm_its_result(tmp_path: Path) -> None:
