@@ -4,6 +4,7 @@ a listening server with an open connection (docs/linux.md, "Network")."""
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import shutil
@@ -21,6 +22,9 @@ from monitor.checkpoint.take import Checkpointer
 from monitor.devices.net import RESET, NetMessage
 from monitor.guest_abi import NetKind
 from monitor.linux.personality import LinuxConfig, LinuxPersonality, build_linux, restore_linux
+from monitor.linux import fdtable as fdt
+from monitor.linux.mm import LinuxError
+from monitor.linux.sockets import AF_INET, AF_INET6, NetStack, pack_sockaddr, parse_sockaddr
 from monitor.machine import Machine, StopReason
 from monitor.record import QueueSource, RecordJournal, ReplayJournal
 from proto import vmft_pb2
@@ -594,3 +598,31 @@ def test_a_backup_that_goes_live_while_the_server_waits_serves_and_resets_old_co
     assert result.reason is StopReason.EXITED and result.exit_code == 0, result.describe()
     assert first == 2 and NetMessage(first, NetKind.DATA, b"1\n") in resent
     assert out == b"reset\n"
+
+
+def test_the_stack_binds_listens_and_maps_service_addresses_in_listening_order() -> None:
+    """NetStack without a machine: bind conflicts per family, ephemeral ports, the service mapping."""
+    stack = NetStack()
+    any4, any6 = bytes(4), bytes(16)
+    v4, v6, other = (stack.new_socket(f, fdt.O_NONBLOCK) for f in (AF_INET, AF_INET6, AF_INET))
+    stack.bind(v4, any4, 6379)
+    stack.bind(v6, any6, 6379)  # the same port in the other family (redis binds both)
+    with pytest.raises(LinuxError) as taken:
+        stack.bind(other, any4, 6379)
+    assert taken.value.errno == errno.EADDRINUSE
+    with pytest.raises(LinuxError) as foreign:
+        stack.bind(other, bytes([10, 0, 0, 1]), 80)
+    assert foreign.value.errno == errno.EADDRNOTAVAIL  # the guest has only loopback
+    stack.listen(other)  # unbound: an ephemeral port
+    assert other.local == (any4, 32768)
+    stack.listen(v6)
+    stack.listen(v4)
+    assert stack.service_listener(0) is other and stack.service_listener(1) is v6
+    assert stack.service_listener(2) is None
+    with pytest.raises(LinuxError) as empty:
+        stack.accept(v6)
+    assert empty.value.errno == errno.EAGAIN
+    other.close()
+    assert stack.service_listener(0) is v6  # the remaining ports move up
+    family, address, port = parse_sockaddr(pack_sockaddr(AF_INET6, bytes(15) + b"\x01", 8080))
+    assert (family, address, port) == (AF_INET6, bytes(15) + b"\x01", 8080)
