@@ -133,19 +133,33 @@ class HostCluster:
     def vm(self, node: HostNode, name: str = "vm1", timeout: float = 2.0) -> vmft_pb2.VmStatus | None:
         return next((vm for vm in self.status(node, timeout).vms if vm.name == name), None)
 
+    def moving_address(self, index: int = 200) -> str:
+        """An address on the bridge's subnet that no host holds: a VM's moving service address
+        (replica/service_address.py), as IP/PREFIX."""
+        net = self.net
+        return f"{net.subnet.network_address + index}/{net.subnet.prefixlen}"
+
+    def service(self, node: HostNode, moving: str = "") -> str:
+        """Where `node` serves the VM: its own address, or the moving one (the same on every node)."""
+        return f"{moving.split('/')[0]}:{SERVICE_PORT}" if moving else node.service
+
     def protect(self, image: Path, primary: HostNode, backup: HostNode, name: str = "vm1",
-                mem_mib: int = 64) -> None:  # fmt: skip
+                mem_mib: int = 64, moving: str = "") -> None:  # fmt: skip
+        """Protect `name` (primary on `primary`); with `moving` (IP/PREFIX) its service address moves with
+        its primary, else each node serves it on its own address."""
         loaded = load_image_file(image)
         spec = vmft_pb2.VmSpec(name=name, image=loaded.data, image_sha256=loaded.sha256, mem_mib=mem_mib,
-                               hang_timeout_s=2.0)  # fmt: skip
+                               hang_timeout_s=2.0, moving_address=moving)  # fmt: skip
         request = vmft_pb2.ProtectRequest(
-            spec=spec, backup_node=backup.address, service=primary.service, backup_service=backup.service
-        )
+            spec=spec, backup_node=backup.address, service=self.service(primary, moving),
+            backup_service=self.service(backup, moving),
+        )  # fmt: skip
         self._call(primary, "Protect", request)
 
-    def reprotect(self, primary: HostNode, backup: HostNode, name: str = "vm1") -> vmft_pb2.VmStatus:
+    def reprotect(self, primary: HostNode, backup: HostNode, name: str = "vm1", moving: str = ""
+                  ) -> vmft_pb2.VmStatus:  # fmt: skip
         request = vmft_pb2.ReprotectRequest(
-            name=name, backup_node=backup.address, backup_service=backup.service
+            name=name, backup_node=backup.address, backup_service=self.service(backup, moving)
         )
         status: vmft_pb2.VmStatus = self._call(primary, "Reprotect", request)
         return status
