@@ -649,6 +649,9 @@ def _add_chaos_parser(sub: Subparsers) -> None:
     chaos.add_argument("--partition", type=float, default=1.0, metavar="S",
                        help="with --hosts: how long a partition lasts before it heals (default 1.0)")
     chaos.add_argument("--json", action="store_true", help="print the report as JSON (progress on stderr)")
+    chaos.add_argument("--linux", action="store_true",
+                       help="against Debian's redis-server as a protected pair (own options: vmft chaos "
+                       "--linux --help)")  # fmt: skip
     chaos.set_defaults(func=cmd_chaos)
 
 
@@ -691,6 +694,10 @@ def main(argv: list[str] | None = None) -> int:
         return linux_run.main(argv)
     if linux_protect.wants(argv):
         return linux_protect.main(argv)
+    if argv[:1] == ["chaos"] and "--linux" in argv[: argv.index("--") if "--" in argv else None]:
+        from replica import chaos_linux  # `chaos --linux ... [-- redis-server ARGS...]`: its own parser
+
+        return chaos_linux.main(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else os.environ.get("VMFT_LOG", "WARNING").upper(),
