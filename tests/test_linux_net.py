@@ -510,12 +510,17 @@ import fcntl, socket, struct, termios
 a, b = socket.socketpair()
 a.send(b"hello")
 print(struct.unpack("i", fcntl.ioctl(b, termios.FIONREAD, bytes(4)))[0])
+print(os.readv(b.fileno(), [bytearray(5), bytearray(5)]))  # the data fills the first buffer exactly
+r2, w2 = os.pipe()
+os.write(w2, b"12345")
+print(os.readv(r2, [bytearray(5), bytearray(5)]))
 """
 
 
 def test_eventfd_and_select_as_natively() -> None:
     """eventfd (nonblocking, semaphore, a blocking read woken by a thread), select (ready at once, a
-    timeout with nothing ready, a wait woken by a pipe) and FIONREAD on a socket, as natively."""
+    timeout with nothing ready, a wait woken by a pipe), FIONREAD on a socket and a readv whose data
+    fills its first buffer (the second must not wait), as natively."""
     argv = ["/usr/bin/python3", "-c", WAITING]
     guest, native = run_guest(argv), run_native(argv)
     assert (
@@ -523,7 +528,7 @@ def test_eventfd_and_select_as_natively() -> None:
         == (native.status, native.stdout)
         == (
             0,
-            b"empty\nTrue\n[1, 1, 1]\n([], [], [])\nTrue\n7\n5\n",
+            b"empty\nTrue\n[1, 1, 1]\n([], [], [])\nTrue\n7\n5\n5\n5\n",
         )
     ), guest.stderr
 

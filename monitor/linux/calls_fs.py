@@ -106,7 +106,18 @@ class FileCalls(ProcessState):
         for base, length in self._iovecs(iov, count):
             if not length:
                 continue
-            data = file.read(length)
+            if total and file.poll_mask(1) == 0:
+                break  # a socket emptied after the first buffers: what was read is the result
+            try:
+                data = file.read(length)
+            except fdt.WouldBlock:
+                if not total:
+                    raise
+                break  # a pipe emptied after the first buffers: what was read is the result
+            except LinuxError as err:
+                if not total or err.errno != errno.EAGAIN:
+                    raise
+                break
             self.space.write(base, data)
             total += len(data)
             if len(data) < length:
