@@ -192,7 +192,7 @@ class TcpSocket(fdt.OpenFile):
 class NetStack:
     """The guest's sockets and the connections of its service address (one per personality, shared by
     every process). Bound to a machine by `attach`; `poll_news` runs at every system call once the guest
-    listens, `wait_for_news` when every thread waits."""
+    listens, and `take` when every thread waits and the host has news (netwait.py)."""
 
     def __init__(self) -> None:
         self.sockets = 0  # numbers sockets (inode numbers, socket:[N])
