@@ -514,13 +514,19 @@ print(os.readv(b.fileno(), [bytearray(5), bytearray(5)]))  # the data fills the 
 r2, w2 = os.pipe()
 os.write(w2, b"12345")
 print(os.readv(r2, [bytearray(5), bytearray(5)]))
+ep = select.epoll()
+ep.register(r, select.EPOLLIN | select.EPOLLONESHOT)
+os.write(w, b"y")
+print(len(ep.poll(0)), len(ep.poll(0)))  # fired once, then disabled
+ep.modify(r, select.EPOLLIN | select.EPOLLONESHOT)
+print(len(ep.poll(0)))
 """
 
 
 def test_eventfd_and_select_as_natively() -> None:
     """eventfd (nonblocking, semaphore, a blocking read woken by a thread), select (ready at once, a
-    timeout with nothing ready, a wait woken by a pipe), FIONREAD on a socket and a readv whose data
-    fills its first buffer (the second must not wait), as natively."""
+    timeout with nothing ready, a wait woken by a pipe), FIONREAD on a socket, a readv whose data
+    fills its first buffer (the second must not wait) and EPOLLONESHOT, as natively."""
     argv = ["/usr/bin/python3", "-c", WAITING]
     guest, native = run_guest(argv), run_native(argv)
     assert (
@@ -528,7 +534,7 @@ def test_eventfd_and_select_as_natively() -> None:
         == (native.status, native.stdout)
         == (
             0,
-            b"empty\nTrue\n[1, 1, 1]\n([], [], [])\nTrue\n7\n5\n5\n5\n",
+            b"empty\nTrue\n[1, 1, 1]\n([], [], [])\nTrue\n7\n5\n5\n5\n1 0\n1\n",
         )
     ), guest.stderr
 

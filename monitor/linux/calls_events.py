@@ -17,6 +17,8 @@ AF_UNIX, SOCK_STREAM, SOCK_TYPE_MASK = 1, 1, 0xF
 POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP = 1, 2, 4, 8, 0x10
 SOCK_NONBLOCK, SOCK_CLOEXEC = 0o4000, 0o2000000
 EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD = 1, 2, 3
+EPOLLONESHOT = 1 << 30
+_EPOLL_FLAGS = 0xF << 28  # EPOLLEXCLUSIVE, EPOLLWAKEUP, EPOLLONESHOT, EPOLLET: not events
 FIONBIO = 0x5421
 _EVENT = struct.Struct("<IQ")  # struct epoll_event is packed on x86-64
 
@@ -87,10 +89,14 @@ class EventCalls(ProcessState):
             wanted, data, file = epoll.interest[fd]
             if self.fds.fds.get(fd) is None or self.fds.fds[fd].file is not file:
                 continue  # closed since: Linux drops it with the file
-            got = poll_events(file, wanted | 0x18)  # EPOLLERR and EPOLLHUP are always reported
-            watched.append((file, wanted | 0x18))
+            if wanted == EPOLLONESHOT:
+                continue  # a one-shot entry that fired: disabled until EPOLL_CTL_MOD arms it again
+            got = poll_events(file, (wanted & ~_EPOLL_FLAGS) | 0x18)  # EPOLLERR, EPOLLHUP: always
+            watched.append((file, (wanted & ~_EPOLL_FLAGS) | 0x18))
             if got and len(ready) < maxevents:
                 ready.append(_EVENT.pack(got, data))
+                if wanted & EPOLLONESHOT:
+                    epoll.interest[fd] = (EPOLLONESHOT, data, file)
         if ready or timeout == 0:
             self.space.write(events, b"".join(ready))
             return len(ready)
