@@ -114,6 +114,7 @@ def restore(
     verify_digest: bool = False,
     factory: MachineFactory = Machine,
     loading: Loading = Loading.EAGER,
+    confined: bool = False,
 ) -> tuple[Machine, RestoreStats]:
     """A machine at a checkpoint's position, not started. `source`: a checkpoint file (its parents are
     found in the same directory), an explicit chain of files (full first), or a `RecordStream` (a full
@@ -121,7 +122,8 @@ def restore(
     checkpoint's position that makes one (default: live). `image`, `mem_size`: what the checkpoint
     must match. `disk`: where its disk goes (default: the path it records); rewritten to its contents.
     `factory`: as for `build`. `loading`: Loading.LAZY returns the machine before its memory is loaded
-    (pages load on first touch, a thread loads the rest ahead; monitor/checkpoint/lazy.py). Refuses a
+    (pages load on first touch, a thread loads the rest ahead; monitor/checkpoint/lazy.py). `confined`: no
+    host path is taken from the checkpoint (give `image`, and `disk` if it has one). Refuses a
     damaged or mismatched checkpoint with a CheckpointError before anything is loaded."""
 
     def make(config: MachineConfig, loaded: GuestImage) -> Machine:
@@ -136,6 +138,7 @@ def restore(
         verify_digest=verify_digest,
         make_machine=make,
         loading=loading,
+        confined=confined,
     )
     if isinstance(source, RecordStream):
         return checkpoint_restore.restore_records(source, options)

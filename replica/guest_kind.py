@@ -237,6 +237,7 @@ class Guest:
             hang_timeout_s=self.hang_timeout_s,
             factory=factory,
             loading=loading,
+            confined=True,  # a node never takes a host path from a checkpoint (a peer may have sent it)
         )
         return machine, stats
 

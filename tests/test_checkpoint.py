@@ -528,3 +528,31 @@ def test_bench_checkpoint_smoke() -> None:
     for size, touched in ((small, 2), (large, 12)):
         assert size.reference == touched and touched <= size.value < 1.2 * touched + 0.5, size
     assert large.value > 4 * small.value, (small, large)
+
+
+def test_a_confined_restore_takes_no_host_path_from_the_checkpoint(
+    guest_image: GuestImage, tmp_path: Path
+) -> None:
+    """A node restores what a peer streamed: a checkpoint naming a disk (or an image) path is refused
+    when the VM has no disk of its own here, and nothing is created at the path it names."""
+    image = load_image_file(guest_image("ticker"))
+    machine = build(MachineConfig(str(image.path), 64, None, 0, 3.0))
+    try:
+        records = list(Checkpointer(machine, name="stream").records())
+    finally:
+        machine.close()
+    planted = tmp_path / "outside" / "planted.img"
+    planted.parent.mkdir()
+
+    def naming_a_disk(header: vmft_pb2.CheckpointHeader) -> None:
+        header.config.disk_path = str(planted)
+        header.config.disk_size = 1 << 20
+
+    forged = _edit_header(records, naming_a_disk)
+    with pytest.raises(CheckpointError, match="has a disk, and this VM has none here"):
+        builder.restore(RecordStream(iter(forged)), image=image, confined=True)
+    assert not planted.exists()
+    with pytest.raises(CheckpointError, match="given its image"):
+        builder.restore(RecordStream(iter(records)), confined=True)
+    restored, _ = builder.restore(RecordStream(iter(records)), image=image, confined=True)
+    restored.close()

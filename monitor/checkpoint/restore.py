@@ -96,6 +96,9 @@ class Options:
     verify_digest: bool = False
     threads: int = DEFAULT_THREADS
     loading: Loading = Loading.EAGER
+    # Never take a host path from the checkpoint (its image's, its disk's): a node restoring what a peer
+    # sent gives both itself, and a checkpoint that has a disk where the VM has none is refused.
+    confined: bool = False
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -248,6 +251,8 @@ class _Restore:
         self.header = header
         self.what = what
         self.options = options
+        if options.confined:
+            _check_confined(header, options, what)
         self.image = _image_for(header, options.image, what)
         self.config = _config_for(header, self.image, options.disk, options.hang_timeout_s)
         self._machine: Machine | None = None
@@ -325,6 +330,13 @@ def _config_for(
         arg=config.arg,
         hang_timeout_s=hang_timeout_s if hang_timeout_s is not None else config.hang_timeout_s,
     )
+
+
+def _check_confined(header: vmft_pb2.CheckpointHeader, options: Options, what: str) -> None:
+    if options.image is None:
+        raise CheckpointError(f"{what}: a confined restore is given its image, never the checkpoint's path")
+    if header.config.disk_path and options.disk is None:
+        raise CheckpointError(f"{what}: it has a disk, and this VM has none here (its path is not taken)")
 
 
 def _image_for(header: vmft_pb2.CheckpointHeader, image: GuestImage | None, what: str) -> GuestImage:
