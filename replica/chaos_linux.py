@@ -7,16 +7,18 @@ history check in the redis protocol (replica/resp.py):
   the acknowledged increments and at most the attempted ones), and no two acknowledged INCRs of one
   counter may have returned the same value (an increment applied twice over a rolled-back one).
 
-Faults: SIGKILL or SIGSTOP of the primary's or the backup's node (replica/faults.py, through the node's
-InjectFault), and a guest crash: redis-server gets SIGSEGV (`DEBUG SEGFAULT` on a connection to the
-primary: redis writes into a read-only page; the server runs with `--enable-debug-command local
---crash-log-enabled no` so that it dies at once), after which the primary restarts it from a checkpoint
-plus the log up to the last reply a client saw. After each fault the pair is re-protected
-(replica/chaos.py's PairController) before the next. The recovery times are measured as `vmft chaos`
-measures them and reported in its form (chaos.CampaignReport: table, JSON, timeline).
+Faults: SIGKILL or SIGSTOP of the primary's or the backup's node, and a guest crash: redis-server gets
+SIGSEGV at its next system call (`crash` through the node's InjectFault, as `vmft fault crash`), after which
+the primary restarts it from a checkpoint plus the log up to the last reply a client saw (replica/faults.py
+for all of them). With `--query-of-death` the crash comes from a request instead, `DEBUG SEGFAULT` (redis
+writes into a read-only page; it runs with `--enable-debug-command local --crash-log-enabled no`), which
+the log carries: a restart whose replay target is past the request's arrival crashes again (see
+docs/linux.md). After each fault the pair is re-protected (replica/chaos.py's PairController) before the
+next. Recovery times are measured as `vmft chaos` measures them and reported in its form
+(chaos.CampaignReport: table, JSON, timeline).
 
     vmft chaos --linux [--count N] [--seed S] [--faults F,...] [--clients C] [--nodes N] [--json]
-                       [--out DIR] [--keep] [-- redis-server ARGS...]
+                       [--query-of-death] [--out DIR] [--keep] [-- redis-server ARGS...]
 """
 
 from __future__ import annotations
@@ -93,7 +95,12 @@ class LinuxCampaign:
         fault_duration_s: float = 0.8,
         recovery_timeout_s: float = 30.0,
         failure_timeout_ms: float = 500.0,
+        hang_timeout_s: float = 2.0,
+        query_of_death: bool = False,
     ) -> None:
+        """`hang_timeout_s`: the guest's (a restart trusts only checkpoints older than it: with the Linux
+        default of 60 s, two crashes within a minute restart from a checkpoint whose log is gone).
+        `query_of_death`: crash by `DEBUG SEGFAULT` instead of a SIGSEGV from the host."""
         rng = random.Random(seed)
         self.plan = list(faults) if faults else [rng.choice(LINUX_FAULTS) for _ in range(count)]
         unsupported = [f.value for f in self.plan if f not in LINUX_FAULTS]
@@ -114,14 +121,20 @@ class LinuxCampaign:
         self.fault_duration_s = max(fault_duration_s, failure_timeout_ms / 1000 + 0.3)
         self.recovery_timeout_s = recovery_timeout_s
         self.failure_timeout_ms = failure_timeout_ms
+        self.hang_timeout_s = hang_timeout_s
+        self.query_of_death = query_of_death
 
     async def run(self, say: Callable[[str], None] = lambda line: None) -> LinuxCampaignReport:
         started = time.monotonic()
         with LocalCluster(self.workdir, failure_timeout_ms=self.failure_timeout_ms) as cluster:
             nodes = [await asyncio.to_thread(cluster.add_node) for _ in range(self.nodes)]
-            vm = await asyncio.to_thread(protect_redis, cluster, nodes[0], nodes[1], self.argv)
+            vm = await asyncio.to_thread(
+                protect_redis, cluster, nodes[0], nodes[1], self.argv, hang_timeout_s=self.hang_timeout_s
+            )
             controller = PairController(cluster, vm, nodes)
-            workload = RedisWorkload(cluster.service_addresses(vm.name), self.clients, self.seed)
+            workload = RedisWorkload(
+                cluster.service_addresses(vm.name), self.clients, self.seed, epoch=started
+            )
             load = asyncio.create_task(workload.run())
             outcomes: list[FaultOutcome] = []
             try:
@@ -180,7 +193,7 @@ class LinuxCampaign:
         injected_wall = time.time()
         outcome = FaultOutcome(index, fault.value, injected_at - started)
         try:
-            if fault is Fault.CRASH:
+            if fault is Fault.CRASH and self.query_of_death:
                 primary, _backup = await asyncio.to_thread(find_roles, names, controller.vm.name)
                 if primary is None:
                     raise FaultError(f"no node holds the primary of {controller.vm.name}")
@@ -273,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--settle", type=float, default=0.5, metavar="S", help="load between faults")
     parser.add_argument("--failure-timeout-ms", type=float, default=500.0,
                         help="the nodes' failure timeout (default 500)")  # fmt: skip
+    parser.add_argument("--query-of-death", action="store_true",
+                        help="crash redis by a request (DEBUG SEGFAULT), not by the host")  # fmt: skip
     parser.add_argument("--out", default="chaos-report", metavar="DIR", help="where the report goes")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (node data, logs)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON (progress on stderr)")
@@ -298,6 +313,7 @@ def main(argv: list[str]) -> int:
             campaign = LinuxCampaign(
                 workdir, program, faults=faults, count=args.count, seed=args.seed, clients=args.clients,
                 nodes=args.nodes, settle_s=args.settle, failure_timeout_ms=args.failure_timeout_ms,
+                query_of_death=args.query_of_death,
             )  # fmt: skip
             report = asyncio.run(
                 campaign.run(lambda line: say(f"chaos {time.monotonic() - started:6.1f}s {line}"))

@@ -1,5 +1,7 @@
-"""The main job: a replicated kv VM on two node processes, a client load, the primary killed with
-SIGKILL, the failover, and what the clients saw (`scripts/demo`)."""
+"""The main job (`scripts/demo`). Act 1: a replicated kv VM on two node processes, a client load, the
+primary killed with SIGKILL, the failover, and what the clients saw. Act 2 (replica/demo_redis.py): the
+same with Debian's redis-server as the guest, redis-benchmark as load and checking clients of our own.
+`--act kv` or `--act redis` runs one act alone."""
 
 from __future__ import annotations
 
@@ -70,11 +72,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", type=float, default=2.0, help="seconds of load before the fault")
     parser.add_argument("--after", type=float, default=2.0, help="seconds of load after the fault")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (node logs)")
+    parser.add_argument(
+        "--act", choices=["both", "kv", "redis"], default="both", help="which act (default: both, kv first)"
+    )
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="vmft-demo."))
     print(f"demo: work directory {workdir}")
     try:
-        return asyncio.run(demo(Path(args.image), args.clients, args.before, args.after, workdir))
+        status = 0
+        if args.act in ("both", "kv"):
+            status |= asyncio.run(demo(Path(args.image), args.clients, args.before, args.after, workdir))
+        if args.act in ("both", "redis"):
+            from replica import demo_redis
+
+            status |= asyncio.run(demo_redis.act(workdir / "redis", args.clients, args.before, args.after))
+        return status
     finally:
         if not args.keep:
             import shutil

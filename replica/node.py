@@ -412,6 +412,10 @@ class Node:
         if command is not None:
             if vm.core.nic is None:
                 raise ReplicationRefused(f"{vm.name} does not serve clients on this node (not its primary)")
+            personality = guest_kind.linux_personality(machine) if machine is not None else None
+            if personality is not None and kind == vmft_pb2.FAULT_CRASH_GUEST:
+                personality.crash_requested = True  # a Linux program crashes by signal, not by a request
+                return f"{vm.name}: SIGSEGV for the Linux program at its next system call"
             conn = vm.core.nic.inject(command)
             return f"sent {command.decode()} to {vm.name} on connection {conn}"
         raise ReplicationRefused(f"fault {vmft_pb2.FaultKind.Name(kind)} is not supported by this node")

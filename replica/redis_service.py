@@ -182,7 +182,9 @@ class RedisWorkload:
         counters: int = 3,
         set_ratio: float = 0.7,
         attempt_timeout_s: float = 0.5,
+        epoch: float | None = None,
     ) -> None:
+        """`epoch`: the time.monotonic() that violations count their times from (default: now)."""
         self.addresses = addresses
         self.clients = clients
         self.seed = seed
@@ -192,6 +194,10 @@ class RedisWorkload:
         self.history: list[Op] = []
         self.acked_sets: dict[str, str] = {}
         self.incr_acked: dict[str, list[int]] = {name: [] for name in self.counters}  # the values returned
+        # When (since `started`) and by which address each acknowledgement came: a violation says when.
+        self.started = time.monotonic() if epoch is None else epoch
+        self.acked_at: dict[str, tuple[float, str]] = {}
+        self.incr_at: dict[str, list[float]] = {name: [] for name in self.counters}
         self.incr_attempted: dict[str, int] = dict.fromkeys(self.counters, 0)
         self.errors: list[str] = []  # -ERR replies (a server that answered and refused)
         self._stop = asyncio.Event()
@@ -229,9 +235,11 @@ class RedisWorkload:
                     self.errors.append(f"{' '.join(args)}: {reply.message}")
                 elif ok and kind == "set":
                     self.acked_sets[key] = args[2]
+                    self.acked_at[key] = (time.monotonic() - self.started, client.server)
                 elif ok:
                     assert isinstance(reply, int)
                     self.incr_acked[key].append(reply)
+                    self.incr_at[key].append(time.monotonic() - self.started)
                 self.history.append(Op(index, kind, key, start, time.monotonic(), ok, client.server))
         finally:
             await client.close()
@@ -258,6 +266,7 @@ class RedisWorkload:
         conn = await RespConnection.open(address, 5.0)
         violations: list[str] = []
         lost = wrong = 0
+        lost_keys: list[str] = []
         try:
             keys = sorted(self.acked_sets)
             for at in range(0, len(keys), 200):
@@ -268,8 +277,7 @@ class RedisWorkload:
                 for key, value in zip(chunk, values, strict=True):
                     if value is None:
                         lost += 1
-                        if lost <= 5:
-                            violations.append(f"acknowledged SET {key} lost")
+                        lost_keys.append(key)
                     elif value != self.acked_sets[key].encode():
                         wrong += 1
                         violations.append(f"acknowledged SET {key}: read {value!r}")
@@ -287,12 +295,24 @@ class RedisWorkload:
                     )
                 if value > attempted:
                     violations.append(f"counter {name} is {value}: more than {attempted} attempted")
-                if len(set(returned)) != len(returned):
-                    violations.append(f"counter {name}: two acknowledged INCRs returned the same value")
+                first: dict[int, float] = {}
+                for value_returned, when in zip(returned, self.incr_at[name], strict=True):
+                    if value_returned in first:
+                        violations.append(
+                            f"counter {name}: two acknowledged INCRs returned {value_returned} (at "
+                            f"{first[value_returned]:.2f} s and {when:.2f} s): an acknowledged one was lost"
+                        )
+                        break
+                    first[value_returned] = when
         finally:
             await conn.close()
-        if lost > 5:
-            violations.append(f"... {lost} acknowledged SETs lost in all")
+        if lost_keys:
+            times = sorted(self.acked_at[key] for key in lost_keys)
+            servers = sorted({server for _t, server in times})
+            violations.append(
+                f"{lost} acknowledged SETs lost ({', '.join(lost_keys[:3])}, ...), acknowledged from "
+                f"{times[0][0]:.2f} s to {times[-1][0]:.2f} s into the run, by {', '.join(servers)}"
+            )
         violations += [f"error reply: {e}" for e in self.errors[:5]]
         return RedisVerdict(
             operations=len(self.history),

@@ -146,6 +146,9 @@ class LinuxPersonality(ProcessControl, NetworkWaiting, ThreadSwitching, SignalDe
         self.image = GuestImage(self.program_path, identity(self.program_elf.data, config), 0, ())
         self.fs = fs
         self.fatal: FatalSignal | None = None
+        # `vmft fault crash` (replica/node.py): SIGSEGV at the next system call, set from another thread. A
+        # fault of the host's making, not an event of the log: the primary restarts from a checkpoint.
+        self.crash_requested = False
         self.on_stream: Callable[[int, bytes], None] | None = None
         self.syscall_count = 0
         self.cpuid_count = 0
@@ -276,6 +279,9 @@ class LinuxPersonality(ProcessControl, NetworkWaiting, ThreadSwitching, SignalDe
         if rip != boot.SYSCALL_RETURN_RIP:
             self._end(ProcessExit(128 + Sig.SIGSEGV, FatalSignal(Sig.SIGSEGV, f"port I/O at {rip - 2:#x}")))
         self.syscall_count += 1
+        if self.crash_requested:
+            self.crash_requested = False
+            self._end(ProcessExit(128 + Sig.SIGSEGV, FatalSignal(Sig.SIGSEGV, "SIGSEGV from the host")))
         if self.net.active:
             self.net.poll_news()  # connections, bytes and closes the host queued become the guest's here
         try:
