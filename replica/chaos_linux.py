@@ -95,7 +95,7 @@ class LinuxCampaign:
         fault_duration_s: float = 0.8,
         recovery_timeout_s: float = 30.0,
         failure_timeout_ms: float = 500.0,
-        hang_timeout_s: float = 2.0,
+        hang_timeout_s: float = 1.0,
         query_of_death: bool = False,
     ) -> None:
         """`hang_timeout_s`: the guest's (a restart trusts only checkpoints older than it: with the Linux

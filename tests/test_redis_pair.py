@@ -137,7 +137,7 @@ def test_vmft_chaos_linux_three_faults(tmp_path: Path) -> None:
     out = tmp_path / "report"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     done = subprocess.run(
-        [sys.executable, "-m", "replica.cli", "chaos", "--linux", "--count", "3", "--seed", "4",
+        [sys.executable, "-m", "replica.cli", "chaos", "--linux", "--count", "3", "--seed", "6",
          "--clients", "3", "--json", "--out", str(out)],
         capture_output=True, text=True, timeout=240, cwd=ROOT, env=env,
     )  # fmt: skip
