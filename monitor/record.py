@@ -13,6 +13,7 @@ is refused with a message naming what is wrong.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import datetime
 import hashlib
@@ -308,25 +309,33 @@ class RecordJournal:
 
     def flush(self, horizon: int, ended: bool = False, reason: str = "") -> None:
         with self._lock:
-            positions = self._positions
+            # Only events up to the horizon go: those of the exit still being handled (the guest blocked
+            # in it, `idle`) stay until it is done. A backup that held them beyond its horizon would replay
+            # to the horizon, then find events it never replayed where it should go live (DivergenceError).
+            cut = len(self._positions) if ended else bisect.bisect_right(self._positions, horizon)
+            positions = self._positions[:cut]
             if not positions and not ended and horizon <= self._first:
                 return
             batch = vmft_pb2.EventBatch(horizon=max(horizon, 0))
             if positions:
                 batch.first_position = positions[0]
                 batch.position_deltas.extend([b - a for a, b in zip([positions[0], *positions], positions)])
-                batch.rips.extend(self._rips)
-                batch.kinds.extend(self._kinds)
-                batch.values.extend(self._values)
-                batch.data.extend(self._data)
+                batch.rips.extend(self._rips[:cut])
+                batch.kinds.extend(self._kinds[:cut])
+                batch.values.extend(self._values[:cut])
+                batch.data.extend(self._data[:cut])
             if ended:
                 batch.ended = True
                 batch.end_position = self.position
                 batch.end_reason = reason
             self.stats.events += len(positions)
             self.stats.batches += 1
-            self._positions, self._rips, self._kinds, self._values, self._data = [], [], [], [], []
-            self._urgent = False
+            if cut == len(self._positions):
+                self._positions, self._rips, self._kinds, self._values, self._data = [], [], [], [], []
+                self._urgent = False
+            else:  # what stays may hold an output: still urgent at its exit's end
+                del self._positions[:cut], self._rips[:cut], self._kinds[:cut], self._values[:cut]
+                del self._data[:cut]
             self._last_flush = time.monotonic()
             self._first = horizon
             self._sink.write_batch(batch)

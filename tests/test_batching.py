@@ -4,9 +4,12 @@ queue into one stream message, and the window of a retained batch a restart repl
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import threading
 
+from monitor.journal import EventKind, OutputKind
+from monitor.record import RecordJournal
 from proto import vmft_pb2
 from replica.stream_sink import StreamSink, merge_batches, window_batch
 
@@ -132,3 +135,33 @@ async def test_an_unprotected_sink_drops_batches_and_lets_a_throttled_vcpu_go() 
     assert done.is_set() and sink.discard
     assert await sink.take(0.01) == []
     assert len(sink.retained) == 9  # a restart still has the log
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.batches: list[vmft_pb2.EventBatch] = []
+
+    def write_batch(self, batch: vmft_pb2.EventBatch) -> None:
+        self.batches.append(batch)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_batch_never_carries_events_beyond_its_horizon() -> None:
+    """The guest blocks in exit 7 after an event there (`idle` flushes what is complete: up to 6): that
+    event stays until exit 7 is done, or a backup would hold an event it never replays where it goes live."""
+    sink = _Collect()
+    journal = RecordJournal(sink, flush_on_output=True)
+    for position in (5, 6, 7):
+        journal.at_exit(position)
+        journal.value(EventKind.CLOCK, functools.partial(int, position * 10))
+    journal.output(OutputKind.NET, b"reply at 7")
+    journal.idle()  # blocked in exit 7
+    assert [(_positions(b), b.horizon) for b in sink.batches] == [([5, 6], 6)]
+    journal.exit_done(7)  # exit 7 handled: its events (its output among them) go at once
+    assert [(_positions(b), b.horizon) for b in sink.batches[1:]] == [([7, 7], 7)]
+    journal.at_exit(8)
+    journal.finish(b"digest", "exited")
+    last = sink.batches[-1]
+    assert last.ended and _positions(last) == [8] and last.end_position == 8
