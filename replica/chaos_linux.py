@@ -274,7 +274,7 @@ def describe(outcome: FaultOutcome, total: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="vmft chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--linux", action="store_true", required=True)
     parser.add_argument("--faults", help=f"comma-separated, in order (default: random among "
                         f"{', '.join(f.value for f in LINUX_FAULTS)})")  # fmt: skip
