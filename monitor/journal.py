@@ -28,6 +28,7 @@ class EventKind(enum.IntEnum):
     STATE_HASH = 8  # hash of guest memory and vCPU state
     DISK_WRITE = 9  # outcome of a disk write (0 or an errno): the host's disk may fail one side only
     ROOT_FILE = 10  # a Linux guest read this root file: path NUL sha256; replay refuses different files
+    VDSO_TIME = 11  # a Linux guest's vDSO time page was rewritten at this exit: its new clock values
 
 
 class OutputKind(enum.IntEnum):
@@ -56,6 +57,11 @@ class Journal(Protocol):
 
     def data(self, kind: EventKind, live: Callable[[], bytes]) -> bytes:
         """A byte-string input. `live` is called unless replaying."""
+        ...
+
+    def data_if(self, kind: EventKind, live: Callable[[], bytes | None]) -> bytes | None:
+        """An input that only some exits have (the recording decides): `live` returns None for none.
+        Replaying: the logged event of `kind` if the next one is at this position, else None."""
         ...
 
     def irq(self, vector: Vector) -> None:
@@ -119,6 +125,9 @@ class LiveJournal:
         return live()
 
     def data(self, kind: EventKind, live: Callable[[], bytes]) -> bytes:
+        return live()
+
+    def data_if(self, kind: EventKind, live: Callable[[], bytes | None]) -> bytes | None:
         return live()
 
     def irq(self, vector: Vector) -> None:

@@ -246,6 +246,12 @@ class RecordJournal:
         self._append(kind, 0, result)
         return result
 
+    def data_if(self, kind: EventKind, live: Callable[[], bytes | None]) -> bytes | None:
+        result = live()
+        if result is not None:
+            self._append(kind, 0, result)
+        return result
+
     def irq(self, vector: Vector) -> None:
         self._append(EventKind.IRQ, int(vector), b"")
 
@@ -513,6 +519,14 @@ class ReplayJournal:
         if self.delegate is not None:
             return self.delegate.data(kind, live)
         return self._next(kind)[4]
+
+    def data_if(self, kind: EventKind, live: Callable[[], bytes | None]) -> bytes | None:
+        if self.delegate is not None:
+            return self.delegate.data_if(kind, live)
+        events = self._events
+        if events and events[0][0] == self.position and events[0][2] == kind:
+            return self._next(kind)[4]
+        return None
 
     def irq(self, vector: Vector) -> None:
         if self.delegate is not None:

@@ -28,10 +28,10 @@ from monitor.errors import VmftError
 from monitor.journal import Journal
 from monitor.linux.manifest import check_root_files
 from monitor.linux.personality import DEFAULT_ENV, LinuxConfig, LinuxPersonality, build_linux
+from monitor.linux.vdso import ClockMode
 from monitor.machine import Machine, MachineResult, StopReason
 from monitor.netserver import ConnIds, NicServer, transmit_to_all
 from monitor.record import DEFAULT_HASH_EVERY, ReplayJournal, open_recording, open_replay
-from replica.cli_common import run_until_stopped
 
 log = logging.getLogger("vmft")
 
@@ -65,10 +65,25 @@ def _parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--hang-timeout", type=float, default=60.0, metavar="S", help="hung after S s without a system call"
     )
+    parser.add_argument(
+        "--clock",
+        choices=[m.value for m in ClockMode],
+        default=ClockMode.SYSCALL.value,
+        help="syscall: every clock read is a system call (default); vdso: reads answered without an exit "
+        "from a time page that moves only at system calls (docs/linux.md). Replay with the same choice",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     if command == "run":
         parser.add_argument("--record", metavar="LOG", help="record the nondeterministic event log to LOG")
         parser.add_argument("--hash-every", type=int, default=DEFAULT_HASH_EVERY, metavar="N")
+        parser.add_argument(
+            "--stop-grace",
+            type=float,
+            default=10.0,
+            metavar="S",
+            help="the host's SIGTERM/SIGINT/SIGHUP go to the program; if it has not exited S s later "
+            "(or at a second SIGINT) the VM is stopped (default 10)",
+        )
         parser.add_argument(
             "--service",
             type=parse_address,
@@ -103,6 +118,7 @@ def _config(args: argparse.Namespace, layer: Path) -> LinuxConfig:
         cwd=args.cwd,
         mem_mib=args.mem,
         hang_timeout_s=args.hang_timeout,
+        clock=ClockMode.parse(args.clock),
         stdin_fd=sys.stdin.fileno() if args.command == "run" else None,
     )
 
@@ -118,8 +134,9 @@ def run(args: argparse.Namespace, layer: Path) -> int:
         journal = open_recording(args.record, personality.image, args.mem << 20, args.hash_every)
     machine = build_linux(personality, journal)
     personality.on_stream = _write_stream
+    forwarder = SignalForwarder(machine, personality, args.stop_grace)
     try:
-        result = asyncio.run(_serve(machine, args.service))
+        result = asyncio.run(_serve(machine, args.service, forwarder))
     finally:
         machine.close()
         personality.close()
@@ -127,13 +144,63 @@ def run(args: argparse.Namespace, layer: Path) -> int:
         print(f"vmft: {personality.program_path} {personality.fatal.message}", file=sys.stderr)
     if result.reason is StopReason.EXITED and result.exit_code is not None:
         return result.exit_code & 0xFF
+    if result.reason is StopReason.STOPPED and forwarder.stopped_hard is not None:
+        print(f"vmft: {personality.program_path} {forwarder.stopped_hard}: stopped", file=sys.stderr)
+        return 128 + signal.SIGKILL
     if result.reason is StopReason.STOPPED:
         return 128 + signal.SIGINT
     print(f"vmft: guest {result.describe()}", file=sys.stderr)
     return EXIT_DIVERGED if result.reason is StopReason.DIVERGED else EXIT_GUEST_FAILED
 
 
-async def _serve(machine: Machine, services: list[tuple[str, int]]) -> MachineResult:
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class SignalForwarder:
+    """The host's SIGTERM, SIGINT and SIGHUP to this process become the program's, through the log
+    (monitor/linux/control.py: an event at its next system call, replayed from the log). The program
+    then ends as it would on Linux (its handler, or the default action); a second SIGINT, or the grace
+    period passing after the first signal, stops the machine from outside instead."""
+
+    def __init__(self, machine: Machine, personality: LinuxPersonality, grace_s: float) -> None:
+        self.machine = machine
+        self.personality = personality
+        self.grace_s = grace_s
+        self.stopped_hard: str | None = None  # why the machine was stopped from outside
+        self._interrupts = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in FORWARDED:
+            loop.add_signal_handler(sig, self._on_signal, loop, sig)
+
+    def remove(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in FORWARDED:
+            loop.remove_signal_handler(sig)
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _on_signal(self, loop: asyncio.AbstractEventLoop, sig: signal.Signals) -> None:
+        if sig == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                self._stop_hard("got a second SIGINT")
+                return
+        log.info("forwarding %s to %s", sig.name, self.personality.program_path)
+        self.personality.request_signal(int(sig))
+        if self._timer is None:
+            why = f"did not exit within {self.grace_s:g} s of {sig.name}"
+            self._timer = loop.call_later(self.grace_s, self._stop_hard, why)
+
+    def _stop_hard(self, why: str) -> None:
+        if self.stopped_hard is None:
+            self.stopped_hard = why
+        self.machine.stop()
+
+
+async def _serve(
+    machine: Machine, services: list[tuple[str, int]], forwarder: SignalForwarder
+) -> MachineResult:
     """Run the machine with the host side of the guest's listening ports at its service addresses (raw
     TCP: connections, bytes and closes become the guest's events; its writes come back as outputs)."""
     ids = ConnIds()
@@ -146,7 +213,13 @@ async def _serve(machine: Machine, services: list[tuple[str, int]]) -> MachineRe
         for server in servers:
             host, port = await server.start()
             print(f"vmft: service on {host}:{port}", file=sys.stderr, flush=True)
-        return await run_until_stopped(machine)
+        loop = asyncio.get_running_loop()
+        forwarder.install(loop)
+        try:
+            machine.start()
+            return await machine.wait()
+        finally:
+            forwarder.remove(loop)
     finally:
         for server in servers:
             await server.close()

@@ -1,5 +1,14 @@
 """Process control: fork, vfork, execve, wait4, exit and kill between processes (processes.py keeps
-the zombies)."""
+the zombies), and signals from outside the guest (the host's SIGTERM, `vmft stop`).
+
+A signal from outside is an event of the log, never a host action replay repeats: `request_signal` (any
+thread) queues it, and the vCPU takes it at the program's next system call (an IRQ record marking it, as
+NET_RX news is marked, then an EVENTS record with its number) or, when every thread waits for the
+network, as a wake-up of that wait (netwait.py: WOKE_SIGNAL, then its number). Replay takes the number from
+the log at the same position. From there it is a kill(2) to the first process: ignored, pending for a
+handler, or its default action (the VM ends with 128+N). A pending signal for a process whose threads all
+wait ends one wait (EINTR, or the call runs again after the handler under SA_RESTART) so the handler runs.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ from monitor.linux.core import (
 import errno
 import os
 import struct
+from collections import deque
 
 from monitor.linux import boot, elf
 from monitor.linux import fdtable as fdt
@@ -26,8 +36,11 @@ from monitor.linux.calls_proc import Executed, ProcessExit
 from monitor.linux.mm import PROT_EXEC, PROT_READ, AddressSpace, LinuxError
 from monitor.linux.process import ProgramInfo
 from monitor.linux.processes import Zombie, exit_status, signal_status
+from monitor.guest_abi import Vector
+from monitor.journal import EventKind, JournalMode
 from monitor.linux.signals import (
     IGNORED_BY_DEFAULT,
+    SA_RESTART,
     Action,
     FatalSignal,
     Sig,
@@ -38,7 +51,75 @@ from monitor.linux.syscalls import SyscallTable
 from monitor.linux.threads import FIRST_TID, Thread, Wait
 
 
+# The IRQ record that marks a signal from outside at a system call. A Linux guest takes no interrupts; its
+# system-call exit reads the markers the log holds there (NET_RX news, this), in the order they came.
+SIGNAL_MARK = Vector.CONSOLE_IN
+# Calls Linux never runs again after a handler, SA_RESTART or not (signal(7)): poll, ppoll, select,
+# pselect6, epoll_wait, epoll_pwait, nanosleep, clock_nanosleep. They return EINTR.
+_NEVER_RESTARTED = frozenset({7, 271, 23, 270, 232, 281, 35, 230})
+
+
 class ProcessControl(PersonalityCore):
+    _host_signals: deque[int]  # signals from outside not yet taken (appended by any thread)
+
+    # ----- signals from outside ---------------------------------------------------------------------
+
+    def request_signal(self, sig: int) -> None:
+        """Any thread: `sig` for the program at its next system call, or now if it waits for the network."""
+        self._host_signals.append(sig)
+        self.machine.wake()
+
+    def _poll_host_news(self) -> None:
+        """At a system call: signals from outside and network news, live (recording) or from the log."""
+        journal = self.machine.journal
+        if journal.mode is JournalMode.REPLAY:
+            due = journal.due_irqs()
+            while due:
+                for vector in due:
+                    if vector == Vector.NET_RX:
+                        self.net.take(journal)
+                    elif vector == SIGNAL_MARK:
+                        self._take_host_signal()
+                due = journal.due_irqs()
+            return
+        if self._host_signals:
+            journal.irq(SIGNAL_MARK)
+            self._take_host_signal()
+        if self.net.active:
+            self.net.poll_news()
+
+    def _take_host_signal(self) -> None:
+        """The signal's number, an event here: the first process receives it as from kill(2)."""
+        sig = self.machine.journal.value(EventKind.EVENTS, self._host_signals.popleft)
+        log.info("%s from outside for %s", signal_name(sig), self.program_path_of(FIRST_TID))
+        if FIRST_TID in self.processes:
+            self._signal_process(FIRST_TID, sig)  # a default action that kills ends the VM here
+
+    def program_path_of(self, pid: int) -> str:
+        process = self.processes.get(pid)
+        return process.program.path if process is not None else f"process {pid}"
+
+    def _signal_wakes_waiter(self) -> Thread | None:
+        """No thread can run and a process has a signal to handle: one of its waiting threads ends its wait
+        (made runnable), as on Linux, so the handler runs; None if no signal is waiting for that."""
+        sched = self.process.sched
+        for pid in sorted(self.processes):
+            signals = self.processes[pid].signals
+            ready = signals.pending & ~signals.mask
+            waiting = [t for t in sched.waiting() if t.pid == pid] if ready else []
+            if not waiting:
+                continue
+            sig = (ready & -ready).bit_length()
+            action = Action.parse(signals.actions.get(sig, bytes(32)))
+            thread = waiting[0]
+            if action.flags & SA_RESTART and thread.restart >= 0 and thread.restart not in _NEVER_RESTARTED:
+                sched.make_runnable(thread, 0)  # the call runs again when the handler returns
+            else:
+                thread.restart = -1
+                sched.make_runnable(thread, -errno.EINTR)
+            return thread
+        return None
+
     def _fork(self, vfork: bool, stack: int) -> int:
         parent = self.process
         sched = parent.sched
@@ -88,7 +169,10 @@ class ProcessControl(PersonalityCore):
         space = AddressSpace(self.machine.memory, self.flush_tlb, old.phys)
         space.map_identity_low(0x1000, boot.LOW_END, {boot.SYSCALL_PAGE: PROT_READ | PROT_EXEC})
         loaded, interp = elf.load_program(space, data, interp_elf, process.filter_code)
-        aux = AuxInfo(loaded.phdr, data.phnum, loaded.entry, interp.base if interp else 0, program)
+        sysinfo = self.vdso.install(space) if self.vdso is not None else 0
+        aux = AuxInfo(
+            loaded.phdr, data.phnum, loaded.entry, interp.base if interp else 0, program, sysinfo_ehdr=sysinfo
+        )
         rsp, random_at = build(space, argv, envp, aux)
         space.write(random_at, process.entropy(16), force=True)
         process.space = space

@@ -32,6 +32,7 @@ from monitor.memory import PAGE_SIZE
 if TYPE_CHECKING:
     from monitor.linux.kernel import LinuxProcess
     from monitor.linux.sockets import NetStack
+    from monitor.linux.vdso import VdsoClock
 
 log = logging.getLogger("monitor.linux.personality")
 
@@ -62,6 +63,7 @@ class PersonalityCore:
     _run_buffer: memoryview
     _initial_xsave: bytes
     _cpu_fs_base: int
+    vdso: VdsoClock | None  # --clock vdso: the time page (monitor/linux/vdso.py)
 
     @property
     def space(self) -> AddressSpace:

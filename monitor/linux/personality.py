@@ -33,6 +33,7 @@ import hashlib
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -72,6 +73,7 @@ from monitor.linux.kernel import LinuxProcess
 from monitor.linux.switching import ThreadSwitching
 from monitor.linux.netwait import NetworkWaiting
 from monitor.linux.sockets import NetStack
+from monitor.linux.vdso import ClockMode, VdsoClock, identity_tag
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,8 @@ class LinuxConfig:
     # What the identity says of the root instead of its host path: the name a node knows a prepared root
     # by (the pair's nodes keep it at different paths; replica/guest_kind.py). None: the path.
     root_name: str | None = None
+    # How the program reads the clock (monitor/linux/vdso.py): every read a system call, or the vDSO.
+    clock: ClockMode = ClockMode.SYSCALL
 
 
 def identity(program_data: bytes, config: LinuxConfig) -> bytes:
@@ -106,6 +110,7 @@ def identity(program_data: bytes, config: LinuxConfig) -> bytes:
     cpu = f"cpuid:{cpuid_trap.table_hash()}"
     spec = "\0".join(
         [h, config.program, *config.argv, "--", *config.env, config.cwd, _root_label(config), cpu]
+        + identity_tag(config.clock)
     )
     return b"vmft-linux\0" + spec.encode()
 
@@ -149,12 +154,14 @@ class LinuxPersonality(ProcessControl, NetworkWaiting, ThreadSwitching, SignalDe
         # `vmft fault crash` (replica/node.py): SIGSEGV at the next system call, set from another thread. A
         # fault of the host's making, not an event of the log: the primary restarts from a checkpoint.
         self.crash_requested = False
+        self._host_signals: deque[int] = deque()  # signals from outside (control.py: request_signal)
         self.on_stream: Callable[[int, bytes], None] | None = None
         self.syscall_count = 0
         self.cpuid_count = 0
         self._machine: Machine | None = None
         self._random_at = 0
         self.net = NetStack()  # the guest's sockets, served at the VM's service address
+        self.vdso: VdsoClock | None = None
 
     # ----- attaching to a machine ----------------------------------------------------------------------
 
@@ -173,6 +180,9 @@ class LinuxPersonality(ProcessControl, NetworkWaiting, ThreadSwitching, SignalDe
             signal_process=self._signal_process,
             net=self.net,
         )
+        if self.config.clock is ClockMode.VDSO:
+            self.vdso = VdsoClock(lambda: machine.journal, lambda: [p.space for p in self.processes.values()])
+            self._host.page_clock = self.vdso.now_ns
         self.net.attach(machine)
         self.net.sigpipe = lambda: self.process._signal_self(Sig.SIGPIPE)
         self.process = LinuxProcess(
@@ -216,6 +226,7 @@ class LinuxPersonality(ProcessControl, NetworkWaiting, ThreadSwitching, SignalDe
             entry=program.entry,
             interp_base=interp.base if interp else 0,
             execfn=self.program_path,
+            sysinfo_ehdr=self.vdso.install(self.space) if self.vdso is not None else 0,
         )
         rsp, self._random_at = build(self.space, self.config.argv, self.config.env, aux)
         console = fdt.ConsoleIo(self.process.console_read, self.process.console_write)
@@ -282,8 +293,7 @@ class LinuxPersonality(ProcessControl, NetworkWaiting, ThreadSwitching, SignalDe
         if self.crash_requested:
             self.crash_requested = False
             self._end(ProcessExit(128 + Sig.SIGSEGV, FatalSignal(Sig.SIGSEGV, "SIGSEGV from the host")))
-        if self.net.active:
-            self.net.poll_news()  # connections, bytes and closes the host queued become the guest's here
+        self._poll_host_news()  # signals from outside, connections, bytes and closes become the guest's here
         try:
             result = self.syscalls.call(rax, rdi, rsi, rdx, r10, r8, r9)
         except ProcessExit as end:
@@ -298,6 +308,8 @@ class LinuxPersonality(ProcessControl, NetworkWaiting, ThreadSwitching, SignalDe
         except fdt.WouldBlock as blocked:
             result = self._block_and_restart(rax, blocked.what)
         self.space.commit()
+        if self.vdso is not None:
+            self.vdso.at_exit()  # the time page moves only here, at an exit (an event when it does)
         U64.pack_into(buf, SYNC_REGS + RAX, result & MASK64)
         U64.pack_into(buf, SYNC_REGS + RIP, rcx)
         U64.pack_into(buf, SYNC_REGS + RFLAGS, r11)
@@ -305,8 +317,8 @@ class LinuxPersonality(ProcessControl, NetworkWaiting, ThreadSwitching, SignalDe
         sched = self.process.sched
         if sched.switch_needed or (sched.multithreaded and sched.preempt_due()):
             self._switch(result)
-        elif self.process.signals.pending & ~self.process.signals.mask:
-            self._deliver_pending()
+        if self.process.signals.pending & ~self.process.signals.mask:
+            self._deliver_pending()  # also for the thread switched to (a signal may have ended its wait)
         sched.running.syscalls += 1
 
     # ----- signal handlers ------------------------------------------------------------------------------
@@ -416,6 +428,8 @@ class LinuxPersonality(ProcessControl, NetworkWaiting, ThreadSwitching, SignalDe
         self._random_at = msg.random_at
         self.syscall_count = msg.syscalls
         self._cpu_fs_base = msg.fs_base  # the vCPU's MSRs come back with the checkpoint
+        if self.vdso is not None:
+            self.vdso.restored(self.process.space)  # the clock is what the restored page says
 
     def close(self) -> None:
         self.net.detached = True  # the VM is gone: closing its sockets is no output

@@ -44,6 +44,9 @@ class Host:
     wait_child: Callable[[int, int], tuple[int, int]]  # (pid or -1, options) -> (pid, wait status)
     signal_process: Callable[[int, int], None]  # (pid, signal) to another process
     net: object = None  # the guest's sockets (monitor/linux/sockets.py NetStack), shared by its processes
+    # --clock vdso: the time page's clock (monitor/linux/vdso.py VdsoClock.now_ns) answers the clocks it
+    # holds (None for the others): a system call and the vDSO then read one clock.
+    page_clock: Callable[[int], int | None] | None = None
 
 
 @dataclass
@@ -99,7 +102,10 @@ class ProcessState:
     # ----- the world, through the journal ----------------------------------------------------------
 
     def now_ns(self, clock: int = time.CLOCK_REALTIME) -> int:
-        value = self.host.journal().value(EventKind.CLOCK, lambda: time.clock_gettime_ns(clock))
+        page = self.host.page_clock
+        value = page(clock) if page is not None else None
+        if value is None:
+            value = self.host.journal().value(EventKind.CLOCK, lambda: time.clock_gettime_ns(clock))
         if clock == time.CLOCK_REALTIME:
             self.last_time_ns = max(self.last_time_ns, value)
         return value

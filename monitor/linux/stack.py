@@ -12,7 +12,7 @@ STACK_TOP = USER_TOP  # the highest user page is the top of the stack, as on Lin
 
 AT_NULL, AT_PHDR, AT_PHENT, AT_PHNUM, AT_PAGESZ, AT_BASE, AT_FLAGS, AT_ENTRY = 0, 3, 4, 5, 6, 7, 8, 9
 AT_UID, AT_EUID, AT_GID, AT_EGID, AT_PLATFORM, AT_HWCAP, AT_CLKTCK = 11, 12, 13, 14, 15, 16, 17
-AT_SECURE, AT_RANDOM, AT_HWCAP2, AT_EXECFN, AT_MINSIGSTKSZ = 23, 25, 26, 31, 51
+AT_SECURE, AT_RANDOM, AT_HWCAP2, AT_EXECFN, AT_SYSINFO_EHDR, AT_MINSIGSTKSZ = 23, 25, 26, 31, 33, 51
 # AT_HWCAP on x86-64 is CPUID.1:EDX; a fixed baseline (glibc reads CPUID itself for what it uses).
 HWCAP = 0x178BFBFF
 MINSIGSTKSZ = 3632  # what a host with AVX-512 state reports; sized for the XSAVE area
@@ -27,6 +27,7 @@ class AuxInfo:
     execfn: str
     uid: int = 1000
     gid: int = 1000
+    sysinfo_ehdr: int = 0  # the vDSO's address (monitor/linux/vdso.py), 0: none (no AT_SYSINFO_EHDR)
 
 
 def build(space: AddressSpace, argv: list[str], envp: list[str], aux: AuxInfo) -> tuple[int, int]:
@@ -73,8 +74,10 @@ def build(space: AddressSpace, argv: list[str], envp: list[str], aux: AuxInfo) -
         (AT_RANDOM, addr(random_off)),
         (AT_EXECFN, addr(execfn_off)),
         (AT_MINSIGSTKSZ, MINSIGSTKSZ),
-        (AT_NULL, 0),
     ]
+    if aux.sysinfo_ehdr:
+        auxv.append((AT_SYSINFO_EHDR, aux.sysinfo_ehdr))
+    auxv.append((AT_NULL, 0))
     words = [len(argv)] + [addr(o) for o in arg_offs] + [0] + [addr(o) for o in env_offs] + [0]
     for key, value in auxv:
         words += [key, value]
