@@ -353,6 +353,17 @@ def cmd_reprotect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stop(args: argparse.Namespace) -> int:
+    from proto import vmft_pb2
+
+    request = vmft_pb2.StopVmRequest(name=args.vm, grace_s=args.grace)
+    status = _node_call(args, args.node, "StopVm", request, args.grace + 30, "vmft stop")
+    if status is None:
+        return 1
+    print(f"{status.name}: {vmft_pb2.VmState.Name(status.state)}: {status.message}")
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     """`vmft migrate VM --to NODE`: the primary's node moves the primary there (replica/migration.py)."""
     import json
@@ -580,6 +591,20 @@ def _add_pair_parsers(sub: Subparsers) -> None:
     )
     node_client.add_arguments(reprotect)
     reprotect.set_defaults(func=cmd_reprotect)
+
+    stop = sub.add_parser("stop", help="stop a VM (a Linux program: SIGTERM through its log first)")
+    stop.add_argument("vm", help="the VM's name")
+    stop.add_argument("--node", required=True, metavar="ADDR", help="node daemon running the VM")
+    stop.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="a Linux program gets SIGTERM (its backup replays the same shutdown) and S s to exit before "
+        "the VM is stopped from outside (default 10; 0: at once)",
+    )
+    node_client.add_arguments(stop)
+    stop.set_defaults(func=cmd_stop)
 
     migrate = sub.add_parser("migrate", help="move a VM's primary to another node (a planned switch)")
     migrate.add_argument("vm", help="the VM's name")

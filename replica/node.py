@@ -453,12 +453,30 @@ class Node:
             f"{vm.name}: replication link loses {request.fraction:.0%} of its segments for {duration:.2f} s"
         )
 
-    async def stop_vm(self, name: str) -> vmft_pb2.VmStatus:
+    async def stop_vm(self, name: str, grace_s: float = 0.0) -> vmft_pb2.VmStatus:
         vm = self.vms.get(name)
         if vm is None:
             raise KeyError(name)
+        if grace_s > 0:
+            await self._ask_to_exit(vm, grace_s)
         await vm.stop()
         return vm.status()
+
+    async def _ask_to_exit(self, vm: ReplicatedVm, grace_s: float) -> None:
+        """A Linux program's primary: SIGTERM to the program through its log (the backup replays the same
+        shutdown), then up to grace_s for it to exit by itself (its status then shows its exit)."""
+        machine = vm.core.machine
+        personality = guest_kind.linux_personality(machine) if machine is not None else None
+        if personality is None or not isinstance(vm, PrimaryVm) or not vm.core.running():
+            return
+        personality.request_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        # Polled: the end is the primary's watcher having finished the log for the backup (a restart in
+        # between swaps the machine), not one machine's end.
+        while vm.core.running() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        if vm.core.running():
+            log.warning("%s: no exit within %g s of SIGTERM: stopped from outside", vm.name, grace_s)
 
     async def close(self) -> None:
         for vm in list(self.vms.values()):
@@ -594,7 +612,7 @@ class NodeServicer(vmft_pb2_grpc.NodeServicer):
         await authz.require_admin(context)
         await _valid_name(context, request.name)
         try:
-            return await self.node.stop_vm(request.name)
+            return await self.node.stop_vm(request.name, max(0.0, min(request.grace_s, 600.0)))
         except KeyError:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no VM {request.name} on this node")
             raise

@@ -3,7 +3,8 @@ has news (a connection, bytes, a close), a deadline passes, or the machine is as
 
 Each wake is an EVENTS event whose value says why (so a replay, which never sleeps, takes the same
 steps): news (a NET_RX event follows with the messages), time (deadlines are checked again: clock
-events), or a control request (the thread that blocked last is made to run its call again, so the
+events), a signal from outside (an EVENTS event with its number follows: control.py), or a control
+request (the thread that blocked last is made to run its call again, so the
 vCPU reaches the end of this exit and can park for a checkpoint or stop; the call then blocks again).
 
 It does not flush the log while it sleeps (Journal.idle): this exit has logged events already (the
@@ -15,17 +16,26 @@ are flushed when their own exit ends (flush_on_output), so nothing a client wait
 from __future__ import annotations
 
 import time
+from collections import deque
 
 from monitor.journal import EventKind
 from monitor.linux.calls_proc import CLOCKS
 from monitor.linux.core import PersonalityCore
 from monitor.linux.threads import Thread
 
-WOKE_TIME, WOKE_NEWS, WOKE_CONTROL = 0, 1, 2
+WOKE_TIME, WOKE_NEWS, WOKE_CONTROL, WOKE_SIGNAL = 0, 1, 2, 3
 _MAX_SLEEP_S = 0.25  # longest one sleep lasts before control requests are looked at again
 
 
 class NetworkWaiting(PersonalityCore):
+    _host_signals: deque[int]
+
+    def _take_host_signal(self) -> None:  # control.py
+        raise NotImplementedError
+
+    def _signal_wakes_waiter(self) -> Thread | None:  # control.py
+        raise NotImplementedError
+
     def _wait_for_news(self) -> Thread:
         sched = self.process.sched
         journal = self.machine.journal
@@ -33,11 +43,15 @@ class NetworkWaiting(PersonalityCore):
             self._wake_ready()
             self._expire_deadlines()
             picked = sched.pick()
+            if picked is None and self._signal_wakes_waiter() is not None:
+                picked = sched.pick()  # a signal to handle ends a wait (EINTR or a restart)
             if picked is not None:
                 return picked
             why = journal.value(EventKind.EVENTS, self._sleep_for_news)
             if why == WOKE_NEWS:
                 self.net.take(journal)
+            elif why == WOKE_SIGNAL:
+                self._take_host_signal()
             elif why == WOKE_CONTROL:
                 sched.make_runnable(self._interruptible(), 0)
                 picked = sched.pick()
@@ -60,6 +74,8 @@ class NetworkWaiting(PersonalityCore):
         while True:
             if machine._control is not None:
                 return WOKE_CONTROL
+            if self._host_signals:
+                return WOKE_SIGNAL
             if backend.has_news():
                 return WOKE_NEWS
             timeout = _MAX_SLEEP_S
@@ -71,7 +87,12 @@ class NetworkWaiting(PersonalityCore):
                     return WOKE_TIME
                 timeout = min(timeout, left / 1e9)
             with machine._wake_cond:
-                if not machine._news and not backend.has_news() and machine._control is None:
+                if (
+                    not machine._news
+                    and not backend.has_news()
+                    and machine._control is None
+                    and not self._host_signals
+                ):
                     machine._blocked = True  # waiting for clients is not a hang
                     try:
                         machine._wake_cond.wait(timeout)

@@ -1,8 +1,5 @@
-"""Signals: what a guest exception means, and what a signal's default action is.
-
-Signal handlers are recorded (rt_sigaction) but not yet delivered: a signal whose action would run a
-handler ends the process like an uncaught one, with a message saying so. Default actions follow
-signal(7).
+"""Signals: what a guest exception means, what a signal's default action is, and the rt_sigframe a
+handler runs on (delivery.py runs it). Default actions follow signal(7).
 """
 
 from __future__ import annotations
@@ -97,7 +94,7 @@ def page_fault_text(error_code: int, address: int) -> str:
 # ----- handlers: the frame Linux builds on the user stack (x86-64 rt_sigframe) ----------------------------
 
 SA_SIGINFO, SA_ONSTACK, SA_RESTORER = 0x4, 0x08000000, 0x04000000
-SA_NODEFER, SA_RESETHAND = 0x40000000, 0x80000000
+SA_RESTART, SA_NODEFER, SA_RESETHAND = 0x10000000, 0x40000000, 0x80000000
 SS_ONSTACK, SS_DISABLE = 1, 2
 SI_USER, SI_TKILL, SEGV_MAPERR, SEGV_ACCERR = 0, -6, 1, 2
 _ACTION = struct.Struct("<QQQQ")  # handler, flags, restorer, mask
