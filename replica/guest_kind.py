@@ -36,11 +36,13 @@ from monitor import builder
 from monitor.checkpoint import Loading, RecordStream, RestoreStats
 from monitor.checkpoint.restore import JournalArg
 from monitor.config import MachineConfig
+from monitor.errors import ConfigError
 from monitor.journal import EventKind, OutputKind
 from monitor.linux.fs import FileSystem
 from monitor.linux.manifest import RootMismatch
 from monitor.linux.mm import LinuxError
 from monitor.linux.personality import DEFAULT_ENV, LinuxConfig, LinuxPersonality
+from monitor.linux.vdso import ClockMode
 from monitor.linux.process import file_sha256
 from monitor.loader import GuestImage
 from monitor.machine import Machine, MachineResult, StopReason
@@ -175,6 +177,10 @@ class Guest:
         linux = self.spec.linux
         if not linux.argv:
             raise GuestSpecError("a Linux guest needs a program (LinuxSpec.argv)")
+        try:
+            clock = ClockMode.parse(linux.clock)
+        except ConfigError as err:
+            raise GuestSpecError(str(err)) from err
         return LinuxConfig(
             program=linux.argv[0],
             argv=list(linux.argv),
@@ -185,6 +191,7 @@ class Guest:
             cwd=linux.cwd or "/",
             mem_mib=self.spec.mem_mib or LINUX_MEM_MIB,
             hang_timeout_s=self.spec.hang_timeout_s or LINUX_HANG_TIMEOUT_S,
+            clock=clock,
         )
 
     def _platform_config(self) -> MachineConfig:

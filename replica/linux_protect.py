@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--cwd", default="/", help="the program's working directory (default /)")
     parser.add_argument(
+        "--clock", choices=["syscall", "vdso"], default="syscall",
+        help="how the program reads the clock: system calls (default) or the vDSO (docs/linux.md)",
+    )  # fmt: skip
+    parser.add_argument(
         "--mem", type=int, default=LINUX_MEM_MIB, metavar="MiB", help="guest RAM (default 512)"
     )
     parser.add_argument(
@@ -81,6 +85,7 @@ def spec_from_args(args: argparse.Namespace) -> vmft_pb2.VmSpec:
     spec.linux.env.extend(args.env)
     spec.linux.cwd = args.cwd
     spec.linux.root = args.root
+    spec.linux.clock = "" if args.clock == "syscall" else args.clock
     return spec
 
 

@@ -241,3 +241,61 @@ def test_vmft_run_linux_takes_clock_vdso(tmp_path: Path) -> None:
     assert replayed.returncode == 0 and b"verdict: IDENTICAL" in replayed.stdout, replayed.stderr
     wrong = vmft("run", "--linux", "--clock", "sundial", *program)
     assert wrong.returncode == 2 and b"--clock" in wrong.stderr
+
+
+# A protected pair (real node processes) whose program reads the clock through the vDSO.
+PAIR_COUNTER = """
+import os, time
+i, last = 0, 0.0
+while True:
+    for _ in range(300):
+        os.getpid()
+    now = time.monotonic()
+    assert now >= last, (now, last)
+    last = now
+    print(i, int(now * 1e6), flush=True)
+    i += 1
+    time.sleep(0.02)
+"""
+
+
+def test_a_protected_pair_with_the_vdso_clock_replicates_and_fails_over(tmp_path: Path) -> None:
+    from test_linux_node import (
+        FAILURE_TIMEOUT_MS,
+        HASH_EVERY,
+        assert_counts_on,
+        wait_lines,
+        wait_status,
+    )
+
+    from proto import vmft_pb2, vmft_pb2_grpc
+    from replica.cluster import LocalCluster
+
+    with LocalCluster(tmp_path, failure_timeout_ms=FAILURE_TIMEOUT_MS) as cluster:
+        a, b = cluster.add_node(), cluster.add_node()
+        spec = vmft_pb2.VmSpec(name="vm1", mem_mib=256, hang_timeout_s=10.0)
+        spec.linux.argv.extend([PYTHON, "-c", PAIR_COUNTER])
+        spec.linux.clock = "vdso"
+        request = vmft_pb2.ProtectRequest(
+            spec=spec,
+            backup_node=b.name,
+            service=cluster.service_address("vm1", a),
+            backup_service=cluster.service_address("vm1", b),
+        )
+        with cluster.channel(a) as channel:
+            vmft_pb2_grpc.NodeStub(channel).Protect(request, timeout=60)
+        wait_status(cluster, a, "protected", lambda s: s.protected and s.state == vmft_pb2.VM_STATE_RUNNING)
+        # The backup replays the page's moves past two state-hash positions: the hashes matched.
+        backup = wait_status(
+            cluster, b, "replayed past two state hashes", lambda s: s.position > 2 * HASH_EVERY + 1000
+        )
+        assert backup.role == vmft_pb2.ROLE_BACKUP and backup.state == vmft_pb2.VM_STATE_REPLAYING, backup
+        seen = wait_lines(a, 15)
+        cluster.kill_node(a)
+        promoted = wait_status(cluster, b, "promoted", lambda s: s.role == vmft_pb2.ROLE_PRIMARY)
+        assert promoted.generation == 2
+        after = wait_lines(b, seen.count(b"\n") + 10)
+        assert after.startswith(seen)
+        assert_counts_on(after)
+        times = [int(line.split()[1]) for line in after.splitlines()]
+        assert times == sorted(times) and times[-1] > times[0]  # the clock ran on, monotonic, across it
