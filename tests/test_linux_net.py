@@ -389,7 +389,8 @@ def test_checkpoint_of_a_listening_server_with_an_open_connection_restores(tmp_p
 
 
 def test_sigterm_while_the_server_waits_ends_a_recording_that_replays(tmp_path: Path) -> None:
-    """Stopping a recording while every thread waits for clients (the stop interrupts the wait)."""
+    """SIGTERM to a recording while every thread waits for clients: forwarded to the program (an event of
+    the log that ends the wait), whose default action ends it; the replay takes it from the log."""
     layer = _program(tmp_path, CHECKPOINTED)
     shutil.copytree(layer, tmp_path / "replay-layer")
     log = tmp_path / "server.log"
@@ -401,7 +402,8 @@ def test_sigterm_while_the_server_waits_ends_a_recording_that_replays(tmp_path: 
             assert conn.recv(10) == b"ok\n"
             service.proc.terminate()
             status, _ = service.wait()
-        assert status == 128 + 2, bytes(service.stderr)  # stopped (as by SIGINT/SIGTERM)
+        assert status == 128 + 15, bytes(service.stderr)  # the program's default action for SIGTERM
+        assert b"killed by SIGTERM" in service.stderr
     finally:
         service.stop()
     replayed = replay(log, argv, tmp_path / "replay-layer")

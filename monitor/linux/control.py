@@ -103,15 +103,13 @@ class ProcessControl(PersonalityCore):
         """No thread can run and a process has a signal to handle: one of its waiting threads ends its wait
         (made runnable), as on Linux, so the handler runs; None if no signal is waiting for that."""
         sched = self.process.sched
-        for pid in sorted(self.processes):
-            signals = self.processes[pid].signals
-            ready = signals.pending & ~signals.mask
-            waiting = [t for t in sched.waiting() if t.pid == pid] if ready else []
-            if not waiting:
+        for thread in sched.waiting():  # the running thread's mask was saved when it was parked
+            signals = self.processes[thread.pid].signals
+            ready = signals.pending & ~thread.sigmask
+            if not ready:
                 continue
             sig = (ready & -ready).bit_length()
             action = Action.parse(signals.actions.get(sig, bytes(32)))
-            thread = waiting[0]
             if action.flags & SA_RESTART and thread.restart >= 0 and thread.restart not in _NEVER_RESTARTED:
                 sched.make_runnable(thread, 0)  # the call runs again when the handler returns
             else:

@@ -102,6 +102,7 @@ def _save_thread(
         clear_child_tid=thread.clear_child_tid,
         syscalls=thread.syscalls,
         restart=thread.restart,
+        sigmask=thread.sigmask,
     )
     wait = thread.wait
     if wait is None:
@@ -138,7 +139,7 @@ def _restore_threads(
     for saved in msg.threads:
         thread = Thread(
             saved.tid, ThreadState(saved.state), saved.regs, saved.xsave, saved.fs_base, saved.result,
-            saved.clear_child_tid, None, saved.syscalls, process.pid, saved.restart,
+            saved.clear_child_tid, None, saved.syscalls, process.pid, saved.restart, saved.sigmask,
         )  # fmt: skip
         if saved.wait_kind:
             deadline = saved.deadline_ns if saved.has_deadline else None

@@ -49,6 +49,7 @@ class ThreadSwitching(PersonalityCore):
         child.xsave = self._xsave()
         child.fs_base = fs_base
         child.result = 0
+        child.sigmask = self.process.signals.mask  # a new thread or process starts with its creator's mask
 
     def _switch(self, result: int) -> None:
         """At a system call's return: park the running thread (unless it exited) and resume the next."""
@@ -59,6 +60,7 @@ class ThreadSwitching(PersonalityCore):
             current.regs = bytes(self._run_buffer[SYNC_REGS : SYNC_REGS + REGS_SIZE])  # already the return
             current.xsave = self._xsave()
             current.fs_base = self.process.fs_base
+            current.sigmask = self.process.signals.mask
             if current.state is ThreadState.RUNNING:
                 current.state = ThreadState.RUNNABLE
                 current.result = result
@@ -80,6 +82,7 @@ class ThreadSwitching(PersonalityCore):
             if following.fs_base != self._cpu_fs_base:
                 self._set_fs_base(following.fs_base)
             self.process.fs_base = following.fs_base
+            self.process.signals.mask = following.sigmask
         U64.pack_into(buf, SYNC_REGS + RAX, following.result & MASK64)
         if following.restart >= 0:  # it blocked in a call: run the call again (the `syscall` is 2 bytes)
             rip = U64.unpack_from(buf, SYNC_REGS + RIP)[0]

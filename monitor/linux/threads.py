@@ -57,6 +57,9 @@ class Thread:
     syscalls: int = 0
     pid: int = FIRST_TID  # the process it belongs to
     restart: int = -1  # a system call to run again when it resumes (it blocked), else -1
+    # Its signal mask while it is not running (the running thread's is its process's signals.mask): each
+    # thread has its own, as on Linux (redis's background threads block every signal, its main thread none).
+    sigmask: int = 0
 
 
 def _tail(target: object) -> tuple[object, ...]:
@@ -197,6 +200,7 @@ class Scheduler:
             h.update(
                 repr(
                     (tid, t.state.value, t.fs_base, t.result, t.clear_child_tid, t.wait, t.syscalls)
+                    + (t.sigmask,)
                 ).encode()
             )
             h.update(t.regs)
