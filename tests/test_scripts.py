@@ -66,12 +66,12 @@ def test_demo_short_run() -> None:
     clients, median_ms, max_ms = int(recovery.group(1)), float(recovery.group(2)), float(recovery.group(3))
     assert clients == 3 and 0 < median_ms <= max_ms < 5000, recovery.group(0)
     history = re.search(r"^demo: history checked: (\d+) operations, (\d+) acknowledged writes checked, "
-                        r"lost (\d+), duplicated (\d+), inconsistent reads (\d+), failed ops (\d+)$",
-                        out, re.M)  # fmt: skip
+                        r"lost (\d+), duplicated (\d+), inconsistent reads (\d+), two primaries (\d+), "
+                        r"failed ops (\d+)$", out, re.M)  # fmt: skip
     assert history, out
-    operations, writes, lost, duplicated, inconsistent, _failed = map(int, history.groups())
+    operations, writes, lost, duplicated, inconsistent, two_primaries, _failed = map(int, history.groups())
     assert operations > ops_before and 0 < writes <= operations, history.group(0)
-    assert (lost, duplicated, inconsistent) == (0, 0, 0), history.group(0)
+    assert (lost, duplicated, inconsistent, two_primaries) == (0, 0, 0, 0), history.group(0)
 
 
 @pytest.mark.kvm
