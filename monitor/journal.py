@@ -61,7 +61,8 @@ class Journal(Protocol):
 
     def data_if(self, kind: EventKind, live: Callable[[], bytes | None]) -> bytes | None:
         """An input that only some exits have (the recording decides): `live` returns None for none.
-        Replaying: the logged event of `kind` if the next one is at this position, else None."""
+        Logged with value 1, so that a replay tells it from a `data` event of the same kind later in the
+        same exit: replaying, the next event if it is at this position, of `kind` and value 1, else None."""
         ...
 
     def irq(self, vector: Vector) -> None:

@@ -47,6 +47,7 @@ _FRAME = struct.Struct("<II")
 _U32 = struct.Struct("<I")
 MAX_FRAME = 64 << 20
 DEFAULT_HASH_EVERY = 20000
+OPTIONAL = 1  # the value of a Journal.data_if event (a data event has 0): what tells the two apart
 
 
 def output_hash(data: bytes) -> bytes:
@@ -249,7 +250,7 @@ class RecordJournal:
     def data_if(self, kind: EventKind, live: Callable[[], bytes | None]) -> bytes | None:
         result = live()
         if result is not None:
-            self._append(kind, 0, result)
+            self._append(kind, OPTIONAL, result)
         return result
 
     def irq(self, vector: Vector) -> None:
@@ -524,7 +525,7 @@ class ReplayJournal:
         if self.delegate is not None:
             return self.delegate.data_if(kind, live)
         events = self._events
-        if events and events[0][0] == self.position and events[0][2] == kind:
+        if events and events[0][0] == self.position and events[0][2] == kind and events[0][3] == OPTIONAL:
             return self._next(kind)[4]
         return None
 

@@ -4,9 +4,13 @@ driven by Debian's redis-benchmark (50 connections, SET and GET, pipelining 1 an
 - `redis SET|GET throughput, vmft, P1|P16`: requests per second through the VM's service address (one
   unreplicated Linux VM), against native redis-server on a loopback port in the same run (ratio).
 - `redis SET|GET latency p50|p99, vmft, P1`: redis-benchmark's percentiles, against native.
+- `redis SET|GET throughput, vmft vdso, P1|P16` and `latency p50|p99, vmft vdso, P1`: the same VM with
+  `--clock vdso` (clock reads answered by the vDSO, no exit: docs/linux.md), against native; and
+  `redis SET|GET throughput, vdso over syscall clock, P1|P16`: the vDSO VM against the VM of this run.
 - `redis SET|GET throughput, replicated, P1|P16`: the same through a protected pair (`vmft node` processes
   on loopback, the primary's service address), against the unreplicated VM of this run (VMware FT keeps
-  0.94 to 0.98); latency p50/p99 likewise.
+  0.94 to 0.98); latency p50/p99 likewise. `... throughput, replicated vdso, ...`: a pair with
+  `LinuxSpec.clock = "vdso"`, against the unreplicated vDSO VM.
 - `redis failover recovery p50|p99` (--kills, 10 by default): a client SETting unique keys one at a time
   (switching to the backup's address when its connection breaks) while the primary's node is SIGKILLed; the
   gap from its last reply before the kill to its first after, against the failure timeout (setting).
@@ -25,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import benchlib
@@ -76,11 +81,12 @@ def _wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
 class Server:
     """redis-server natively or in a VM (`vmft run --linux --service`), on a free loopback port."""
 
-    def __init__(self, in_vm: bool) -> None:
+    def __init__(self, in_vm: bool, clock: str = "syscall") -> None:
         self.port = _free_port()
         self.layer = Path(tempfile.mkdtemp(prefix="vmft-bench-redis-"))
         if in_vm:
             cmd = [sys.executable, "-m", "replica.cli", "run", "--linux", "--layer", str(self.layer)]
+            cmd += ["--clock", clock]
             cmd += ["--hang-timeout", "600", "--service", f"127.0.0.1:{self.port}", "--", REDIS, *REDIS_ARGS]
         else:
             cmd = [REDIS, *REDIS_ARGS[2:], "--port", str(self.port), "--dir", str(self.layer)]
@@ -120,10 +126,13 @@ def _split(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _protect(cluster: LocalCluster, primary: NodeProcess, backup: NodeProcess, name: str) -> ProtectedVm:
+def _protect(
+    cluster: LocalCluster, primary: NodeProcess, backup: NodeProcess, name: str, clock: str = ""
+) -> ProtectedVm:
     """redis-server protected as a pair (`vmft protect --linux` through the node API), serving."""
     spec = vmft_pb2.VmSpec(name=name, mem_mib=256, hang_timeout_s=60.0)
     spec.linux.argv.extend([REDIS, *REDIS_ARGS])
+    spec.linux.clock = clock
     service, backup_service = cluster.service_address(name, primary), cluster.service_address(name, backup)
     request = vmft_pb2.ProtectRequest(
         spec=spec, backup_node=backup.name, service=service, backup_service=backup_service
@@ -229,23 +238,26 @@ def _one_kill(cluster: LocalCluster, index: int, args: argparse.Namespace) -> tu
 
 def replicated(
     args: argparse.Namespace, cases: list[tuple[str, int]]
-) -> tuple[dict[tuple[str, int], dict[str, float]], list[tuple[float, int, int]], float]:
-    """The pair's benchmark rows, each kill's (recovery, acknowledged, lost), the failure timeout."""
-    rows: dict[tuple[str, int], dict[str, float]] = {}
+) -> tuple[dict[tuple[str, str, int], dict[str, float]], list[tuple[float, int, int]], float]:
+    """The pairs' benchmark rows by (clock, test, pipeline), each kill's (recovery, acknowledged, lost),
+    the failure timeout."""
+    rows: dict[tuple[str, str, int], dict[str, float]] = {}
     kills = []
     with (
         tempfile.TemporaryDirectory(prefix="vmft-bench-redis.") as tmp,
         LocalCluster(Path(tmp), failure_timeout_ms=args.failure_timeout_ms) as cluster,
     ):
-        a, b = cluster.add_node(), cluster.add_node()
-        try:
-            vm = _protect(cluster, a, b, "bench")
-            host, port = _split(vm.service)
-            for test, pipeline in cases:
-                rows[(test, pipeline)] = benchmark(port, test, pipeline, args.requests, args.clients, host)
-        finally:
-            cluster.stop_node(a, timeout=5)
-            cluster.stop_node(b, timeout=5)
+        for clock in ("syscall", "vdso"):
+            a, b = cluster.add_node(), cluster.add_node()
+            try:
+                vm = _protect(cluster, a, b, f"bench-{clock}", "" if clock == "syscall" else clock)
+                host, port = _split(vm.service)
+                for test, pipeline in cases:
+                    row = benchmark(port, test, pipeline, args.requests, args.clients, host)
+                    rows[(clock, test, pipeline)] = row
+            finally:
+                cluster.stop_node(a, timeout=5)
+                cluster.stop_node(b, timeout=5)
         for index in range(args.kills):
             kills.append(_one_kill(cluster, index, args))
         return rows, kills, cluster.failure_timeout_ms
@@ -255,17 +267,17 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
     cases = [(test, pipeline) for pipeline in (1, 16) for test in ("set", "get")]
     rows: dict[tuple[str, str, int], list[dict[str, float]]] = {}
 
-    def side(in_vm: bool) -> float:
-        server = Server(in_vm)
+    def side(kind: str) -> float:
+        server = Server(kind != "native", "vdso" if kind == "vdso" else "syscall")
         try:
             for test, pipeline in cases:
                 row = benchmark(server.port, test, pipeline, args.requests, args.clients)
-                rows.setdefault(("vm" if in_vm else "native", test, pipeline), []).append(row)
+                rows.setdefault((kind, test, pipeline), []).append(row)
         finally:
             server.stop()
         return 0.0
 
-    benchlib.interleaved(args.rounds, {"vm": lambda: side(True), "native": lambda: side(False)})
+    benchlib.interleaved(args.rounds, {kind: partial(side, kind) for kind in ("vm", "vdso", "native")})
     m = benchlib.median
     figures = []
     for test, pipeline in cases:
@@ -291,12 +303,54 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
                     "native redis-server",
                 )
             )
+    for test, pipeline in cases:
+        vdso, native, vm = (rows[(k, test, pipeline)] for k in ("vdso", "native", "vm"))
+        figures.append(
+            benchlib.Figure(
+                f"redis {test.upper()} throughput, vmft vdso, P{pipeline}",
+                m(r["rps"] for r in vdso),
+                "req/s",
+                m(r["rps"] for r in native),
+                f"native redis-server, {args.clients} connections",
+            )
+        )
+        figures.append(
+            benchlib.Figure(
+                f"redis {test.upper()} throughput, vdso over syscall clock, P{pipeline}",
+                m(r["rps"] for r in vdso),
+                "req/s",
+                m(r["rps"] for r in vm),
+                "the VM reading the clock by system call (--clock syscall)",
+            )
+        )
+    for test in ("set", "get"):
+        vdso, native = rows[("vdso", test, 1)], rows[("native", test, 1)]
+        for p in ("p50", "p99"):
+            figures.append(
+                benchlib.Figure(
+                    f"redis {test.upper()} latency {p}, vmft vdso, P1",
+                    m(r[f"{p}_latency_ms"] for r in vdso),
+                    "ms",
+                    m(r[f"{p}_latency_ms"] for r in native),
+                    "native redis-server",
+                )
+            )
     pair, kills, timeout_ms = replicated(args, cases)
     for test, pipeline in cases:
         figures.append(
             benchlib.Figure(
+                f"redis {test.upper()} throughput, replicated vdso, P{pipeline}",
+                pair[("vdso", test, pipeline)]["rps"],
+                "req/s",
+                m(r["rps"] for r in rows[("vdso", test, pipeline)]),
+                "the unreplicated vDSO VM",
+            )
+        )
+    for test, pipeline in cases:
+        figures.append(
+            benchlib.Figure(
                 f"redis {test.upper()} throughput, replicated, P{pipeline}",
-                pair[(test, pipeline)]["rps"],
+                pair[("syscall", test, pipeline)]["rps"],
                 "req/s",
                 m(r["rps"] for r in rows[("vm", test, pipeline)]),
                 "the unreplicated VM (VMware FT keeps 0.94 to 0.98)",
@@ -307,7 +361,7 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
             figures.append(
                 benchlib.Figure(
                     f"redis {test.upper()} latency {p}, replicated, P1",
-                    pair[(test, 1)][f"{p}_latency_ms"],
+                    pair[("syscall", test, 1)][f"{p}_latency_ms"],
                     "ms",
                     m(r[f"{p}_latency_ms"] for r in rows[("vm", test, 1)]),
                     "the unreplicated VM",
