@@ -210,8 +210,8 @@ class RedisWorkload:
 
     async def _client(self, index: int) -> None:
         rng = random.Random(self.seed * 1000 + index)
-        client = RespClient(self.addresses, self.attempt_timeout_s)
-        client._at = index % len(self.addresses)  # spread the first connections (a backup's refuses)
+        # The clients start spread over the addresses (a backup's refuses: they move on to the primary's).
+        client = RespClient(self.addresses, self.attempt_timeout_s, first=index)
         n = 0
         try:
             while not self._stop.is_set():

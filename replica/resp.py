@@ -103,12 +103,13 @@ class RespClient:
     failure it drops the connection, moves to the next address and raises RespError (the caller decides
     whether the command may be sent again: a SET may, an INCR may not be counted as done)."""
 
-    def __init__(self, addresses: list[str], timeout: float = 0.5) -> None:
+    def __init__(self, addresses: list[str], timeout: float = 0.5, first: int = 0) -> None:
+        """`first`: the index of the address to try first."""
         if not addresses:
             raise ValueError("no address to connect to")
         self.addresses = list(addresses)
         self.timeout = timeout
-        self._at = 0
+        self._at = first % len(self.addresses)
         self._conn: RespConnection | None = None
 
     @property
