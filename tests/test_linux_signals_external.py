@@ -38,6 +38,9 @@ while True:
     time.sleep(0.05)
 """
 
+# One long sleep: SIGTERM must end it (EINTR), run the handler, and the exit follows at once.
+SLEEPS = HANDLES.replace("time.sleep(0.05)", "time.sleep(3600)")
+
 IGNORES = """
 import signal, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -57,7 +60,8 @@ class Run:
         )
         self.lines: queue.Queue[bytes] = queue.Queue()
         self.stdout = bytearray()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -79,8 +83,11 @@ class Run:
 
     def finish(self) -> tuple[int, bytes]:
         """Its exit status and stderr (bounded)."""
+        assert self.proc.stderr is not None
         try:
-            _, stderr = self.proc.communicate(timeout=WAIT_S)
+            self.proc.wait(WAIT_S)  # its stderr is a few lines: the pipe never fills
+            stderr = self.proc.stderr.read()
+            self._reader.join(WAIT_S)  # stdout to its end
         finally:
             self.kill()
         return self.proc.returncode, stderr
@@ -122,6 +129,23 @@ def test_sigterm_runs_the_handler_and_its_recording_replays_it_from_the_log(tmp_
     assert bytes(run.stdout) == b"ready\nhandler got 15\n"
     # The replay has no host signal: the SIGTERM comes from the log, at the same position, and the run
     # ends in the same state (the final state hash) with the same output.
+    replayed = _replay(log, tmp_path / "replay-layer", argv)
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert "verdict: IDENTICAL" in replayed.stdout and "exit code 3" in replayed.stdout, replayed.stdout
+
+
+def test_sigterm_ends_a_long_sleep_and_the_replay_ends_it_at_the_same_place(tmp_path: Path) -> None:
+    layer = _layer_with(tmp_path, "layer", SLEEPS)
+    shutil.copytree(layer, tmp_path / "replay-layer")
+    log = tmp_path / "run.log"
+    argv = ["/usr/bin/python3", "/tmp/prog.py"]
+    run = Run(["--layer", str(layer), "--record", str(log), "--stop-grace", "30"], argv)
+    run.wait_for(b"ready")
+    time.sleep(0.3)  # into the sleep (not timed: the outcome is the same either way)
+    run.proc.send_signal(signal.SIGTERM)
+    status, stderr = run.finish()
+    assert status == 3, (bytes(run.stdout), stderr)  # not 137: the hour's sleep ended, the handler ran
+    assert bytes(run.stdout) == b"ready\nhandler got 15\n"
     replayed = _replay(log, tmp_path / "replay-layer", argv)
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     assert "verdict: IDENTICAL" in replayed.stdout and "exit code 3" in replayed.stdout, replayed.stdout

@@ -210,10 +210,10 @@ class ProcessCalls(ProcessState):
         return self.now_ns(time.CLOCK_MONOTONIC) // 10_000_000
 
     def _sleep(self, ns: int) -> None:
-        if ns > 0 and self.sched.multithreaded:  # the others run meanwhile
+        # Blocked until the deadline (the others run meanwhile), also when alone: a signal from outside
+        # ends the wait (EINTR), as on Linux (switching.py, control.py).
+        if ns > 0:
             self.sched.block(Wait(deadline_ns=self.now_ns(time.CLOCK_MONOTONIC) + ns, clock=1, kind="sleep"))
-        elif ns > 0 and not self.replaying:
-            time.sleep(ns / 1e9)
 
     def sys_nanosleep(self, req: int, rem: int, *_: int) -> int:
         sec, nsec = struct.unpack("<qq", self.space.read(req, 16))

@@ -99,6 +99,34 @@ class ProcessControl(PersonalityCore):
         process = self.processes.get(pid)
         return process.program.path if process is not None else f"process {pid}"
 
+    def _sleep_for_deadline(self, seconds: float) -> None:
+        """Live, every thread waiting for a deadline (no listening port): sleep, or less if a signal from
+        outside comes (a wake-up for anything else is spurious: the deadlines are checked again)."""
+        machine = self.machine
+        with machine._wake_cond:
+            if not self._host_signals:
+                machine._blocked = True  # sleeping is not a hang
+                try:
+                    machine._wake_cond.wait(seconds)
+                finally:
+                    machine._blocked = False
+
+    def _host_signal_in_wait(self) -> bool:
+        """After a wait for a deadline: a signal from outside that came meanwhile, taken now (marked as at
+        a system call) or, in replay, where the log marks one. True if one was taken."""
+        journal = self.machine.journal
+        if journal.mode is JournalMode.REPLAY:
+            due = journal.due_irqs()  # without a listening port, only signals are marked in a wait
+            for vector in due:
+                if vector == SIGNAL_MARK:
+                    self._take_host_signal()
+            return SIGNAL_MARK in due
+        if not self._host_signals:
+            return False
+        journal.irq(SIGNAL_MARK)
+        self._take_host_signal()
+        return True
+
     def _signal_wakes_waiter(self) -> Thread | None:
         """No thread can run and a process has a signal to handle: one of its waiting threads ends its wait
         (made runnable), as on Linux, so the handler runs; None if no signal is waiting for that."""

@@ -19,7 +19,6 @@ from monitor.linux.core import (
 )
 
 import errno
-import time
 from typing import TYPE_CHECKING
 
 from monitor.linux import fdtable as fdt
@@ -36,6 +35,15 @@ if TYPE_CHECKING:
 
 
 class ThreadSwitching(PersonalityCore):
+    def _signal_wakes_waiter(self) -> Thread | None:  # control.py
+        raise NotImplementedError
+
+    def _sleep_for_deadline(self, seconds: float) -> None:  # control.py
+        raise NotImplementedError
+
+    def _host_signal_in_wait(self) -> bool:  # control.py
+        raise NotImplementedError
+
     def _spawn(self, child: Thread, stack: int, fs_base: int) -> None:
         """clone: the child resumes where the parent does, with rax 0, its own stack and FS base."""
         regs = bytearray(self._run_buffer[SYNC_REGS : SYNC_REGS + REGS_SIZE])
@@ -149,6 +157,10 @@ class ThreadSwitching(PersonalityCore):
         sched = self.process.sched
         if self.net.active:  # a listening guest: the network may wake a thread (netwait.py)
             return self._wait_for_news()
+        if self._signal_wakes_waiter() is not None:  # a pending signal ends a wait (EINTR or a restart)
+            picked = sched.pick()
+            assert picked is not None
+            return picked
         if not sched.deadlines():
             waiting = ", ".join(f"{t.tid}" for t in sched.threads.values())
             raise_exit = ProcessExit(
@@ -159,11 +171,11 @@ class ThreadSwitching(PersonalityCore):
         now = self._now()
         remaining = min(deadline - now[clock] for clock, deadline in sched.deadlines())
         if remaining > 0 and not self.process.replaying:
-            self.machine._blocked = True  # sleeping is not a hang
-            try:
-                time.sleep(remaining / 1e9)
-            finally:
-                self.machine._blocked = False
+            self._sleep_for_deadline(remaining / 1e9)  # a signal from outside ends it early
+        if self._host_signal_in_wait() and self._signal_wakes_waiter() is not None:
+            picked = sched.pick()
+            assert picked is not None
+            return picked
         sched.expire(self._now())
         picked = sched.pick()
         return picked if picked is not None else self._wait_for_deadline()
