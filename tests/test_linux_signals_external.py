@@ -44,6 +44,7 @@ SLEEPS = HANDLES.replace("time.sleep(0.05)", "time.sleep(3600)")
 IGNORES = """
 import signal, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 print("ready", flush=True)
 while True:
     time.sleep(0.05)
@@ -161,6 +162,18 @@ def test_a_program_that_ignores_sigterm_is_stopped_after_the_grace_period(tmp_pa
     assert b"did not exit within 1 s of SIGTERM: stopped" in stderr, stderr
 
 
+def test_a_second_sigint_stops_the_vm(tmp_path: Path) -> None:
+    layer = _layer_with(tmp_path, "layer", IGNORES)
+    run = Run(["--layer", str(layer), "--stop-grace", "600"], ["/usr/bin/python3", "/tmp/prog.py"])
+    run.wait_for(b"ready")
+    run.proc.send_signal(signal.SIGINT)  # ignored by the program
+    time.sleep(0.3)
+    run.proc.send_signal(signal.SIGINT)
+    status, stderr = run.finish()
+    assert status == 128 + signal.SIGKILL, stderr
+    assert b"got a second SIGINT: stopped" in stderr, stderr
+
+
 def test_sigterm_without_a_handler_kills_the_program_with_143(tmp_path: Path) -> None:
     """The default action, as on Linux: the program ends with 128+15 and says by what."""
     program = "import time\nprint('ready', flush=True)\nwhile True:\n    time.sleep(0.02)\n"
@@ -228,3 +241,17 @@ def test_vmft_stop_of_a_linux_pair_runs_the_handler_and_the_backup_replays_it(tm
         ended = wait_status(cluster, b, "replayed to the end", lambda s: s.role == vmft_pb2.ROLE_STOPPED)
         assert "exit code 3" in ended.message, ended.message
         assert console(b) == expected  # the backup's replay ran the same handler
+
+
+def test_vmft_stop_of_a_pair_whose_program_ignores_sigterm_stops_it_after_the_grace(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path, failure_timeout_ms=FAILURE_TIMEOUT_MS) as cluster:
+        a, b = cluster.add_node(), cluster.add_node()
+        protect_linux(cluster, a, b, ["/usr/bin/python3", "-c", IGNORES])
+        wait_status(cluster, a, "protected", lambda s: s.protected and s.state == vmft_pb2.VM_STATE_RUNNING)
+        deadline = time.monotonic() + WAIT_S
+        while b"ready" not in console(a):
+            assert time.monotonic() < deadline, console(a)
+            time.sleep(0.05)
+        stopped = vmft(cluster, "stop", "vm1", "--node", a.name, "--grace", "1")
+        assert stopped.returncode == 0, stopped.stderr
+        assert "VM_STATE_STOPPED" in stopped.stdout and "exit code" not in stopped.stdout, stopped.stdout
