@@ -29,6 +29,7 @@ class EventKind(enum.IntEnum):
     DISK_WRITE = 9  # outcome of a disk write (0 or an errno): the host's disk may fail one side only
     ROOT_FILE = 10  # a Linux guest read this root file: path NUL sha256; replay refuses different files
     VDSO_TIME = 11  # a Linux guest's vDSO time page was rewritten at this exit: its new clock values
+    SIGNAL = 12  # a Linux guest got a signal from outside at this exit (the host's SIGTERM): its number
 
 
 class OutputKind(enum.IntEnum):

@@ -403,7 +403,6 @@ def test_sigterm_while_the_server_waits_ends_a_recording_that_replays(tmp_path: 
             service.proc.terminate()
             status, _ = service.wait()
         assert status == 128 + 15, bytes(service.stderr)  # the program's default action for SIGTERM
-        assert b"killed by SIGTERM" in service.stderr
     finally:
         service.stop()
     replayed = replay(log, argv, tmp_path / "replay-layer")

@@ -2,10 +2,10 @@
 the zombies), and signals from outside the guest (the host's SIGTERM, `vmft stop`).
 
 A signal from outside is an event of the log, never a host action replay repeats: `request_signal` (any
-thread) queues it, and the vCPU takes it at the program's next system call (an IRQ record marking it, as
-NET_RX news is marked, then an EVENTS record with its number) or, when every thread waits for the
-network, as a wake-up of that wait (netwait.py: WOKE_SIGNAL, then its number). Replay takes the number from
-the log at the same position. From there it is a kill(2) to the first process: ignored, pending for a
+thread) queues it, and the vCPU takes it at the program's next system call, or in a wait it ends (for the
+network, netwait.py: WOKE_SIGNAL; for a deadline, switching.py): a SIGNAL event with its number
+(Journal.data_if: an event only some exits have). Replay takes the number from the log at the same
+position, never from the host. From there it is a kill(2) to the first process: ignored, pending for a
 handler, or its default action (the VM ends with 128+N). A pending signal for a process whose threads all
 wait ends one wait (EINTR, or the call runs again after the handler under SA_RESTART) so the handler runs.
 """
@@ -36,8 +36,7 @@ from monitor.linux.calls_proc import Executed, ProcessExit
 from monitor.linux.mm import PROT_EXEC, PROT_READ, AddressSpace, LinuxError
 from monitor.linux.process import ProgramInfo
 from monitor.linux.processes import Zombie, exit_status, signal_status
-from monitor.guest_abi import Vector
-from monitor.journal import EventKind, JournalMode
+from monitor.journal import EventKind
 from monitor.linux.signals import (
     IGNORED_BY_DEFAULT,
     SA_RESTART,
@@ -51,9 +50,6 @@ from monitor.linux.syscalls import SyscallTable
 from monitor.linux.threads import FIRST_TID, Thread, Wait
 
 
-# The IRQ record that marks a signal from outside at a system call. A Linux guest takes no interrupts; its
-# system-call exit reads the markers the log holds there (NET_RX news, this), in the order they came.
-SIGNAL_MARK = Vector.CONSOLE_IN
 # Calls Linux never runs again after a handler, SA_RESTART or not (signal(7)): poll, ppoll, select,
 # pselect6, epoll_wait, epoll_pwait, nanosleep, clock_nanosleep. They return EINTR.
 _NEVER_RESTARTED = frozenset({7, 271, 23, 270, 232, 281, 35, 230})
@@ -70,30 +66,25 @@ class ProcessControl(PersonalityCore):
         self.machine.wake()
 
     def _poll_host_news(self) -> None:
-        """At a system call: signals from outside and network news, live (recording) or from the log."""
-        journal = self.machine.journal
-        if journal.mode is JournalMode.REPLAY:
-            due = journal.due_irqs()
-            while due:
-                for vector in due:
-                    if vector == Vector.NET_RX:
-                        self.net.take(journal)
-                    elif vector == SIGNAL_MARK:
-                        self._take_host_signal()
-                due = journal.due_irqs()
-            return
-        if self._host_signals:
-            journal.irq(SIGNAL_MARK)
-            self._take_host_signal()
+        """At a system call: a signal from outside, then network news, live (recording) or from the log."""
+        self._host_signal_here()
         if self.net.active:
             self.net.poll_news()
 
-    def _take_host_signal(self) -> None:
-        """The signal's number, an event here: the first process receives it as from kill(2)."""
-        sig = self.machine.journal.value(EventKind.EVENTS, self._host_signals.popleft)
+    def _host_signal_here(self) -> bool:
+        """A signal from outside at this exit (live: one that is queued; replay: one the log has here): a
+        SIGNAL event with its number, then the first process receives it as from kill(2). True if one came."""
+        raw = self.machine.journal.data_if(EventKind.SIGNAL, self._next_host_signal)
+        if raw is None:
+            return False
+        sig = int.from_bytes(raw, "little")
         log.info("%s from outside for %s", signal_name(sig), self.program_path_of(FIRST_TID))
         if FIRST_TID in self.processes:
             self._signal_process(FIRST_TID, sig)  # a default action that kills ends the VM here
+        return True
+
+    def _next_host_signal(self) -> bytes | None:
+        return bytes([self._host_signals.popleft()]) if self._host_signals else None  # only this thread pops
 
     def program_path_of(self, pid: int) -> str:
         process = self.processes.get(pid)
@@ -110,22 +101,6 @@ class ProcessControl(PersonalityCore):
                     machine._wake_cond.wait(seconds)
                 finally:
                     machine._blocked = False
-
-    def _host_signal_in_wait(self) -> bool:
-        """After a wait for a deadline: a signal from outside that came meanwhile, taken now (marked as at
-        a system call) or, in replay, where the log marks one. True if one was taken."""
-        journal = self.machine.journal
-        if journal.mode is JournalMode.REPLAY:
-            due = journal.due_irqs()  # without a listening port, only signals are marked in a wait
-            for vector in due:
-                if vector == SIGNAL_MARK:
-                    self._take_host_signal()
-            return SIGNAL_MARK in due
-        if not self._host_signals:
-            return False
-        journal.irq(SIGNAL_MARK)
-        self._take_host_signal()
-        return True
 
     def _signal_wakes_waiter(self) -> Thread | None:
         """No thread can run and a process has a signal to handle: one of its waiting threads ends its wait

@@ -3,7 +3,7 @@ has news (a connection, bytes, a close), a deadline passes, or the machine is as
 
 Each wake is an EVENTS event whose value says why (so a replay, which never sleeps, takes the same
 steps): news (a NET_RX event follows with the messages), time (deadlines are checked again: clock
-events), a signal from outside (an EVENTS event with its number follows: control.py), or a control
+events), a signal from outside (a SIGNAL event with its number follows: control.py), or a control
 request (the thread that blocked last is made to run its call again, so the
 vCPU reaches the end of this exit and can park for a checkpoint or stop; the call then blocks again).
 
@@ -30,7 +30,7 @@ _MAX_SLEEP_S = 0.25  # longest one sleep lasts before control requests are looke
 class NetworkWaiting(PersonalityCore):
     _host_signals: deque[int]
 
-    def _take_host_signal(self) -> None:  # control.py
+    def _host_signal_here(self) -> bool:  # control.py
         raise NotImplementedError
 
     def _signal_wakes_waiter(self) -> Thread | None:  # control.py
@@ -51,7 +51,7 @@ class NetworkWaiting(PersonalityCore):
             if why == WOKE_NEWS:
                 self.net.take(journal)
             elif why == WOKE_SIGNAL:
-                self._take_host_signal()
+                self._host_signal_here()
             elif why == WOKE_CONTROL:
                 sched.make_runnable(self._interruptible(), 0)
                 picked = sched.pick()

@@ -41,7 +41,7 @@ class ThreadSwitching(PersonalityCore):
     def _sleep_for_deadline(self, seconds: float) -> None:  # control.py
         raise NotImplementedError
 
-    def _host_signal_in_wait(self) -> bool:  # control.py
+    def _host_signal_here(self) -> bool:  # control.py
         raise NotImplementedError
 
     def _spawn(self, child: Thread, stack: int, fs_base: int) -> None:
@@ -172,7 +172,7 @@ class ThreadSwitching(PersonalityCore):
         remaining = min(deadline - now[clock] for clock, deadline in sched.deadlines())
         if remaining > 0 and not self.process.replaying:
             self._sleep_for_deadline(remaining / 1e9)  # a signal from outside ends it early
-        if self._host_signal_in_wait() and self._signal_wakes_waiter() is not None:
+        if self._host_signal_here() and self._signal_wakes_waiter() is not None:
             picked = sched.pick()
             assert picked is not None
             return picked
