@@ -187,7 +187,7 @@ CHECKPOINTED = (
     "import time, os\n"
     "last = time.monotonic()\n"
     "for i in range(30):\n"
-    "    s = sum(j * j for j in range(300_000))\n"
+    "    s = sum(j * j for j in range(1_000_000))\n"
     "    now = time.monotonic()\n"
     "    assert now >= last, (now, last)\n"
     "    last = now\n"
