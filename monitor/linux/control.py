@@ -28,6 +28,7 @@ from monitor.linux.core import (
 import errno
 import os
 import struct
+import time
 from collections import deque
 
 from monitor.linux import boot, elf
@@ -92,13 +93,18 @@ class ProcessControl(PersonalityCore):
 
     def _sleep_for_deadline(self, seconds: float) -> None:
         """Live, every thread waiting for a deadline (no listening port): sleep, or less if a signal from
-        outside comes (a wake-up for anything else is spurious: the deadlines are checked again)."""
+        outside comes. Other wake-ups (news, control requests) sleep on: each wait-for-deadline that ended
+        early would read the clocks again (events) and recurse (switching.py)."""
         machine = self.machine
+        end = time.monotonic() + seconds
         with machine._wake_cond:
-            if not self._host_signals:
+            while not self._host_signals:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
                 machine._blocked = True  # sleeping is not a hang
                 try:
-                    machine._wake_cond.wait(seconds)
+                    machine._wake_cond.wait(left)
                 finally:
                     machine._blocked = False
 
