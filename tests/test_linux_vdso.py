@@ -233,6 +233,25 @@ def test_a_checkpoint_restores_the_vdso_and_its_time_page(tmp_path: Path) -> Non
     assert bytes(out[: at[0]]) + bytes(rest) == bytes(out)
 
 
+def test_the_state_hash_covers_the_time_page_and_the_vdso(tmp_path: Path) -> None:
+    argv = [PYTHON, "-c", "import time, os; os.getpid(); print(time.time())"]
+    personality = LinuxPersonality(_config(argv, tmp_path / "layer"))
+    machine = build_linux(personality)
+    try:
+        result = machine.run_blocking(WAIT_S)
+        assert result.reason is StopReason.EXITED and personality.vdso is not None
+        before = machine.state_digest()
+        personality.vdso.realtime_ns += 1_000  # one microsecond more on the page: another state
+        personality.vdso._write_page()
+        moved = machine.state_digest()
+        personality.process.space.write(VDSO_BASE + 0x100, b"\xcc", force=True)  # a byte of the vDSO
+        patched = machine.state_digest()
+    finally:
+        machine.close()
+        personality.close()
+    assert len({before, moved, patched}) == 3
+
+
 def test_a_program_spinning_on_the_vdso_clock_is_reported_hung() -> None:
     """Without system calls the page never moves: a wait for the clock to pass a point never ends."""
     program = (
