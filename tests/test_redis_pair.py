@@ -134,6 +134,46 @@ def test_redis_with_its_aof_in_the_writable_layer_keeps_its_data_across_a_failov
         assert layers, "no AOF in the new primary's writable layer"
 
 
+HASH_EVERY = 20000  # the nodes' state-hash interval (replica/cli.py --hash-every, default)
+
+
+def test_redis_with_its_aof_reprotected_from_a_live_checkpoint_fails_over_again(tmp_path: Path) -> None:
+    """A backup seeded from a live checkpoint of redis with its AOF open replays past a state-hash position
+    and takes over (the reopened AOF kept the flags it was opened with: O_CREAT is in the state hash)."""
+    with LocalCluster(tmp_path, failure_timeout_ms=FAILURE_TIMEOUT_MS) as cluster:
+        a, b = cluster.add_node(), cluster.add_node()
+        vm = protect_redis(cluster, a, b, redis("--appendonly", "yes", "--dir", "/tmp"))
+        controller = PairController(cluster, vm, [a, b])
+
+        async def scenario() -> RedisWorkload:
+            workload = RedisWorkload(cluster.service_addresses(vm.name), clients=3, seed=8)
+            load = asyncio.create_task(workload.run())
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(cluster.kill_node, b)
+            await asyncio.to_thread(controller.repair, WAIT_S)  # b restarted, seeded from a live checkpoint
+            seeded = cluster.vm_status(a, vm.name)
+            assert seeded is not None and seeded.protected
+            past = (seeded.position // HASH_EVERY + 1) * HASH_EVERY + 500  # the next hash position, and on
+            deadline = time.monotonic() + WAIT_S
+            while True:
+                backup = await asyncio.to_thread(cluster.vm_status, b, vm.name)
+                assert backup is not None and backup.state == vmft_pb2.VM_STATE_REPLAYING, backup
+                if backup.replayed_position > past:
+                    break
+                assert time.monotonic() < deadline, f"the backup did not replay past {past}: {backup}"
+                await asyncio.sleep(0.1)
+            await asyncio.to_thread(cluster.kill_node, a)
+            await asyncio.to_thread(cluster.wait_for, b, vm.name, "serving", WAIT_S)
+            await asyncio.sleep(0.5)
+            workload.stop()
+            await load
+            return workload
+
+        workload = asyncio.run(scenario())
+        verdict = asyncio.run(workload.verify())
+        assert verdict.ok and verdict.sets_acked > 100, (verdict.summary(), verdict.violations)
+
+
 def test_vmft_chaos_linux_three_faults(tmp_path: Path) -> None:
     out = tmp_path / "report"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}

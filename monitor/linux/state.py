@@ -307,5 +307,8 @@ def _open(
             raise CheckpointError(f"cannot reopen {saved.path} for the Linux guest: {err}") from err
     else:
         raise CheckpointError(f"a Linux guest's open file of unknown kind {saved.kind!r}")
+    # The flags the guest opened it with (a reopen leaves out O_CREAT, O_TRUNC and O_EXCL): they are in the
+    # state hash, so a restored redis with its AOF open (O_CREAT) diverged at the next hash position.
+    file.flags = saved.flags
     file.offset = saved.offset
     return file
