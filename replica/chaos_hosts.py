@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 
 from replica import node_client, tls
 from replica.cluster import ClusterError, LocalCluster, NodeProcess
@@ -83,16 +81,7 @@ class NamespaceCluster(LocalCluster):
             node.process = self.net.spawn(
                 host.name, command, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not node.alive():
-                raise ClusterError(f"node {node.name} exited at start: {node.log_path.read_text()[-2000:]}")
-            try:
-                self.status(node, timeout=0.5)
-                return
-            except grpc.RpcError:
-                time.sleep(0.05)
-        raise ClusterError(f"node {node.name} did not start serving within {timeout} s")
+        self.wait_serving(node, timeout)
 
     def service_address(self, vm: str, node: NodeProcess) -> str:
         """The VM is served on the same port of every host, at that host's address."""

@@ -166,6 +166,10 @@ class LocalCluster:
             )
         finally:
             log_file.close()
+        self.wait_serving(node, timeout)
+
+    def wait_serving(self, node: NodeProcess, timeout: float) -> None:
+        """Until a node just started answers Status (ClusterError if it exits or stays silent)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not node.alive():

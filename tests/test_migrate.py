@@ -4,42 +4,27 @@ node through a planned switch, and every acknowledged write is there afterwards.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
+from etcd_helpers import etcd_under_ca
 
 from proto import vmft_pb2, vmft_pb2_grpc
 from replica import node_client, tls
 from replica.cluster import LocalCluster, NodeProcess, ProtectedVm
-from replica.etcd_server import EtcdCluster, EtcdTls
 from replica.workload import Workload
 
 pytestmark = pytest.mark.kvm
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@contextlib.contextmanager
-def etcd_under_ca(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
-    """A cluster CA in tmp_path and a one-member etcd serving mutual TLS under it; stopped at the end."""
-    ca = tmp_path / "ca"
-    tls.init_ca(ca)
-    member = tls.issue(ca, tls.Role.NODE, "etcd-m0")
-    etcd = EtcdCluster(tmp_path / "etcd", 1, tls=[EtcdTls(ca=member.ca, cert=member.cert, key=member.key)])
-    try:
-        etcd.start(credentials=tls.channel_credentials(member))
-        yield ca, etcd.endpoints
-    finally:
-        etcd.stop()
 
 
 async def replies_after(workload: Workload, t: float, count: int = 30, limit_s: float = 20.0) -> None:

@@ -20,11 +20,10 @@ from typing import Any
 
 import grpc
 import pytest
+from etcd_helpers import etcd_under_ca
 
 from proto import vmft_pb2, vmft_pb2_grpc
-from replica import tls
 from replica.cluster import LocalCluster
-from replica.etcd_server import EtcdCluster, EtcdTls
 
 pytestmark = [
     pytest.mark.kvm,
@@ -58,19 +57,11 @@ def _until(what: str, check: Any, limit_s: float = 15.0) -> Any:
 
 @contextlib.contextmanager
 def _etcd_under_ca(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
-    """The kv image built, a cluster CA in tmp_path, and a one-member etcd serving mutual TLS under it:
-    (the CA directory, etcd's endpoints); etcd stopped at the end."""
+    """The kv image built, and etcd_under_ca (tests/etcd_helpers.py)."""
     if not KV.exists():
         pytest.fail(f"{KV} is not built: run scripts/setup", pytrace=False)
-    ca = tmp_path / "ca"
-    tls.init_ca(ca)
-    member = tls.issue(ca, tls.Role.NODE, "etcd-m0")
-    etcd = EtcdCluster(tmp_path / "etcd", 1, tls=[EtcdTls(ca=member.ca, cert=member.cert, key=member.key)])
-    try:
-        etcd.start(credentials=tls.channel_credentials(member))
-        yield ca, etcd.endpoints
-    finally:
-        etcd.stop()
+    with etcd_under_ca(tmp_path) as made:
+        yield made
 
 
 def test_a_pair_on_etcd_fails_over_and_the_cluster_shows_in_status(tmp_path: Path) -> None:

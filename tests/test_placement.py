@@ -6,37 +6,21 @@ write. A cluster of real node processes on a real etcd under the cluster's CA.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from etcd_helpers import etcd_under_ca
 
 from proto import vmft_pb2
-from replica import tls
 from replica.cluster import LocalCluster
-from replica.etcd_server import EtcdCluster, EtcdTls
 from replica.placement import choose, service_address
 from replica.membership import MemberInfo
 from replica.workload import Workload
 
 ETCD = pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd-server is not installed")
-
-
-@contextlib.contextmanager
-def etcd_under_ca(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
-    """A cluster CA in tmp_path and a one-member etcd serving mutual TLS under it; stopped at the end."""
-    ca = tmp_path / "ca"
-    tls.init_ca(ca)
-    member = tls.issue(ca, tls.Role.NODE, "etcd-m0")
-    etcd = EtcdCluster(tmp_path / "etcd", 1, tls=[EtcdTls(ca=member.ca, cert=member.cert, key=member.key)])
-    try:
-        etcd.start(credentials=tls.channel_credentials(member))
-        yield ca, etcd.endpoints
-    finally:
-        etcd.stop()
 
 
 def test_choose_prefers_free_memory_among_members_that_can_host_the_vm() -> None:
