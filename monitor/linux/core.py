@@ -56,6 +56,7 @@ class PersonalityCore:
     syscalls: SyscallTable
     table: ProcessTable
     fatal: FatalSignal | None
+    ended: ProcessExit | None  # the program ended at the last exit (the VM stopped there)
     net: NetStack
     _machine: Machine | None
     _host: Host
@@ -98,6 +99,7 @@ class PersonalityCore:
 
     def _end(self, end: ProcessExit) -> NoReturn:
         self.fatal = end.fatal
+        self.ended = end  # a checkpoint taken here carries it (personality.py: save)
         self.machine._emit(OutputKind.EXIT, struct.pack("<i", end.status))
         raise GuestStop(end.status)
 

@@ -42,6 +42,8 @@ from google.protobuf.message import Message
 
 from monitor import builder
 from monitor.config import MachineConfig
+from monitor.devices.power import GuestStop
+from monitor.errors import CheckpointError
 from monitor.component import parse_state
 from monitor.journal import EventKind, Journal, OutputKind
 from monitor.kvm import Kvm
@@ -78,6 +80,7 @@ from monitor.linux.vdso import ClockMode, VdsoClock, identity_tag
 log = logging.getLogger(__name__)
 
 TSC_PER_NS = 3  # the virtual TSC runs at a nominal 3 GHz
+_OUT_IMM8, _OUT_LENGTH = b"\xe6", 2  # `out %al, $PORT`: every exit the personality serves is one
 DEFAULT_ENV = (
     "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     f"HOME={HOME}",
@@ -151,6 +154,7 @@ class LinuxPersonality(ProcessControl, NetworkWaiting, ThreadSwitching, SignalDe
         self.image = GuestImage(self.program_path, identity(self.program_elf.data, config), 0, ())
         self.fs = fs
         self.fatal: FatalSignal | None = None
+        self.ended: ProcessExit | None = None
         # `vmft fault crash` (replica/node.py): SIGSEGV at the next system call, set from another thread. A
         # fault of the host's making, not an event of the log: the primary restarts from a checkpoint.
         self.crash_requested = False
@@ -418,7 +422,13 @@ class LinuxPersonality(ProcessControl, NetworkWaiting, ThreadSwitching, SignalDe
         )
 
     def save(self) -> Message:
-        return linux_state.save(self.process, self._random_at, self.syscall_count)
+        msg = linux_state.save(self.process, self._random_at, self.syscall_count)
+        if self.ended is not None:  # a checkpoint whose pause found the machine ended at this exit
+            fatal = self.ended.fatal
+            msg.ended.status = self.ended.status
+            msg.ended.signal = fatal.signal if fatal else 0
+            msg.ended.message = fatal.message if fatal else ""
+        return msg
 
     def restore(self, data: bytes, live: bool) -> None:
         """Load the state save() produced, on a machine attached (not loaded) with its memory restored."""
@@ -430,6 +440,36 @@ class LinuxPersonality(ProcessControl, NetworkWaiting, ThreadSwitching, SignalDe
         self._cpu_fs_base = msg.fs_base  # the vCPU's MSRs come back with the checkpoint
         if self.vdso is not None:
             self.vdso.restored(self.process.space)  # the clock is what the restored page says
+        if msg.HasField("ended"):
+            self._end_again_when_run(msg.ended)
+
+    def _end_again_when_run(self, ended: vmft_pb2.LinuxEnded) -> None:
+        """The checkpoint was taken at the exit that ended the program (its pause found the machine ended
+        there: Machine.pause returns when the machine finishes). The vCPU is past that exit's `out`, which
+        nothing completed: resumed there, it ran the zero bytes after the system-call page's `out` (`add
+        %al,(%rax)`, rax = 231: SIGSEGV at 0xe7). Step back onto the `out` and one position back, so the
+        restored machine takes the same exit again, at the same position, and ends there with the same
+        status and registers, changing nothing else: the exit's effects (its exit output among them) are in
+        the checkpoint already, and running its handler again could take news the first run did not."""
+        fatal = FatalSignal(ended.signal, ended.message) if ended.signal else None
+        self.ended = ProcessExit(ended.status, fatal)
+        self.fatal = fatal
+        machine = self.machine
+        regs = self._vcpu.get_regs()
+        at = int(regs.rip) - _OUT_LENGTH
+        code = machine.memory.read(at, 1) if at < boot.LOW_END else self.space.read(at, 1)
+        if code != _OUT_IMM8:
+            raise CheckpointError(f"a checkpoint at the program's end, but no `out` before rip {regs.rip:#x}")
+        regs.rip = at
+        self._vcpu.set_regs(regs)
+        machine.position -= 1
+        for port in (boot.SYSCALL_PORT, boot.EXCEPTION_PORT):
+            machine._out[port] = self._ended_again
+
+    def _ended_again(self, _value: int) -> None:
+        """The exit a checkpoint at the program's end was taken at, taken again: the VM ends there."""
+        assert self.ended is not None
+        raise GuestStop(self.ended.status)
 
     def close(self) -> None:
         self.net.detached = True  # the VM is gone: closing its sockets is no output
