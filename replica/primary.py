@@ -523,15 +523,17 @@ class PrimaryVm:
                     "no checkpoint to restart from (or the guest faulted again right after restarts)"
                 )
             self._store.rewind_to(entry.checkpoint_id)
-            last_seen = released
-            if entry.position < retained_from:
-                log.error(
-                    "%s: the log kept for restarts starts at position %d, after checkpoint %s (position %d): "
-                    "restarting without replay, replies since that checkpoint may be lost",
-                    self.name, retained_from, entry.checkpoint_id[:12], entry.position,
-                )  # fmt: skip
-                last_seen = entry.position
-            last_seen = max(last_seen, entry.position)
+            if entry.position < retained_from and released > entry.position:
+                # The log from that checkpoint to the last reply a client saw is gone: a restart there
+                # would forget acknowledged replies (a query of death read before the last reply crashes
+                # every restart until the policy reaches such a checkpoint). Stop instead: the backup, if
+                # any, still holds the whole log.
+                raise CheckpointError(
+                    f"the log kept for restarts starts at position {retained_from}, after checkpoint "
+                    f"{entry.checkpoint_id[:12]} (position {entry.position}): restarting there would forget "
+                    f"replies clients saw (up to position {released})"
+                )
+            last_seen = max(released, entry.position)
             log.info(
                 "%s: restart from %s (position %d, saved %.1f s ago), log kept from %d, %d batches, "
                 "replay to %d",
