@@ -561,13 +561,14 @@ class Machine:
         """True if the machine must stop."""
         if self._control == "stop":
             self.stopped_between_exits = completed_io
+            if not completed_io:
+                # Complete it too: a checkpoint of the stopped machine must not lose what the exit's
+                # handler left for the guest (a Linux system call's result and return rip, an `in` value).
+                self._complete_io()
             return True
         if self._control == "pause":
             if not completed_io:
-                # An I/O exit completes only on the next KVM_RUN: enter once with immediate_exit.
-                self.vcpu.run.immediate_exit = 1
-                self.vcpu.run_once()
-                self.vcpu.run.immediate_exit = 0
+                self._complete_io()
             self._paused.set()
             while not self._resume.wait(0.1):
                 if self._control == "stop":
@@ -580,6 +581,13 @@ class Machine:
             self.stopped_between_exits = True
             return True
         return False
+
+    def _complete_io(self) -> None:
+        """An I/O exit completes only on the next KVM_RUN: enter once with immediate_exit (no guest code
+        runs)."""
+        self.vcpu.run.immediate_exit = 1
+        self.vcpu.run_once()
+        self.vcpu.run.immediate_exit = 0
 
     def _watchdog(self) -> None:
         timeout = self.config.hang_timeout_s

@@ -189,3 +189,44 @@ def test_a_backup_seeded_at_the_final_exit_replays_to_the_recorded_final_hash(tm
     again = restore_and_finish(EXITS_WITH_3, checkpoint, tmp_path / "l2", clock, journal)
     # It ends at the log's end (the exit is not past it: the journal found no need for more log there).
     assert (again.code, again.position, again.digest) == (3, original.position, original.digest)
+
+
+GETPIDS = "import os\nfor i in range(3):\n    print(i, os.getpid() > 0, flush=True)\n"
+
+
+def test_a_checkpoint_of_a_machine_stopped_at_a_system_call_restores_and_runs_on(tmp_path: Path) -> None:
+    """Stopped (vmft stop, a second SIGINT) at a system call, the machine used to keep the call's result
+    and return rip only in kvm_run's synced registers, never applied: a checkpoint of it resumed on the
+    system-call page's zero bytes (SIGSEGV at the call's number). The program now runs on to its end."""
+    clock = ClockMode.SYSCALL
+    personality = LinuxPersonality(_config([PYTHON, "-c", GETPIDS], tmp_path / "l1", clock))
+    machine = build_linux(personality)
+    out = bytearray()
+    personality.on_stream = lambda number, data: out.extend(data)
+    port, hit = at_syscall(39)  # getpid
+    handler = machine._out[port]
+    reached = threading.Event()
+
+    def held(value: int) -> None:  # the stop is requested while the call is being served
+        if not reached.is_set() and hit(personality, machine):
+            reached.set()
+            deadline = time.monotonic() + WAIT_S
+            while machine._control != "stop" and time.monotonic() < deadline:
+                time.sleep(0.001)
+        handler(value)
+
+    machine._out[port] = held
+    checkpoint = tmp_path / "stopped.ckpt"
+    try:
+        machine.start()
+        assert reached.wait(WAIT_S), "the program never called getpid"
+        machine.stop()
+        result = machine.wait_blocking(WAIT_S)
+        Checkpointer(machine).save(checkpoint)
+    finally:
+        machine.close()
+        personality.close()
+    assert result.reason is StopReason.STOPPED, result.describe()
+    again = restore_and_finish(GETPIDS, checkpoint, tmp_path / "l2", clock)
+    assert (again.code, again.fatal) == (0, "")
+    assert bytes(out) + again.out == b"0 True\n1 True\n2 True\n"
