@@ -60,19 +60,23 @@ while True:
 """
 
 
-def protect_kv(cluster: LocalCluster, node: NodeProcess, name: str) -> ProtectedVm:
-    """The key-value program as an unprotected VM on `node`: the restart path alone (a backup would
-    replay into the same crash; the primary's restart decides what clients see)."""
+def protect_kv(
+    cluster: LocalCluster, node: NodeProcess, name: str, backup: NodeProcess | None = None
+) -> ProtectedVm:
+    """The key-value program as a VM with its primary on `node` (and its backup on `backup`)."""
     spec = vmft_pb2.VmSpec(name=name, mem_mib=256, hang_timeout_s=HANG_TIMEOUT_S)
     spec.linux.argv.extend(["/usr/bin/python3", "-c", KV])
     service = cluster.service_address(name, node)
-    request = vmft_pb2.ProtectRequest(spec=spec, service=service)
+    backup_service = cluster.service_address(name, backup) if backup else ""
+    request = vmft_pb2.ProtectRequest(
+        spec=spec, backup_node=backup.name if backup else "", service=service, backup_service=backup_service
+    )
     with cluster.channel(node) as channel:
         try:
             vmft_pb2_grpc.NodeStub(channel).Protect(request, timeout=60)
         except grpc.RpcError as err:
             raise ClusterError(f"protect failed: {err.details()}") from err
-    return ProtectedVm(name, node, None, service, "")
+    return ProtectedVm(name, node, backup, service, backup_service)
 
 
 class Client:
@@ -142,11 +146,17 @@ def status_of(cluster: LocalCluster, node: NodeProcess, name: str) -> vmft_pb2.V
         return None
 
 
-def test_a_query_of_death_restart_serves_every_acknowledged_set_or_stops_saying_why(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backup", [False, True], ids=["alone", "pair"])
+def test_a_query_of_death_restart_serves_every_acknowledged_set_or_stops_saying_why(
+    tmp_path: Path, backup: bool
+) -> None:
     extra = ["--checkpoint-every", str(CHECKPOINT_EVERY_S)]
     with LocalCluster(tmp_path, failure_timeout_ms=1000.0) as cluster:
         node = cluster.add_node(extra)
-        vm = protect_kv(cluster, node, "vm1")
+        other_node = cluster.add_node(extra) if backup else None
+        vm = protect_kv(cluster, node, "vm1", other_node)
+        nodes = [node] + ([other_node] if other_node else [])
+        services = dict(zip([n.name for n in nodes], vm.addresses))
 
         # Sets, acknowledged one by one, while the node takes several periodic checkpoints.
         acked: dict[bytes, bytes] = {}
@@ -167,36 +177,45 @@ def test_a_query_of_death_restart_serves_every_acknowledged_set_or_stops_saying_
         acked[b"k"] = b"v"
         client.close()
 
-        # Whenever the VM serves from here on, it answers every acknowledged set. It either serves on (a
-        # restart that holds k and got past the crash: none can, the crash was read with k) or stops.
+        # Whenever the VM serves from here on (on either node), it answers every acknowledged set. It
+        # either serves on (a restart that holds k and got past the crash: none can, the crash was read
+        # with k) or stops everywhere.
         deadline = time.monotonic() + 60.0
         verified = 0
-        while True:
-            status = status_of(cluster, node, "vm1")
-            if status is not None and status.role == vmft_pb2.ROLE_STOPPED:
+        while verified < 5:  # 5 full answers: it serves on, every acknowledged set held
+            statuses = {n.name: status_of(cluster, n, "vm1") for n in nodes}
+            if all(s is None or s.role == vmft_pb2.ROLE_STOPPED for s in statuses.values()):
                 break
-            if status is not None and is_serving(status) and status.faults_recovered >= 1:
-                answers = read_all(vm.service, acked)
+            for name, status in statuses.items():
+                if status is None or not is_serving(status):
+                    continue
+                answers = read_all(services[name], acked)
                 if answers is not None:
                     lost = sorted(key for key in acked if answers[key] != acked[key])
                     assert not lost, (
-                        f"serving after a restart without {len(lost)} acknowledged sets "
+                        f"{name} serves without {len(lost)} acknowledged sets "
                         f"({b', '.join(lost[:5]).decode()} ...): {status.message}"
                     )
                     verified += 1
-                    if verified >= 5:
-                        break  # serves on, every acknowledged set held (a restart past the crash)
-            assert time.monotonic() < deadline, f"neither stopped nor serving on after the crash: {status}"
+            assert time.monotonic() < deadline, f"neither stopped nor serving on after the crash: {statuses}"
             time.sleep(0.1)
 
-        if status.role == vmft_pb2.ROLE_STOPPED:
+        status = statuses[node.name]
+        assert status is not None
+        if verified < 5:
             # The status names the reason: the restart would have forgotten replies clients saw, after the
             # guest crashed (SIGSEGV) again on each restart that kept them.
             assert status.state == vmft_pb2.VM_STATE_STOPPED, status
             assert "restart after crashed failed" in status.message, status.message
             assert "would forget replies clients saw" in status.message, status.message
             assert "SIGSEGV" in status.message, status.message
-            assert read_all(vm.service, acked) is None  # and it serves nothing
+            assert all(read_all(address, acked) is None for address in vm.addresses)  # nothing serves
+        if other_node is not None:
+            # The backup's log holds everything, but it replays into the same crash (its replay reads
+            # "boom" with k): no handover could serve with k either.
+            replayed = statuses[other_node.name]
+            assert replayed is not None and replayed.role == vmft_pb2.ROLE_STOPPED, replayed
+            assert "SIGSEGV" in replayed.message or "exit code 139" in replayed.message, replayed.message
 
         # The node stays healthy: it answers, and a new VM on it serves.
         assert cluster.status(node).pid == node.pid
