@@ -25,6 +25,9 @@ CLOCKS = {
 RLIM_INFINITY = (1 << 64) - 1
 RLIMITS = {3: (8 << 20, RLIM_INFINITY), 7: (1024, 1024), 4: (0, RLIM_INFINITY)}  # STACK, NOFILE, CORE
 PR_SET_NAME, PR_GET_NAME, PR_GET_DUMPABLE, PR_SET_DUMPABLE = 15, 16, 3, 4
+NR_PAUSE, NR_RT_SIGSUSPEND = 34, 130
+PAUSE = "pause"  # the Wait kind of pause and rt_sigsuspend: its uaddr is the mask the thread waits with
+_UNBLOCKABLE = (1 << (Sig.SIGKILL - 1)) | (1 << (Sig.SIGSTOP - 1))
 
 
 class ProcessExit(Exception):
@@ -51,6 +54,11 @@ class SigReturn(Exception):
 
 class ProcessCalls(ProcessState):
     comm = b""
+    # How the pending signals (bits sig-1) were sent, for their siginfo (delivery.py): by tgkill or tkill
+    # (SI_TKILL), or from outside the VM (SI_USER with si_pid 0, control.py); the others by kill(2)
+    # (SI_USER, si_pid the guest's pid). Cleared when the signal is delivered.
+    tkill_pending = 0
+    outside_pending = 0
 
     # ----- identity --------------------------------------------------------------------------------
 
@@ -209,25 +217,37 @@ class ProcessCalls(ProcessState):
             self.space.write(buf, bytes(32))
         return self.now_ns(time.CLOCK_MONOTONIC) // 10_000_000
 
-    def _sleep(self, ns: int) -> None:
+    def _sleep(self, ns: int, rem: int = 0) -> None:
         # Blocked until the deadline (the others run meanwhile), also when alone: a signal from outside
-        # ends the wait (EINTR), as on Linux (switching.py, control.py).
+        # ends the wait (EINTR), as on Linux (switching.py, control.py). The wait's uaddr is where the
+        # time left goes if a signal ends it (`interrupted`): a relative sleep's `rem`, else 0.
         if ns > 0:
-            self.sched.block(Wait(deadline_ns=self.now_ns(time.CLOCK_MONOTONIC) + ns, clock=1, kind="sleep"))
+            deadline = self.now_ns(time.CLOCK_MONOTONIC) + ns
+            self.sched.block(Wait(uaddr=rem, deadline_ns=deadline, clock=1, kind="sleep"))
+
+    def interrupted(self, wait: Wait) -> None:
+        """A signal to handle ended this process's `wait` with EINTR (control.py): a relative sleep
+        writes the time it had left, as Linux does (nanosleep(2)); the clock reading is an event."""
+        if wait.kind == "sleep" and wait.uaddr and wait.deadline_ns is not None:
+            left = max(0, wait.deadline_ns - self.now_ns(CLOCKS[wait.clock]))
+            self.space.write(wait.uaddr, struct.pack("<qq", left // 1_000_000_000, left % 1_000_000_000))
 
     def sys_nanosleep(self, req: int, rem: int, *_: int) -> int:
         sec, nsec = struct.unpack("<qq", self.space.read(req, 16))
         if sec < 0 or not 0 <= nsec < 1_000_000_000:
             raise LinuxError(errno.EINVAL)
-        self._sleep(sec * 1_000_000_000 + nsec)
+        self._sleep(sec * 1_000_000_000 + nsec, rem)
         return 0
 
     def sys_clock_nanosleep(self, clock_id: int, flags: int, req: int, rem: int, *_: int) -> int:
         sec, nsec = struct.unpack("<qq", self.space.read(req, 16))
+        if sec < 0 or not 0 <= nsec < 1_000_000_000:
+            raise LinuxError(errno.EINVAL)
         ns = sec * 1_000_000_000 + nsec
-        if flags & 1:  # TIMER_ABSTIME
-            ns -= self._clock(clock_id)
-        self._sleep(ns)
+        if flags & 1:  # TIMER_ABSTIME: no time left is written (the deadline does not move)
+            self._sleep(ns - self._clock(clock_id))
+        else:
+            self._sleep(ns, rem)
         return 0
 
     def sys_alarm(self, *_: int) -> int:
@@ -269,8 +289,27 @@ class ProcessCalls(ProcessState):
                 self.signals.mask = value
             else:
                 raise LinuxError(errno.EINVAL)
-            self.signals.mask &= ~((1 << (Sig.SIGKILL - 1)) | (1 << (Sig.SIGSTOP - 1)))
+            self.signals.mask &= ~_UNBLOCKABLE
         return 0
+
+    def sys_pause(self, *_: int) -> int:
+        return self._suspend(self.signals.mask, NR_PAUSE)
+
+    def sys_rt_sigsuspend(self, mask: int, size: int, *_: int) -> int:
+        if size != 8:
+            raise LinuxError(errno.EINVAL)
+        wanted = struct.unpack("<Q", self.space.read(mask, 8))[0]
+        return self._suspend(wanted & ~_UNBLOCKABLE, NR_RT_SIGSUSPEND)
+
+    def _suspend(self, mask: int, number: int) -> int:
+        """pause, rt_sigsuspend: wait until a signal runs a handler, then EINTR. The thread keeps its own
+        mask while it waits; the mask it waits with is the wait's uaddr (checkpointed with it). The signal
+        that ends the wait finds the handler running with that mask, and its frame holds the thread's own,
+        which rt_sigreturn restores (control.py, delivery.py: Linux's saved_sigmask). A pause or stop of
+        the machine (netwait.py) runs the call again: `restart`."""
+        self.sched.running.restart = number
+        self.sched.block(Wait(uaddr=mask, kind=PAUSE))
+        return -errno.EINTR  # not seen: the wait ends with EINTR (control.py) or the call runs again
 
     def sys_rt_sigreturn(self, *_: int) -> int:
         raise SigReturn()
@@ -282,7 +321,7 @@ class ProcessCalls(ProcessState):
             self.signals.altstack = self.space.read(new, 24)
         return 0
 
-    def _signal_self(self, sig: int) -> int:
+    def _signal_self(self, sig: int, tkill: bool = False) -> int:
         if sig == 0:
             return 0
         if not 1 <= sig <= 64:
@@ -292,6 +331,11 @@ class ProcessCalls(ProcessState):
             return 0
         if handler not in (SIG_DFL, SIG_IGN) and sig != Sig.SIGKILL:
             self.signals.pending |= 1 << (sig - 1)  # delivered when this system call returns
+            if tkill:
+                self.tkill_pending |= 1 << (sig - 1)
+            else:
+                self.tkill_pending &= ~(1 << (sig - 1))
+            self.outside_pending &= ~(1 << (sig - 1))
             return 0
         raise ProcessExit(
             128 + sig, FatalSignal(sig, f"killed by {signal_name(sig)} (sent by the program itself)")
@@ -340,7 +384,7 @@ class ProcessCalls(ProcessState):
     def sys_tgkill(self, tgid: int, tid: int, sig: int, *_: int) -> int:
         if tid not in self.sched.threads:
             raise LinuxError(errno.ESRCH)
-        return self._signal_self(sig)
+        return self._signal_self(sig, tkill=True)
 
     def sys_tkill(self, tid: int, sig: int, *_: int) -> int:
         return self.sys_tgkill(self.pid, tid, sig)

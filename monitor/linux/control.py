@@ -33,7 +33,7 @@ from collections import deque
 
 from monitor.linux import boot, elf
 from monitor.linux import fdtable as fdt
-from monitor.linux.calls_proc import Executed, ProcessExit
+from monitor.linux.calls_proc import PAUSE, Executed, ProcessExit
 from monitor.linux.mm import PROT_EXEC, PROT_READ, AddressSpace, LinuxError
 from monitor.linux.process import ProgramInfo
 from monitor.linux.processes import Zombie, exit_status, signal_status
@@ -52,8 +52,8 @@ from monitor.linux.threads import FIRST_TID, Thread, Wait
 
 
 # Calls Linux never runs again after a handler, SA_RESTART or not (signal(7)): poll, ppoll, select,
-# pselect6, epoll_wait, epoll_pwait, nanosleep, clock_nanosleep. They return EINTR.
-_NEVER_RESTARTED = frozenset({7, 271, 23, 270, 232, 281, 35, 230})
+# pselect6, epoll_wait, epoll_pwait, nanosleep, clock_nanosleep, pause, rt_sigsuspend. They return EINTR.
+_NEVER_RESTARTED = frozenset({7, 271, 23, 270, 232, 281, 35, 230, 34, 130})
 
 
 class ProcessControl(PersonalityCore):
@@ -82,6 +82,10 @@ class ProcessControl(PersonalityCore):
         log.info("%s from outside for %s", signal_name(sig), self.program_path_of(FIRST_TID))
         if FIRST_TID in self.processes:
             self._signal_process(FIRST_TID, sig)  # a default action that kills ends the VM here
+            first = self.processes[FIRST_TID]
+            if first.signals.pending & (1 << (sig - 1)):
+                first.outside_pending |= 1 << (sig - 1)  # its siginfo: SI_USER, si_pid 0 (delivery.py)
+                first.tkill_pending &= ~(1 << (sig - 1))
         return True
 
     def _next_host_signal(self) -> bytes | None:
@@ -113,8 +117,11 @@ class ProcessControl(PersonalityCore):
         (made runnable), as on Linux, so the handler runs; None if no signal is waiting for that."""
         sched = self.process.sched
         for thread in sched.waiting():  # the running thread's mask was saved when it was parked
-            signals = self.processes[thread.pid].signals
-            ready = signals.pending & ~thread.sigmask
+            process = self.processes[thread.pid]
+            signals = process.signals
+            wait = thread.wait
+            suspended = wait is not None and wait.kind == PAUSE  # pause, rt_sigsuspend: their own mask
+            ready = signals.pending & ~(wait.uaddr if wait is not None and suspended else thread.sigmask)
             if not ready:
                 continue
             sig = (ready & -ready).bit_length()
@@ -123,6 +130,13 @@ class ProcessControl(PersonalityCore):
                 sched.make_runnable(thread, 0)  # the call runs again when the handler returns
             else:
                 thread.restart = -1
+                if wait is not None:
+                    process.interrupted(wait)  # a sleep's time left (calls_proc.py)
+                if wait is not None and suspended:
+                    # The handler runs with the mask the call waited with; its frame holds the thread's
+                    # own, which rt_sigreturn restores (delivery.py). It runs in this exit (picked next).
+                    self._saved_sigmask = (thread.tid, thread.sigmask)
+                    thread.sigmask = wait.uaddr
                 sched.make_runnable(thread, -errno.EINTR)
             return thread
         return None

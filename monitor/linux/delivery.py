@@ -42,24 +42,48 @@ if TYPE_CHECKING:
 
 
 class SignalDelivery(PersonalityCore):
+    # (tid, mask): the thread whose pause or rt_sigsuspend a signal just ended, and its own mask, which
+    # the handler's frame holds (control.py sets it; the handler runs in the same exit).
+    _saved_sigmask: tuple[int, int] | None = None
+
     def _deliver_pending(self) -> None:
         """A signal with a handler is pending and not blocked: run the handler when the call returns."""
-        signals = self.process.signals
+        process = self.process
+        signals = process.signals
         ready = signals.pending & ~signals.mask
         sig = (ready & -ready).bit_length()
-        signals.pending &= ~(1 << (sig - 1))
+        bit = 1 << (sig - 1)
+        signals.pending &= ~bit
+        # siginfo: tgkill/tkill say SI_TKILL, kill(2) and signals from outside SI_USER; si_pid is the
+        # guest's pid, or 0 for a signal from outside (it has no sender in the guest).
+        code = SI_TKILL if process.tkill_pending & bit else SI_USER
+        pid = 0 if process.outside_pending & bit else PID
+        process.tkill_pending &= ~bit
+        process.outside_pending &= ~bit
+        saved, self._saved_sigmask = self._saved_sigmask, None
+        mask = saved[1] if saved is not None and saved[0] == process.sched.current else None
         regs = REGS.unpack_from(self._run_buffer, SYNC_REGS)
-        frame = self._frame_for(sig, regs, SI_TKILL, 0)
+        frame = self._frame_for(sig, regs, code, 0, pid, mask)
         self._run_buffer[SYNC_REGS : SYNC_REGS + REGS_SIZE] = REGS.pack(*frame.regs)
         self._vcpu.run.kvm_dirty_regs = KVM_SYNC_X86_REGS
 
-    def _frame_for(self, sig: int, regs: tuple[int, ...], code: int, fault_address: int) -> Frame:
+    def _frame_for(
+        self,
+        sig: int,
+        regs: tuple[int, ...],
+        code: int,
+        fault_address: int,
+        pid: int = PID,
+        saved_mask: int | None = None,
+    ) -> Frame:
         """Write the signal frame for `sig` on the thread's stack; the process's mask and action change
-        as Linux's do. A frame that cannot be written kills the process (SIGSEGV)."""
+        as Linux's do. The frame holds `saved_mask` (rt_sigsuspend's caller's own), else the mask now. A
+        frame that cannot be written kills the process (SIGSEGV)."""
         signals = self.process.signals
         action = Action.parse(signals.actions.get(sig, bytes(32)))
+        frame_mask = signals.mask if saved_mask is None else saved_mask
         frame = build_frame(
-            sig, action, regs, self._xsave(), signals.mask, signals.altstack, code, fault_address, PID
+            sig, action, regs, self._xsave(), frame_mask, signals.altstack, code, fault_address, pid
         )
         try:
             self.space.write(frame.address, frame.data)

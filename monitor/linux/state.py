@@ -125,7 +125,7 @@ def _save_thread(
         for file, events in target[1]:
             out.poll_files.append(file_index(file))
             out.poll_events.append(events)
-    elif wait.kind not in ("futex", "sleep"):
+    elif wait.kind not in ("futex", "sleep", "pause"):
         raise CheckpointError(f"a thread waiting for {wait.kind} cannot be checkpointed yet")
     return out
 

