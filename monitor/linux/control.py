@@ -58,6 +58,7 @@ _NEVER_RESTARTED = frozenset({7, 271, 23, 270, 232, 281, 35, 230, 34, 130})
 
 class ProcessControl(PersonalityCore):
     _host_signals: deque[int]  # signals from outside not yet taken (appended by any thread)
+    _saved_sigmask: tuple[int, int] | None  # delivery.py
 
     # ----- signals from outside ---------------------------------------------------------------------
 
