@@ -104,6 +104,69 @@ int main(void) {
 }
 """
 
+# EPOLLET against level on two socketpairs: an edge reports once per arrival (not again for unread
+# bytes, not after a drain to EAGAIN) and never misses an arrival after the drain, also in a blocking
+# wait (a child writes later).
+EDGE = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+static int ep;
+static void report(const char *what, int timeout) {
+    struct epoll_event ev[4];
+    int n = epoll_wait(ep, ev, 4, timeout);
+    printf("%s: %d", what, n);
+    for (int i = 0; i < n; i++) printf(" [%s %x]", ev[i].data.u32 == 1 ? "edge" : "level", ev[i].events);
+    printf("\n");
+}
+static int drain(int fd) {
+    char buf[2];
+    int total = 0, n;
+    while ((n = read(fd, buf, sizeof buf)) > 0) total += n;
+    return n < 0 && errno == EAGAIN ? total : -1;
+}
+int main(void) {
+    setvbuf(stdout, 0, _IONBF, 0);
+    int e[2], l[2];
+    socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, e);
+    socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, l);
+    ep = epoll_create1(0);
+    struct epoll_event edge = {EPOLLIN | EPOLLET, {.u32 = 1}}, level = {EPOLLIN, {.u32 = 2}};
+    epoll_ctl(ep, EPOLL_CTL_ADD, e[0], &edge);
+    epoll_ctl(ep, EPOLL_CTL_ADD, l[0], &level);
+    report("empty", 0);
+    write(e[1], "abc", 3);
+    write(l[1], "abc", 3);
+    report("written", 0);
+    report("unread", 0);
+    printf("drained %d %d\n", drain(e[0]), drain(l[0]));
+    report("drained", 0);
+    write(e[1], "de", 2);
+    report("after drain", 0);
+    write(e[1], "f", 1);
+    report("more unread", 0);
+    printf("drained %d\n", drain(e[0]));
+    report("drained again", 0);
+    epoll_ctl(ep, EPOLL_CTL_MOD, e[0], &edge);
+    report("rearmed empty", 0);
+    pid_t child = fork();
+    if (child == 0) {
+        usleep(100000);
+        write(e[1], "g", 1);
+        _exit(0);
+    }
+    report("blocking", -1);
+    report("then", 0);
+    waitpid(child, 0, 0);
+    return 0;
+}
+"""
+
 
 class NativeRun(Run):
     """The program itself as a process (Run's line reader, wait and finish)."""
@@ -174,3 +237,15 @@ def test_a_program_waiting_only_for_signals_from_outside_waits_and_replays(tmp_p
     replayed = _replay(log, tmp_path / "replay-layer", [guest])
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     assert "verdict: IDENTICAL" in replayed.stdout and "exit code 0" in replayed.stdout, replayed.stdout
+
+
+def test_epollet_reports_each_arrival_once_and_none_after_a_drain(tmp_path: Path) -> None:
+    layer = tmp_path / "layer"
+    guest = _compile(EDGE, layer, "edge")
+    native = run_native([str(layer / guest.lstrip("/"))])
+    assert native.status == 0, native.stderr
+    assert b"unread: 1 [level 1]\n" in native.stdout  # the edge is not reported again
+    assert b"after drain: 1 [edge 1]\n" in native.stdout and b"blocking: 1 [edge 1]\n" in native.stdout
+    vm = run_guest([guest], layer=layer)
+    assert (vm.status, vm.fatal) == (0, "")
+    assert vm.stdout == native.stdout

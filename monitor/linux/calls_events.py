@@ -17,8 +17,6 @@ AF_UNIX, SOCK_STREAM, SOCK_TYPE_MASK = 1, 1, 0xF
 POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP = 1, 2, 4, 8, 0x10
 SOCK_NONBLOCK, SOCK_CLOEXEC = 0o4000, 0o2000000
 EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD = 1, 2, 3
-EPOLLONESHOT = 1 << 30
-_EPOLL_FLAGS = 0xF << 28  # EPOLLEXCLUSIVE, EPOLLWAKEUP, EPOLLONESHOT, EPOLLET: not events
 FIONBIO = 0x5421
 _EVENT = struct.Struct("<IQ")  # struct epoll_event is packed on x86-64
 
@@ -65,17 +63,19 @@ class EventCalls(ProcessState):
             if fd not in epoll.interest:
                 raise LinuxError(errno.ENOENT)
             del epoll.interest[fd]
+            epoll.edge_seen.pop(fd, None)
             return 0
         events, data = _EVENT.unpack(self.space.read(event, _EVENT.size))
         if op == EPOLL_CTL_ADD:
-            if fd in epoll.interest:
-                raise LinuxError(errno.EEXIST)
+            if fd in epoll.interest and epoll.interest[fd][2] is file:
+                raise LinuxError(errno.EEXIST)  # (an entry of a file closed since is replaced)
         elif op == EPOLL_CTL_MOD:
             if fd not in epoll.interest:
                 raise LinuxError(errno.ENOENT)
         else:
             raise LinuxError(errno.EINVAL)
         epoll.interest[fd] = (events, data, file)
+        epoll.arm(fd)
         return 0
 
     def sys_epoll_wait(self, epfd: int, events: int, maxevents: int, timeout: int, *_: int) -> int:
@@ -83,25 +83,14 @@ class EventCalls(ProcessState):
         if not 0 < maxevents < 1 << 20:
             raise LinuxError(errno.EINVAL)
         timeout = timeout - (1 << 32) if timeout >= 1 << 31 else timeout
-        ready: list[bytes] = []
-        watched: list[tuple[fdt.OpenFile, int]] = []
-        for fd in sorted(epoll.interest):
-            wanted, data, file = epoll.interest[fd]
-            if self.fds.fds.get(fd) is None or self.fds.fds[fd].file is not file:
-                continue  # closed since: Linux drops it with the file
-            if wanted == EPOLLONESHOT:
-                continue  # a one-shot entry that fired: disabled until EPOLL_CTL_MOD arms it again
-            got = poll_events(file, (wanted & ~_EPOLL_FLAGS) | 0x18)  # EPOLLERR, EPOLLHUP: always
-            watched.append((file, (wanted & ~_EPOLL_FLAGS) | 0x18))
-            if got and len(ready) < maxevents:
-                ready.append(_EVENT.pack(got, data))
-                if wanted & EPOLLONESHOT:
-                    epoll.interest[fd] = (EPOLLONESHOT, data, file)
+        ready = epoll.scan(poll_events, maxevents, consume=True)
         if ready or timeout == 0:
-            self.space.write(events, b"".join(ready))
+            self.space.write(events, b"".join(_EVENT.pack(got, data) for got, data in ready))
             return len(ready)
         deadline = None if timeout < 0 else self.now_ns(time.CLOCK_MONOTONIC) + timeout * 1_000_000
-        raise fdt.WouldBlock(("poll", watched, deadline))
+        # Waits on the epoll file itself: it is ready when a wait would report something (level, or an
+        # edge-triggered entry's file changed), and it is what a checkpoint of the waiting thread names.
+        raise fdt.WouldBlock(("poll", [(epoll, POLLIN)], deadline))
 
     def sys_epoll_pwait(self, epfd: int, events: int, maxevents: int, timeout: int, *_: int) -> int:
         return self.sys_epoll_wait(epfd, events, maxevents, timeout)

@@ -150,6 +150,12 @@ class OpenFile:
         """FIONREAD on a socket: bytes received and not yet read (None: not a socket)."""
         return None
 
+    def wakeups(self) -> int:
+        """How many times this file's readiness may have changed (bytes or a connection arriving, an
+        end, room made): an EPOLLET entry reports once per change (EpollFile). Not guest state itself:
+        only whether an entry has seen the latest is (EpollFile.edge_pending)."""
+        return 0
+
     def close(self) -> None:
         pass
 
@@ -362,6 +368,7 @@ class Pipe:
     readers: int = 0
     writers: int = 0
     ino: int = 0
+    changes: int = 0  # writes, reads and closes of an end: EPOLLET (OpenFile.wakeups)
 
 
 PIPE_CAPACITY = 65536
@@ -391,6 +398,7 @@ class PipeEnd(OpenFile):
             return b""
         chunk = bytes(pipe.buffer[:n])
         del pipe.buffer[:n]
+        pipe.changes += 1
         return chunk
 
     def write(self, data: bytes) -> int:
@@ -405,6 +413,7 @@ class PipeEnd(OpenFile):
                 raise LinuxError(errno.EAGAIN)
             raise WouldBlock(("pipe-write", pipe))  # until a reader makes room or the last one closes
         pipe.buffer += data[:room]
+        pipe.changes += 1
         return min(room, len(data))
 
     def stat(self) -> StatInfo:
@@ -417,6 +426,10 @@ class PipeEnd(OpenFile):
             self.pipe.readers -= 1
         else:
             self.pipe.writers -= 1
+        self.pipe.changes += 1
+
+    def wakeups(self) -> int:
+        return self.pipe.changes
 
     def describe(self) -> tuple[object, ...]:
         return (self.kind, self.pipe.ino, self.reading, bytes(self.pipe.buffer))
@@ -509,6 +522,9 @@ class SocketEnd(OpenFile):
     def pending_bytes(self) -> int | None:
         return len(self.rx.pipe.buffer)
 
+    def wakeups(self) -> int:
+        return self.rx.pipe.changes + self.tx.pipe.changes
+
     def shutdown_write(self) -> None:
         if self.tx_open:
             self.tx_open = False
@@ -525,20 +541,72 @@ class SocketEnd(OpenFile):
         return (self.kind, self.flags, bytes(self.rx.pipe.buffer), bytes(self.tx.pipe.buffer), self.tx_open)
 
 
+EPOLLONESHOT, EPOLLET = 1 << 30, 1 << 31
+EPOLL_FLAGS = 0xF << 28  # EPOLLEXCLUSIVE, EPOLLWAKEUP, EPOLLONESHOT, EPOLLET: not events
+PollFn = Callable[["OpenFile", int], int]
+
+
 class EpollFile(OpenFile):
-    """An epoll instance: its interest list (level-triggered; EPOLLET is taken as level)."""
+    """An epoll instance: its interest list. A level-triggered entry reports while its file is ready;
+    an edge-triggered one (EPOLLET) once per change of its file (`OpenFile.wakeups`) that finds it
+    ready, as Linux's ready list does: a server that reads until EAGAIN is not woken again until more
+    arrives. A fired EPOLLONESHOT entry is kept as events == EPOLLONESHOT until EPOLL_CTL_MOD. An entry
+    goes with its file's last descriptor (as Linux's, whatever descriptor named it)."""
 
     kind = "epoll"
 
     def __init__(self, flags: int) -> None:
         super().__init__("anon_inode:[eventpoll]", flags)
         self.interest: dict[int, tuple[int, int, OpenFile]] = {}  # fd -> (events, data, the file)
+        self.edge_seen: dict[int, int] = {}  # EPOLLET entries: fd -> its file's wakeups() last looked at
+
+    def arm(self, fd: int) -> None:
+        """EPOLL_CTL_ADD or MOD: an edge-triggered entry looks at its file at the next wait."""
+        events, _data, file = self.interest[fd]
+        if events & EPOLLET:
+            self.edge_seen[fd] = file.wakeups() - 1
+        else:
+            self.edge_seen.pop(fd, None)
+
+    def edge_pending(self, fd: int) -> bool:
+        """An EPOLLET entry whose file changed since the last wait looked at it."""
+        events, _data, file = self.interest[fd]
+        return bool(events & EPOLLET) and self.edge_seen.get(fd) != file.wakeups()
+
+    def scan(self, poll: PollFn, maxevents: int, consume: bool) -> list[tuple[int, int]]:
+        """(events, data) of the entries to report now, at most `maxevents`; `consume`: epoll_wait
+        reports them (edges seen, one-shots fired), else only a look (poll of the epoll file)."""
+        ready: list[tuple[int, int]] = []
+        for fd in sorted(self.interest):
+            wanted, data, file = self.interest[fd]
+            if not file.refs or wanted == EPOLLONESHOT:
+                continue  # closed (Linux drops it with the file), or a one-shot that fired
+            if wanted & EPOLLET and not self.edge_pending(fd):
+                continue  # nothing new since the last wait looked
+            got = poll(file, (wanted & ~EPOLL_FLAGS) | 0x18)  # EPOLLERR, EPOLLHUP: always
+            if got and len(ready) >= maxevents:
+                continue  # not reported: an edge stays pending
+            if consume and wanted & EPOLLET:
+                self.edge_seen[fd] = file.wakeups()  # a change that found it not ready is spent too
+            if got:
+                ready.append((got, data))
+                if consume and wanted & EPOLLONESHOT:
+                    self.interest[fd] = (EPOLLONESHOT, data, file)
+        return ready
+
+    def poll_mask(self, events: int) -> int | None:
+        from monitor.linux.calls_fs import poll_events  # calls_fs builds on this module
+
+        return events & 1 if self.scan(poll_events, 1, consume=False) else 0  # POLLIN: a wait would report
 
     def stat(self) -> StatInfo:
         return StatInfo(dev=PIPE_DEV, ino=9, mode=0o600)
 
     def describe(self) -> tuple[object, ...]:
-        return (self.kind, sorted((fd, ev, data) for fd, (ev, data, _f) in self.interest.items()))
+        return (
+            self.kind,
+            sorted((fd, ev, data, self.edge_pending(fd)) for fd, (ev, data, _f) in self.interest.items()),
+        )
 
 
 class EventFd(OpenFile):
@@ -551,6 +619,10 @@ class EventFd(OpenFile):
         super().__init__("anon_inode:[eventfd]", (flags & O_NONBLOCK) | O_RDWR)
         self.count = count
         self.semaphore = semaphore
+        self.changes = 0  # reads and writes: EPOLLET (OpenFile.wakeups)
+
+    def wakeups(self) -> int:
+        return self.changes
 
     def read(self, n: int) -> bytes:
         if n < 8:
@@ -561,6 +633,7 @@ class EventFd(OpenFile):
             raise WouldBlock(("poll", [(self, 1)], None))  # POLLIN: runs again when counted up
         value = 1 if self.semaphore else self.count
         self.count -= value
+        self.changes += 1
         return struct.pack("<Q", value)
 
     def write(self, data: bytes) -> int:
@@ -574,6 +647,7 @@ class EventFd(OpenFile):
                 raise LinuxError(errno.EAGAIN)
             raise WouldBlock(("poll", [(self, 4)], None))  # POLLOUT
         self.count += value
+        self.changes += 1
         return 8
 
     def poll_mask(self, events: int) -> int | None:

@@ -95,7 +95,9 @@ def save_file(
         out.socket = file.number
     elif isinstance(file, fdt.EpollFile):
         for fd, (events, data, watched) in sorted(file.interest.items()):
-            out.interest.add(fd=fd, events=events, data=data, file=file_index(watched))
+            out.interest.add(
+                fd=fd, events=events, data=data, file=file_index(watched), edge_pending=file.edge_pending(fd)
+            )
     elif isinstance(file, fdt.EventFd):
         out.count, out.reading = file.count, file.semaphore
     elif isinstance(file, fdt.SocketEnd):
@@ -136,3 +138,5 @@ def fill_epoll(saved: vmft_pb2.LinuxOpenFile, file: fdt.OpenFile, opened: list[f
     if isinstance(file, fdt.EpollFile):
         for entry in saved.interest:
             file.interest[entry.fd] = (entry.events, entry.data, opened[entry.file])
+            if entry.events & fdt.EPOLLET:  # whether it has a change to look at, not the count
+                file.edge_seen[entry.fd] = opened[entry.file].wakeups() - int(entry.edge_pending)

@@ -109,6 +109,10 @@ class TcpSocket(fdt.OpenFile):
         self.reset = False  # the connection died (with an old primary): reads fail with ECONNRESET once
         self.read_shut = False
         self.write_shut = False
+        self.changes = 0  # bytes, connections and ends arriving: EPOLLET (fdtable.OpenFile.wakeups)
+
+    def wakeups(self) -> int:
+        return self.changes
 
     # ----- data -------------------------------------------------------------------------------------
 
@@ -169,6 +173,7 @@ class TcpSocket(fdt.OpenFile):
     def shutdown(self, how: int) -> None:
         if self.state is not TcpState.CONNECTED:
             raise LinuxError(errno.ENOTCONN)
+        self.changes += 1
         if how in (0, 2):  # SHUT_RD, SHUT_RDWR
             self.read_shut = True
         if how in (1, 2) and not self.write_shut:  # SHUT_WR: the client sees the end
@@ -260,6 +265,7 @@ class NetStack:
         waiting = [c for c in self.unbound if self.service_listener(c.service) is sock]
         if waiting:  # connections that came before their port was listened on
             sock.backlog.extend(waiting)
+            sock.changes += 1
             self.unbound = [c for c in self.unbound if c not in waiting]
 
     def service_listener(self, index: int = 0) -> TcpSocket | None:
@@ -313,6 +319,8 @@ class NetStack:
             self._open(msg.conn, service)
             return
         sock = self.conns.get(msg.conn)
+        if sock is not None:
+            sock.changes += 1
         if msg.kind is NetKind.DATA:
             if sock is not None and not sock.peer_closed and not sock.read_shut:
                 sock.rx += msg.payload
@@ -339,6 +347,7 @@ class NetStack:
         self.conns[conn] = sock
         if listener is not None:
             listener.backlog.append(sock)
+            listener.changes += 1
         else:
             self.unbound.append(sock)
 
