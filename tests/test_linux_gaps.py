@@ -9,7 +9,9 @@ from __future__ import annotations
 import queue
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from linux_helpers import run_guest, run_native
+from test_linux_net import GuestService
 from test_linux_signals_external import Run, _replay
 
 pytestmark = [
@@ -167,6 +170,21 @@ int main(void) {
 }
 """
 
+# MSG_WAITALL on a stream: the whole length though it comes in pieces, then the rest at the end.
+WAITALL = r"""
+import socket, sys
+sys.stdout.reconfigure(line_buffering=True)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(1)
+print("port", s.getsockname()[1], file=sys.stderr, flush=True)
+conn, _ = s.accept()
+print("whole", len(conn.recv(30000, socket.MSG_WAITALL)))
+print("at the end", len(conn.recv(30000, socket.MSG_WAITALL)))
+print("after the end", len(conn.recv(100, socket.MSG_WAITALL)))
+"""
+
 
 class NativeRun(Run):
     """The program itself as a process (Run's line reader, wait and finish)."""
@@ -249,3 +267,40 @@ def test_epollet_reports_each_arrival_once_and_none_after_a_drain(tmp_path: Path
     vm = run_guest([guest], layer=layer)
     assert (vm.status, vm.fatal) == (0, "")
     assert vm.stdout == native.stdout
+
+
+def _feed(address: tuple[str, int]) -> None:
+    """30,000 bytes in three pieces some time apart, then 5,000 and the end."""
+    with socket.create_connection(address, timeout=60) as conn:
+        for _ in range(3):
+            conn.sendall(b"x" * 10_000)
+            time.sleep(0.2)  # each piece arrives on its own (the outcome must not depend on it)
+        conn.sendall(b"y" * 5_000)
+        conn.shutdown(socket.SHUT_WR)
+        assert conn.recv(100) == b""
+
+
+def test_msg_waitall_waits_for_the_whole_length_or_the_end(tmp_path: Path) -> None:
+    layer = tmp_path / "layer"
+    (layer / "tmp").mkdir(parents=True)
+    (layer / "tmp" / "waitall.py").write_text(WAITALL)
+    argv = [sys.executable, str(layer / "tmp" / "waitall.py"), "0"]
+    native = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert native.stderr is not None
+        port = int(native.stderr.readline().split()[1])
+        _feed(("127.0.0.1", port))
+        expected, _ = native.communicate(timeout=60)
+    finally:
+        if native.poll() is None:
+            native.kill()
+            native.wait(10)
+    assert expected == b"whole 30000\nat the end 5000\nafter the end 0\n"
+    service = GuestService(["/usr/bin/python3", "/tmp/waitall.py", "8080"], layer)
+    try:
+        _feed(service.address)
+        status, stdout = service.wait()
+    finally:
+        service.stop()
+    assert status == 0, bytes(service.stderr)
+    assert stdout == expected

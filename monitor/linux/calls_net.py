@@ -111,6 +111,9 @@ class NetCalls(ProcessState):
 
     def _receive(self, sock: AnySocket, n: int, flags: int) -> bytes:
         if isinstance(sock, sk.TcpSocket):
+            nonblocking = bool(flags & MSG_DONTWAIT or sock.flags & fdt.O_NONBLOCK)
+            if flags & MSG_WAITALL and not flags & MSG_PEEK and not nonblocking:
+                return sock.receive_all(n)  # the full length, the end of the stream, or a signal
             return sock.receive(n, peek=bool(flags & MSG_PEEK), nonblocking=bool(flags & MSG_DONTWAIT))
         saved = sock.flags
         if flags & MSG_DONTWAIT:

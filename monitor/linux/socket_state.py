@@ -43,6 +43,7 @@ def _save_socket(sock: sk.TcpSocket) -> vmft_pb2.LinuxSocket:
         reset=sock.reset,
         read_shut=sock.read_shut,
         write_shut=sock.write_shut,
+        waitall=sock.waitall,
     )
     if sock.local is not None:
         out.bound, out.local_address, out.local_port = True, sock.local[0], sock.local[1]
@@ -67,6 +68,7 @@ def restore_net(stack: sk.NetStack, msg: vmft_pb2.LinuxNet) -> None:
         sock.conn, sock.service, sock.rx = saved.conn, saved.service, bytearray(saved.rx)
         sock.peer_closed, sock.peer_gone, sock.reset = saved.peer_closed, saved.peer_gone, saved.reset
         sock.read_shut, sock.write_shut = saved.read_shut, saved.write_shut
+        sock.waitall = saved.waitall
         sockets[saved.number] = sock
     try:
         for saved in msg.sockets:

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
 SOCK_STREAM, SOCK_DGRAM = 1, 2
 POLLIN, POLLOUT, POLLERR, POLLHUP, POLLRDHUP = 1, 4, 8, 0x10, 0x2000
+# Not a poll event: a blocked MSG_WAITALL receive's wait, ready only once `TcpSocket.waitall` bytes are
+# there or the stream ended (a wait on plain POLLIN would wake, run the call again and block again, in
+# a loop, while fewer bytes are there).
+POLL_WAITALL = 1 << 16
 SOCKET_DEV = 0x8
 EPHEMERAL_FIRST = 32768  # ports given to bind(port 0) and to the peers of service connections
 TAKE_BYTES = 1 << 20  # at most this much of the host's queued messages per NET_RX event
@@ -110,6 +114,7 @@ class TcpSocket(fdt.OpenFile):
         self.read_shut = False
         self.write_shut = False
         self.changes = 0  # bytes, connections and ends arriving: EPOLLET (fdtable.OpenFile.wakeups)
+        self.waitall = 0  # the length a blocked MSG_WAITALL receive waits for (POLL_WAITALL)
 
     def wakeups(self) -> int:
         return self.changes
@@ -134,6 +139,17 @@ class TcpSocket(fdt.OpenFile):
             raise LinuxError(errno.EAGAIN)
         raise fdt.WouldBlock(("poll", [(self, POLLIN)], None))  # runs again when bytes or the end arrive
 
+    def receive_all(self, n: int) -> bytes:
+        """MSG_WAITALL: `n` bytes, or fewer only at the end of the stream; until then the call waits
+        (and runs again) for all of them, the bytes staying received meanwhile (a signal ends the wait
+        with EINTR and loses none). A reset is reported as receive reports it."""
+        ended = self.peer_closed or self.read_shut or self.reset or self.state is TcpState.CLOSED
+        if len(self.rx) < n and not ended and self.state is TcpState.CONNECTED:
+            self.waitall = n
+            raise fdt.WouldBlock(("poll", [(self, POLLIN | POLL_WAITALL)], None))
+        self.waitall = 0
+        return self.receive(n)
+
     def send(self, data: bytes, nosignal: bool = False) -> int:
         if self.state is not TcpState.CONNECTED and self.state is not TcpState.CLOSED:
             raise LinuxError(errno.ENOTCONN if self.state is TcpState.NEW else errno.EPIPE)
@@ -157,7 +173,8 @@ class TcpSocket(fdt.OpenFile):
         if self.state is TcpState.NEW:
             return (events & POLLOUT) | POLLHUP  # as Linux: an unconnected stream socket
         mask = 0
-        if self.rx or self.peer_closed or self.read_shut or self.reset:
+        short = events & POLL_WAITALL and len(self.rx) < self.waitall  # a MSG_WAITALL wait: not yet
+        if self.rx and not short or self.peer_closed or self.read_shut or self.reset:
             mask |= events & (POLLIN | POLLRDHUP)
         if self.reset:
             mask |= POLLERR | POLLHUP
@@ -191,6 +208,7 @@ class TcpSocket(fdt.OpenFile):
             self.kind, self.number, self.family, self.flags, self.state.value, self.local, self.peer,
             sorted(self.options.items()), [s.conn for s in self.backlog], self.conn, self.service,
             bytes(self.rx), self.peer_closed, self.peer_gone, self.reset, self.read_shut, self.write_shut,
+            self.waitall,
         )  # fmt: skip
 
 
