@@ -50,6 +50,7 @@ class Ending:
     digest: bytes
     fatal: str
     out: bytes
+    restored_at: bytes = b""  # a restored machine's state hash before it ran
 
 
 Predicate = Callable[[LinuxPersonality, Machine], bool]
@@ -125,6 +126,7 @@ def restore_and_finish(
 ) -> Ending:
     again = LinuxPersonality(_config([PYTHON, "-c", program], layer, clock))
     restored = restore_linux(again, checkpoint, journal=journal)
+    restored_at = restored.state_digest()  # the checkpoint's state, until it runs
     rest = bytearray()
     again.on_stream = lambda number, data: rest.extend(data)
     try:
@@ -135,7 +137,7 @@ def restore_and_finish(
         again.close()
     fatal = again.fatal.message if again.fatal else ""
     assert result.reason is StopReason.EXITED, result.describe()
-    return Ending(result.exit_code, result.position, digest, fatal, bytes(rest))
+    return Ending(result.exit_code, result.position, digest, fatal, bytes(rest), restored_at)
 
 
 @pytest.mark.parametrize("clock", [ClockMode.SYSCALL, ClockMode.VDSO], ids=["syscall-clock", "vdso-clock"])
@@ -144,7 +146,7 @@ def test_a_checkpoint_at_exit_group_restores_and_ends_the_same(tmp_path: Path, c
     original = checkpoint_at_end(EXITS_WITH_3, at_syscall(EXIT_GROUP), checkpoint, tmp_path / "l1", clock)
     assert original.code == 3 and original.out == b"before 499500\n"
     again = restore_and_finish(EXITS_WITH_3, checkpoint, tmp_path / "l2", clock)
-    assert again == Ending(original.code, original.position, original.digest, "", b"")
+    assert again == Ending(original.code, original.position, original.digest, "", b"", original.digest)
 
 
 def test_a_checkpoint_at_the_last_threads_exit_restores_and_ends_the_same(tmp_path: Path) -> None:
@@ -153,7 +155,7 @@ def test_a_checkpoint_at_the_last_threads_exit_restores_and_ends_the_same(tmp_pa
     original = checkpoint_at_end(LAST_THREAD_EXIT, at_syscall(EXIT), checkpoint, tmp_path / "l1", clock)
     assert original.code == 5 and original.out == b"last thread\n"
     again = restore_and_finish(LAST_THREAD_EXIT, checkpoint, tmp_path / "l2", clock)
-    assert again == Ending(original.code, original.position, original.digest, "", b"")
+    assert again == Ending(original.code, original.position, original.digest, "", b"", original.digest)
 
 
 def test_a_checkpoint_at_a_fatal_fault_restores_and_ends_the_same(tmp_path: Path) -> None:
@@ -162,7 +164,9 @@ def test_a_checkpoint_at_a_fatal_fault_restores_and_ends_the_same(tmp_path: Path
     original = checkpoint_at_end(SEGFAULT, at_exception(PAGE_FAULT), checkpoint, tmp_path / "l1", clock)
     assert original.code == 128 + 11 and "SIGSEGV" in original.fatal and original.out == b"about to fault\n"
     again = restore_and_finish(SEGFAULT, checkpoint, tmp_path / "l2", clock)
-    assert again == Ending(original.code, original.position, original.digest, original.fatal, b"")
+    assert again == Ending(
+        original.code, original.position, original.digest, original.fatal, b"", original.digest
+    )
 
 
 def test_a_backup_seeded_at_the_final_exit_replays_to_the_recorded_final_hash(tmp_path: Path) -> None:

@@ -447,24 +447,36 @@ class LinuxPersonality(ProcessControl, NetworkWaiting, ThreadSwitching, SignalDe
         """The checkpoint was taken at the exit that ended the program (its pause found the machine ended
         there: Machine.pause returns when the machine finishes). The vCPU is past that exit's `out`, which
         nothing completed: resumed there, it ran the zero bytes after the system-call page's `out` (`add
-        %al,(%rax)`, rax = 231: SIGSEGV at 0xe7). Step back onto the `out` and one position back, so the
-        restored machine takes the same exit again, at the same position, and ends there with the same
+        %al,(%rax)`, rax = 231: SIGSEGV at 0xe7). When it runs, it steps back onto the `out` and one
+        position back, so it takes the same exit again, at the same position, and ends there with the same
         status and registers, changing nothing else: the exit's effects (its exit output among them) are in
-        the checkpoint already, and running its handler again could take news the first run did not."""
+        the checkpoint already, and running its handler again could take news the first run did not. Until
+        it runs, the machine is exactly the checkpoint's (its state hash too)."""
         fatal = FatalSignal(ended.signal, ended.message) if ended.signal else None
         self.ended = ProcessExit(ended.status, fatal)
         self.fatal = fatal
         machine = self.machine
-        regs = self._vcpu.get_regs()
-        at = int(regs.rip) - _OUT_LENGTH
+        rip = int(self._vcpu.get_regs().rip)
+        at = rip - _OUT_LENGTH
         code = machine.memory.read(at, 1) if at < boot.LOW_END else self.space.read(at, 1)
         if code != _OUT_IMM8:
-            raise CheckpointError(f"a checkpoint at the program's end, but no `out` before rip {regs.rip:#x}")
-        regs.rip = at
-        self._vcpu.set_regs(regs)
-        machine.position -= 1
+            raise CheckpointError(f"a checkpoint at the program's end, but no `out` before rip {rip:#x}")
         for port in (boot.SYSCALL_PORT, boot.EXCEPTION_PORT):
             machine._out[port] = self._ended_again
+        run_once = machine.vcpu.run_once
+        stepped = False
+
+        def step_back_then_run() -> int:  # the machine's only exit from here is that one, ending it
+            nonlocal stepped
+            if not stepped:
+                stepped = True
+                regs = self._vcpu.get_regs()
+                regs.rip = at
+                self._vcpu.set_regs(regs)
+                machine.position -= 1
+            return int(run_once())
+
+        setattr(machine.vcpu, "run_once", step_back_then_run)  # noqa: B010
 
     def _ended_again(self, _value: int) -> None:
         """The exit a checkpoint at the program's end was taken at, taken again: the VM ends there."""
