@@ -185,6 +185,50 @@ print("at the end", len(conn.recv(30000, socket.MSG_WAITALL)))
 print("after the end", len(conn.recv(100, socket.MSG_WAITALL)))
 """
 
+# An edge-triggered server (epoll EPOLLIN|EPOLLET on the listener and the connection): it accepts and
+# reads until EAGAIN, then waits; each wake is printed, so a spin or a missed arrival shows.
+EDGE_SERVER = r"""
+import select, socket, sys
+sys.stdout.reconfigure(line_buffering=True)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(4)
+s.setblocking(False)
+print("port", s.getsockname()[1], file=sys.stderr, flush=True)
+ep = select.epoll()
+ep.register(s.fileno(), select.EPOLLIN | select.EPOLLET)
+conns = {}
+done = False
+while not done:
+    for fd, events in ep.poll(30):
+        if fd == s.fileno():
+            while True:
+                try:
+                    conn, _ = s.accept()
+                except BlockingIOError:
+                    break
+                conn.setblocking(False)
+                conns[conn.fileno()] = conn
+                ep.register(conn.fileno(), select.EPOLLIN | select.EPOLLET)
+                print("accepted")
+            continue
+        conn, got = conns[fd], b""
+        while True:
+            try:
+                chunk = conn.recv(7)
+            except BlockingIOError:
+                break
+            if not chunk:
+                done = True
+                break
+            got += chunk
+        print("woke with", got)
+        if got:
+            conn.sendall(got.upper())
+print("end")
+"""
+
 
 class NativeRun(Run):
     """The program itself as a process (Run's line reader, wait and finish)."""
@@ -299,6 +343,43 @@ def test_msg_waitall_waits_for_the_whole_length_or_the_end(tmp_path: Path) -> No
     service = GuestService(["/usr/bin/python3", "/tmp/waitall.py", "8080"], layer)
     try:
         _feed(service.address)
+        status, stdout = service.wait()
+    finally:
+        service.stop()
+    assert status == 0, bytes(service.stderr)
+    assert stdout == expected
+
+
+def _talk(address: tuple[str, int]) -> None:
+    """Messages one at a time, each after the reply to the one before, then the end."""
+    with socket.create_connection(address, timeout=60) as conn:
+        for message in (b"hello", b"a longer line than seven bytes", b"x"):
+            conn.sendall(message)
+            got = b""
+            while len(got) < len(message):
+                got += conn.recv(100)
+            assert got == message.upper()
+        conn.shutdown(socket.SHUT_WR)
+
+
+def test_an_edge_triggered_server_neither_spins_nor_misses_data(tmp_path: Path) -> None:
+    layer = tmp_path / "layer"
+    (layer / "tmp").mkdir(parents=True)
+    (layer / "tmp" / "edge.py").write_text(EDGE_SERVER)
+    argv = [sys.executable, str(layer / "tmp" / "edge.py"), "0"]
+    native = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert native.stderr is not None
+        _talk(("127.0.0.1", int(native.stderr.readline().split()[1])))
+        expected, _ = native.communicate(timeout=60)
+    finally:
+        if native.poll() is None:
+            native.kill()
+            native.wait(10)
+    assert expected.count(b"woke with") == 4, expected  # one wake per message, and the end
+    service = GuestService(["/usr/bin/python3", "/tmp/edge.py", "8080"], layer)
+    try:
+        _talk(service.address)
         status, stdout = service.wait()
     finally:
         service.stop()
