@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 
 from linux_helpers import run_guest, run_native
+from monitor.checkpoint.take import Checkpointer
+from monitor.linux.personality import LinuxConfig, LinuxPersonality, build_linux, restore_linux
+from monitor.machine import Machine, StopReason
 from test_linux_net import GuestService
 from test_linux_signals_external import Run, _replay
 
@@ -229,6 +232,47 @@ while not done:
 print("end")
 """
 
+# Waits in rt_sigsuspend with edge-triggered epoll state behind it: one edge reported (its bytes left
+# unread), one not yet looked at. A checkpoint taken in the wait carries both and the wait itself.
+SUSPENDED = HEADER + r"""
+#include <sys/epoll.h>
+#include <sys/socket.h>
+static int ep;
+static void report(const char *what) {
+    struct epoll_event ev[4];
+    int n = epoll_wait(ep, ev, 4, 0);
+    printf("%s: %d", what, n);
+    for (int i = 0; i < n; i++) printf(" [%u]", ev[i].data.u32);
+    printf("\n");
+}
+int main(void) {
+    setvbuf(stdout, 0, _IONBF, 0);
+    handle(SIGTERM);
+    int a[2], b[2];
+    socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, a);
+    socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, b);
+    ep = epoll_create1(0);
+    struct epoll_event ea = {EPOLLIN | EPOLLET, {.u32 = 1}}, eb = {EPOLLIN | EPOLLET, {.u32 = 2}};
+    epoll_ctl(ep, EPOLL_CTL_ADD, a[0], &ea);
+    epoll_ctl(ep, EPOLL_CTL_ADD, b[0], &eb);
+    write(a[1], "abc", 3);
+    report("before");
+    write(b[1], "d", 1);
+    sigset_t term, empty;
+    sigemptyset(&term);
+    sigaddset(&term, SIGTERM);
+    sigemptyset(&empty);
+    sigprocmask(SIG_BLOCK, &term, 0);
+    printf("ready\n");
+    int r = sigsuspend(&empty);
+    printf("sigsuspend %d %s, SIGTERM blocked after %d\n", r, strerror(errno), blocked(SIGTERM));
+    report("after");
+    write(a[1], "e", 1);
+    report("more");
+    return 0;
+}
+"""
+
 
 class NativeRun(Run):
     """The program itself as a process (Run's line reader, wait and finish)."""
@@ -385,3 +429,52 @@ def test_an_edge_triggered_server_neither_spins_nor_misses_data(tmp_path: Path) 
         service.stop()
     assert status == 0, bytes(service.stderr)
     assert stdout == expected
+
+
+def _until_ready(machine: Machine, out: bytearray) -> None:
+    deadline = time.monotonic() + 60
+    while b"ready" not in out:
+        assert time.monotonic() < deadline and machine.is_running(), bytes(out)
+        time.sleep(0.02)
+
+
+def test_a_checkpoint_in_sigsuspend_keeps_the_wait_its_mask_and_epoll_edges(tmp_path: Path) -> None:
+    layer = tmp_path / "layer"
+    guest = _compile(SUSPENDED, layer, "suspended")
+    shutil.copytree(layer, tmp_path / "restored-layer")  # the program must be there to restore it
+    config = LinuxConfig(program=guest, argv=[guest], layer=layer)
+    personality = LinuxPersonality(config)
+    machine = build_linux(personality)
+    out = bytearray()
+    personality.on_stream = lambda _number, data: out.extend(data)
+    checkpoint = tmp_path / "waiting.ckpt"
+    try:
+        machine.start()
+        _until_ready(machine, out)
+        Checkpointer(machine).save(checkpoint)  # the program waits in rt_sigsuspend (not a deadlock)
+        before = bytes(out)
+        personality.request_signal(signal.SIGTERM)
+        result = machine.wait_blocking(60)
+    finally:
+        machine.close()
+        personality.close()
+    assert result.reason is StopReason.EXITED and result.exit_code == 0, result.describe()
+    full = bytes(out)
+    assert full.endswith(
+        b"handler 15 code 0\nsigsuspend -1 Interrupted system call, SIGTERM blocked after 1\n"
+        b"after: 1 [2]\nmore: 1 [1]\n"
+    ), full
+
+    again = LinuxPersonality(LinuxConfig(program=guest, argv=[guest], layer=tmp_path / "restored-layer"))
+    restored = restore_linux(again, checkpoint)
+    rest = bytearray()
+    again.on_stream = lambda _number, data: rest.extend(data)
+    try:
+        restored.start()
+        again.request_signal(signal.SIGTERM)
+        result = restored.wait_blocking(60)
+    finally:
+        restored.close()
+        again.close()
+    assert result.reason is StopReason.EXITED and result.exit_code == 0, result.describe()
+    assert before + bytes(rest) == full
