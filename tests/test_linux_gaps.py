@@ -22,7 +22,10 @@ from linux_helpers import run_guest, run_native
 from monitor.checkpoint.take import Checkpointer
 from monitor.linux.personality import LinuxConfig, LinuxPersonality, build_linux, restore_linux
 from monitor.machine import Machine, StopReason
+from proto import vmft_pb2
+from replica.cluster import LocalCluster
 from test_linux_net import GuestService
+from test_linux_node import FAILURE_TIMEOUT_MS, console, protect_linux, vmft, wait_status
 from test_linux_signals_external import Run, _replay
 
 pytestmark = [
@@ -478,3 +481,41 @@ def test_a_checkpoint_in_sigsuspend_keeps_the_wait_its_mask_and_epoll_edges(tmp_
         again.close()
     assert result.reason is StopReason.EXITED and result.exit_code == 0, result.describe()
     assert before + bytes(rest) == full
+
+
+# Python's signal.pause(): the only thread waits with no deadline (before, ended as a deadlock).
+PAUSES = """
+import signal, sys
+def handler(sig, frame):
+    print("handler got", sig, flush=True)
+    sys.exit(3)
+signal.signal(signal.SIGTERM, handler)
+print("ready", flush=True)
+signal.pause()
+print("not reached")
+"""
+
+
+def test_a_protected_program_in_pause_checkpoints_stops_by_sigterm_and_its_backup_replays_it(
+    tmp_path: Path,
+) -> None:
+    """It waits through the primary's checkpoints (every second: each runs the call again) and the
+    backup's replay, then `vmft stop` ends the wait with its handler on both sides."""
+    with LocalCluster(tmp_path, failure_timeout_ms=FAILURE_TIMEOUT_MS) as cluster:
+        a, b = cluster.add_node(), cluster.add_node()
+        protect_linux(cluster, a, b, ["/usr/bin/python3", "-c", PAUSES])
+        wait_status(cluster, a, "protected", lambda s: s.protected and s.state == vmft_pb2.VM_STATE_RUNNING)
+        deadline = time.monotonic() + 60
+        while b"ready" not in console(a):
+            assert time.monotonic() < deadline, console(a)
+            time.sleep(0.05)
+        time.sleep(2.5)  # a few checkpoints while it waits (the outcome is the same without them)
+        status = wait_status(cluster, a, "still running", lambda s: s.state == vmft_pb2.VM_STATE_RUNNING)
+        assert status.protected
+        stopped = vmft(cluster, "stop", "vm1", "--node", a.name, "--grace", "20")
+        assert stopped.returncode == 0, stopped.stderr
+        assert "exit code 3" in stopped.stdout, stopped.stdout
+        assert console(a) == b"ready\nhandler got 15\n"
+        ended = wait_status(cluster, b, "replayed to the end", lambda s: s.role == vmft_pb2.ROLE_STOPPED)
+        assert "exit code 3" in ended.message, ended.message
+        assert console(b) == b"ready\nhandler got 15\n"
