@@ -541,11 +541,17 @@ class PrimaryVm:
                 retained_from, len(core.sink.retained), last_seen,
             )  # fmt: skip
             self._replay_target = last_seen
-            self._retained_from = entry.position
-            batches = [window_batch(batch, entry.position, last_seen) for batch in core.sink.retained]
-            batches = [batch for batch in batches if batch.position_deltas or batch.horizon > entry.position]
+            batches = _window(core.sink.retained, entry.position, last_seen)
+            # The restarted guest keeps the log from where it was kept, not from this checkpoint: if it
+            # faults again before a new reply (a client retrying the request that crashed it), the policy
+            # distrusts this checkpoint and takes the one before, which needs that log (it is the same
+            # history: this replay reproduces it).
+            keep_from = min(retained_from, entry.position)
+            self._retained_from = keep_from
             try:
-                live = await self._restore_and_go_live(entry.path, batches, first_conn)
+                live = await self._restore_and_go_live(
+                    entry.path, batches, first_conn, kept=_window(core.sink.retained, keep_from, last_seen)
+                )
             except _FaultedAgain as again:
                 # The restored guest faulted before it went live (the checkpoint may hold the fault, e.g.
                 # one taken while it spun): the policy hears of a fault right after a restart from it.
@@ -569,14 +575,19 @@ class PrimaryVm:
         log.warning("%s: %s", self.name, standing.message)
 
     async def _restore_and_go_live(
-        self, path: Path, batches: list[vmft_pb2.EventBatch], first_conn: int
+        self,
+        path: Path,
+        batches: list[vmft_pb2.EventBatch],
+        first_conn: int,
+        kept: list[vmft_pb2.EventBatch],
     ) -> bool:
-        """Restore the checkpoint at `path`, replay `batches` onto it, go live (vm_core.GoLive) and serve;
-        False if another node holds the next generation (this one is fenced: it must not go live)."""
+        """Restore the checkpoint at `path`, replay `batches` onto it, go live (vm_core.GoLive, keeping
+        `kept` as the start of the log for restarts) and serve; False if another node holds the next
+        generation (this one is fenced: it must not go live)."""
         core = self.core
         old_machine, guest = core.machine, core.guest
         assert old_machine is not None and guest is not None
-        go_live = GoLive(core, retained=list(batches))
+        go_live = GoLive(core, retained=kept)
 
         def make_journal(position: int) -> ReplayJournal:
             # (Its console output is already in this node's console log: it replays only what went out.)
@@ -647,3 +658,9 @@ class PrimaryVm:
             self.relay.close()
             self.relay = None
         cancel_other_tasks(self._tasks)
+
+
+def _window(retained: list[vmft_pb2.EventBatch], after: int, last: int) -> list[vmft_pb2.EventBatch]:
+    """The retained log's events at positions in (after, last], batch by batch (empty ones dropped)."""
+    batches = [window_batch(batch, after, last) for batch in retained]
+    return [batch for batch in batches if batch.position_deltas or batch.horizon > after]

@@ -63,10 +63,14 @@ while True:
 
 
 def protect_kv(
-    cluster: LocalCluster, node: NodeProcess, name: str, backup: NodeProcess | None = None
+    cluster: LocalCluster,
+    node: NodeProcess,
+    name: str,
+    backup: NodeProcess | None = None,
+    hang_timeout_s: float = HANG_TIMEOUT_S,
 ) -> ProtectedVm:
     """The key-value program as a VM with its primary on `node` (and its backup on `backup`)."""
-    spec = vmft_pb2.VmSpec(name=name, mem_mib=256, hang_timeout_s=HANG_TIMEOUT_S)
+    spec = vmft_pb2.VmSpec(name=name, mem_mib=256, hang_timeout_s=hang_timeout_s)
     spec.linux.argv.extend(["/usr/bin/python3", "-c", KV])
     service = cluster.service_address(name, node)
     backup_service = cluster.service_address(name, backup) if backup else ""
@@ -141,6 +145,21 @@ def checkpoints(node: NodeProcess, name: str) -> int:
     return len(list((node.data_dir / "checkpoints" / name).glob(f"*{SUFFIX}")))
 
 
+def run_sets(node: NodeProcess, service: str) -> tuple[dict[bytes, bytes], Client]:
+    """Sets, acknowledged one by one, while the node takes several periodic checkpoints; the connection
+    stays open."""
+    acked: dict[bytes, bytes] = {}
+    client = connect(service)
+    deadline = time.monotonic() + WAIT_S
+    while checkpoints(node, "vm1") < CHECKPOINTS_FIRST or len(acked) < 50:
+        assert time.monotonic() < deadline, f"{checkpoints(node, 'vm1')} checkpoints in {WAIT_S} s"
+        key, value = f"s{len(acked)}".encode(), f"v{len(acked)}".encode()
+        client.send(b"set " + key + b" " + value + b"\n")
+        assert client.line() == b"ok"
+        acked[key] = value
+    return acked, client
+
+
 def status_of(cluster: LocalCluster, node: NodeProcess, name: str) -> vmft_pb2.VmStatus | None:
     try:
         return cluster.vm_status(node, name, timeout=2.0)
@@ -165,18 +184,8 @@ def test_a_query_of_death_restart_serves_every_acknowledged_set_or_stops_saying_
         nodes = [node] + ([other_node] if other_node else [])
         services = dict(zip([n.name for n in nodes], vm.addresses))
 
-        # Sets, acknowledged one by one, while the node takes several periodic checkpoints.
-        acked: dict[bytes, bytes] = {}
-        client = connect(vm.service)
-        deadline = time.monotonic() + WAIT_S
-        while checkpoints(node, "vm1") < CHECKPOINTS_FIRST or len(acked) < 50:
-            assert time.monotonic() < deadline, f"{checkpoints(node, 'vm1')} checkpoints in {WAIT_S} s"
-            key, value = f"s{len(acked)}".encode(), f"v{len(acked)}".encode()
-            client.send(b"set " + key + b" " + value + b"\n")
-            assert client.line() == b"ok"
-            acked[key] = value
+        acked, client = run_sets(node, vm.service)
         client.close()
-
         client = connect(vm.service)
         if one_read:  # the query of death: the set and the crash in one write, read at once
             client.send(b"set k v\nboom\n")
@@ -238,3 +247,55 @@ def test_a_query_of_death_restart_serves_every_acknowledged_set_or_stops_saying_
         client.send(b"set a b\nget a\n")
         assert (client.line(), client.line()) == (b"ok", b"b")
         client.close()
+
+
+def test_a_client_retrying_the_crashing_request_before_any_new_reply_is_restarted_again(
+    tmp_path: Path,
+) -> None:
+    """A request that crashes the program, read after the last reply: the restart drops it and serves
+    on. Its client saw no reply and retries at once, before any other reply went out: the guest crashes
+    again with no progress, so the policy distrusts the checkpoint the first restart used and takes the
+    one before it (none taken since the first restart is trusted yet, when the retry comes within the
+    hang timeout). The log kept for restarts must still reach back to that one: the VM serves on."""
+    extra = ["--checkpoint-every", str(CHECKPOINT_EVERY_S)]
+    with LocalCluster(tmp_path, failure_timeout_ms=1000.0) as cluster:
+        node = cluster.add_node(extra)
+        vm = protect_kv(cluster, node, "vm1")
+        # The first "boom" on the connection of the sets, after their last reply: a request on a new
+        # connection could arrive with the old one's end, and the guest's close of that one is output
+        # (the client sees it) after the request was read: a query of death again.
+        acked, client = run_sets(node, vm.service)
+        for restarts in (1, 2):
+            if restarts == 2:  # the retry, on a connection of its own (the first died with the guest)
+                client = connect_quietly(vm.service)
+            client.send(b"boom\n")
+            with pytest.raises(OSError):
+                client.line()  # no reply: the guest crashed
+            client.close()
+            # Serving again (no request yet: a reply would be progress).
+            deadline = time.monotonic() + 60.0
+            while True:
+                status = status_of(cluster, node, "vm1")
+                stopped = status is not None and status.role == vmft_pb2.ROLE_STOPPED
+                assert not stopped, f"stopped after {restarts} crashes: {status.message if status else None}"
+                if status is not None and is_serving(status) and status.faults_recovered >= restarts:
+                    break
+                assert time.monotonic() < deadline, f"not serving after {restarts} restarts: {status}"
+                time.sleep(0.02)
+        assert status is not None
+        answers = read_all(vm.service, acked)
+        assert answers is not None
+        lost = sorted(key for key in acked if answers[key] != acked[key])
+        assert not lost, f"serves without {len(lost)} acknowledged sets: {status.message}"
+        assert status.faults_recovered == 2 and "restarted from checkpoint" in status.message, status
+
+
+def connect_quietly(address: str, limit_s: float = WAIT_S) -> Client:
+    """A connection, no request: retried while the service does not accept."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            return Client(address)
+        except OSError:
+            assert time.monotonic() < deadline, f"{address} did not accept within {limit_s} s"
+            time.sleep(0.05)
