@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -276,6 +277,23 @@ int main(void) {
 }
 """
 
+# A signal ends a MSG_WAITALL receive that has part of its bytes: the handler runs, and the call returns
+# what it had (Python would run the call again after an EINTR, so a wait that the signal did not end
+# would go on waiting: the client waits for the reply).
+WAITALL_SIGNAL = r"""
+import signal, socket, sys
+sys.stdout.reconfigure(line_buffering=True)
+signal.signal(signal.SIGTERM, lambda sig, frame: print("handler", sig))
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(1)
+print("port", s.getsockname()[1], file=sys.stderr, flush=True)
+conn, _ = s.accept()
+print("got", len(conn.recv(30000, socket.MSG_WAITALL)))
+conn.sendall(b"done")
+"""
+
 
 class NativeRun(Run):
     """The program itself as a process (Run's line reader, wait and finish)."""
@@ -519,3 +537,43 @@ def test_a_protected_program_in_pause_checkpoints_stops_by_sigterm_and_its_backu
         ended = wait_status(cluster, b, "replayed to the end", lambda s: s.role == vmft_pb2.ROLE_STOPPED)
         assert "exit code 3" in ended.message, ended.message
         assert console(b) == b"ready\nhandler got 15\n"
+
+
+def _part_then_signal(address: tuple[str, int], send_signal: Callable[[], None]) -> None:
+    with socket.create_connection(address, timeout=60) as conn:
+        conn.sendall(b"x" * 10_000)
+        time.sleep(0.5)  # the bytes reach the receive first (the outcome must not depend on it)
+        send_signal()
+        assert conn.recv(100) == b"done"
+
+
+def test_a_signal_ends_msg_waitall_with_the_bytes_it_had_and_the_recording_replays(tmp_path: Path) -> None:
+    layer = tmp_path / "layer"
+    (layer / "tmp").mkdir(parents=True)
+    (layer / "tmp" / "waitall.py").write_text(WAITALL_SIGNAL)
+    shutil.copytree(layer, tmp_path / "replay-layer")
+    argv = [sys.executable, str(layer / "tmp" / "waitall.py"), "0"]
+    native = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert native.stderr is not None
+        port = int(native.stderr.readline().split()[1])
+        _part_then_signal(("127.0.0.1", port), lambda: native.send_signal(signal.SIGTERM))
+        expected, _ = native.communicate(timeout=60)
+    finally:
+        if native.poll() is None:
+            native.kill()
+            native.wait(10)
+    assert expected == b"handler 15\ngot 10000\n"
+    log = tmp_path / "run.log"
+    guest = ["/usr/bin/python3", "/tmp/waitall.py", "8080"]
+    service = GuestService(guest, layer, record=log)
+    try:
+        _part_then_signal(service.address, lambda: service.proc.send_signal(signal.SIGTERM))
+        status, stdout = service.wait()
+    finally:
+        service.stop()
+    assert status == 0, bytes(service.stderr)
+    assert stdout == expected
+    replayed = _replay(log, tmp_path / "replay-layer", guest)
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert "verdict: IDENTICAL" in replayed.stdout and "exit code 0" in replayed.stdout, replayed.stdout

@@ -6,6 +6,7 @@ import errno
 import struct
 import time
 
+from monitor.linux import sockets as sk
 from monitor.linux.mm import LinuxError
 from monitor.linux.process import ProcessState
 from monitor.linux.threads import Wait
@@ -225,12 +226,18 @@ class ProcessCalls(ProcessState):
             deadline = self.now_ns(time.CLOCK_MONOTONIC) + ns
             self.sched.block(Wait(uaddr=rem, deadline_ns=deadline, clock=1, kind="sleep"))
 
-    def interrupted(self, wait: Wait) -> None:
-        """A signal to handle ended this process's `wait` with EINTR (control.py): a relative sleep
-        writes the time it had left, as Linux does (nanosleep(2)); the clock reading is an event."""
+    def interrupted(self, wait: Wait) -> bool:
+        """A signal to handle ends this process's `wait` (control.py). A relative sleep writes the time
+        it had left, as Linux does (nanosleep(2); the clock reading is an event). A MSG_WAITALL receive
+        with bytes there runs again after the handler and returns them: True (else EINTR or a restart)."""
         if wait.kind == "sleep" and wait.uaddr and wait.deadline_ns is not None:
             left = max(0, wait.deadline_ns - self.now_ns(CLOCKS[wait.clock]))
             self.space.write(wait.uaddr, struct.pack("<qq", left // 1_000_000_000, left % 1_000_000_000))
+        if wait.kind == "poll" and isinstance(wait.target, tuple):
+            for file, events in wait.target[1]:
+                if events & sk.POLL_WAITALL and isinstance(file, sk.TcpSocket):
+                    return file.cut_waitall()
+        return False
 
     def sys_nanosleep(self, req: int, rem: int, *_: int) -> int:
         sec, nsec = struct.unpack("<qq", self.space.read(req, 16))

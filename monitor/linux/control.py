@@ -127,12 +127,12 @@ class ProcessControl(PersonalityCore):
                 continue
             sig = (ready & -ready).bit_length()
             action = Action.parse(signals.actions.get(sig, bytes(32)))
-            if action.flags & SA_RESTART and thread.restart >= 0 and thread.restart not in _NEVER_RESTARTED:
+            if wait is not None and process.interrupted(wait):  # calls_proc.py: a sleep's time left, ...
+                sched.make_runnable(thread, 0)  # ... a MSG_WAITALL receive returns what it has, after it
+            elif action.flags & SA_RESTART and thread.restart >= 0 and thread.restart not in _NEVER_RESTARTED:
                 sched.make_runnable(thread, 0)  # the call runs again when the handler returns
             else:
                 thread.restart = -1
-                if wait is not None:
-                    process.interrupted(wait)  # a sleep's time left (calls_proc.py)
                 if wait is not None and suspended:
                     # The handler runs with the mask the call waited with; its frame holds the thread's
                     # own, which rt_sigreturn restores (delivery.py). It runs in this exit (picked next).

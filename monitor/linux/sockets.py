@@ -41,6 +41,7 @@ POLLIN, POLLOUT, POLLERR, POLLHUP, POLLRDHUP = 1, 4, 8, 0x10, 0x2000
 # there or the stream ended (a wait on plain POLLIN would wake, run the call again and block again, in
 # a loop, while fewer bytes are there).
 POLL_WAITALL = 1 << 16
+WAITALL_CUT = 1 << 31  # in TcpSocket.waitall: a signal ended the wait, the call returns what is there
 SOCKET_DEV = 0x8
 EPHEMERAL_FIRST = 32768  # ports given to bind(port 0) and to the peers of service connections
 TAKE_BYTES = 1 << 20  # at most this much of the host's queued messages per NET_RX event
@@ -142,13 +143,23 @@ class TcpSocket(fdt.OpenFile):
     def receive_all(self, n: int) -> bytes:
         """MSG_WAITALL: `n` bytes, or fewer only at the end of the stream; until then the call waits
         (and runs again) for all of them, the bytes staying received meanwhile (a signal ends the wait
-        with EINTR and loses none). A reset is reported as receive reports it."""
-        ended = self.peer_closed or self.read_shut or self.reset or self.state is TcpState.CLOSED
-        if len(self.rx) < n and not ended and self.state is TcpState.CONNECTED:
+        with EINTR and loses none, or, if some are there, makes the call return them after the handler:
+        `cut_waitall`). A reset is reported as receive reports it."""
+        ended = self.peer_closed or self.read_shut or self.reset or self.state is not TcpState.CONNECTED
+        if len(self.rx) < n and not ended and not self.waitall & WAITALL_CUT:
             self.waitall = n
             raise fdt.WouldBlock(("poll", [(self, POLLIN | POLL_WAITALL)], None))
         self.waitall = 0
         return self.receive(n)
+
+    def cut_waitall(self) -> bool:
+        """A signal to handle ends a blocked MSG_WAITALL receive: with bytes there, the call runs again
+        after the handler and returns them, as Linux returns what it had copied (True); else False
+        (EINTR, or a restart under SA_RESTART, as for any receive)."""
+        if not self.rx:
+            return False
+        self.waitall |= WAITALL_CUT
+        return True
 
     def send(self, data: bytes, nosignal: bool = False) -> int:
         if self.state is not TcpState.CONNECTED and self.state is not TcpState.CLOSED:
