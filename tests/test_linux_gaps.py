@@ -164,6 +164,18 @@ int main(void) {
     report("drained again", 0);
     epoll_ctl(ep, EPOLL_CTL_MOD, e[0], &edge);
     report("rearmed empty", 0);
+    int p[2];
+    pipe2(p, O_NONBLOCK);
+    struct epoll_event pe = {EPOLLIN | EPOLLET, {.u32 = 1}};
+    epoll_ctl(ep, EPOLL_CTL_ADD, p[0], &pe);
+    write(p[1], "abc", 3);
+    report("pipe written", 0);
+    char one;
+    read(p[0], &one, 1);
+    report("pipe partly read", 0);
+    write(p[1], "d", 1);
+    report("pipe written again", 0);
+    epoll_ctl(ep, EPOLL_CTL_DEL, p[0], 0);
     pid_t child = fork();
     if (child == 0) {
         usleep(100000);
@@ -372,6 +384,7 @@ def test_epollet_reports_each_arrival_once_and_none_after_a_drain(tmp_path: Path
     native = run_native([str(layer / guest.lstrip("/"))])
     assert native.status == 0, native.stderr
     assert b"unread: 1 [level 1]\n" in native.stdout  # the edge is not reported again
+    assert b"pipe partly read: 0\npipe written again: 1 [edge 1]\n" in native.stdout
     assert b"after drain: 1 [edge 1]\n" in native.stdout and b"blocking: 1 [edge 1]\n" in native.stdout
     vm = run_guest([guest], layer=layer)
     assert (vm.status, vm.fatal) == (0, "")

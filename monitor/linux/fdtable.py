@@ -368,7 +368,10 @@ class Pipe:
     readers: int = 0
     writers: int = 0
     ino: int = 0
-    changes: int = 0  # writes, reads and closes of an end: EPOLLET (OpenFile.wakeups)
+    # EPOLLET (OpenFile.wakeups), as Linux wakes a pipe's two queues: what its readers see change
+    # (writes, a writer's close), and what its writers see (reads making room, a reader's close).
+    for_readers: int = 0
+    for_writers: int = 0
 
 
 PIPE_CAPACITY = 65536
@@ -398,7 +401,7 @@ class PipeEnd(OpenFile):
             return b""
         chunk = bytes(pipe.buffer[:n])
         del pipe.buffer[:n]
-        pipe.changes += 1
+        pipe.for_writers += 1
         return chunk
 
     def write(self, data: bytes) -> int:
@@ -413,7 +416,7 @@ class PipeEnd(OpenFile):
                 raise LinuxError(errno.EAGAIN)
             raise WouldBlock(("pipe-write", pipe))  # until a reader makes room or the last one closes
         pipe.buffer += data[:room]
-        pipe.changes += 1
+        pipe.for_readers += 1
         return min(room, len(data))
 
     def stat(self) -> StatInfo:
@@ -424,12 +427,13 @@ class PipeEnd(OpenFile):
     def close(self) -> None:
         if self.reading:
             self.pipe.readers -= 1
+            self.pipe.for_writers += 1
         else:
             self.pipe.writers -= 1
-        self.pipe.changes += 1
+            self.pipe.for_readers += 1
 
     def wakeups(self) -> int:
-        return self.pipe.changes
+        return self.pipe.for_readers if self.reading else self.pipe.for_writers
 
     def describe(self) -> tuple[object, ...]:
         return (self.kind, self.pipe.ino, self.reading, bytes(self.pipe.buffer))
@@ -523,7 +527,7 @@ class SocketEnd(OpenFile):
         return len(self.rx.pipe.buffer)
 
     def wakeups(self) -> int:
-        return self.rx.pipe.changes + self.tx.pipe.changes
+        return self.rx.wakeups() + self.tx.wakeups()
 
     def shutdown_write(self) -> None:
         if self.tx_open:
