@@ -491,7 +491,11 @@ class PrimaryVm:
         store = self._store
         trusted = store.latest_entry(before=time.monotonic() - self._restarter.trust_after_s)
         if trusted is None:
-            return self._retained_from
+            # None old enough to trust (the store keeps fewer seconds of checkpoints than the hang timeout:
+            # 10 to 20 at 1 s against a Linux program's 60 s): a restart takes the newest, then older
+            # ones, never one older than the oldest kept, so the log before that is of no use (kept, it
+            # grew without bound).
+            return store.saved[0].position if store.saved else self._retained_from
         older = [saved for saved in store.saved if saved.saved_at < trusted.saved_at]
         return older[-1].position if older else trusted.position
 

@@ -12,6 +12,7 @@ sent only after the set's reply was seen is dropped by the restart, which serves
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from pathlib import Path
@@ -142,17 +143,24 @@ def read_all(address: str, keys: dict[bytes, bytes]) -> dict[bytes, bytes] | Non
 
 
 def checkpoints(node: NodeProcess, name: str) -> int:
+    """How many the node keeps."""
     return len(list((node.data_dir / "checkpoints" / name).glob(f"*{SUFFIX}")))
 
 
-def run_sets(node: NodeProcess, service: str) -> tuple[dict[bytes, bytes], Client]:
-    """Sets, acknowledged one by one, while the node takes several periodic checkpoints; the connection
-    stays open."""
+def newest(node: NodeProcess, name: str) -> int:
+    """How many the node has taken (files are numbered in order: 000001-full...)."""
+    files = (node.data_dir / "checkpoints" / name).glob(f"*{SUFFIX}")
+    return max((int(path.name.split("-", 1)[0]) for path in files), default=0)
+
+
+def run_sets(node: NodeProcess, service: str, taken: int = 0) -> tuple[dict[bytes, bytes], Client]:
+    """Sets, acknowledged one by one, while the node takes several periodic checkpoints (and at least
+    `taken` in all); the connection stays open."""
     acked: dict[bytes, bytes] = {}
     client = connect(service)
     deadline = time.monotonic() + WAIT_S
-    while checkpoints(node, "vm1") < CHECKPOINTS_FIRST or len(acked) < 50:
-        assert time.monotonic() < deadline, f"{checkpoints(node, 'vm1')} checkpoints in {WAIT_S} s"
+    while checkpoints(node, "vm1") < CHECKPOINTS_FIRST or len(acked) < 50 or newest(node, "vm1") < taken:
+        assert time.monotonic() < deadline, f"{newest(node, 'vm1')} checkpoints in {WAIT_S} s"
         key, value = f"s{len(acked)}".encode(), f"v{len(acked)}".encode()
         client.send(b"set " + key + b" " + value + b"\n")
         assert client.line() == b"ok"
@@ -299,3 +307,42 @@ def connect_quietly(address: str, limit_s: float = WAIT_S) -> Client:
         except OSError:
             assert time.monotonic() < deadline, f"{address} did not accept within {limit_s} s"
             time.sleep(0.05)
+
+
+def test_with_no_checkpoint_old_enough_to_trust_the_log_kept_for_restarts_stays_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hang timeout longer than the store keeps checkpoints (here 60 s, a Linux program's default,
+    against 10 to 20 checkpoints of 0.3 s): no checkpoint is ever trusted, a restart takes the newest.
+    The log kept for restarts still starts no earlier than the oldest checkpoint kept (it was kept from
+    position 0, growing without bound), and the restart replays it to serve every acknowledged set."""
+    monkeypatch.setenv("VMFT_LOG", "INFO")  # the node logs where the kept log starts at a restart
+    extra = ["--checkpoint-every", str(CHECKPOINT_EVERY_S)]
+    with LocalCluster(tmp_path, failure_timeout_ms=1000.0) as cluster:
+        node = cluster.add_node(extra)
+        vm = protect_kv(cluster, node, "vm1", hang_timeout_s=60.0)
+        acked, client = run_sets(node, vm.service, taken=25)  # two chains of 10 pruned at least once
+        client.send(b"boom\n")  # after the last reply: the restart drops it
+        with pytest.raises(OSError):
+            client.line()
+        client.close()
+        deadline = time.monotonic() + 60.0
+        while True:
+            status = status_of(cluster, node, "vm1")
+            assert status is None or status.role != vmft_pb2.ROLE_STOPPED, status
+            if status is not None and is_serving(status) and status.faults_recovered == 1:
+                break
+            assert time.monotonic() < deadline, f"not serving after the restart: {status}"
+            time.sleep(0.05)
+        answers = read_all(vm.service, acked)
+        assert answers is not None
+        lost = sorted(key for key in acked if answers[key] != acked[key])
+        assert not lost, f"serves without {len(lost)} acknowledged sets: {status.message}"
+        restart = re.search(
+            r"restart from \w+ \(position (\d+), saved ([\d.]+) s ago\), log kept from (\d+)",
+            node.log_path.read_text(),
+        )
+        assert restart is not None, node.log_path.read_text()[-2000:]
+        position, age_s, kept_from = int(restart[1]), float(restart[2]), int(restart[3])
+        assert age_s < 60.0  # an untrusted checkpoint: none was old enough
+        assert 0 < kept_from <= position, restart[0]
