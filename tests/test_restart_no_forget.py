@@ -8,7 +8,11 @@ checkpoints until it reaches one older than the log kept for restarts. From ther
 acknowledged set: the VM must stop and say why, never serve again without k (before commit b9f9f54 it
 restarted there without replay and served on, every set since that checkpoint gone). With a backup the
 backup's replay reads the crash with the set too and stops there: its log cannot serve k either. A crash
-sent only after the set's reply was seen is dropped by the restart, which serves on with k."""
+sent only after the set's reply was seen is dropped by the restart, which serves on with k.
+
+Also: a client retrying the crashing request before any other reply is restarted again, from the checkpoint
+before (the restart keeps the log from there); and with no checkpoint old enough to trust (a hang timeout
+longer than the checkpoints kept) the log kept for restarts still starts at the oldest one kept."""
 
 from __future__ import annotations
 
