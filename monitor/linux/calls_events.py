@@ -135,7 +135,10 @@ class EventCalls(ProcessState):
     ) -> int:
         """select on poll's readiness. A call that must wait is run again when a file is ready; one with
         a timeout has its timeout zeroed first (Linux too writes back the time left), so the call run
-        again at the deadline returns at once with what is ready then (nothing: all sets cleared)."""
+        again at the deadline returns at once with what is ready then (nothing: all sets cleared). That
+        it runs again is known from the call itself (threads.RUN_AGAIN_AT_DEADLINE), so a checkpoint of
+        the wait keeps it. A pause or checkpoint of the machine meanwhile keeps the wait and its deadline
+        (Scheduler.interrupt): the zeroed timeout is only read at the deadline."""
         if not 0 <= nfds <= fdt.MAX_FDS:
             raise LinuxError(errno.EINVAL)
         size = (nfds + 63) // 64 * 8
@@ -171,5 +174,5 @@ class EventCalls(ProcessState):
         if timeout_ns is not None:
             deadline = self.now_ns(time.CLOCK_MONOTONIC) + timeout_ns
             self.space.write(timeout, bytes(16))  # run again at the deadline: it returns at once then
-            raise fdt.WouldBlock(("poll", watched, deadline, "rerun"))
+            raise fdt.WouldBlock(("poll", watched, deadline))
         raise fdt.WouldBlock(("poll", watched, None))

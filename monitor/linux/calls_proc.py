@@ -26,7 +26,7 @@ CLOCKS = {
 RLIM_INFINITY = (1 << 64) - 1
 RLIMITS = {3: (8 << 20, RLIM_INFINITY), 7: (1024, 1024), 4: (0, RLIM_INFINITY)}  # STACK, NOFILE, CORE
 PR_SET_NAME, PR_GET_NAME, PR_GET_DUMPABLE, PR_SET_DUMPABLE = 15, 16, 3, 4
-NR_PAUSE, NR_RT_SIGSUSPEND = 34, 130
+NR_RESTART_SYSCALL = 219
 PAUSE = "pause"  # the Wait kind of pause and rt_sigsuspend: its uaddr is the mask the thread waits with
 _UNBLOCKABLE = (1 << (Sig.SIGKILL - 1)) | (1 << (Sig.SIGSTOP - 1))
 
@@ -239,6 +239,20 @@ class ProcessCalls(ProcessState):
                     return file.cut_waitall()
         return False
 
+    def sys_restart_syscall(self, *_: int) -> int:
+        """The way back into a wait a pause, checkpoint or stop of the machine interrupted (switching.py):
+        the thread blocks again with the wait it kept, its deadline unchanged (a sleep of 5 s lasts 5 s
+        however many checkpoints it sees), as Linux's restart block does. Without one, EINTR, as on
+        Linux."""
+        thread = self.sched.running
+        wait = thread.wait
+        if wait is None:
+            return -errno.EINTR
+        if wait.kind == PAUSE:
+            self.signals.mask = thread.sigmask  # its own again: the wait keeps the mask it waits with
+        self.sched.block(wait)
+        return -errno.EINTR  # not seen: the wait's end sets the result (or the call runs again)
+
     def sys_nanosleep(self, req: int, rem: int, *_: int) -> int:
         sec, nsec = struct.unpack("<qq", self.space.read(req, 16))
         if sec < 0 or not 0 <= nsec < 1_000_000_000:
@@ -300,23 +314,22 @@ class ProcessCalls(ProcessState):
         return 0
 
     def sys_pause(self, *_: int) -> int:
-        return self._suspend(self.signals.mask, NR_PAUSE)
+        return self._suspend(self.signals.mask)
 
     def sys_rt_sigsuspend(self, mask: int, size: int, *_: int) -> int:
         if size != 8:
             raise LinuxError(errno.EINVAL)
         wanted = struct.unpack("<Q", self.space.read(mask, 8))[0]
-        return self._suspend(wanted & ~_UNBLOCKABLE, NR_RT_SIGSUSPEND)
+        return self._suspend(wanted & ~_UNBLOCKABLE)
 
-    def _suspend(self, mask: int, number: int) -> int:
+    def _suspend(self, mask: int) -> int:
         """pause, rt_sigsuspend: wait until a signal runs a handler, then EINTR. The thread keeps its own
         mask while it waits; the mask it waits with is the wait's uaddr (checkpointed with it). The signal
         that ends the wait finds the handler running with that mask, and its frame holds the thread's own,
-        which rt_sigreturn restores (control.py, delivery.py: Linux's saved_sigmask). A pause or stop of
-        the machine (netwait.py) runs the call again: `restart`."""
-        self.sched.running.restart = number
+        which rt_sigreturn restores (control.py, delivery.py: Linux's saved_sigmask). A pause, checkpoint
+        or stop of the machine keeps the wait (sys_restart_syscall)."""
         self.sched.block(Wait(uaddr=mask, kind=PAUSE))
-        return -errno.EINTR  # not seen: the wait ends with EINTR (control.py) or the call runs again
+        return -errno.EINTR  # not seen: the wait ends with EINTR (control.py)
 
     def sys_rt_sigreturn(self, *_: int) -> int:
         raise SigReturn()

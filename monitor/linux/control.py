@@ -3,7 +3,7 @@ the zombies), and signals from outside the guest (the host's SIGTERM, `vmft stop
 
 A signal from outside is an event of the log, never a host action replay repeats: `request_signal` (any
 thread) queues it, and the vCPU takes it at the program's next system call, or in a wait it ends (for the
-network, netwait.py: WOKE_SIGNAL; for a deadline, switching.py): a SIGNAL event with its number
+network or a deadline, netwait.py: WOKE_SIGNAL): a SIGNAL event with its number
 (Journal.data_if: an event only some exits have). Replay takes the number from the log at the same
 position, never from the host. From there it is a kill(2) to the first process: ignored, pending for a
 handler, or its default action (the VM ends with 128+N). A pending signal for a process whose threads all
@@ -28,7 +28,6 @@ from monitor.linux.core import (
 import errno
 import os
 import struct
-import time
 from collections import deque
 
 from monitor.linux import boot, elf
@@ -95,23 +94,6 @@ class ProcessControl(PersonalityCore):
     def program_path_of(self, pid: int) -> str:
         process = self.processes.get(pid)
         return process.program.path if process is not None else f"process {pid}"
-
-    def _sleep_for_deadline(self, seconds: float) -> None:
-        """Live, every thread waiting for a deadline (no listening port): sleep, or less if a signal from
-        outside comes. Other wake-ups (news, control requests) sleep on: each wait-for-deadline that ended
-        early would read the clocks again (events) and recurse (switching.py)."""
-        machine = self.machine
-        end = time.monotonic() + seconds
-        with machine._wake_cond:
-            while not self._host_signals:
-                left = end - time.monotonic()
-                if left <= 0:
-                    break
-                machine._blocked = True  # sleeping is not a hang
-                try:
-                    machine._wake_cond.wait(left)
-                finally:
-                    machine._blocked = False
 
     def _signal_wakes_waiter(self) -> Thread | None:
         """No thread can run and a process has a signal to handle: one of its waiting threads ends its wait

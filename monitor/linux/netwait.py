@@ -1,11 +1,13 @@
-"""Waiting for the network: when every thread of a listening guest waits, the vCPU sleeps until the host
-has news (a connection, bytes, a close), a deadline passes, or the machine is asked to pause or stop.
+"""Waiting with nothing to run: when every thread waits, the vCPU sleeps until the host has news for a
+listening guest (a connection, bytes, a close), a deadline passes, a signal comes from outside, or the
+machine is asked to pause (a checkpoint) or stop.
 
 Each wake is an EVENTS event whose value says why (so a replay, which never sleeps, takes the same
 steps): news (a NET_RX event follows with the messages), time (deadlines are checked again: clock
 events), a signal from outside (a SIGNAL event with its number follows: control.py), or a control
-request (the thread that blocked last is made to run its call again, so the
-vCPU reaches the end of this exit and can park for a checkpoint or stop; the call then blocks again).
+request. For that one the first waiting thread runs, so the vCPU reaches the end of this exit and can
+park for a checkpoint or stop, but only to enter the same wait again (Scheduler.interrupt, switching.py):
+no wait ends, no deadline moves, whatever the monitor does meanwhile.
 
 It does not flush the log while it sleeps (Journal.idle): this exit has logged events already (the
 deadline of the call that blocked, clock readings), and a batch carries every event buffered, so a
@@ -53,21 +55,13 @@ class NetworkWaiting(PersonalityCore):
             elif why == WOKE_SIGNAL:
                 self._host_signal_here()
             elif why == WOKE_CONTROL:
-                sched.make_runnable(self._interruptible(), 0)
+                sched.interrupt(sched.waiting()[0])  # it keeps its wait: back into it after the pause
                 picked = sched.pick()
                 assert picked is not None
                 return picked
 
-    def _interruptible(self) -> Thread:
-        """The waiting thread a pause or stop wakes: one whose call runs again (a poll, an accept, a
-        read), else a futex waiter (a spurious wake-up is allowed), else the first (a sleep ends early)."""
-        waiting = self.process.sched.waiting()
-        restartable = [t for t in waiting if t.restart >= 0]
-        futex = [t for t in waiting if t.wait is not None and t.wait.kind == "futex"]
-        return (restartable or futex or waiting)[0]
-
     def _sleep_for_news(self) -> int:
-        """Live (not replaying): sleep until news, a deadline or a control request; say which."""
+        """Live (not replaying): sleep until news, a deadline, a signal or a control request; say which."""
         machine = self.machine
         backend = machine.net_backend
         sched = self.process.sched
@@ -99,5 +93,5 @@ class NetworkWaiting(PersonalityCore):
                     finally:
                         machine._blocked = False
                 machine._news = False
-            if deadlines and not backend.has_news():
-                return WOKE_TIME
+            # Round again: a deadline is only due when the host's clock says so (above); waking early
+            # (the bound, a kick) must not cost clock events or end anything.

@@ -1,5 +1,13 @@
 """Switching threads (of any process) on the one vCPU at system calls: registers, XSAVE, FS base and
-CR3; waits on deadlines, pipes, children and poll."""
+CR3; waits on deadlines, pipes, children and poll.
+
+When no thread can run, the vCPU waits (netwait.py) for news, a deadline, a signal from outside, or a
+pause, checkpoint or stop of the machine. For the last, one waiting thread runs only to enter its wait
+again: it resumes at its `syscall` with restart_syscall's number, and that call (calls_proc.py) blocks it
+with the very wait it had (Scheduler.interrupt), so a sleep, a timeout or a futex wait lasts until its
+deadline however often the machine is checkpointed, as Linux's restart block makes a nanosleep outlast a
+SIGSTOP. The wait stays with the thread meanwhile, so a checkpoint taken there carries it (state.py).
+"""
 
 from __future__ import annotations
 
@@ -23,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from monitor.linux import fdtable as fdt
 from monitor.linux.calls_fs import poll_events
-from monitor.linux.calls_proc import CLOCKS
+from monitor.linux.calls_proc import CLOCKS, NR_RESTART_SYSCALL, PAUSE
 from monitor.linux.threads import Thread, ThreadState, Wait
 
 if TYPE_CHECKING:
@@ -31,15 +39,6 @@ if TYPE_CHECKING:
 
 
 class ThreadSwitching(PersonalityCore):
-    def _signal_wakes_waiter(self) -> Thread | None:  # control.py
-        raise NotImplementedError
-
-    def _sleep_for_deadline(self, seconds: float) -> None:  # control.py
-        raise NotImplementedError
-
-    def _host_signal_here(self) -> bool:  # control.py
-        raise NotImplementedError
-
     def _spawn(self, child: Thread, stack: int, fs_base: int) -> None:
         """clone: the child resumes where the parent does, with rax 0, its own stack and FS base."""
         regs = bytearray(self._run_buffer[SYNC_REGS : SYNC_REGS + REGS_SIZE])
@@ -72,8 +71,8 @@ class ThreadSwitching(PersonalityCore):
         self._expire_deadlines()
         self._wake_ready()
         following = sched.pick()
-        while following is None:
-            following = self._wait_for_deadline()
+        if following is None:
+            following = self._wait_for_news()  # netwait.py: news, a deadline, a signal, or the machine
         sched.switches += 1
         sched.current = following.tid
         following.state = ThreadState.RUNNING
@@ -88,7 +87,16 @@ class ThreadSwitching(PersonalityCore):
             self.process.fs_base = following.fs_base
         self.process.signals.mask = following.sigmask  # also the same thread's: its wake may change it
         U64.pack_into(buf, SYNC_REGS + RAX, following.result & MASK64)
-        if following.restart >= 0:  # it blocked in a call: run the call again (the `syscall` is 2 bytes)
+        if following.wait is not None:  # interrupted by the machine, not woken: into the same wait again
+            rip = U64.unpack_from(buf, SYNC_REGS + RIP)[0]
+            U64.pack_into(buf, SYNC_REGS + RIP, rip - 2)
+            U64.pack_into(buf, SYNC_REGS + RAX, NR_RESTART_SYSCALL)
+            if following.wait.kind == PAUSE:
+                # Still inside pause or rt_sigsuspend: the mask it waits with holds until the call ends,
+                # so no signal it blocks is handled on the way back in (restart_syscall puts the
+                # thread's own mask back before it blocks again).
+                self.process.signals.mask = following.wait.uaddr
+        elif following.restart >= 0:  # it blocked in a call: run the call again (the `syscall` is 2 bytes)
             rip = U64.unpack_from(buf, SYNC_REGS + RIP)[0]
             U64.pack_into(buf, SYNC_REGS + RIP, rip - 2)
             U64.pack_into(buf, SYNC_REGS + RAX, following.restart)
@@ -147,28 +155,3 @@ class ThreadSwitching(PersonalityCore):
     def _expire_deadlines(self) -> None:
         if self.process.sched.deadlines():
             self.process.sched.expire(self._now())
-
-    def _wait_for_deadline(self) -> Thread:
-        """No thread can run: sleep until the earliest deadline (live), or wait for a signal."""
-        sched = self.process.sched
-        # A listening guest: the network may wake a thread. No deadline at all (pause, sigsuspend, a futex
-        # or a pipe nobody will write): only a signal from outside can, so the VM waits for one as Linux
-        # would, however long (a service that waits for SIGTERM or SIGHUP is legitimate), and a pause,
-        # checkpoint or stop of the machine is still served there (netwait.py). Not a hang.
-        if self.net.active or not sched.deadlines():
-            return self._wait_for_news()
-        if self._signal_wakes_waiter() is not None:  # a pending signal ends a wait (EINTR or a restart)
-            picked = sched.pick()
-            assert picked is not None
-            return picked
-        now = self._now()
-        remaining = min(deadline - now[clock] for clock, deadline in sched.deadlines())
-        if remaining > 0 and not self.process.replaying:
-            self._sleep_for_deadline(remaining / 1e9)  # a signal from outside ends it early
-        if self._host_signal_here() and self._signal_wakes_waiter() is not None:
-            picked = sched.pick()
-            assert picked is not None
-            return picked
-        sched.expire(self._now())
-        picked = sched.pick()
-        return picked if picked is not None else self._wait_for_deadline()

@@ -30,14 +30,19 @@ class ThreadState(enum.Enum):
 
 @dataclass
 class Wait:
-    """What a blocked thread waits for: a futex word (uaddr, bitset), a deadline (a sleep), or (`kind`)
-    a pipe, a child's exit, a vfork child's exec or exit, or poll's files (`target`)."""
+    """What a blocked thread waits for, by `kind`: "futex" (the word at uaddr, bitset), "sleep"
+    (nanosleep, clock_nanosleep: its deadline; uaddr is where the time left goes if a signal ends it),
+    "pause" (pause, rt_sigsuspend: uaddr is the signal mask it waits with), "pipe-read" and "pipe-write"
+    (`target`: the pipe), "child" (wait4), "vfork" (the child's exec or exit), "poll" (poll, ppoll,
+    select, pselect6, epoll_wait, a blocking accept or receive: `target` holds the files and events).
+    A futex, sleep or poll wait may have a deadline; when it passes the thread resumes with 0 (a futex:
+    ETIMEDOUT; select and pselect6 run again: RUN_AGAIN_AT_DEADLINE)."""
 
     uaddr: int = 0
     bitset: int = 0xFFFFFFFF
     deadline_ns: int | None = None  # on `clock`
     clock: int = 1  # CLOCK_MONOTONIC
-    kind: str = "futex"  # futex, sleep, pipe, child, vfork, poll
+    kind: str = "futex"  # futex, sleep, pause, pipe-read, pipe-write, child, vfork, poll
     target: object = None
 
     def __repr__(self) -> str:  # in the state digest: no object addresses
@@ -53,6 +58,8 @@ class Thread:
     fs_base: int = 0
     result: int = 0  # rax when it resumes
     clear_child_tid: int = 0
+    # What it waits for while blocked. A thread a pause, checkpoint or stop of the machine made runnable
+    # keeps it: it runs only to enter the same wait again (restart_syscall: Scheduler.interrupt).
     wait: Wait | None = None
     syscalls: int = 0
     pid: int = FIRST_TID  # the process it belongs to
@@ -62,10 +69,11 @@ class Thread:
     sigmask: int = 0
 
 
-def _tail(target: object) -> tuple[object, ...]:
-    """A poll wait's target past (kind, files, deadline): "rerun" runs the call again at its deadline
-    (select: its timeout was zeroed, so it returns at once with its sets cleared)."""
-    return target[3:] if isinstance(target, tuple) else ()
+# select and pselect6 run again at their deadline: their timeout was zeroed when they blocked, so they
+# return at once then with their sets cleared (calls_events.py). Known by the call a blocked thread runs
+# again (Thread.restart, in every checkpoint), so nothing else has to carry it. Other polls return 0.
+NR_SELECT, NR_PSELECT6 = 23, 270
+RUN_AGAIN_AT_DEADLINE = frozenset({NR_SELECT, NR_PSELECT6})
 
 
 @dataclass
@@ -151,6 +159,14 @@ class Scheduler:
     def make_runnable(self, thread: Thread, result: int) -> None:
         self._make_runnable(thread, result)
 
+    def interrupt(self, thread: Thread) -> None:
+        """A pause, checkpoint or stop of the machine while every thread waits: the vCPU must finish its
+        exit, so `thread` runs, but only to enter its wait again, deadline and all, as if nothing had
+        happened (it keeps `wait` and `restart`; switching.py resumes it at restart_syscall, as Linux
+        resumes a sleep it interrupted without a signal to handle)."""
+        thread.state = ThreadState.RUNNABLE
+        self.run_queue.append(thread.tid)
+
     def blocked(self, kind: str) -> list[Thread]:
         return [t for t in self._waiting() if t.wait is not None and t.wait.kind == kind]
 
@@ -176,7 +192,7 @@ class Scheduler:
             wait = thread.wait
             if wait is not None and wait.deadline_ns is not None and wait.clock in now:
                 if now[wait.clock] >= wait.deadline_ns:
-                    if wait.kind == "poll" and "rerun" not in _tail(wait.target):
+                    if wait.kind == "poll" and thread.restart not in RUN_AGAIN_AT_DEADLINE:
                         thread.restart = -1  # poll's timeout: it returns 0 instead of running again
                     self._make_runnable(thread, -errno.ETIMEDOUT if wait.kind == "futex" else 0)
 
