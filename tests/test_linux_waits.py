@@ -8,6 +8,7 @@ timeout restores into a select that ends as the original's did (its sets cleared
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -240,3 +241,67 @@ def test_a_checkpoint_in_a_select_with_a_timeout_restores_into_the_same_ending(t
         again.close()
     assert result.reason is StopReason.EXITED and result.exit_code == 0, result.describe()
     assert bytes(rest) == b"select ([], [], []) True\n"
+
+
+# rt_sigsuspend with SIGUSR1 blocked while it waits (the thread's own mask lets it through): a SIGUSR1
+# from outside stays pending through the wait and the checkpoints in it, and runs only when the wait is
+# over (after SIGTERM's handler, as rt_sigreturn puts the own mask back), as on Linux.
+SUSPENDS = r"""
+#define _GNU_SOURCE
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+static void handler(int sig) {
+    char line[40];
+    write(1, line, snprintf(line, sizeof line, "handler %d\n", sig));
+}
+int main(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = handler;
+    sigaction(SIGUSR1, &sa, 0);
+    sigaction(SIGTERM, &sa, 0);
+    sigset_t waiting;
+    sigemptyset(&waiting);
+    sigaddset(&waiting, SIGUSR1);
+    printf("ready\n");
+    fflush(stdout);
+    sigsuspend(&waiting);
+    printf("after\n");
+    return 0;
+}
+"""
+
+
+def test_a_signal_the_suspend_mask_blocks_waits_through_checkpoints_until_the_wait_ends(
+    tmp_path: Path,
+) -> None:
+    layer = tmp_path / "layer"
+    guest = _compile(SUSPENDS, layer, "suspends")
+    personality = LinuxPersonality(LinuxConfig(program=guest, argv=[guest], layer=layer))
+    machine = build_linux(personality)
+    out = bytearray()
+    personality.on_stream = lambda _number, data: out.extend(data)
+    usr1 = 1 << (signal.SIGUSR1 - 1)
+    try:
+        machine.start()
+        deadline = time.monotonic() + WAIT_S
+        while b"ready" not in out:
+            assert time.monotonic() < deadline and machine.is_running(), bytes(out)
+            time.sleep(0.02)
+        personality.request_signal(signal.SIGUSR1)
+        while not personality.process.signals.pending & usr1:  # taken: pending, blocked by the wait
+            assert time.monotonic() < deadline and machine.is_running(), bytes(out)
+            time.sleep(0.02)
+        checkpointer = Checkpointer(machine)
+        for number in range(3):
+            checkpointer.save(tmp_path / f"{number}.ckpt", full=True)
+        assert bytes(out) == b"ready\n"
+        personality.request_signal(signal.SIGTERM)
+        result = machine.wait_blocking(WAIT_S)
+    finally:
+        machine.close()
+        personality.close()
+    assert result.reason is StopReason.EXITED and result.exit_code == 0, result.describe()
+    assert bytes(out) == b"ready\nhandler 15\nhandler 10\nafter\n"
