@@ -22,7 +22,9 @@ import asyncio
 import logging
 import random
 import sqlite3
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -149,8 +151,34 @@ async def current_within(arbiter: Arbiter, vm: str, within_s: float) -> Claim | 
     For a status, which must answer while etcd is slow (a member cut off stalls a read for its attempt
     timeout)."""
     ask = getattr(arbiter, "current_async", None)
-    pending = ask(vm) if ask is not None else asyncio.to_thread(arbiter.current, vm)
+    pending = ask(vm) if ask is not None else _on_own_thread(arbiter.current, vm)
     try:
         return await asyncio.wait_for(pending, within_s)
     except TimeoutError as err:
         raise ArbiterUnavailable(f"the arbiter did not answer within {within_s * 1000:.0f} ms") from err
+
+
+def _on_own_thread(query: Callable[[str], Claim | None], vm: str) -> asyncio.Future[Claim | None]:
+    """`query(vm)` on a thread of its own: not queued behind the default executor's workers, which other
+    calls may hold for seconds (a link opening to an unreachable backup waits there)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Claim | None] = loop.create_future()
+
+    def settle(result: Claim | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = query(vm), None
+        except Exception as err:  # handed to the waiting coroutine
+            result, error = None, err
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="arbiter-query", daemon=True).start()
+    return future

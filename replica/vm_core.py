@@ -29,7 +29,10 @@ from replica.vm_common import FailoverTimes, Meter, NodeSettings, stop_machine
 
 log = logging.getLogger(__name__)
 
-STATUS_ARBITER_WAIT_S = 0.25  # how long a status waits for the arbiter before it answers without it
+# How long a status waits for the arbiter before it answers without it (off the event loop either way).
+# Long enough for a node just resumed from SIGSTOP (0.25 s was not, on a loaded machine: a superseded
+# primary then still said RUNNING), short of a client's patience.
+STATUS_ARBITER_WAIT_S = 2.0
 
 
 def record_journal(sink: StreamSink, settings: NodeSettings, start_position: int = 0) -> RecordJournal:
