@@ -25,10 +25,10 @@ import statistics
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from proto import vmft_pb2
 from replica.cluster import ClusterError, LocalCluster, NodeProcess, ProtectedVm
@@ -405,20 +405,13 @@ class Campaign:
                 attempt_timeout_s=self.attempt_timeout_s,
                 shared_counter=True,
             )
-            load = asyncio.create_task(workload.run())
-            outcomes: list[FaultOutcome] = []
-            try:
-                for index, fault in enumerate(self.plan):
-                    await asyncio.sleep(self.settle_s)
-                    outcome = await self._one(index, fault, controller, workload, started, topology)
-                    outcomes.append(outcome)
-                    progress(_describe(outcome, len(self.plan)))
-                    if outcome.error:
-                        break
-            finally:
-                await asyncio.sleep(self.settle_s)
-                workload.stop()
-                await load
+            outcomes = await play_plan(
+                self.plan,
+                lambda index, fault: self._one(index, fault, controller, workload, started, topology),
+                workload,
+                self.settle_s,
+                lambda outcome: progress(_describe(outcome, len(self.plan))),
+            )
             try:
                 verdict: Verdict = await workload.verify_final()  # while the cluster still serves
             except KvUnavailable as err:
@@ -573,6 +566,40 @@ class Campaign:
                 outcome.reprotect_ms = seconds * 1000
             except ClusterError as err:
                 outcome.error = str(err)
+
+
+class LoadedWorkload(Protocol):
+    """A client workload a campaign runs beside its faults."""
+
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+async def play_plan(
+    plan: Sequence[Fault],
+    one: Callable[[int, Fault], Awaitable[FaultOutcome]],
+    workload: LoadedWorkload,
+    settle_s: float,
+    report: Callable[[FaultOutcome], None],
+) -> list[FaultOutcome]:
+    """Run `workload` while each fault of `plan` is injected and recovered from by `one`, a settling pause
+    before each and after the last; stop at the first fault that could not be carried out."""
+    load = asyncio.create_task(workload.run())
+    outcomes: list[FaultOutcome] = []
+    try:
+        for index, fault in enumerate(plan):
+            await asyncio.sleep(settle_s)
+            outcome = await one(index, fault)
+            outcomes.append(outcome)
+            report(outcome)
+            if outcome.error:
+                break
+    finally:
+        await asyncio.sleep(settle_s)
+        workload.stop()
+        await load
+    return outcomes
 
 
 @contextlib.contextmanager

@@ -35,7 +35,14 @@ from typing import Callable
 
 from monitor.errors import VmftError
 from proto import vmft_pb2
-from replica.chaos import CampaignReport, FaultOutcome, PairController, work_directory, write_report
+from replica.chaos import (
+    CampaignReport,
+    FaultOutcome,
+    PairController,
+    play_plan,
+    work_directory,
+    write_report,
+)
 from replica.cluster import ClusterError, LocalCluster
 from replica.faults import Fault, FaultError, find_roles, inject
 from replica.redis_service import (
@@ -135,20 +142,13 @@ class LinuxCampaign:
             workload = RedisWorkload(
                 cluster.service_addresses(vm.name), self.clients, self.seed, epoch=started
             )
-            load = asyncio.create_task(workload.run())
-            outcomes: list[FaultOutcome] = []
-            try:
-                for index, fault in enumerate(self.plan):
-                    await asyncio.sleep(self.settle_s)
-                    outcome = await self._one(index, fault, cluster, controller, workload, started)
-                    outcomes.append(outcome)
-                    say(describe(outcome, len(self.plan)))
-                    if outcome.error:
-                        break
-            finally:
-                await asyncio.sleep(self.settle_s)
-                workload.stop()
-                await load
+            outcomes = await play_plan(
+                self.plan,
+                lambda index, fault: self._one(index, fault, cluster, controller, workload, started),
+                workload,
+                self.settle_s,
+                lambda outcome: say(describe(outcome, len(self.plan))),
+            )
             try:
                 verdict = await workload.verify()
             except (RespError, RedisServiceError) as err:
