@@ -154,7 +154,17 @@ class HostCluster:
             spec=spec, backup_node=backup.address, service=self.service(primary, moving),
             backup_service=self.service(backup, moving),
         )  # fmt: skip
-        self._call(primary, "Protect", request)
+        # A node just started may not have registered in etcd yet: the primary then refuses a backup that
+        # is "not a live member"; wait (bounded) for the registration rather than fail the setup.
+        deadline = time.monotonic() + 15.0
+        while True:
+            try:
+                self._call(primary, "Protect", request)
+                return
+            except HostClusterError as err:
+                if "not a live member" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def reprotect(self, primary: HostNode, backup: HostNode, name: str = "vm1", moving: str = ""
                   ) -> vmft_pb2.VmStatus:  # fmt: skip
