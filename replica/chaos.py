@@ -417,12 +417,8 @@ class Campaign:
             except KvUnavailable as err:
                 verdict = Verdict(len(workload.history), 0, 0, [Violation(-1, "unavailable", str(err))])
         violations = [f"client {v.client} {v.kind}: {v.detail}" for v in verdict.violations]
-        for outcome in outcomes:
-            if outcome.max_primaries > 1:
-                violations.append(
-                    f"fault {outcome.index} ({outcome.fault}): {outcome.max_primaries} primaries serving"
-                )
-        samples = [(op.start - started, (op.end - op.start) * 1000) for op in workload.history if op.ok]
+        violations += primaries_violations(outcomes)
+        samples = latency_samples(workload.history, started)
         return CampaignReport(
             seed=self.seed,
             faults=outcomes,
@@ -566,6 +562,26 @@ class Campaign:
                 outcome.reprotect_ms = seconds * 1000
             except ClusterError as err:
                 outcome.error = str(err)
+
+
+def primaries_violations(outcomes: list[FaultOutcome]) -> list[str]:
+    """A fault during which more than one node served the VM as primary."""
+    return [
+        f"fault {o.index} ({o.fault}): {o.max_primaries} primaries serving"
+        for o in outcomes
+        if o.max_primaries > 1
+    ]
+
+
+class _Timed(Protocol):
+    start: float
+    end: float
+    ok: bool
+
+
+def latency_samples(history: Sequence[_Timed], started: float) -> list[tuple[float, float]]:
+    """(seconds into the campaign, latency in ms) of every successful operation, for the timeline."""
+    return [(op.start - started, (op.end - op.start) * 1000) for op in history if op.ok]
 
 
 class LoadedWorkload(Protocol):

@@ -39,7 +39,9 @@ from replica.chaos import (
     CampaignReport,
     FaultOutcome,
     PairController,
+    latency_samples,
     play_plan,
+    primaries_violations,
     work_directory,
     write_report,
 )
@@ -153,13 +155,8 @@ class LinuxCampaign:
                 verdict = await workload.verify()
             except (RespError, RedisServiceError) as err:
                 verdict = RedisVerdict(len(workload.history), 0, 0, 0, 0, 0, {}, [f"unavailable: {err}"])
-        violations = list(verdict.violations)
-        for outcome in outcomes:
-            if outcome.max_primaries > 1:
-                violations.append(
-                    f"fault {outcome.index} ({outcome.fault}): {outcome.max_primaries} primaries serving"
-                )
-        samples = [(op.start - started, (op.end - op.start) * 1000) for op in workload.history if op.ok]
+        violations = list(verdict.violations) + primaries_violations(outcomes)
+        samples = latency_samples(workload.history, started)
         return LinuxCampaignReport(
             seed=self.seed,
             faults=outcomes,

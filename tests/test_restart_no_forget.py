@@ -23,10 +23,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from test_linux_node import protect_linux
 
 from monitor.checkpoint.format import SUFFIX
-from proto import vmft_pb2, vmft_pb2_grpc
-from replica.cluster import ClusterError, LocalCluster, NodeProcess, ProtectedVm
+from proto import vmft_pb2
+from replica.cluster import LocalCluster, NodeProcess, ProtectedVm
 from replica.roles import is_serving
 
 pytestmark = pytest.mark.kvm
@@ -75,19 +76,9 @@ def protect_kv(
     hang_timeout_s: float = HANG_TIMEOUT_S,
 ) -> ProtectedVm:
     """The key-value program as a VM with its primary on `node` (and its backup on `backup`)."""
-    spec = vmft_pb2.VmSpec(name=name, mem_mib=256, hang_timeout_s=hang_timeout_s)
-    spec.linux.argv.extend(["/usr/bin/python3", "-c", KV])
-    service = cluster.service_address(name, node)
-    backup_service = cluster.service_address(name, backup) if backup else ""
-    request = vmft_pb2.ProtectRequest(
-        spec=spec, backup_node=backup.name if backup else "", service=service, backup_service=backup_service
+    return protect_linux(
+        cluster, node, backup, ["/usr/bin/python3", "-c", KV], name, hang_timeout_s=hang_timeout_s
     )
-    with cluster.channel(node) as channel:
-        try:
-            vmft_pb2_grpc.NodeStub(channel).Protect(request, timeout=60)
-        except grpc.RpcError as err:
-            raise ClusterError(f"protect failed: {err.details()}") from err
-    return ProtectedVm(name, node, backup, service, backup_service)
 
 
 class Client:
