@@ -8,14 +8,14 @@
     EventBatch | Heartbeat ...            ->
                                           <-  Ack (received, replayed) per group of messages read
 
-The primary drives its end with threads and gRPC's synchronous API, not the event loop: gRPC's sending
-thread takes what the vCPU logged straight from its hand-off (one merged batch per message: the stream's
-cost is per message; at most two unacknowledged messages, so that the log gathers under load), or a
-heartbeat when idle; an ack thread releases the outputs waiting in the output gate the moment an Ack
-covers them. The backup acknowledges on receipt, before the batches reach its replay. Either side that
-hears nothing for the failure timeout declares the other lost: the primary asks the arbiter to stay
-primary alone, the backup asks it to take over (primary.py, backup.py). Each hop can be timed with
-replica/hops.py (scripts/bench replication --hops).
+The primary drives its end with two threads through gRPC's C core (replica/native_stream.py), not the event
+loop and not Python's gRPC: the sending thread takes what the vCPU logged straight from its hand-off (one
+merged batch per message: the stream's cost is per message; at most two unacknowledged messages, so that the
+log gathers under load), or a heartbeat when idle; an ack thread releases the outputs waiting in the output
+gate the moment an Ack covers them. The backup acknowledges on receipt, before the batches reach its
+replay. Either side that hears nothing for the failure timeout declares the other lost: the primary asks the
+arbiter to stay primary alone, the backup asks it to take over (primary.py, backup.py). Each hop can be
+timed with replica/hops.py (scripts/bench replication --hops).
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ import grpc
 
 from monitor.checkpoint import CheckpointError, RecordType
 from monitor.errors import PeerError
-from proto import vmft_pb2, vmft_pb2_grpc
-from replica import hops, tls
+from proto import vmft_pb2
+from replica import hops
+from replica.native_stream import ClientStream, NativeStreamError, SendingStream
 from replica.stream_sink import StreamSink, merge_batches
 from replica.vm_common import PROTOCOL_VERSION, Meter, NodeSettings, ReplicationRefused
 
@@ -50,21 +51,19 @@ class PeerSilent(PeerError):
 # ----- the primary's half -----------------------------------------------------------------------------
 
 
-def _channel(settings: NodeSettings, target: str) -> grpc.Channel:
-    """Mutual TLS with this node's own certificate (plaintext only for an --insecure loopback node). A
-    synchronous channel: the stream is driven by threads, not by the event loop."""
-    if settings.identity is not None:
-        return grpc.secure_channel(target, tls.channel_credentials(settings.identity))
-    tls.check_plaintext(target, settings.insecure)
-    return grpc.insecure_channel(target)
+# The stream's method path, from the generated descriptor: "/vmft.v1.Replication/Stream".
+_SERVICE = vmft_pb2.DESCRIPTOR.services_by_name["Replication"]
+STREAM_METHOD = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['Stream'].name}"
 
 
 class _Outgoing:
-    """What the primary sends, as the request iterator gRPC's own sending thread pulls from (it asks for
-    the next message once the previous one is written): first the control messages put here (Hello, a
-    checkpoint's records), then, once `attach`ed, the log straight from the vCPU thread's hand-off (one
-    merged batch for everything logged while the previous write was in flight), or a heartbeat when the
-    log was idle for a heartbeat interval. No event loop on the way from the vCPU to the wire.
+    """What the primary sends, and who sends it. First the control messages put here (Hello, a checkpoint's
+    records), written by the link's sending thread; then, once `attach`ed, the log: the vCPU thread that
+    logged a batch sends it itself (`pump`: merge what is queued, serialize, start the write; gRPC's C core
+    writes in the caller's thread), and so does the ack thread when an acknowledgement opens the window;
+    the sending thread only looks every `_window_wait` while messages are in flight (a window that stayed
+    full sends anyway) and sends a heartbeat when the log was idle for a heartbeat interval. No thread is
+    woken to send what the vCPU logged.
 
     At most `window` log messages are in flight (sent, not yet acknowledged): a lone output goes out at
     once, but under load the log gathers while the window is full, so that the stream carries a few large
@@ -75,14 +74,23 @@ class _Outgoing:
     def __init__(self, heartbeat_s: float, window: int = 2) -> None:
         self._heartbeat_s = heartbeat_s
         self._window = window
-        self._in_flight: collections.deque[int] = collections.deque()  # horizons sent, not yet acked
         self._window_wait = min(heartbeat_s, 0.001)
-        self._overdue = False  # the window stayed full for `_window_wait`: send anyway
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # the sending thread waits here
         self._control: collections.deque[vmft_pb2.PrimaryMessage] = collections.deque()
         self._sink: StreamSink | None = None
         self._position: Callable[[], int] = lambda: 0
+        self._stream: SendingStream | None = None
         self._closed = False
+        self.ended = False  # the guest's last batch was sent: the stream is half-closed after it
+        self.broken = False  # a write failed: the stream is broken (the ack thread learns why)
+        # One writer at a time (a call has at most one write in flight); a pump that finds it taken leaves
+        # `_again` set and the holder looks once more before it lets go.
+        self._send_lock = threading.Lock()
+        self._again = False
+        # (horizon, sent at) of log messages not yet acknowledged. Only senders append and only the ack
+        # thread pops: the deque's own atomicity suffices.
+        self._in_flight: collections.deque[tuple[int, float]] = collections.deque()
+        self._last_sent = time.monotonic()
         self.sent_bytes = 0  # log bytes sent (the loop folds them into the Meter: it is not thread-safe)
 
     def put(self, message: vmft_pb2.PrimaryMessage) -> None:
@@ -97,94 +105,168 @@ class _Outgoing:
         with self._cond:
             self._sink, self._position = sink, position
             self._cond.notify_all()
+        sink.on_write = self.pump
+        self.pump()  # what was logged before
 
     def acked(self, received: int) -> None:
-        """Ack thread: the backup holds the log up to `received` (frees the window)."""
-        with self._cond:
-            in_flight = self._in_flight
-            if in_flight and in_flight[0] <= received:
-                while in_flight and in_flight[0] <= received:
-                    in_flight.popleft()
-                self._cond.notify_all()
+        """Ack thread: the backup holds the log up to `received` (frees the window, and sends what
+        gathered meanwhile)."""
+        in_flight = self._in_flight
+        if in_flight and in_flight[0][0] <= received:
+            while in_flight and in_flight[0][0] <= received:
+                in_flight.popleft()
+            self.pump()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             sink = self._sink
             self._cond.notify_all()
-        if sink is not None:
-            sink.wake()
+        if sink is not None and sink.on_write == self.pump:
+            sink.on_write = None
 
-    def _heartbeat(self) -> vmft_pb2.PrimaryMessage:
-        return vmft_pb2.PrimaryMessage(heartbeat=vmft_pb2.Heartbeat(position=self._position()))
+    def pump(self, timer: bool = False) -> None:
+        """Send what is queued now if the window and the stream allow it; any thread, never waits for the
+        network. `timer`: the sending thread's periodic look (a heartbeat if the log was idle)."""
+        self._again = True
+        while self._again:
+            if not self._send_lock.acquire(blocking=False):
+                return  # the holder sees `_again` and looks once more
+            try:
+                self._again = False
+                self._pump_once(timer)
+            finally:
+                self._send_lock.release()
 
-    def __iter__(self) -> _Outgoing:
-        return self
+    def _pump_once(self, timer: bool) -> None:
+        stream, sink = self._stream, self._sink
+        if stream is None or sink is None or self._closed or self.ended or self.broken or self._control:
+            return  # (control messages first: the sending thread writes them, then pumps)
+        done = stream.send_done(0)
+        if done < 0:
+            return  # the previous write is still going out: the sending thread looks again
+        if done == 0:
+            self._break()
+            return
+        now = time.monotonic()
+        # A full window holds the log back for at most `_window_wait`: a slow or lossy link
+        # (acknowledgements held up) must neither stall the log nor make the backup think this primary
+        # silent; then whatever is pending goes out as if the window were open.
+        in_flight = self._in_flight
+        if len(in_flight) >= self._window and now - in_flight[-1][1] < self._window_wait:
+            return
+        batches = sink.take_nowait()
+        if not batches:
+            if timer and now - self._last_sent >= self._heartbeat_s:
+                heartbeat = vmft_pb2.Heartbeat(position=self._position())
+                self._start(stream, vmft_pb2.PrimaryMessage(heartbeat=heartbeat).SerializeToString(), now)
+            return
+        batch = merge_batches(batches)
+        hops.hop("take", batch.horizon)
+        data = vmft_pb2.PrimaryMessage(batch=batch).SerializeToString()
+        self.sent_bytes += len(data)
+        in_flight.append((max(batch.horizon, batch.end_position), now))
+        self._start(stream, data, now)
+        if batch.ended:  # the guest stopped: the sending thread half-closes the stream after this
+            with self._cond:
+                self.ended = True
+                self._cond.notify_all()
 
-    def __next__(self) -> vmft_pb2.PrimaryMessage:
+    def _start(self, stream: SendingStream, data: bytes, now: float) -> None:
+        self._last_sent = now
+        if not stream.start_send(data):
+            self._break()
+
+    def _break(self) -> None:
+        with self._cond:
+            self.broken = True
+            self._cond.notify_all()
+
+    def _send_control(self, stream: SendingStream, message: vmft_pb2.PrimaryMessage) -> bool:
+        with self._send_lock:
+            ok = stream.send_done(-1) == 1 and stream.start_send(message.SerializeToString())
+            ok = ok and stream.send_done(-1) == 1
+            self._last_sent = time.monotonic()
+        if not ok:
+            self._break()
+        return ok
+
+    def run(self, stream: SendingStream) -> None:
+        """The sending thread: control messages, then a look every `_window_wait` while the log is in
+        flight (every heartbeat interval when idle); half-closes the stream after the guest's last batch."""
+        self._stream = stream
         while True:
             with self._cond:
+                message = self._control.popleft() if self._control else None
+                if message is None:
+                    if self._closed or self.broken or self.ended:
+                        break
+                    busy = self._sink is not None and (self._in_flight or self._sink.pending)
+                    self._cond.wait(self._window_wait if busy else self._heartbeat_s)
+                    if self._closed or self.broken or self.ended:
+                        break
+            if message is not None:
+                if not self._send_control(stream, message):
+                    return
                 if self._control:
-                    return self._control.popleft()
-                if self._closed:
-                    raise StopIteration
-                sink = self._sink
-                if sink is None:
-                    self._cond.wait(self._heartbeat_s)
                     continue
-                # A full window holds the log back for at most `_window_wait`: a slow or lossy link
-                # (acknowledgements held up) must neither stall the log nor make the backup think this
-                # primary silent; then whatever is pending goes out as if the window were open.
-                if len(self._in_flight) >= self._window and not self._overdue:
-                    if not self._cond.wait(self._window_wait) and len(self._in_flight) >= self._window:
-                        self._overdue = True
-                    continue
-                self._overdue = False
-            batches = sink.take_blocking(self._heartbeat_s)
-            if self._closed:
-                raise StopIteration
-            if not batches:
-                return self._heartbeat()
-            batch = merge_batches(batches)
-            hops.hop("take", batch.horizon)
-            message = vmft_pb2.PrimaryMessage(batch=batch)
-            self.sent_bytes += message.ByteSize()
-            with self._cond:
-                self._in_flight.append(max(batch.horizon, batch.end_position))
-            if batch.ended:
-                self.close()  # the guest stopped: the stream is half-closed after this message
-            return message
+            self.pump(timer=message is None)
+        if self.ended and not self._closed and not self.broken:
+            with self._send_lock:
+                if stream.send_done(-1) == 1:
+                    stream.done_writing()
 
 
 class BackupLink:
     """The primary's end of one stream to a backup node (`target`: its address, or a relay in front).
 
-    The stream runs on threads, with gRPC's synchronous API: gRPC's sending thread takes the log from the
-    vCPU's hand-off (`_Outgoing`), and an ack thread reads the backup's acknowledgements and hands each to
-    `on_ack` at once, on that thread (the output gate releases there: no trip through the event loop).
-    The event loop only opens the link, watches for silence and learns how it ended."""
+    The stream runs on two threads of its own, through gRPC's C core (replica/native_stream.py): a sending
+    thread takes the log from the vCPU's hand-off (`_Outgoing`) and writes it, and an ack thread reads the
+    backup's acknowledgements and hands each to `on_ack` at once, on that thread (the output gate releases
+    there: no trip through the event loop). The event loop only opens the link, watches for silence and
+    learns how it ended."""
 
     def __init__(self, settings: NodeSettings, backup_node: str, target: str) -> None:
         self.settings = settings
         self.backup_node = backup_node
-        self._channel = _channel(settings, target)
+        self._target = target
         self._outgoing = _Outgoing(settings.heartbeat_interval_s)
-        self._call: Any = None  # the stream (a grpc response iterator and call), started by `open`
+        self._stream: ClientStream | None = None  # opened by `open`
+        self._sending_ended = threading.Event()  # the sending thread is done (half-closed, or broken)
         self._lock = threading.Lock()  # an on_ack call and `close` exclude each other
         self._closed = False
 
     async def open(self, hello: vmft_pb2.Hello) -> None:
         """Send Hello and wait for the backup's answer; ReplicationRefused (link closed) unless accepted."""
+        settings = self.settings
         self._outgoing.put(vmft_pb2.PrimaryMessage(hello=hello))
-        self._call = vmft_pb2_grpc.ReplicationStub(self._channel).Stream(self._outgoing)
         try:
-            first = asyncio.to_thread(next, self._call, None)
-            reply = await asyncio.wait_for(first, self.settings.connect_timeout_s)
-        except (grpc.RpcError, TimeoutError) as err:
+            self._stream = await asyncio.to_thread(
+                ClientStream,
+                self._target,
+                STREAM_METHOD,
+                settings.identity,
+                insecure=settings.insecure,
+                timeout=settings.connect_timeout_s,
+            )
+        except NativeStreamError as err:
             await self.close()
-            detail = err.details() if isinstance(err, grpc.Call) else "no answer"
-            raise ReplicationRefused(f"backup node {self.backup_node} unreachable: {detail}") from err
-        if reply is None or not reply.HasField("hello_reply"):
+            raise ReplicationRefused(f"backup node {self.backup_node} unreachable: {err}") from err
+        stream = self._stream
+        threading.Thread(
+            target=self._send_all, args=(stream,), name=f"log to {self.backup_node}", daemon=True
+        ).start()
+        try:
+            first = await asyncio.to_thread(stream.recv, settings.connect_timeout_s)
+        except TimeoutError:
+            await self.close()
+            raise ReplicationRefused(f"backup node {self.backup_node} unreachable: no answer") from None
+        if first is None:
+            await self.close()
+            why = await asyncio.to_thread(stream.status)
+            raise ReplicationRefused(f"backup node {self.backup_node} closed the stream ({why})")
+        reply = vmft_pb2.BackupMessage.FromString(first)
+        if not reply.HasField("hello_reply"):
             await self.close()
             raise ReplicationRefused(f"backup node {self.backup_node} closed the stream")
         if not reply.hello_reply.accepted:
@@ -193,12 +275,19 @@ class BackupLink:
                 f"backup node {self.backup_node} refused the pair: {reply.hello_reply.reason}"
             )
 
+    def _send_all(self, stream: ClientStream) -> None:
+        """The sending thread (`_Outgoing.run`)."""
+        try:
+            self._outgoing.run(stream)
+        finally:
+            self._sending_ended.set()
+
     async def send_checkpoint_record(self, record: bytes) -> None:
         """Queue one record; waits while more than a few are queued (the stream's pace); PeerSilent if
         the stream ended."""
         self._outgoing.put(vmft_pb2.PrimaryMessage(checkpoint_record=record))
         while self._outgoing.backlog() > 8:
-            if self._closed or self._call is None or self._call.done():
+            if self._closed or self._stream is None or self._sending_ended.is_set():
                 raise PeerSilent("the replication stream ended while a checkpoint was being sent")
             await asyncio.sleep(0.0005)
 
@@ -208,9 +297,8 @@ class BackupLink:
         with self._lock:
             self._closed = True
         self._outgoing.close()
-        if self._call is not None:
-            self._call.cancel()
-        self._channel.close()
+        if self._stream is not None:
+            self._stream.cancel()
 
     async def run(
         self,
@@ -223,8 +311,8 @@ class BackupLink:
         on the ack thread (it must be thread-safe); return why the link ended (the backup closed it, went
         silent, or the connection broke)."""
         loop = asyncio.get_running_loop()
-        call, settings, outgoing = self._call, self.settings, self._outgoing
-        assert call is not None, "open the link first"
+        stream, settings, outgoing = self._stream, self.settings, self._outgoing
+        assert stream is not None, "open the link first"
         last_heard = time.monotonic()
         ended: asyncio.Future[str] = loop.create_future()
 
@@ -236,8 +324,9 @@ class BackupLink:
             nonlocal last_heard
             reason = "the backup closed the stream"
             try:
-                for message in call:
+                while (data := stream.recv()) is not None:
                     last_heard = time.monotonic()
+                    message = vmft_pb2.BackupMessage.FromString(data)
                     if message.HasField("ack"):
                         hops.hop("ackrecv", message.ack.received)
                         outgoing.acked(message.ack.received)
@@ -245,8 +334,10 @@ class BackupLink:
                             if self._closed:
                                 break
                             on_ack(message.ack)
-            except grpc.RpcError as err:
-                reason = f"stream broken: {err.code().name}" if isinstance(err, grpc.Call) else str(err)
+                else:
+                    status = stream.status()
+                    if status != "OK":
+                        reason = f"stream broken: {status}"
             finally:
                 if not loop.is_closed():
                     loop.call_soon_threadsafe(finish, reason)

@@ -1,9 +1,9 @@
-"""The hand-off of log batches from the vCPU thread to the replication stream's sender.
+"""The hand-off of log batches from the vCPU thread to the replication stream.
 
-The sender is a thread (replica/replication.py: gRPC's synchronous API pulls the next message from it),
-woken by the vCPU thread directly through a condition: no trip through the event loop between the guest's
-exit and the write. An async `take` remains for callers on the event loop (it wakes the loop only while
-one is waiting).
+The vCPU thread queues each batch and calls `on_write` (replica/replication.py: the stream's pump, which
+sends from the calling thread when the window allows): no thread is woken and there is no trip through the
+event loop between the guest's exit and the write. An async `take` remains for callers on the event loop
+(it wakes the loop only while one is waiting).
 
 Policy when the backup is slow: the buffer holds up to `max_pending` batches; beyond that the vCPU waits
 (the guest is throttled, never silently) and a warning says so. Outputs are held by the output rule
@@ -21,6 +21,7 @@ import collections
 import itertools
 import logging
 import threading
+from collections.abc import Callable
 
 from proto import vmft_pb2
 from replica import hops
@@ -42,6 +43,8 @@ class StreamSink:
         # The log since the primary's latest checkpoint, kept to restart the guest from that checkpoint
         # (bounded: each checkpoint starts it afresh).
         self.retained: list[vmft_pb2.EventBatch] = []
+        # Called on the vCPU thread after each batch is queued (the attached stream sends from there).
+        self.on_write: Callable[[], None] | None = None
 
     def write_batch(self, batch: vmft_pb2.EventBatch) -> None:
         """vCPU thread."""
@@ -56,11 +59,13 @@ class StreamSink:
                 log.warning("replication backlog of %d batches: throttling the vCPU", len(self._pending))
                 while len(self._pending) > self._max_pending // 2 and not self.discard:
                     self._cond.wait(0.1)
-            self._cond.notify_all()  # the sender thread, if it waits
-            if self._signalled or not self._loop_waiting:
-                return  # no loop waits, or it has yet to take the queue (and finds this batch in it)
-            self._signalled = True
-        self._loop.call_soon_threadsafe(self._ready.set)
+            wake_loop = self._loop_waiting and not self._signalled
+            self._signalled = self._signalled or wake_loop
+        if wake_loop:  # an async `take` waits (else none does, or it has yet to take this batch too)
+            self._loop.call_soon_threadsafe(self._ready.set)
+        on_write = self.on_write
+        if on_write is not None:
+            on_write()
 
     def close(self) -> None:
         pass  # the stream outlives a finished recording until its last batch is sent
@@ -89,18 +94,14 @@ class StreamSink:
             self._loop_waiting = False
             return self._drain()
 
-    def take_blocking(self, wait_s: float) -> list[vmft_pb2.EventBatch]:
-        """Sender thread: the queued batches, waiting up to `wait_s` for at least one ([] after that; a
-        discarding sink waits too, so that a sender still attached to it paces its heartbeats)."""
+    def take_nowait(self) -> list[vmft_pb2.EventBatch]:
+        """Any thread: the queued batches, now (maybe none)."""
         with self._cond:
-            if not self._pending:
-                self._cond.wait(wait_s)
-            return self._drain()
+            return self._drain() if self._pending else []
 
-    def wake(self) -> None:
-        """Let a sender thread waiting in `take_blocking` go now (the link is closing)."""
-        with self._cond:
-            self._cond.notify_all()
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
 
     def _drain(self) -> list[vmft_pb2.EventBatch]:
         batches = take_bounded(self._pending, MAX_MESSAGE_BYTES)  # what is left goes in the next message

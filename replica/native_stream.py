@@ -1,0 +1,125 @@
+"""The client end of a bidirectional gRPC stream driven through gRPC's C core from the caller's own threads.
+
+The primary's end of the replication stream is the busiest gRPC call in a node. Python's gRPC drives each
+stream with threads of its own (one consuming the request iterator, one polling the channel, a condition per
+message) at a few hundred microseconds of CPU per message and reply on this machine. The extension
+(replica/native/grpc_stream.c, built by scripts/setup into build/_grpc_stream.so against Debian's libgrpc)
+does a send or a receive in the calling thread, without the interpreter lock, through a pluck completion
+queue: one thread sends, one receives, and nothing else runs for the stream. Same wire protocol (HTTP/2,
+mutual TLS), so the backup's server is unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.machinery
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+from typing import Protocol, cast
+
+from monitor.errors import PeerError
+from replica import tls
+
+LIBRARY = Path(__file__).resolve().parents[1] / "build" / "_grpc_stream.so"
+
+# gRPC's status codes by number (grpc.StatusCode names them too, but the extension returns the number).
+_STATUS_NAMES = {
+    0: "OK", 1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED", 5: "NOT_FOUND",
+    6: "ALREADY_EXISTS", 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED", 9: "FAILED_PRECONDITION",
+    10: "ABORTED", 11: "OUT_OF_RANGE", 12: "UNIMPLEMENTED", 13: "INTERNAL", 14: "UNAVAILABLE",
+    15: "DATA_LOSS", 16: "UNAUTHENTICATED",
+}  # fmt: skip
+
+
+class NativeStreamError(PeerError):
+    """The stream could not be opened (no connection, the extension missing)."""
+
+
+class _RawStream(Protocol):
+    def start_send(self, data: bytes, /) -> bool: ...
+    def send_done(self, timeout: float = -1, /) -> int: ...
+    def recv(self, timeout: float = -1, /) -> bytes | None: ...
+    def done_writing(self) -> bool: ...
+    def cancel(self) -> None: ...
+    def status(self, timeout: float = -1, /) -> tuple[int, str]: ...
+
+
+@functools.cache
+def _extension() -> ModuleType:
+    if not LIBRARY.exists():
+        raise NativeStreamError(
+            f"{LIBRARY} is missing: run scripts/setup (it builds it with gcc and libgrpc-dev)"
+        )
+    loader = importlib.machinery.ExtensionFileLoader("_grpc_stream", str(LIBRARY))
+    spec = importlib.util.spec_from_file_location("_grpc_stream", str(LIBRARY), loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+class SendingStream(Protocol):
+    """The sending side of a stream as its writers use it (a test may stand in for it)."""
+
+    def start_send(self, data: bytes) -> bool: ...
+    def send_done(self, timeout: float = -1) -> int: ...
+    def done_writing(self) -> None: ...
+
+
+class ClientStream:
+    """One client stream to `method` (e.g. "/vmft.v1.Replication/Stream") at `target`: mutual TLS as
+    `identity`, or plaintext only where `insecure` allows it on loopback (replica/tls.py's rule). Opening
+    blocks until the request headers are sent (at most `timeout` seconds): call it off the event loop.
+
+    `send` and `recv` block their caller without holding the interpreter lock; one thread may send while
+    another receives. `cancel` is safe from any thread and makes both return."""
+
+    def __init__(
+        self,
+        target: str,
+        method: str,
+        identity: tls.Identity | None,
+        *,
+        insecure: bool = False,
+        timeout: float = 5.0,
+    ) -> None:
+        if identity is None:
+            tls.check_plaintext(target, insecure)
+            pems: tuple[str | None, str | None, str | None] = (None, None, None)
+        else:
+            pems = (identity.ca.read_text(), identity.key.read_text(), identity.cert.read_text())
+        try:
+            self._raw = cast(_RawStream, _extension().Stream(target, method, *pems, None, timeout))
+        except ConnectionError as err:
+            raise NativeStreamError(f"{target}: {err}") from err
+
+    def start_send(self, data: bytes) -> bool:
+        """Start writing one serialized message; the previous write must have been collected by
+        `send_done` (one write in flight per stream). False if the stream refused it."""
+        return self._raw.start_send(data)
+
+    def send_done(self, timeout: float = -1) -> int:
+        """Collect the write in flight: 1 written (or none in flight), 0 the stream is broken or
+        cancelled, -1 still going out after `timeout` seconds (if >= 0)."""
+        return self._raw.send_done(timeout)
+
+    def recv(self, timeout: float = -1) -> bytes | None:
+        """The next message's bytes; None when the stream has ended (`status` says how). TimeoutError
+        after `timeout` seconds (if >= 0) leaves the read pending: the next call goes on waiting for it."""
+        return self._raw.recv(timeout)
+
+    def done_writing(self) -> None:
+        self._raw.done_writing()
+
+    def cancel(self) -> None:
+        self._raw.cancel()
+
+    def status(self, timeout: float = 1.0) -> str:
+        """How the stream ended: "OK", or a status name and the server's details."""
+        try:
+            code, details = self._raw.status(timeout)
+        except TimeoutError:
+            return "not ended"
+        name = _STATUS_NAMES.get(code, str(code))
+        return f"{name}: {details}" if details and code else name
