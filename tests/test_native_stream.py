@@ -11,10 +11,15 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
+import select
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,6 +34,7 @@ pytestmark = pytest.mark.skipif(
     not native_stream.LIBRARY.exists(), reason=f"{native_stream.LIBRARY} not built (scripts/setup)"
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 WAIT = 10.0  # the bound on any one wait that should succeed at once
 
 
@@ -154,10 +160,18 @@ def test_large_message_and_many_small_ones(ids: dict[str, tls.Identity]) -> None
         send(stream, vmft_pb2.PrimaryMessage(checkpoint_record=big).SerializeToString())
         assert ack(stream.recv(WAIT)).received == 1
         assert backup.received[0].checkpoint_record == big
-        # The replies (a few bytes each) fit the client's flow-control window, so all sends may go first.
-        for i in range(2000):
-            send(stream, heartbeat(i))
-        assert [ack(stream.recv(WAIT)).received for _ in range(2000)] == list(range(2, 2002))
+
+        # One thread sends while this one receives (the primary's two threads on its stream).
+        def send_all() -> None:
+            for i in range(2000):
+                send(stream, heartbeat(i))
+
+        sender = threading.Thread(target=send_all, daemon=True)
+        sender.start()
+        acks = [ack(stream.recv(WAIT)).received for _ in range(2000)]
+        sender.join(WAIT)
+        assert not sender.is_alive()
+        assert acks == list(range(2, 2002))
         assert [m.heartbeat.position for m in backup.received[1:]] == list(range(2000))
         stream.done_writing()
         assert ack(stream.recv(WAIT)).replayed == 2001
@@ -206,6 +220,31 @@ def test_server_abort_names_its_status(ids: dict[str, tls.Identity]) -> None:
         assert stream.recv(WAIT) is None
         assert stream.status(WAIT) == "PERMISSION_DENIED: no"
         assert backup.received == []
+
+
+def test_a_killed_server_ends_a_blocked_recv() -> None:
+    # The backup's process dies (SIGKILL): the kernel closes its end, the primary's recv learns of it.
+    serve = "from tests.test_native_stream import Backup, Mode; import time; b = Backup(Mode.ACK, None)"
+    child = subprocess.Popen(  # noqa: S603 (our own interpreter and code)
+        [sys.executable, "-c", serve + "; print(b.__enter__().port, flush=True); time.sleep(60)"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and select.select([child.stdout], [], [], 30)[0], "no port"
+        stream = ClientStream(f"127.0.0.1:{int(child.stdout.readline())}", STREAM_METHOD, None, insecure=True)
+        send(stream, heartbeat(1))
+        assert ack(stream.recv(WAIT)).received == 1
+        received: list[bytes | None] = []
+        reader = in_thread(stream.recv, received)
+        os.kill(child.pid, signal.SIGKILL)
+        reader.join(WAIT)
+        assert received == [None]
+        assert stream.status(WAIT).startswith("UNAVAILABLE")
+    finally:
+        child.kill()
+        child.wait(WAIT)
 
 
 def test_no_server_is_refused_within_the_timeout(ids: dict[str, tls.Identity]) -> None:
