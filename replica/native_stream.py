@@ -64,7 +64,7 @@ class SendingStream(Protocol):
 
     def start_send(self, data: bytes) -> bool: ...
     def send_done(self, timeout: float = -1) -> int: ...
-    def done_writing(self) -> None: ...
+    def done_writing(self) -> bool: ...
 
 
 class ClientStream:
@@ -109,8 +109,9 @@ class ClientStream:
         after `timeout` seconds (if >= 0) leaves the read pending: the next call goes on waiting for it."""
         return self._raw.recv(timeout)
 
-    def done_writing(self) -> None:
-        self._raw.done_writing()
+    def done_writing(self) -> bool:
+        """Half-close: no more messages from this side. False if the stream is broken or cancelled."""
+        return self._raw.done_writing()
 
     def cancel(self) -> None:
         self._raw.cancel()

@@ -57,10 +57,11 @@ class _Wire:
     def send_done(self, timeout: float = -1) -> int:
         return -1 if self.in_flight else 1
 
-    def done_writing(self) -> None:
+    def done_writing(self) -> bool:
         with self.changed:
             self.half_closed = True
             self.changed.notify_all()
+        return True
 
     def wait(self, what: Callable[[], bool], timeout: float = 5.0) -> bool:
         with self.changed:

@@ -334,12 +334,6 @@ def test_streams_opened_and_dropped_do_not_leak_threads(ids: dict[str, tls.Ident
     assert threads_after <= threads + 8, f"threads {threads} -> {threads_after} after 200 streams"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="grpc_stream.c never plucks the RECV_INITIAL_METADATA batch (start_tag) started at the end of "
-    "Stream_init: its completion holds a reference to the call, so a dropped stream keeps its call, "
-    "channel and connection (2 descriptors with the server in this process, ~70 kB)",
-)
 def test_streams_opened_and_dropped_do_not_leak_file_descriptors() -> None:
     with Backup(Mode.ACK, None) as backup:
         (fds, _), (fds_after, _) = _churn(backup.target, None, 200)

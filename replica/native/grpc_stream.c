@@ -36,6 +36,7 @@ typedef struct {
     int status_known;
     grpc_byte_buffer *received;
     int recv_pending; /* a read was started and not yet collected */
+    int starts_pending; /* start batches (headers) not yet collected: each holds a reference to the call */
     grpc_byte_buffer *sending; /* the message of the write in flight, until its completion is collected */
     /* Tags: the addresses of these bytes name each kind of operation on the pluck queue. */
     char start_tag, send_tag, recv_tag, status_tag, close_tag;
@@ -125,7 +126,9 @@ static int Stream_init(Stream *self, PyObject *args, PyObject *kwds) {
     /* Only the headers are sent here; the server's come with its first message, so they are waited for
        together with it (by the first `recv`). */
     if (start(self, ops, 1, &self->start_tag) < 0) return -1;
+    self->starts_pending++;
     int got = wait_for(self, &self->start_tag, timeout);
+    if (got >= 0) self->starts_pending--;
     if (got <= 0) {
         grpc_call_cancel(self->call, NULL);
         PyErr_SetString(PyExc_ConnectionError, got < 0 ? "no connection within the timeout"
@@ -133,6 +136,16 @@ static int Stream_init(Stream *self, PyObject *args, PyObject *kwds) {
         return -1;
     }
     if (start(self, ops + 1, 1, &self->start_tag) < 0) return -1;
+    self->starts_pending++;
+    return 0;
+}
+
+/* Methods on a stream whose __init__ failed or never ran raise instead of touching a missing call. */
+static int check_open(Stream *self) {
+    if (self->call == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the stream was never opened");
+        return -1;
+    }
     return 0;
 }
 
@@ -140,7 +153,7 @@ static int Stream_init(Stream *self, PyObject *args, PyObject *kwds) {
    stream is broken or cancelled, -1 still in flight after `timeout` seconds. */
 static PyObject *Stream_send_done(Stream *self, PyObject *args) {
     double timeout = -1;
-    if (!PyArg_ParseTuple(args, "|d", &timeout)) return NULL;
+    if (!PyArg_ParseTuple(args, "|d", &timeout) || check_open(self) < 0) return NULL;
     if (self->sending == NULL) return PyLong_FromLong(1);
     int got = wait_for(self, &self->send_tag, timeout);
     if (got < 0) return PyLong_FromLong(-1);
@@ -152,7 +165,7 @@ static PyObject *Stream_send_done(Stream *self, PyObject *args) {
 /* start_send(data) -> bool: start writing one message (the previous write collected by send_done). */
 static PyObject *Stream_start_send(Stream *self, PyObject *args) {
     Py_buffer data;
-    if (!PyArg_ParseTuple(args, "y*", &data)) return NULL;
+    if (check_open(self) < 0 || !PyArg_ParseTuple(args, "y*", &data)) return NULL;
     if (self->sending != NULL) {
         PyBuffer_Release(&data);
         PyErr_SetString(PyExc_RuntimeError, "a write is in flight: collect it with send_done first");
@@ -176,6 +189,7 @@ static PyObject *Stream_start_send(Stream *self, PyObject *args) {
 
 /* done_writing() -> bool: half-close the stream (no more messages from this side). */
 static PyObject *Stream_done_writing(Stream *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self) < 0) return NULL;
     grpc_op op;
     memset(&op, 0, sizeof op);
     op.op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
@@ -187,7 +201,7 @@ static PyObject *Stream_done_writing(Stream *self, PyObject *Py_UNUSED(ignored))
    A timeout raises TimeoutError and leaves the read pending: call recv again to go on waiting for it. */
 static PyObject *Stream_recv(Stream *self, PyObject *args) {
     double timeout = -1;
-    if (!PyArg_ParseTuple(args, "|d", &timeout)) return NULL;
+    if (!PyArg_ParseTuple(args, "|d", &timeout) || check_open(self) < 0) return NULL;
     if (!self->recv_pending) {
         grpc_op op;
         memset(&op, 0, sizeof op);
@@ -228,7 +242,7 @@ static PyObject *Stream_cancel(Stream *self, PyObject *Py_UNUSED(ignored)) {
 /* status(timeout=-1) -> (code, details) once the call ended; TimeoutError before. */
 static PyObject *Stream_status(Stream *self, PyObject *args) {
     double timeout = -1;
-    if (!PyArg_ParseTuple(args, "|d", &timeout)) return NULL;
+    if (!PyArg_ParseTuple(args, "|d", &timeout) || check_open(self) < 0) return NULL;
     if (!self->status_known) {
         if (wait_for(self, &self->status_tag, timeout) < 0) {
             PyErr_SetString(PyExc_TimeoutError, "the stream has not ended");
@@ -246,6 +260,8 @@ static void Stream_dealloc(Stream *self) {
         /* Every started operation completes after a cancel; collect them before the queue goes. */
         if (!self->status_known) wait_for(self, &self->status_tag, -1);
         if (self->recv_pending) wait_for(self, &self->recv_tag, -1);
+        /* The header batches' completions each hold the call (and so its connection) until collected. */
+        for (; self->starts_pending > 0; self->starts_pending--) wait_for(self, &self->start_tag, -1);
         if (self->sending != NULL) {
             wait_for(self, &self->send_tag, -1);
             grpc_byte_buffer_destroy(self->sending);
