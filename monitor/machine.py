@@ -68,6 +68,8 @@ assert _EXIT.size == RUN_IO_OFFSET - RUN_EXIT_REASON_OFFSET + _IO.size
 _REPLAY = JournalMode.REPLAY
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+# Longest a WAIT holds input back for `input_hold` (replica/input_hold.py keeps well under it).
+_INPUT_HOLD_MAX_S = 0.005
 _MAX_BLOCK_S = 0.25  # longest a blocked WAIT sleeps before it rechecks control requests
 
 
@@ -189,6 +191,11 @@ class Machine:
         self._resume = threading.Event()
         self._done = threading.Event()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[MachineResult]]] = []
+        # Live: seconds the guest's WAIT should still let input gather before it sees it (None: never);
+        # set by the replication layer (replica/input_hold.py). Replay takes input as the log says.
+        self.input_hold: Callable[[], float] | None = None
+        self._input_released = threading.Event()
+        self._holding_input = False
         self._blocked = False  # in a WAIT: not making exits, but not hung either
         self._hung = False
         self.exits_async = 0
@@ -248,6 +255,7 @@ class Machine:
         with self._wake_cond:
             self._news = True
             self._wake_cond.notify()
+        self.recheck_input_hold()
 
     def _poll_async(self) -> None:
         """At a synchronous exit: make interrupts pending for news (live), or as the log says (replay)."""
@@ -276,11 +284,40 @@ class Machine:
 
     def _wait(self) -> int:
         if self.journal.mode is not JournalMode.REPLAY:
+            self._hold_input()
             self._poll_async()
             while not self.irq.latched and self._control is None:
                 self._block_for_news()
+                self._hold_input()
                 self._poll_async()
         return self._events()
+
+    def _hold_input(self) -> None:
+        """Live: let input gather for as long as `input_hold` says (bounded) before the guest's WAIT looks
+        at it. The hold ends early when whoever changes what it depends on calls `recheck_input_hold`."""
+        hold = self.input_hold
+        if hold is None:
+            return
+        until = time.monotonic() + _INPUT_HOLD_MAX_S
+        while self._control is None:
+            delay = min(hold(), until - time.monotonic())
+            if delay <= 0:
+                return
+            self._input_released.clear()
+            self._holding_input = True
+            try:
+                if hold() > 0:  # (looked again: a recheck between the first look and the clear is not lost)
+                    self._input_released.wait(delay)
+            finally:
+                self._holding_input = False
+
+    def recheck_input_hold(self, changed: bool = False) -> None:
+        """Any thread: input arrived (the hold ends if it is over), or what the hold depends on `changed`
+        (outputs were released: the vCPU looks again and waits for what is left, if anything)."""
+        if self._holding_input:
+            hold = self.input_hold
+            if changed or self._control is not None or hold is None or hold() <= 0:
+                self._input_released.set()
 
     def _halt(self) -> None:
         """HLT with interrupts on and none pending (live, recording): sleep until news makes one pending.

@@ -179,6 +179,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         failure_timeout_s=args.failure_timeout_ms / 1000,
         checkpoint_every_s=args.checkpoint_every,
         link_relay=args.link_relay,
+        input_hold_ms=args.input_hold_ms,
         auto_reprotect_s=args.auto_reprotect,
         unsafe_release_outputs=args.unsafe_release_outputs,
         identity=identity,
@@ -528,6 +529,14 @@ def _add_node_parser(sub: Subparsers) -> None:
         "--failure-timeout-ms", type=float, default=300.0, help="silence that means a dead peer"
     )
     node.add_argument(
+        "--input-hold-ms",
+        type=float,
+        default=1.0,
+        metavar="MS",
+        help="a protected guest's input waits at most this long while its replies wait for the backup, "
+        "so that requests gather into fewer, larger batches (input moderation; 0: off; default 1 ms)",
+    )
+    node.add_argument(
         "--checkpoint-every", type=float, default=1.0, metavar="S", help="primary checkpoints (default 1 s)"
     )
     node.add_argument(
@@ -614,7 +623,8 @@ def _add_pair_parsers(sub: Subparsers) -> None:
         help="node daemons that may run the primary now (repeat; the one that does is asked)",
     )  # fmt: skip
     migrate.add_argument(
-        "--service", metavar="HOST:PORT",
+        "--service",
+        metavar="HOST:PORT",
         help="where the target serves (default: the backup's address if it is the backup, else the "
         "primary's port on the target's host, or a free port on the same host)",
     )
@@ -664,15 +674,33 @@ def _add_chaos_parser(sub: Subparsers) -> None:
     chaos.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
     chaos.add_argument("--settle", type=float, default=0.3, metavar="S", help="load between faults")
     chaos.add_argument("--out", default="chaos-report", metavar="DIR", help="where the report goes")
-    chaos.add_argument("--keep", action="store_true",
-                       help="keep the work directory (/tmp/vmft-chaos.*: node data, logs, the disk)")
-    chaos.add_argument("--hosts", type=int, default=0, metavar="N",
-                       help="run each of N nodes as its own namespace host, on etcd, with partition faults "
-                       "(needs root; default 0: two nodes on loopback)")
-    chaos.add_argument("--etcd-members", type=int, default=3, metavar="M",
-                       help="with --hosts: etcd members, each on its own host (default 3)")
-    chaos.add_argument("--partition", type=float, default=1.0, metavar="S",
-                       help="with --hosts: how long a partition lasts before it heals (default 1.0)")
+    chaos.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the work directory (/tmp/vmft-chaos.*: node data, logs, the disk)",
+    )
+    chaos.add_argument(
+        "--hosts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run each of N nodes as its own namespace host, on etcd, with partition faults "
+        "(needs root; default 0: two nodes on loopback)",
+    )
+    chaos.add_argument(
+        "--etcd-members",
+        type=int,
+        default=3,
+        metavar="M",
+        help="with --hosts: etcd members, each on its own host (default 3)",
+    )
+    chaos.add_argument(
+        "--partition",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="with --hosts: how long a partition lasts before it heals (default 1.0)",
+    )
     chaos.add_argument("--json", action="store_true", help="print the report as JSON (progress on stderr)")
     chaos.add_argument("--linux", action="store_true",
                        help="against Debian's redis-server as a protected pair (own options: vmft chaos "

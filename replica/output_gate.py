@@ -30,6 +30,9 @@ class OutputGate:
         # A Linux program's stdout and stderr are what its users see (replica/guest_kind.py): then console
         # output counts for the replay target too.
         self.console_is_output = False
+        # Called (outside the lock) after held outputs were released: input moderation
+        # (replica/input_hold.py) expects their clients back.
+        self.on_release: Callable[[], None] | None = None
 
     def hold(self, kind: OutputKind, data: bytes, position: int) -> None:
         with self._lock:
@@ -45,13 +48,19 @@ class OutputGate:
         with self._lock:
             if position > self.acked:
                 self.acked = position
+            before = self.released
             self._release_while(lambda p: p <= self.acked)
+            released = self.released != before
+        if released and self.on_release is not None:
+            self.on_release()
 
     def release_unprotected(self) -> None:
         """Only after the arbiter has confirmed this node as the sole primary."""
         with self._lock:
             self.unprotected = True
             self._release_while(lambda p: True)
+        if self.on_release is not None:
+            self.on_release()
 
     def protect_again(self, acked: int) -> None:
         with self._lock:

@@ -26,6 +26,7 @@ from replica.arbiter import Arbiter, claim_or_owner
 from replica.backup import BackupVm
 from replica.guest_kind import Guest, close_machine
 from replica.relay import Relay
+from replica.input_hold import moderate_input
 from replica.replication import BackupLink
 from replica.roles import Role, Standing, State
 from replica.stream_sink import StreamSink, window_batch
@@ -126,6 +127,7 @@ class PrimaryVm:
         gate = self.standing.new_gate(machine.deliver)
         gate.console_is_output = core.guest.console_is_output
         machine.output_handler = gate.hold
+        moderate_input(machine, gate, core.settings.input_hold_ms)
         if core.settings.unsafe_release_outputs:
             log.error("%s: UNSAFE: outputs are released without the backup's acknowledgement", self.name)
             gate.unprotected = True

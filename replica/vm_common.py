@@ -46,6 +46,9 @@ class NodeSettings:
     hash_every: int = 20000
     checkpoint_every_s: float = 1.0  # the primary's periodic checkpoints (restart after a guest fault)
     auto_reprotect_s: float = 1.0  # retry re-protection onto the pair's other node this often (0: never)
+    # Input moderation (replica/input_hold.py): a protected guest's input waits at most this long while
+    # its replies wait for the backup (0: off).
+    input_hold_ms: float = 1.0
     link_relay: bool = False  # route each replication link through a fault-injecting relay (cut/delay/drop)
     # BROKEN ON PURPOSE, for tests only: release outputs without waiting for the backup's acknowledgement
     # (breaks the output rule; the history checker must then find lost writes after a failover).

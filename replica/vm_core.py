@@ -23,6 +23,7 @@ from monitor.record import RecordJournal
 from proto import vmft_pb2
 from replica.arbiter import Arbiter, ArbiterUnavailable, current_within
 from replica.guest_kind import Guest
+from replica.input_hold import moderate_input
 from replica.roles import SERVING, TERMINAL, Role, Standing, State
 from replica.stream_sink import StreamSink
 from replica.vm_common import FailoverTimes, Meter, NodeSettings, stop_machine
@@ -168,6 +169,7 @@ class GoLive:
         gate.console_is_output = core.guest is not None and core.guest.console_is_output
         core.standing.run_alone(sink)
         machine.output_handler = gate.hold
+        moderate_input(machine, gate, core.settings.input_hold_ms)
         self.position = position - 1
         core.times.live_at = time.monotonic()
         log.info("%s: live at position %d", core.name, position - 1)

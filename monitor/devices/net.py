@@ -80,10 +80,12 @@ class NetBackend:
         self.transmit: Callable[[list[NetMessage]], None] = lambda messages: None
         self.rx_messages = 0
         self.tx_messages = 0
+        self.arrived = 0  # messages pushed (counted as they arrive, before the guest takes them)
 
     def push(self, message: NetMessage) -> None:
         with self._lock:
             self._rx.append(message)
+            self.arrived += 1
         self.wake()
 
     def has_news(self) -> bool:
@@ -224,7 +226,6 @@ class Net:
         """The connections the guest believes open (host queues and counters are host state)."""
         conns = sorted(self.open_conns)
         return struct.pack(f"<I{len(conns)}I", self.max_conn, *conns)
-
 
     def connections_lost(self) -> None:
         """The host side lost every connection (a failover): tell the guest, as live news."""
