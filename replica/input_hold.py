@@ -19,7 +19,7 @@ guest took and when, so replay is unchanged.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from monitor.devices.net import NetBackend
 from monitor.machine import Machine
@@ -31,12 +31,13 @@ class InputHold:
     gate: OutputGate
     backend: NetBackend
     held_max_s: float = 0.001
-    settle_max_s: float = 0.00025
-    # The last release: when, how many messages had arrived by then, and how many replies it released.
+    settle_max_s: float = 0.0005
+    # The last release: when it ended, how many messages had arrived when it began (a released client may
+    # answer before the release ends), how many replies it released.
     _released_at: float = 0.0
     _arrived_then: int = 0
     _released: int = 0
-    _transmitted_then: int = field(default=0)
+    _transmitted_then: int = 0
 
     def __call__(self) -> float:
         """Seconds the guest's input should still wait (0: take it now). Any thread."""
@@ -50,12 +51,14 @@ class InputHold:
             return 0.0
         return wait
 
-    def released(self) -> None:
-        """The gate released held replies (on the ack thread): expect their clients back."""
-        transmitted = self.backend.tx_messages
-        self._released = transmitted - self._transmitted_then
-        self._transmitted_then = transmitted
+    def releasing(self) -> None:
+        """The gate is about to release held replies (ack thread)."""
+        self._transmitted_then = self.backend.tx_messages
         self._arrived_then = self.backend.arrived
+
+    def released(self) -> None:
+        """The gate released them: expect their clients back."""
+        self._released = self.backend.tx_messages - self._transmitted_then
         self._released_at = time.monotonic()
 
 
@@ -66,9 +69,10 @@ def moderate_input(machine: Machine, gate: OutputGate, hold_ms: float) -> None:
         return
     hold = InputHold(gate, machine.net_backend, held_max_s=hold_ms / 1000)
 
-    def on_release() -> None:
+    def after_release() -> None:
         hold.released()
         machine.recheck_input_hold(changed=True)
 
-    gate.on_release = on_release
+    gate.before_release = hold.releasing
+    gate.after_release = after_release
     machine.input_hold = hold

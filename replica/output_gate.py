@@ -30,9 +30,10 @@ class OutputGate:
         # A Linux program's stdout and stderr are what its users see (replica/guest_kind.py): then console
         # output counts for the replay target too.
         self.console_is_output = False
-        # Called (outside the lock) after held outputs were released: input moderation
-        # (replica/input_hold.py) expects their clients back.
-        self.on_release: Callable[[], None] | None = None
+        # Input moderation (replica/input_hold.py) counts the clients of released outputs back: called
+        # just before held outputs are released (under the lock) and just after (outside it).
+        self.before_release: Callable[[], None] | None = None
+        self.after_release: Callable[[], None] | None = None
 
     def hold(self, kind: OutputKind, data: bytes, position: int) -> None:
         with self._lock:
@@ -48,19 +49,22 @@ class OutputGate:
         with self._lock:
             if position > self.acked:
                 self.acked = position
-            before = self.released
+            releasing = bool(self._held) and self._held[0][0] <= self.acked
+            if releasing and self.before_release is not None:
+                self.before_release()
             self._release_while(lambda p: p <= self.acked)
-            released = self.released != before
-        if released and self.on_release is not None:
-            self.on_release()
+        if releasing and self.after_release is not None:
+            self.after_release()
 
     def release_unprotected(self) -> None:
         """Only after the arbiter has confirmed this node as the sole primary."""
         with self._lock:
             self.unprotected = True
+            if self.before_release is not None:
+                self.before_release()
             self._release_while(lambda p: True)
-        if self.on_release is not None:
-            self.on_release()
+        if self.after_release is not None:
+            self.after_release()
 
     def protect_again(self, acked: int) -> None:
         with self._lock:

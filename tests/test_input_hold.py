@@ -23,7 +23,7 @@ def _pair() -> tuple[OutputGate, NetBackend, InputHold]:
     backend = NetBackend()
     gate = OutputGate(lambda kind, data: deliver_tx(backend, data))
     hold = InputHold(gate, backend, held_max_s=0.001, settle_max_s=10.0)
-    gate.on_release = hold.released
+    gate.before_release, gate.after_release = hold.releasing, hold.released
     return gate, backend, hold
 
 
@@ -49,6 +49,20 @@ def test_input_waits_while_replies_are_held_then_until_their_clients_are_back() 
     assert hold() > 0, "two of the three released clients are back"
     backend.push(_request(3))
     assert hold() == 0.0
+
+
+def test_a_client_that_answers_while_the_release_is_still_going_out_counts() -> None:
+    gate, backend, hold = _pair()
+    deliver = gate._deliver
+
+    def deliver_and_answer(kind: OutputKind, data: bytes) -> None:
+        deliver(kind, data)
+        backend.push(_request(1))  # its client answers before the gate's release has ended
+
+    gate._deliver = deliver_and_answer
+    gate.hold(OutputKind.NET, _replies(1), position=3)
+    gate.ack(3)
+    assert hold() == 0.0, "the one released client is back: nothing to wait for"
 
 
 def test_a_lone_client_is_never_held() -> None:
