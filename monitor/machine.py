@@ -586,6 +586,9 @@ class Machine:
         self._resume.clear()
         self._request("pause")
         if not self._paused.wait(timeout):
+            # Withdraw the request: a vCPU reaching its next exit only now must run on, not park there with
+            # nobody left to resume it (and one that parked just now is let go).
+            self.resume()
             raise TimeoutError(f"vCPU did not pause within {timeout} s")
 
     def resume(self) -> None:
