@@ -182,8 +182,14 @@ class _Outgoing:
             self.broken = True
             self._cond.notify_all()
 
-    def _send_control(self, stream: SendingStream, message: vmft_pb2.PrimaryMessage) -> bool:
+    def _send_control(self, stream: SendingStream) -> bool | None:
+        """Write the next control message, if any (None: there was none). It is taken from the queue under
+        the send lock, so that a pump never finds the queue empty while one is still on its way."""
         with self._send_lock:
+            with self._cond:
+                if not self._control:
+                    return None
+                message = self._control.popleft()
             ok = stream.send_done(-1) == 1 and stream.start_send(message.SerializeToString())
             ok = ok and stream.send_done(-1) == 1
             self._last_sent = time.monotonic()
@@ -196,21 +202,25 @@ class _Outgoing:
         flight (every heartbeat interval when idle); half-closes the stream after the guest's last batch."""
         self._stream = stream
         while True:
-            with self._cond:
-                message = self._control.popleft() if self._control else None
-                if message is None:
-                    if self._closed or self.broken or self.ended:
-                        break
-                    busy = self._sink is not None and (self._in_flight or self._sink.pending)
-                    self._cond.wait(self._window_wait if busy else self._heartbeat_s)
-                    if self._closed or self.broken or self.ended:
-                        break
-            if message is not None:
-                if not self._send_control(stream, message):
-                    return
+            sent = self._send_control(stream)
+            if sent is False:
+                return
+            if sent:
                 if self._control:
                     continue
-            self.pump(timer=message is None)
+                self.pump()  # the log that waited behind them
+                continue
+            with self._cond:
+                if self._closed or self.broken or self.ended:
+                    break
+                if not self._control:
+                    busy = self._sink is not None and (self._in_flight or self._sink.pending)
+                    self._cond.wait(self._window_wait if busy else self._heartbeat_s)
+                if self._closed or self.broken or self.ended:
+                    break
+                if self._control:
+                    continue
+            self.pump(timer=True)
         if self.ended and not self._closed and not self.broken:
             with self._send_lock:
                 if stream.send_done(-1) == 1:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 
 from proto import vmft_pb2
@@ -161,3 +162,46 @@ async def test_the_last_batch_half_closes_the_stream_and_close_ends_it() -> None
     other.close()  # a sending thread waiting for the log lets go at once
     waiting.join(5)
     assert not waiting.is_alive() and not idle.half_closed
+
+
+class _SlowForOneThread:
+    """The send lock, but the sending thread dawdles before it takes it: the window in which a control
+    message popped from the queue is not yet written."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.slow: threading.Thread | None = None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        if blocking and threading.current_thread() is self.slow:
+            time.sleep(0.05)
+        return self._lock.acquire(blocking)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+async def test_no_log_passes_a_control_message_still_on_its_way() -> None:
+    """A checkpoint's last records may still be queued when the log is attached (re-protection): the
+    backup must get every record, manifest last, before any batch, however the threads interleave."""
+    sink = StreamSink(asyncio.get_running_loop())
+    outgoing, wire = _Outgoing(heartbeat_s=0.005, window=64), _Wire()
+    lock = _SlowForOneThread()
+    outgoing._send_lock = lock  # type: ignore[assignment]
+    outgoing.put(vmft_pb2.PrimaryMessage(checkpoint_record=b"manifest"))
+    sender = threading.Thread(target=outgoing.run, args=(wire,), daemon=True)
+    lock.slow = sender
+    sender.start()
+    await asyncio.sleep(0.01)  # the sending thread is on its way to write the record
+    outgoing.attach(sink, lambda: 0)
+    sink.write_batch(_batch(1))  # the vCPU logs meanwhile and pumps from here
+    assert wire.wait(lambda: len(wire.sent) >= 2)
+    assert [m.WhichOneof("body") for m in wire.sent[:2]] == ["checkpoint_record", "batch"]
+    outgoing.close()
+    sender.join(5)
