@@ -302,8 +302,12 @@ async def test_link_and_disk_faults_under_load(tmp_path: Path) -> None:
     acknowledged: kv fails stop and is restarted from a checkpoint); heal undoes a link fault."""
     # Losses chain (a segment lost while the stream already waits for one extends the wait): at 400 ms
     # one run in about six stalled past the failure timeout and lost its backup, so its replies went out
-    # unprotected and fast. This test is about slowed clients without a failover.
-    with _pair(tmp_path, ["--link-relay"], disk=True, failure_timeout_ms=1500.0) as controller:
+    # unprotected and fast. This test is about slowed clients without a failover. And a backup whose replay
+    # makes no exit for the hang timeout reports a hang and drops the stream: under a loaded machine 0.5 s
+    # was reached (a backup starved of CPU), failing the pair over in the middle of the link faults.
+    with _pair(
+        tmp_path, ["--link-relay"], disk=True, failure_timeout_ms=1500.0, hang_timeout_s=2.0
+    ) as controller:
         async with Loaded(controller, seed=13) as run:
             # delay-link: no failover, higher latency.
             primary, before = run.primary()
