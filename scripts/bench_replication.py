@@ -170,6 +170,10 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
                 "replicated": {"primary": a.pid, "backup": b.pid},
                 "unreplicated": {"unreplicated": c.pid},
             }
+            # Synchronous guest exits per request (the VM's position counts them): fewer, larger guest loop
+            # iterations under the output rule are what input moderation buys (replica/input_hold.py).
+            exits_per_request: dict[str, list[float]] = {k: [] for k in services}
+            vm_of = {"replicated": (a, "rep"), "unreplicated": (c, "solo")}
             request_rate: list[float] = []
             samples = Samples()
             latencies: dict[str, list[kvload.Histogram]] = {k: [] for k in services}
@@ -178,6 +182,7 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
                 for which in order if r % 2 == 0 else reversed(order):
                     start = time.monotonic()
                     cpu_before = {k: benchlib.process_cpu_seconds(p) for k, p in nodes_of[which].items()}
+                    position_before = cluster.vm_status(*vm_of[which])
                     load = kvload.start([services[which]], args.connections, seconds, tag=f"t{r}", cpu=cpu)
                     if which == "replicated":
                         got = _sample_during(cluster, a, "rep", load, start, seconds)
@@ -191,6 +196,10 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
                     for k, p in nodes_of[which].items():
                         used = benchlib.process_cpu_seconds(p) - cpu_before[k]
                         cpu_per_request[k].append(used / requests)
+                    position_after = cluster.vm_status(*vm_of[which])
+                    if position_before is not None and position_after is not None:
+                        exits = position_after.position - position_before.position
+                        exits_per_request[which].append(exits / requests)
                     if which == "replicated":
                         request_rate.append(result.request_bytes / result.seconds)
                 for which in order if r % 2 else reversed(order):
@@ -232,6 +241,9 @@ def run(args: argparse.Namespace) -> list[benchlib.Figure]:
                         cpu_us["unreplicated"], "the unreplicated node's"),
         benchlib.Figure(f"backup node CPU per request, {conns} connections", cpu_us["backup"], "us",
                         cpu_us["unreplicated"], "the unreplicated node's"),
+        benchlib.Figure(f"guest exits per request, {conns} connections, replicated",
+                        _median(exits_per_request["replicated"]), "exits",
+                        _median(exits_per_request["unreplicated"]), "the same, unreplicated"),
         benchlib.Figure(f"log bandwidth, {conns} connections", log_rate, "KiB/s",
                         _median(request_rate) / 1024, "client request bytes/s"),
         benchlib.Figure(f"backup lag, {conns} connections", lag_positions, "positions",
