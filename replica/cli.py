@@ -167,10 +167,30 @@ def _node_identity(args: argparse.Namespace) -> Any:
     return None
 
 
+def _milliseconds(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number of milliseconds in [low, high] (a clear error otherwise)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds") from None
+        if not low <= value <= high:  # (also refuses nan)
+            raise argparse.ArgumentTypeError(f"{value:g} ms is outside {low:g} to {high:g} ms")
+        return value
+
+    return parse
+
+
 def cmd_node(args: argparse.Namespace) -> int:
     from replica.node import serve
     from replica.vm_common import NodeSettings
 
+    if args.failure_timeout_ms <= args.heartbeat_ms:
+        raise SystemExit(
+            f"vmft node: --failure-timeout-ms ({args.failure_timeout_ms:g}) must be longer than "
+            f"--heartbeat-ms ({args.heartbeat_ms:g}): a live peer would be declared dead"
+        )
     identity = _node_identity(args)
     settings = NodeSettings(
         name=args.listen,
@@ -524,13 +544,18 @@ def _add_node_parser(sub: Subparsers) -> None:
     node.add_argument(
         "--arbiter", default=DEFAULT_ARBITER, metavar="PATH", help="the machine's arbiter database"
     )
-    node.add_argument("--heartbeat-ms", type=float, default=5.0, help="heartbeat interval (default 5 ms)")
     node.add_argument(
-        "--failure-timeout-ms", type=float, default=300.0, help="silence that means a dead peer"
+        "--heartbeat-ms", type=_milliseconds(0.1, 1000), default=5.0, help="heartbeat interval (default 5 ms)"
+    )
+    node.add_argument(
+        "--failure-timeout-ms",
+        type=_milliseconds(1, 600_000),
+        default=300.0,
+        help="silence that means a dead peer",
     )
     node.add_argument(
         "--input-hold-ms",
-        type=float,
+        type=_milliseconds(0, 5),
         default=1.0,
         metavar="MS",
         help="a protected guest's input waits at most this long while its replies wait for the backup, "

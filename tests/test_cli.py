@@ -426,3 +426,16 @@ def listening(proc: subprocess.Popen[str]) -> str:
         if line.startswith("vmft: listening on "):
             return line.split()[-1]
     raise AssertionError("no listening line")
+
+
+def test_node_refuses_timings_out_of_range(tmp_path: Path) -> None:
+    base = ("node", "--listen", "127.0.0.1:0", "--insecure", "--data-dir", str(tmp_path / "d"))
+    for flags, says in (
+        (("--input-hold-ms", "-1"), "-1 ms is outside 0 to 5 ms"),
+        (("--heartbeat-ms", "nan"), "outside 0.1 to 1000 ms"),
+        (("--failure-timeout-ms", "soon"), "'soon' is not a number of milliseconds"),
+        (("--heartbeat-ms", "50", "--failure-timeout-ms", "20"), "must be longer than --heartbeat-ms"),
+    ):
+        done = vmft(*base, *flags, timeout=30)
+        assert done.returncode != 0 and says in done.stderr, (flags, done.returncode, done.stderr)
+    assert not (tmp_path / "d").exists()  # refused before it made anything
