@@ -26,7 +26,6 @@ from replica.arbiter import Arbiter, claim_or_owner
 from replica.backup import BackupVm
 from replica.guest_kind import Guest, close_machine
 from replica.relay import Relay
-from replica.input_hold import moderate_input
 from replica.replication import BackupLink
 from replica.roles import Role, Standing, State
 from replica.stream_sink import StreamSink, window_batch
@@ -124,10 +123,7 @@ class PrimaryVm:
         machine = core.guest.build_machine(journal)
         core.machine = machine
         core.journal = journal
-        gate = self.standing.new_gate(machine.deliver)
-        gate.console_is_output = core.guest.console_is_output
-        machine.output_handler = gate.hold
-        moderate_input(machine, gate, core.settings.input_hold_ms)
+        gate = core.gate_outputs(machine)
         if core.settings.unsafe_release_outputs:
             log.error("%s: UNSAFE: outputs are released without the backup's acknowledgement", self.name)
             gate.unprotected = True

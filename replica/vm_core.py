@@ -24,6 +24,7 @@ from proto import vmft_pb2
 from replica.arbiter import Arbiter, ArbiterUnavailable, current_within
 from replica.guest_kind import Guest
 from replica.input_hold import moderate_input
+from replica.output_gate import OutputGate
 from replica.roles import SERVING, TERMINAL, Role, Standing, State
 from replica.stream_sink import StreamSink
 from replica.vm_common import FailoverTimes, Meter, NodeSettings, stop_machine
@@ -72,6 +73,15 @@ class VmCore:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def gate_outputs(self, machine: Machine) -> OutputGate:
+        """A new output gate for `machine` (start, restart, going live): its outputs wait in it, and its
+        input is moderated behind it (replica/input_hold.py)."""
+        gate = self.standing.new_gate(machine.deliver)
+        gate.console_is_output = self.guest is not None and self.guest.console_is_output
+        machine.output_handler = gate.hold
+        moderate_input(machine, gate, self.settings.input_hold_ms)
+        return gate
 
     def running(self) -> bool:
         """Neither stopped nor failed nor fenced (a backup still waiting for its checkpoint counts)."""
@@ -165,11 +175,8 @@ class GoLive:
         core.sink = sink
         core.journal = record_journal(sink, core.settings, start_position=position - 1)
         # The arbiter made this node the only primary: outputs go out at once until re-protected.
-        gate = core.standing.new_gate(machine.deliver)
-        gate.console_is_output = core.guest is not None and core.guest.console_is_output
+        core.gate_outputs(machine)
         core.standing.run_alone(sink)
-        machine.output_handler = gate.hold
-        moderate_input(machine, gate, core.settings.input_hold_ms)
         self.position = position - 1
         core.times.live_at = time.monotonic()
         log.info("%s: live at position %d", core.name, position - 1)
