@@ -18,18 +18,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Protocol, cast
 
+import grpc
+
 from monitor.errors import PeerError
 from replica import tls
 
 LIBRARY = Path(__file__).resolve().parents[1] / "build" / "_grpc_stream.so"
 
-# gRPC's status codes by number (grpc.StatusCode names them too, but the extension returns the number).
-_STATUS_NAMES = {
-    0: "OK", 1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED", 5: "NOT_FOUND",
-    6: "ALREADY_EXISTS", 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED", 9: "FAILED_PRECONDITION",
-    10: "ABORTED", 11: "OUT_OF_RANGE", 12: "UNIMPLEMENTED", 13: "INTERNAL", 14: "UNAVAILABLE",
-    15: "DATA_LOSS", 16: "UNAUTHENTICATED",
-}  # fmt: skip
+# gRPC's status names by number (the extension returns the number).
+_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 class NativeStreamError(PeerError):

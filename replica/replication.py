@@ -8,14 +8,15 @@
     EventBatch | Heartbeat ...            ->
                                           <-  Ack (received, replayed) per group of messages read
 
-The primary drives its end with two threads through gRPC's C core (replica/native_stream.py), not the event
-loop and not Python's gRPC: the sending thread takes what the vCPU logged straight from its hand-off (one
-merged batch per message: the stream's cost is per message; at most two unacknowledged messages, so that the
-log gathers under load), or a heartbeat when idle; an ack thread releases the outputs waiting in the output
-gate the moment an Ack covers them. The backup acknowledges on receipt, before the batches reach its
-replay. Either side that hears nothing for the failure timeout declares the other lost: the primary asks the
-arbiter to stay primary alone, the backup asks it to take over (primary.py, backup.py). Each hop can be
-timed with replica/hops.py (scripts/bench replication --hops).
+The primary drives its end through gRPC's C core (replica/native_stream.py), not the event loop and not
+Python's gRPC: the vCPU thread that logged a batch writes it itself (one merged batch per message: the
+stream's cost is per message; at most two unacknowledged messages, so that the log gathers under load); an
+ack thread releases the outputs waiting in the output gate the moment an Ack covers them, and sends what
+gathered meanwhile; a sending thread writes the control messages and the heartbeats when idle. The backup
+acknowledges on receipt, before the batches reach its replay. Either side that hears nothing for the failure
+timeout declares the other lost: the primary asks the arbiter to stay primary alone, the backup asks it to
+take over (primary.py, backup.py). Each hop can be timed with replica/hops.py (scripts/bench replication
+--hops).
 """
 
 from __future__ import annotations
@@ -206,21 +207,15 @@ class _Outgoing:
             if sent is False:
                 return
             if sent:
-                if self._control:
-                    continue
-                self.pump()  # the log that waited behind them
+                self.pump()  # the log that waited behind them (nothing while more control is queued)
                 continue
             with self._cond:
                 if self._closed or self.broken or self.ended:
                     break
-                if not self._control:
+                if not self._control:  # (`put` notifies)
                     busy = self._sink is not None and (self._in_flight or self._sink.pending)
                     self._cond.wait(self._window_wait if busy else self._heartbeat_s)
-                if self._closed or self.broken or self.ended:
-                    break
-                if self._control:
-                    continue
-            self.pump(timer=True)
+            self.pump(timer=True)  # (does nothing once closed, broken or ended, or with control queued)
         if self.ended and not self._closed and not self.broken:
             with self._send_lock:
                 if stream.send_done(-1) == 1:
@@ -230,11 +225,11 @@ class _Outgoing:
 class BackupLink:
     """The primary's end of one stream to a backup node (`target`: its address, or a relay in front).
 
-    The stream runs on two threads of its own, through gRPC's C core (replica/native_stream.py): a sending
-    thread takes the log from the vCPU's hand-off (`_Outgoing`) and writes it, and an ack thread reads the
-    backup's acknowledgements and hands each to `on_ack` at once, on that thread (the output gate releases
-    there: no trip through the event loop). The event loop only opens the link, watches for silence and
-    learns how it ended."""
+    The stream runs through gRPC's C core (replica/native_stream.py) on the threads `_Outgoing` describes
+    (the vCPU thread writes what it logs), and an ack thread reads the backup's acknowledgements and hands
+    each to `on_ack` at once, on that thread (the output gate releases there: no trip through the event
+    loop).
+    The event loop only opens the link, watches for silence and learns how it ended."""
 
     def __init__(self, settings: NodeSettings, backup_node: str, target: str) -> None:
         self.settings = settings
