@@ -1,12 +1,13 @@
-"""The client end of a bidirectional gRPC stream driven through gRPC's C core from the caller's own threads.
+"""Both ends of a bidirectional gRPC stream driven through gRPC's C core from the caller's own threads.
 
-The primary's end of the replication stream is the busiest gRPC call in a node. Python's gRPC drives each
-stream with threads of its own (one consuming the request iterator, one polling the channel, a condition per
-message) at a few hundred microseconds of CPU per message and reply on this machine. The extension
-(replica/native/grpc_stream.c, built by scripts/setup into build/_grpc_stream.so against Debian's libgrpc)
-does a send or a receive in the calling thread, without the interpreter lock, through a pluck completion
-queue: one thread sends, one receives, and nothing else runs for the stream. Same wire protocol (HTTP/2,
-mutual TLS), so the backup's server is unchanged.
+The replication stream is the busiest gRPC call in a node. Python's gRPC drives each stream with threads of
+its own (one consuming the request iterator, one polling the channel, a condition per message; grpc.aio
+adds its event engine's threads and a hop through the event loop) at a few hundred microseconds of CPU per
+message and reply on this machine, and as much latency. The extension (replica/native/grpc_stream.c, built
+by scripts/setup into build/_grpc_stream.so against Debian's libgrpc) does a send or a receive in the
+calling thread, without the interpreter lock, through a pluck completion queue: one thread sends, one
+receives, and nothing else runs for the stream. `ClientStream` is the primary's end; `StreamServer` serves
+the backup's end on a port of its own (`ServerStream`). The wire is gRPC's (HTTP/2, mutual TLS).
 """
 
 from __future__ import annotations
@@ -40,6 +41,18 @@ class _RawStream(Protocol):
     def done_writing(self) -> bool: ...
     def cancel(self) -> None: ...
     def status(self, timeout: float = -1, /) -> tuple[int, str]: ...
+    def finish(self, code: int, details: str, timeout: float = -1, /) -> bool: ...
+    def ended(self, timeout: float = 0, /) -> bool | None: ...
+    def method(self) -> str: ...
+    def peer(self) -> str: ...
+    def auth_context(self) -> dict[str, list[bytes]]: ...
+
+
+class _RawServer(Protocol):
+    port: int
+
+    def accept(self, timeout: float = -1, /) -> _RawStream | None: ...
+    def shutdown(self) -> None: ...
 
 
 @functools.cache
@@ -121,3 +134,72 @@ class ClientStream:
             return "not ended"
         name = _STATUS_NAMES.get(code, str(code))
         return f"{name}: {details}" if details and code else name
+
+
+class ServerStream:
+    """The server's end of one stream (from `StreamServer.accept`): the same `start_send`, `send_done`
+    and `recv` as a client's, then `finish` with a status. `cancel` is safe from any thread."""
+
+    def __init__(self, raw: _RawStream) -> None:
+        self._raw = raw
+
+    def start_send(self, data: bytes) -> bool:
+        return self._raw.start_send(data)
+
+    def send_done(self, timeout: float = -1) -> int:
+        return self._raw.send_done(timeout)
+
+    def recv(self, timeout: float = -1) -> bytes | None:
+        """The next message; None once the client half-closed or the call ended (`cancelled` says which).
+        TimeoutError after `timeout` seconds (if >= 0); the read stays pending."""
+        return self._raw.recv(timeout)
+
+    def finish(
+        self, code: grpc.StatusCode = grpc.StatusCode.OK, details: str = "", timeout: float = 1.0
+    ) -> bool:
+        """End the call with a status (collect any write in flight first). False if the client is gone."""
+        return self._raw.finish(code.value[0], details, timeout)
+
+    def cancelled(self) -> bool:
+        """The call ended without a status from this side (the client cancelled, or its connection
+        dropped); False while it goes on."""
+        return bool(self._raw.ended(0))
+
+    def cancel(self) -> None:
+        self._raw.cancel()
+
+    def peer(self) -> str:
+        return self._raw.peer()
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        """The shape of grpc's `ServicerContext.auth_context()` (tls.peer_identity reads it)."""
+        return self._raw.auth_context()
+
+
+class StreamServer:
+    """A server of one bidirectional-streaming `method` on `address` (port 0: any free one; `port` says
+    which): mutual TLS as `identity` (clients must prove themselves with the same CA), or plaintext only
+    where `insecure` allows it on loopback. Calls of other methods end UNIMPLEMENTED. One thread calls
+    `accept`; `shutdown` (any thread) cancels the calls going on and makes `accept` return None."""
+
+    def __init__(
+        self, address: str, method: str, identity: tls.Identity | None, *, insecure: bool = False
+    ) -> None:
+        if identity is None:
+            tls.check_plaintext(address, insecure)
+            pems: tuple[str | None, str | None, str | None] = (None, None, None)
+        else:
+            pems = (identity.ca.read_text(), identity.key.read_text(), identity.cert.read_text())
+        try:
+            self._raw = cast(_RawServer, _extension().Server(address, method, *pems))
+        except OSError as err:
+            raise NativeStreamError(str(err)) from err
+        self.port: int = self._raw.port
+
+    def accept(self, timeout: float = -1) -> ServerStream | None:
+        """The next call (TimeoutError after `timeout` seconds if >= 0); None once shut down."""
+        raw = self._raw.accept(timeout)
+        return None if raw is None else ServerStream(raw)
+
+    def shutdown(self) -> None:
+        self._raw.shutdown()
