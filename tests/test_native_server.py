@@ -259,19 +259,25 @@ def test_other_methods_end_unimplemented_and_errors_reach_the_client(ids: dict[s
         clients[0].close()
 
 
-@pytest.mark.parametrize("kind", ["native", "python"])
-def test_a_client_cancel_ends_the_servers_blocked_recv(ids: dict[str, tls.Identity], kind: str) -> None:
+@pytest.mark.parametrize("who", ["native", "python", "server"])
+def test_a_cancel_ends_the_servers_blocked_recv(ids: dict[str, tls.Identity], who: str) -> None:
     with Serving(ids["backup"]) as serving:
-        client = CLIENTS[kind](serving.target, ids["primary"])
+        client = CLIENTS["native" if who == "server" else who](serving.target, ids["primary"])
         client.send(heartbeat(1))
         stream = serving.next()
         assert position(stream.recv(WAIT)) == 1 and not stream.cancelled()
         got: list[bytes | None] = []
         reader = in_thread(lambda: stream.recv(WAIT), got)
-        client.close()  # ClientStream.cancel, or the Python call's cancel
+        if who == "server":
+            stream.cancel()  # from another thread than the reader's
+        else:
+            client.close()  # ClientStream.cancel, or the Python call's cancel
         join(reader)
         assert got == [None] and stream.cancelled()
-        assert stream.finish(grpc.StatusCode.OK) is False  # the client is gone
+        assert stream.finish(grpc.StatusCode.OK) is False  # the call is over
+        if who == "server":
+            assert client.recv() is None and client.status().startswith("CANCELLED")
+        client.close()
 
 
 def test_accept_and_recv_timeouts_leave_them_pending() -> None:
