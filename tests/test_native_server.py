@@ -145,15 +145,11 @@ Client = Callable[[str, tls.Identity | None], PyClient | NativeClient]
 CLIENTS: dict[str, Client] = {"native": NativeClient, "python": PyClient}
 
 
-def heartbeat(position: int, record: bytes = b"") -> bytes:
-    if record:
-        return vmft_pb2.PrimaryMessage(checkpoint_record=record).SerializeToString()
+def heartbeat(position: int) -> bytes:
     return vmft_pb2.PrimaryMessage(heartbeat=vmft_pb2.Heartbeat(position=position)).SerializeToString()
 
 
-def reply(received: int, reason: str = "") -> bytes:
-    if reason:  # the one large field a BackupMessage has
-        return vmft_pb2.BackupMessage(hello_reply=vmft_pb2.HelloReply(reason=reason)).SerializeToString()
+def reply(received: int) -> bytes:
     return vmft_pb2.BackupMessage(ack=vmft_pb2.Ack(received=received)).SerializeToString()
 
 
@@ -300,14 +296,14 @@ def test_accept_and_recv_timeouts_leave_them_pending() -> None:
 
 @pytest.mark.parametrize("kind", ["native", "python"])
 def test_a_mebibyte_both_ways_then_two_thousand_small(ids: dict[str, tls.Identity], kind: str) -> None:
-    up, down = os.urandom(1 << 20), os.urandom(1 << 19).hex()
+    up, down = os.urandom(1 << 20), os.urandom(1 << 19).hex()  # (a BackupMessage's one large field: a str)
     with Serving(ids["backup"]) as serving:
         client = CLIENTS[kind](serving.target, ids["primary"])
-        client.send(heartbeat(0, up))
+        client.send(vmft_pb2.PrimaryMessage(checkpoint_record=up).SerializeToString())
         stream = serving.next()
         got = stream.recv(WAIT)
         assert got is not None and vmft_pb2.PrimaryMessage.FromString(got).checkpoint_record == up
-        send(stream, reply(0, down))
+        send(stream, vmft_pb2.BackupMessage(hello_reply=vmft_pb2.HelloReply(reason=down)).SerializeToString())
         back = client.recv()
         assert back is not None and vmft_pb2.BackupMessage.FromString(back).hello_reply.reason == down
 
