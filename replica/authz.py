@@ -4,20 +4,22 @@
 - `require_member`: node-to-node operations (checkpoint transfer, re-protection onto this node): a node
   certificate of the cluster CA whose name is a live member (replica/membership.py). A valid certificate
   of a node that left (or whose lease expired) is refused.
-- `require_primary_of`: a replication stream for a VM: a node certificate naming the VM's current
-  primary per the arbiter. A forged stream from anyone else (another node included) is refused before it
-  can touch the backup.
+- `require_primary_of` (a handover) and `primary_of` (a replication stream, on its own C-core server:
+  replica/replication.py): a node certificate naming the VM's current primary per the arbiter. A forged
+  stream from anyone else (another node included) is refused before it can touch the backup.
 
-Each returns the caller (`tls.Peer`) or ends the call: UNAUTHENTICATED without a certificate,
-PERMISSION_DENIED otherwise. On a plaintext (insecure, loopback-only) server there is no certificate to
-check and every caller passes, as with `tls.requires`. Node names here are certificate names (CN), so
-nodes must claim and register under the names their certificates carry.
+Each `require_` returns the caller (`tls.Peer`) or ends the call: UNAUTHENTICATED without a certificate,
+PERMISSION_DENIED otherwise (`primary_of` returns the refusal, `Denied`, for its caller to end the call).
+On a plaintext (insecure, loopback-only) server there is no certificate to check and every caller
+passes, as with `tls.requires`. Node names here are certificate names (CN), so nodes must claim and
+register under the names their certificates carry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -52,14 +54,40 @@ async def require_member(context: Any, membership: Membership) -> tls.Peer:
     return peer
 
 
-async def require_primary_of(context: Any, arbiter: Arbiter, vm: str) -> tls.Peer:
+@dataclass(frozen=True)
+class Denied:
+    """Why a caller was refused, as the status its call ends with."""
+
+    code: grpc.StatusCode
+    why: str
+
+
+async def primary_of(context: Any, arbiter: Arbiter, vm: str) -> Denied | None:
+    """None if the caller (anything with grpc's `auth_context()` and `peer()`: a grpc.aio context, or a
+    replication stream, replica/native_stream.py) is `vm`'s current primary per the arbiter, or the
+    connection is plaintext; else why not."""
     if _plaintext(context):
-        return ANONYMOUS
-    peer = await tls.require_role(context, tls.Role.NODE)
+        return None
+    peer = tls.peer_identity(context)
+    if peer is None:
+        return Denied(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+    if peer.role is not tls.Role.NODE:
+        return Denied(
+            grpc.StatusCode.PERMISSION_DENIED, f"{peer.role.value} {peer.name} may not do this (needs node)"
+        )
     current = await asyncio.to_thread(arbiter.current, vm)
     if current is None or current.node != peer.name:
         owner = current.node if current else "nobody"
-        why = f"{peer.name} is not the primary of {vm} (the arbiter says {owner})"
-        log.warning("refused replication from %s: %s", context.peer(), why)
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
-    return peer
+        return Denied(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{peer.name} is not the primary of {vm} (the arbiter says {owner})",
+        )
+    return None
+
+
+async def require_primary_of(context: Any, arbiter: Arbiter, vm: str) -> tls.Peer:
+    denied = await primary_of(context, arbiter, vm)
+    if denied is not None:
+        log.warning("refused %s: %s", context.peer(), denied.why)
+        await context.abort(denied.code, denied.why)
+    return tls.peer_identity(context) or ANONYMOUS

@@ -48,6 +48,7 @@ class BackupVm:
         self.checkpoint_records: list[bytes] = []
         self._go_live = GoLive(self.core)
         self._tasks: list[asyncio.Task[None]] = []
+        self._loop = asyncio.get_running_loop()  # (built on the node's loop; the stream's thread calls back)
 
     @property
     def live_from(self) -> int:
@@ -106,19 +107,26 @@ class BackupVm:
             and self.standing.state not in TERMINAL
         )
 
-    def on_batch(self, batch: vmft_pb2.EventBatch, size: int) -> None:
+    def on_batch(self, batch: vmft_pb2.EventBatch, size: int) -> bool:
+        """The stream's thread: hand a received batch to the replay; False if refused (the stream ends)."""
         if not self.following():
-            return  # refused (below): nothing more is replayed
+            return False  # refused (below): nothing more is replayed
         try:
             self.guest.check_batch(batch)  # a Linux program's root files, before they are replayed
         except RootMismatch as err:
-            self.standing.to(State.FAILED, f"refused: {err}")
-            log.error("%s: %s", self.name, self.standing.message)
-            spawn(self._tasks, self.stop(), "stop")  # the stream ends: the primary runs alone
-            return
+            self._loop.call_soon_threadsafe(self._refuse, str(err))
+            return False
         self.source.put(batch)
         self.standing.received = max(self.standing.received, batch.horizon, batch.end_position)
         self.core.meter.add(size)
+        return True
+
+    def _refuse(self, why: str) -> None:
+        if self.standing.state in TERMINAL:
+            return
+        self.standing.to(State.FAILED, f"refused: {why}")
+        log.error("%s: %s", self.name, self.standing.message)
+        spawn(self._tasks, self.stop(), "stop")  # the stream ends: the primary runs alone
 
     def ack(self) -> vmft_pb2.BackupMessage:
         machine = self.core.machine

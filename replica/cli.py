@@ -182,6 +182,13 @@ def _milliseconds(low: float, high: float) -> Callable[[str], float]:
     return parse
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0 to 65535 (0: any free one)."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535)")
+    return int(text)
+
+
 def cmd_node(args: argparse.Namespace) -> int:
     from replica.node import serve
     from replica.vm_common import NodeSettings
@@ -200,6 +207,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         checkpoint_every_s=args.checkpoint_every,
         link_relay=args.link_relay,
         input_hold_ms=args.input_hold_ms,
+        replication_port=args.replication_port,
+        replication_advertise=str(args.replication_advertise or ""),
         auto_reprotect_s=args.auto_reprotect,
         unsafe_release_outputs=args.unsafe_release_outputs,
         identity=identity,
@@ -343,6 +352,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{len([vm for vm in node.vms if vm.role != vmft_pb2.ROLE_STOPPED])} of {node.max_vms} VMs; "
             f"limits: {node.resource_limits or 'none'}"
             + (f"; metrics {node.metrics}" if node.metrics else "")
+            + (f"; replication {node.replication}" if node.replication else "")
         )
         if not node.vms:
             print(f"{address:22} (no VMs)")
@@ -517,6 +527,15 @@ def _add_node_parser(sub: Subparsers) -> None:
     node = sub.add_parser("node", help="run a node daemon hosting primaries and backups")
     node.add_argument("--listen", required=True, metavar="HOST:PORT", help="gRPC address of this node")
     node.add_argument("--data-dir", required=True, metavar="DIR", help="where the node keeps its state")
+    node.add_argument(
+        "--replication-port", type=_port, default=0, metavar="PORT",
+        help="take replication streams on this port of the --listen host (default 0: a free one; "
+        "`vmft status` shows it)",
+    )  # fmt: skip
+    node.add_argument(
+        "--replication-advertise", type=parse_address, default=None, metavar="HOST:PORT",
+        help="tell primaries to reach the replication port here instead (a relay or NAT in front of it)",
+    )  # fmt: skip
     node.add_argument("--ca", default=None, metavar="DIR", help="the cluster CA directory ($VMFT_CA)")
     node.add_argument(
         "--cert", default=None, metavar="NAME|DIR",

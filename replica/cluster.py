@@ -230,6 +230,12 @@ class LocalCluster:
             )
             return result
 
+    def replication_address(self, node: NodeProcess, timeout: float = 5.0) -> str:
+        """Where `node` takes replication streams (a port of its own, beside the node API)."""
+        with self.channel(node) as channel:
+            request = vmft_pb2.StatusRequest(node_only=True)
+            return str(vmft_pb2_grpc.NodeStub(channel).Status(request, timeout=timeout).replication)
+
     def vm_status(self, node: NodeProcess, name: str, timeout: float = 5.0) -> vmft_pb2.VmStatus | None:
         for vm in self.status(node, timeout).vms:
             if vm.name == name:

@@ -1,5 +1,6 @@
 """The node daemon: one process hosting any number of VMs as primaries or backups, serving the node API
-and the replication stream over gRPC (grpc.aio).
+over gRPC (grpc.aio) and the replication streams on a port of their own (gRPC's C core,
+replica/replication.py).
 
 A node remembers, in its data directory, which VMs it ran and in which generation. Restarted after a
 crash it runs none of them again on its own: the VM's memory died with the process, and if another
@@ -20,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 
 import grpc
@@ -38,7 +39,8 @@ from replica.placement import Placement
 from replica.metrics import MetricsServer
 from replica.backup import BackupVm
 from replica.primary import PrimaryVm
-from replica.replication import backup_stream
+from replica.native_stream import ServerStream
+from replica.replication import ReplicationServer
 from replica.roles import Role, State
 from replica.service_address import AddressError, MovingAddress, ServiceAddresses, interface_for
 from replica.vm_core import STATUS_ARBITER_WAIT_S, VmCore
@@ -87,6 +89,7 @@ class Node:
         self.membership: Membership | None = None  # on etcd: placements only onto live members
         self.cgroups: cgroups.NodeCgroups | None = None  # per-VM cpu limits (serve() sets it up)
         self.metrics_address = ""  # the Prometheus endpoint, "" when off
+        self.replication_address = ""  # where this node takes replication streams (serve() starts it)
         self._taking: set[str] = set()  # VMs whose primary is starting here with a moving address
         settings.metrics.attach(self)
         (settings.data_dir / "vms").mkdir(parents=True, exist_ok=True)
@@ -312,8 +315,11 @@ class Node:
         for name in wanted - set(addresses.held) - self._taking:
             current = await asyncio.to_thread(self.arbiter.current, name)
             vm = self.vms.get(name)
-            if vm is not None and current is not None and current.node == self.settings.node_id and (
-                current.generation == vm.standing.generation
+            if (
+                vm is not None
+                and current is not None
+                and current.node == self.settings.node_id
+                and (current.generation == vm.standing.generation)
             ):
                 await addresses.take_over(name, vm.core.spec.moving_address)
 
@@ -338,10 +344,13 @@ class Node:
         throttled = self.cgroups.throttled(core.name) if self.cgroups is not None else 0
         return self.limits.reservation_mib(core.spec), throttled
 
-    async def status(self) -> vmft_pb2.NodeStatus:
+    async def status(self, node_only: bool = False) -> vmft_pb2.NodeStatus:
+        out = vmft_pb2.NodeStatus(node=self.settings.name, protocol_version=PROTOCOL_VERSION, pid=os.getpid())
+        out.replication = self.replication_address
+        if node_only:
+            return out
         vms = list(self.vms.values())
         await asyncio.gather(*(vm.core.check_superseded() for vm in vms))
-        out = vmft_pb2.NodeStatus(node=self.settings.name, protocol_version=PROTOCOL_VERSION, pid=os.getpid())
         out.memory_budget_mib = self.limits.budget_mib()
         out.memory_reserved_mib = self.usage()[1]
         out.max_vms = self.limits.max_vms
@@ -545,22 +554,21 @@ class Node:
         self.apply_limits()
         return vm
 
-    async def replication_stream(
-        self, requests: AsyncIterator[vmft_pb2.PrimaryMessage], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[vmft_pb2.BackupMessage]:
-        async def accept(hello: vmft_pb2.Hello) -> BackupVm | str:
-            if hello.protocol_version != PROTOCOL_VERSION:
-                return _version_refusal(hello)  # changes nothing here: told to anyone, so they can tell
-            # Only the VM's current primary per the arbiter, proven by its node certificate, may touch
-            # the backup: a forged stream (any other node, or an admin) ends here, before a stale VM
-            # is stopped or anything is built.
-            await authz.require_primary_of(context, self.arbiter, hello.spec.name)
-            return await self.accept_backup(hello)
+    async def accept_stream(
+        self, hello: vmft_pb2.Hello, caller: ServerStream
+    ) -> BackupVm | str | authz.Denied:
+        """A primary's Hello on the replication port: the backup VM, a refusal, or a denied caller."""
+        if hello.protocol_version != PROTOCOL_VERSION:
+            return _version_refusal(hello)  # changes nothing here: told to anyone, so they can tell
+        # Only the VM's current primary per the arbiter, proven by its node certificate, may touch the
+        # backup: a forged stream (any other node, or an admin) ends here, before a stale VM is stopped or
+        # anything is built.
+        denied = await authz.primary_of(caller, self.arbiter, hello.spec.name)
+        if denied is not None:
+            return denied
+        return await self.accept_backup(hello)
 
-        async for reply in backup_stream(self.settings, requests, accept, self._detach):
-            yield reply
-
-    def _detach(self, coro: Coroutine[Any, Any, None]) -> None:
+    def detach(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -604,7 +612,7 @@ class NodeServicer(vmft_pb2_grpc.NodeServicer):
     async def Status(  # noqa: N802
         self, request: vmft_pb2.StatusRequest, context: grpc.aio.ServicerContext
     ) -> vmft_pb2.NodeStatus:
-        return await self.node.status()
+        return await self.node.status(node_only=request.node_only)
 
     async def StopVm(  # noqa: N802
         self, request: vmft_pb2.StopVmRequest, context: grpc.aio.ServicerContext
@@ -673,17 +681,6 @@ class NodeServicer(vmft_pb2_grpc.NodeServicer):
         return vmft_pb2.FaultReply(detail=detail, injected_at=injected_at)
 
 
-class ReplicationServicer(vmft_pb2_grpc.ReplicationServicer):
-    def __init__(self, node: Node) -> None:
-        self.node = node
-
-    async def Stream(  # noqa: N802
-        self, request_iterator: AsyncIterator[vmft_pb2.PrimaryMessage], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[vmft_pb2.BackupMessage]:
-        async for reply in self.node.replication_stream(request_iterator, context):
-            yield reply
-
-
 class _NodeExtras:
     """What a node runs beside its gRPC services (issue 12): the metrics endpoint, the loop that keeps
     VMs' vCPU threads in their cpu cgroups, and the kernel memory limit of a node given a budget."""
@@ -745,14 +742,16 @@ async def serve(
     node.membership = membership.membership if membership is not None else None
     server = grpc.aio.server()
     vmft_pb2_grpc.add_NodeServicer_to_server(NodeServicer(node), server)
-    vmft_pb2_grpc.add_ReplicationServicer_to_server(ReplicationServicer(node), server)
     # Mutual TLS with the node's certificate; plaintext only with --insecure on loopback (tls.bind).
     tls.bind(server, settings.name, settings.identity, insecure=settings.insecure)
     await server.start()
+    # The replication streams come in on a port of their own, through gRPC's C core (same credentials).
+    replication = ReplicationServer(settings, node.accept_stream, node.detach)
+    node.replication_address = replication.start()
     log.warning(
-        "node %s (%s) serving %s (data dir %s, arbiter %s)",
+        "node %s (%s) serving %s, replication streams on %s (data dir %s, arbiter %s)",
         settings.node_id, settings.name, "mutual TLS" if settings.identity else "PLAINTEXT",
-        settings.data_dir, f"etcd {','.join(etcd)}" if etcd else arbiter_path,
+        node.replication_address, settings.data_dir, f"etcd {','.join(etcd)}" if etcd else arbiter_path,
     )  # fmt: skip
     extras = _NodeExtras(node, metrics)
     try:
@@ -768,6 +767,7 @@ async def serve(
         await extras.close_before_vms()
         await node.close()
         await extras.close()
+        await replication.close()
         await server.stop(grace=0.5)
         if isinstance(arbiter, node_etcd.EtcdArbiter):
             await asyncio.to_thread(arbiter.close)

@@ -26,7 +26,7 @@ from replica.arbiter import Arbiter, claim_or_owner
 from replica.backup import BackupVm
 from replica.guest_kind import Guest, close_machine
 from replica.relay import Relay
-from replica.replication import BackupLink
+from replica.replication import BackupLink, replication_address
 from replica.roles import Role, Standing, State
 from replica.stream_sink import StreamSink, window_batch
 from replica.vm_common import (
@@ -148,12 +148,12 @@ class PrimaryVm:
 
     async def _open_link(self, header: vmft_pb2.LogHeader, checkpoint_follows: bool = False) -> None:
         settings = self.core.settings
-        target = self.backup_node
+        target = await replication_address(settings, self.backup_node)  # ReplicationRefused
         if settings.link_relay:
             # A real link in the path that fault injection can cut, slow or make lossy.
             if self.relay is not None:
                 self.relay.close()
-            self.relay = Relay(self.backup_node).start()
+            self.relay = Relay(target).start()
             target = self.relay.address
         hello = vmft_pb2.Hello(
             protocol_version=PROTOCOL_VERSION,

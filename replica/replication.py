@@ -26,16 +26,19 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from monitor.address import Address, parse_address
 from monitor.checkpoint import CheckpointError, RecordType
 from monitor.errors import PeerError
-from proto import vmft_pb2
-from replica import hops
-from replica.native_stream import ClientStream, NativeStreamError, SendingStream
+from proto import vmft_pb2, vmft_pb2_grpc
+from replica import hops, tls
+from replica.authz import Denied
+from replica.native_stream import ClientStream, NativeStreamError, SendingStream, ServerStream, StreamServer
 from replica.stream_sink import StreamSink, merge_batches
 from replica.vm_common import PROTOCOL_VERSION, Meter, NodeSettings, ReplicationRefused
 
@@ -43,6 +46,7 @@ if TYPE_CHECKING:
     from replica.backup import BackupVm
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class PeerSilent(PeerError):
@@ -55,6 +59,20 @@ class PeerSilent(PeerError):
 # The stream's method path, from the generated descriptor: "/vmft.v1.Replication/Stream".
 _SERVICE = vmft_pb2.DESCRIPTOR.services_by_name["Replication"]
 STREAM_METHOD = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['Stream'].name}"
+
+
+async def replication_address(settings: NodeSettings, backup_node: str) -> str:
+    """Where `backup_node` takes replication streams (NodeStatus.replication: a port of its own)."""
+    try:
+        async with tls.open_channel(backup_node, settings.identity, insecure=settings.insecure) as channel:
+            status = await vmft_pb2_grpc.NodeStub(channel).Status(
+                vmft_pb2.StatusRequest(node_only=True), timeout=settings.connect_timeout_s
+            )
+    except grpc.aio.AioRpcError as err:
+        raise ReplicationRefused(f"backup node {backup_node} unreachable: {err.code().name}") from err
+    if not status.replication:
+        raise ReplicationRefused(f"backup node {backup_node} takes no replication streams")
+    return str(status.replication)
 
 
 class _Outgoing:
@@ -88,6 +106,7 @@ class _Outgoing:
         # `_again` set and the holder looks once more before it lets go.
         self._send_lock = threading.Lock()
         self._again = False
+        self._sleeping_long = False  # the sending thread sleeps a heartbeat interval (`_look_soon` wakes it)
         # (horizon, sent at) of log messages not yet acknowledged. Only senders append and only the ack
         # thread pops: the deque's own atomicity suffices.
         self._in_flight: collections.deque[tuple[int, float]] = collections.deque()
@@ -145,7 +164,8 @@ class _Outgoing:
             return  # (control messages first: the sending thread writes them, then pumps)
         done = stream.send_done(0)
         if done < 0:
-            return  # the previous write is still going out: the sending thread looks again
+            self._look_soon()  # the previous write is still going out: the sending thread looks again
+            return
         if done == 0:
             self._break()
             return
@@ -155,6 +175,7 @@ class _Outgoing:
         # silent; then whatever is pending goes out as if the window were open.
         in_flight = self._in_flight
         if len(in_flight) >= self._window and now - in_flight[-1][1] < self._window_wait:
+            self._look_soon()
             return
         batches = sink.take_nowait()
         if not batches:
@@ -171,6 +192,14 @@ class _Outgoing:
         if batch.ended:  # the guest stopped: the sending thread half-closes the stream after this
             with self._cond:
                 self.ended = True
+                self._cond.notify_all()
+
+    def _look_soon(self) -> None:
+        """The log waits for the window or for the write before it: make sure the sending thread looks
+        within `_window_wait` (it sleeps longer only while nothing waits to be sent)."""
+        with self._cond:  # (under the lock: the sending thread decides how long to sleep under it too)
+            if self._sleeping_long:
+                self._sleeping_long = False
                 self._cond.notify_all()
 
     def _start(self, stream: SendingStream, data: bytes, now: float) -> None:
@@ -212,9 +241,13 @@ class _Outgoing:
             with self._cond:
                 if self._closed or self.broken or self.ended:
                     break
-                if not self._control:  # (`put` notifies)
-                    busy = self._sink is not None and (self._in_flight or self._sink.pending)
-                    self._cond.wait(self._window_wait if busy else self._heartbeat_s)
+                if not self._control:  # (`put` and `_look_soon` notify)
+                    # A look every `_window_wait` only while something waits to be sent: messages in
+                    # flight alone need none (their acknowledgement pumps), and an idle log a heartbeat.
+                    waiting = self._sink is not None and self._sink.pending
+                    self._sleeping_long = not waiting
+                    self._cond.wait(self._window_wait if waiting else self._heartbeat_s)
+                    self._sleeping_long = False
             self.pump(timer=True)  # (does nothing once closed, broken or ended, or with control queued)
         if self.ended and not self._closed and not self.broken:
             with self._send_lock:
@@ -369,8 +402,15 @@ class BackupLink:
 
 # ----- the backup's half ------------------------------------------------------------------------------
 
-Accept = Callable[[vmft_pb2.Hello], Awaitable["BackupVm | str"]]
+# What the node answers a Hello with: the backup VM, a refusal told to the primary (the pair cannot work
+# here), or a denial the call ends with (the caller is not the VM's primary).
+Accept = Callable[[vmft_pb2.Hello, ServerStream], Coroutine[Any, Any, "BackupVm | str | Denied"]]
 Detach = Callable[[Coroutine[Any, Any, None]], None]
+
+# How long a stream may take to say Hello, and the gaps a checkpoint's records may leave.
+_HELLO_WAIT_S = 10.0
+_SEED_GAP_S = 30.0
+_CLOSE_WAIT_S = 2.0
 
 
 def refuse(reason: str) -> vmft_pb2.BackupMessage:
@@ -379,157 +419,241 @@ def refuse(reason: str) -> vmft_pb2.BackupMessage:
     )
 
 
-async def backup_stream(
-    settings: NodeSettings,
-    requests: AsyncIterator[vmft_pb2.PrimaryMessage],
-    accept: Accept,
-    detach: Detach,
-) -> AsyncIterator[vmft_pb2.BackupMessage]:
-    """The backup's side of one stream. `accept(hello)` builds the backup VM, or says why not; `detach`
-    runs the failover when the stream ends without the primary's guest having stopped."""
-    first = await anext(requests)
-    if not first.HasField("hello"):
-        yield refuse("the first message of a stream must be Hello")
-        return
-    hello = first.hello
-    accepted = await accept(hello)
-    if isinstance(accepted, str):
-        log.warning("refusing replication of %s from %s: %s", hello.spec.name, hello.primary_node, accepted)
-        yield refuse(accepted)
-        return
-    vm = accepted
-    log.info("%s: backup of %s in generation %d", vm.name, hello.primary_node, hello.generation)
-    yield vmft_pb2.BackupMessage(
-        hello_reply=vmft_pb2.HelloReply(
-            accepted=True, protocol_version=PROTOCOL_VERSION, backup_node=settings.name
-        )
-    )
-    if hello.checkpoint_follows:
-        if not await _seed(vm, requests):
-            return
-        yield vm.ack()
-    timeout = max(hello.failure_timeout_ms / 1000, settings.failure_timeout_s)
-    async for ack in _Acknowledger(vm, timeout).replies(requests, detach):
-        yield ack
+class ReplicationServer:
+    """The backup's end of every replication stream into this node: a gRPC server of `Replication.Stream`
+    through gRPC's C core (replica/native_stream.py) on a port of its own (the node's API stays on
+    grpc.aio), one thread accepting and one per stream (`_BackupEnd`). Each stream's thread reads the
+    primary's messages and acknowledges each at once from the same thread, before the batches go to the
+    replay: nothing between the wire and the acknowledgement waits for the event loop. The loop builds the
+    backup VM (`accept`), restores a checkpoint, takes the batches for the replay and runs a failover
+    (`detach`)."""
 
+    def __init__(self, settings: NodeSettings, accept: Accept, detach: Detach) -> None:
+        self.settings = settings
+        self._accept = accept
+        self._detach = detach
+        self._server: StreamServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._threads: set[threading.Thread] = set()
+        self.address = ""
 
-async def _seed(vm: BackupVm, requests: AsyncIterator[vmft_pb2.PrimaryMessage]) -> bool:
-    """Receive the primary's live checkpoint (manifest last) and restore the backup's VM from it."""
-    try:
-        async for message in requests:
-            if not message.HasField("checkpoint_record"):
-                raise ReplicationRefused("the checkpoint stream was interrupted by another message")
-            record = message.checkpoint_record
-            vm.checkpoint_records.append(record)
-            if record[:1] == bytes([RecordType.MANIFEST]):
-                break
-        else:
-            raise ReplicationRefused("the primary ended the stream before the checkpoint's manifest")
-        stats = await vm.start_from_checkpoint()
-    except (CheckpointError, ReplicationRefused, OSError) as err:
-        log.error("%s: seeding from a checkpoint failed: %s", vm.name, err)
-        await vm.fail(f"seeding failed: {err}")
-        return False
-    except asyncio.CancelledError:
-        # The primary dropped the stream mid-checkpoint (its attempt failed): a later one must be accepted.
-        await vm.fail("seeding failed: the primary dropped the stream")
-        raise
-    log.warning(
-        "%s: seeded from %s's checkpoint at position %d (%d MiB restored in %.0f ms)",
-        vm.name, vm.primary_node, vm.standing.received, stats.raw_bytes >> 20, stats.seconds * 1000,
-    )  # fmt: skip
-    return True
-
-
-class _Acknowledger:
-    """The backup's side of one stream: a reader task takes the primary's messages as they come; the
-    generator (`replies`) sends one acknowledgement per group of messages read while the previous one was
-    being written (under load, one per drained group; idle, one per message), then hands the group's
-    batches to the replay. A loop timer, not a task per message, notices a silent primary."""
-
-    def __init__(self, vm: BackupVm, silence_s: float) -> None:
-        self.vm = vm
-        self.silence_s = silence_s
-        self.wake = asyncio.Event()
-        self.last_heard = time.monotonic()
-        self.ended = False  # the reader is done: `reason` says why ("" = the guest stopped on the primary)
-        self.reason = "the primary closed the stream"
-        self.silent = False  # the primary went silent (a partition, or a dead host), not a broken stream
-        self.timer: asyncio.TimerHandle | None = None
-        # Batches received and not yet handed to the replay: the acknowledgement goes out first (the
-        # replay's vCPU thread would compete with its write for the interpreter), and they follow once it
-        # is written.
-        self.received: list[tuple[vmft_pb2.EventBatch, int]] = []
-
-    def hand_over(self) -> None:
-        for batch, size in self.received:
-            self.vm.on_batch(batch, size)
-        self.received.clear()
-
-    def ack(self) -> vmft_pb2.BackupMessage:
-        message = self.vm.ack()
-        for batch, _ in self.received:
-            message.ack.received = max(message.ack.received, batch.horizon, batch.end_position)
-        return message
-
-    async def read(self, requests: AsyncIterator[vmft_pb2.PrimaryMessage]) -> None:
+    def start(self) -> str:
+        """Listen on the node's host at `settings.replication_port` (0: a free one); returns the address
+        primaries are told (HOST:PORT, or `settings.replication_advertise`)."""
+        self._loop = asyncio.get_running_loop()
+        host = parse_address(self.settings.name).host
+        where = str(Address(host, self.settings.replication_port))
         try:
-            async for message in requests:
-                self.last_heard = time.monotonic()
-                if not self.vm.following():
-                    break
-                if message.HasField("batch"):
-                    hops.hop("recv", message.batch.horizon)
-                    self.received.append((message.batch, message.ByteSize()))
-                    if message.batch.ended:
-                        self.reason = ""  # the guest stopped on the primary; replay finishes by itself
-                        break
-                self.wake.set()
-        except grpc.aio.AioRpcError as err:
-            self.reason = f"stream broken: {err.code().name}"
+            self._server = StreamServer(
+                where, STREAM_METHOD, self.settings.identity, insecure=self.settings.insecure
+            )
+        except NativeStreamError as err:
+            raise ReplicationRefused(f"cannot take replication streams on {where}: {err}") from err
+        self.address = self.settings.replication_advertise or str(Address(host, self._server.port))
+        accepting = threading.Thread(target=self._accept_all, name="replication server", daemon=True)
+        self._threads.add(accepting)
+        accepting.start()
+        return self.address
+
+    def _accept_all(self) -> None:
+        server = self._server
+        assert server is not None
+        try:
+            while (stream := server.accept()) is not None:
+                thread = threading.Thread(
+                    target=self._serve, args=(stream,), name=f"log from {stream.peer()}", daemon=True
+                )
+                self._threads.add(thread)
+                thread.start()
         finally:
-            self.ended = True
-            self.wake.set()
+            self._threads.discard(threading.current_thread())
 
-    def check_silence(self) -> None:
-        silent = time.monotonic() - self.last_heard
-        if silent > self.silence_s:
-            self.reason = f"no word from the primary for {silent * 1000:.0f} ms"
-            self.silent = True
-            self.ended = True
-            self.wake.set()
-        else:
-            loop = asyncio.get_running_loop()
-            self.timer = loop.call_later(self.silence_s - silent + 0.001, self.check_silence)
+    def _serve(self, stream: ServerStream) -> None:
+        try:
+            assert self._loop is not None
+            _BackupEnd(self.settings, stream, self._loop, self._accept, self._detach).run()
+        except Exception:
+            log.exception("a replication stream from %s failed", stream.peer())
+        finally:
+            stream.cancel()  # (a no-op once finished)
+            self._threads.discard(threading.current_thread())
 
-    async def replies(
-        self, requests: AsyncIterator[vmft_pb2.PrimaryMessage], detach: Detach
-    ) -> AsyncIterator[vmft_pb2.BackupMessage]:
-        loop = asyncio.get_running_loop()
-        reading = loop.create_task(self.read(requests))
-        self.timer = loop.call_later(self.silence_s, self.check_silence)
+    async def close(self) -> None:
+        """Stop taking streams and end those going on (their threads hand their VMs to `detach` as a
+        broken stream would); waits for the threads, bounded."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        deadline = time.monotonic() + _CLOSE_WAIT_S
+        for thread in list(self._threads):
+            await asyncio.to_thread(thread.join, max(0.0, deadline - time.monotonic()))
+
+
+class _StreamEnded(Exception):
+    """The stream broke (or the primary went silent) while the backup wrote to it."""
+
+
+class _BackupEnd:
+    """The backup's side of one stream, on its own thread: Hello, an optional checkpoint, then the log.
+    Every message read is acknowledged at once (one acknowledgement per message, written before the next
+    read), then its batch is handed to the replay on the event loop; a read that waits longer than the
+    failure timeout means a silent primary."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        stream: ServerStream,
+        loop: asyncio.AbstractEventLoop,
+        accept: Accept,
+        detach: Detach,
+    ) -> None:
+        self.settings = settings
+        self.stream = stream
+        self.loop = loop
+        self.accept = accept
+        self.detach = detach
+
+    def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def _send(self, message: vmft_pb2.BackupMessage, timeout: float = -1) -> None:
+        stream = self.stream
+        if stream.send_done(timeout) != 1 or not stream.start_send(message.SerializeToString()):
+            raise _StreamEnded("the stream broke while the backup wrote to it")
+
+    def _finish(self, code: grpc.StatusCode = grpc.StatusCode.OK, details: str = "") -> None:
+        if self.stream.send_done(_CLOSE_WAIT_S) == 1:
+            self.stream.finish(code, details, _CLOSE_WAIT_S)
+
+    def run(self) -> None:
+        try:
+            data = self.stream.recv(_HELLO_WAIT_S)
+        except TimeoutError:
+            self._finish(grpc.StatusCode.DEADLINE_EXCEEDED, "no Hello")
+            return
+        if data is None:
+            return
+        first = _parse(data)
+        if first is None or not first.HasField("hello"):
+            self._send(refuse("the first message of a stream must be Hello"))
+            self._finish()
+            return
+        hello = first.hello
+        accepted = self._on_loop(self.accept(hello, self.stream))
+        if isinstance(accepted, Denied):
+            log.warning("refused replication from %s: %s", self.stream.peer(), accepted.why)
+            self._finish(accepted.code, accepted.why)
+            return
+        if isinstance(accepted, str):
+            log.warning(
+                "refusing replication of %s from %s: %s", hello.spec.name, hello.primary_node, accepted
+            )
+            self._send(refuse(accepted))
+            self._finish()
+            return
+        vm = accepted
+        log.info("%s: backup of %s in generation %d", vm.name, hello.primary_node, hello.generation)
+        try:
+            self._send(
+                vmft_pb2.BackupMessage(
+                    hello_reply=vmft_pb2.HelloReply(
+                        accepted=True, protocol_version=PROTOCOL_VERSION, backup_node=self.settings.name
+                    )
+                )
+            )
+            if hello.checkpoint_follows:
+                if not self._seed(vm):
+                    return
+                self._send(vm.ack())
+        except _StreamEnded:
+            return  # before the log: the primary tries again, or re-protects elsewhere
+        reason, silent = "", False
+        try:
+            timeout = max(hello.failure_timeout_ms / 1000, self.settings.failure_timeout_s)
+            reason, silent = self._follow(vm, timeout)
+            if not reason:
+                self._finish()
+        except _StreamEnded as err:
+            reason = str(err)
+        finally:
+            # Once the log flows, a stream that ends without the guest having stopped on the primary is a
+            # failover (detached: nothing that ends this stream's thread may cut it short).
+            if reason:
+                self.loop.call_soon_threadsafe(self._lost, vm, reason, silent)
+
+    def _lost(self, vm: BackupVm, reason: str, silent: bool) -> None:
+        self.detach(vm.primary_lost(reason, silent=silent))
+
+    def _seed(self, vm: BackupVm) -> bool:
+        """Receive the primary's live checkpoint (manifest last) and restore the backup's VM from it."""
         try:
             while True:
-                await self.wake.wait()
-                self.wake.clear()
-                if self.ended:
-                    self.hand_over()
-                    if not self.reason:
-                        yield self.vm.ack()  # the last acknowledgement: the primary's final outputs go out
+                try:
+                    data = self.stream.recv(_SEED_GAP_S)
+                except TimeoutError:
+                    raise ReplicationRefused(f"no checkpoint record for {_SEED_GAP_S:.0f} s") from None
+                if data is None:
+                    raise ReplicationRefused("the primary dropped the stream")
+                message = _parse(data)
+                if message is None or not message.HasField("checkpoint_record"):
+                    raise ReplicationRefused("the checkpoint stream was interrupted by another message")
+                record = message.checkpoint_record
+                vm.checkpoint_records.append(record)  # (the loop reads them only once the manifest is in)
+                if record[:1] == bytes([RecordType.MANIFEST]):
                     break
-                message = self.ack()
-                hops.hop("ack", message.ack.received)
-                yield message
-                self.hand_over()
-        except asyncio.CancelledError:
-            self.reason = self.reason or "the primary's connection dropped"
-            raise
-        finally:
-            if self.timer is not None:
-                self.timer.cancel()
-            reading.cancel()  # no batch is taken after this: the failover replays exactly what was acked
-            self.hand_over()  # (acknowledged or not: the replay has everything received)
-            # Detached: gRPC cancels this handler when the primary's connection dies, and a failover
-            # cancelled between the arbiter's claim and going live would leave the VM neither.
-            if self.reason:
-                detach(self.vm.primary_lost(self.reason, silent=self.silent))
+            stats = self._on_loop(vm.start_from_checkpoint())
+        except (CheckpointError, ReplicationRefused, OSError) as err:
+            log.error("%s: seeding from a checkpoint failed: %s", vm.name, err)
+            self._on_loop(vm.fail(f"seeding failed: {err}"))
+            self._finish(grpc.StatusCode.ABORTED, f"seeding failed: {err}")
+            return False
+        log.warning(
+            "%s: seeded from %s's checkpoint at position %d (%d MiB restored in %.0f ms)",
+            vm.name, vm.primary_node, vm.standing.received, stats.raw_bytes >> 20, stats.seconds * 1000,
+        )  # fmt: skip
+        return True
+
+    def _follow(self, vm: BackupVm, silence_s: float) -> tuple[str, bool]:
+        """Read, acknowledge and hand over the log until it ends; returns why ("" when the guest stopped
+        on the primary) and whether the primary went silent."""
+        stream = self.stream
+        received = vm.standing.received
+        last_heard = time.monotonic()
+        while True:
+            try:
+                data = stream.recv(max(0.0, silence_s - (time.monotonic() - last_heard)))
+            except TimeoutError:
+                return f"no word from the primary for {(time.monotonic() - last_heard) * 1000:.0f} ms", True
+            if data is None:
+                if stream.cancelled():
+                    return "the primary's connection dropped", False
+                return "the primary closed the stream", False
+            last_heard = time.monotonic()
+            if not vm.following():
+                return "the backup stopped following", False
+            message = _parse(data)
+            if message is None:
+                return "the primary sent a message that does not parse", False
+            batch = message.batch if message.HasField("batch") else None
+            if batch is not None:
+                hops.hop("recv", batch.horizon)
+                received = max(received, batch.horizon, batch.end_position)
+            ack = vm.ack()
+            ack.ack.received = max(ack.ack.received, received)
+            hops.hop("ack", ack.ack.received)
+            # The write before is long done (the primary reads every acknowledgement); a primary that
+            # stopped reading is as good as silent.
+            self._send(ack, silence_s)
+            if batch is not None:
+                # Straight to the replay (its vCPU thread waits on the queue): no trip through the loop.
+                if not vm.on_batch(batch, len(data)):
+                    return "the backup refused the log", False
+                if batch.ended:
+                    return "", False  # the guest stopped on the primary; replay finishes by itself
+
+
+def _parse(data: bytes) -> vmft_pb2.PrimaryMessage | None:
+    try:
+        return vmft_pb2.PrimaryMessage.FromString(data)
+    except DecodeError:
+        return None

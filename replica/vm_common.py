@@ -8,6 +8,7 @@ import collections
 import hashlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,9 @@ class NodeSettings:
     # Input moderation (replica/input_hold.py): a protected guest's input waits at most this long while
     # its replies wait for the backup (0: off).
     input_hold_ms: float = 1.0
+    # The port of the --listen host this node takes replication streams on (0: a free one).
+    replication_port: int = 0
+    replication_advertise: str = ""  # what primaries are told instead of that port ("": the port itself)
     link_relay: bool = False  # route each replication link through a fault-injecting relay (cut/delay/drop)
     # BROKEN ON PURPOSE, for tests only: release outputs without waiting for the backup's acknowledgement
     # (breaks the output rule; the history checker must then find lost writes after a failover).
@@ -155,18 +159,21 @@ class FailoverTimes:
 
 @dataclass
 class Meter:
-    """Bytes per second over a sliding second (a deque and a running total: O(1) per message)."""
+    """Bytes per second over a sliding second (a deque and a running total: O(1) per message). Any thread:
+    a backup's stream thread counts while the loop reads the rate."""
 
     samples: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
     total: int = 0
     bytes_total: int = 0  # every byte ever counted (the metrics' log byte counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, nbytes: int) -> None:
         now = time.monotonic()
-        self.samples.append((now, nbytes))
-        self.total += nbytes
-        self.bytes_total += nbytes
-        self._expire(now)
+        with self._lock:
+            self.samples.append((now, nbytes))
+            self.total += nbytes
+            self.bytes_total += nbytes
+            self._expire(now)
 
     def _expire(self, now: float) -> None:
         samples = self.samples
@@ -174,8 +181,9 @@ class Meter:
             self.total -= samples.popleft()[1]
 
     def rate(self) -> float:
-        self._expire(time.monotonic())
-        return float(self.total)
+        with self._lock:
+            self._expire(time.monotonic())
+            return float(self.total)
 
 
 def spawn(tasks: list[asyncio.Task[None]], coro: Coroutine[Any, Any, None], what: str) -> None:

@@ -26,7 +26,7 @@ from monitor.record import make_header
 from proto import vmft_pb2, vmft_pb2_grpc
 from replica import tls
 from replica.arbiter import SqliteArbiter
-from replica.cluster import LocalCluster, NodeProcess, ProtectedVm
+from replica.cluster import LocalCluster, NodeProcess, ProtectedVm, free_port
 from replica.node_client import ClientAuth
 from replica.relay import Relay
 from replica.roles import SERVING_WIRE
@@ -49,9 +49,9 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
         yield c
 
 
-def _pair(cluster: LocalCluster, relay: Relay | None = None) -> tuple[NodeProcess, NodeProcess, ProtectedVm]:
+def _pair(cluster: LocalCluster) -> tuple[NodeProcess, NodeProcess, ProtectedVm]:
     a, b = cluster.add_node(), cluster.add_node()
-    vm = cluster.protect(KV, a, b, backup_address=relay.address if relay else None)
+    vm = cluster.protect(KV, a, b)
     cluster.wait_for(b, vm.name, "backup", timeout=10)
     return a, b, vm
 
@@ -148,10 +148,12 @@ async def test_link_cut_leaves_exactly_one_primary(cluster: LocalCluster, silent
     that only the heartbeat timeouts notice). Exactly one of them is primary afterwards. Silently (a
     partition), both notice at the same timeout and the primary, which its clients can still reach, must
     win: the backup defers its claim after silence."""
-    a = cluster.add_node()
-    b = cluster.add_node()
-    with Relay(b.name) as relay:
-        vm = cluster.protect(KV, a, b, backup_address=relay.address)
+    # The relay sits in front of the backup node's replication port, which the node advertises instead.
+    port = free_port()
+    with Relay(f"127.0.0.1:{port}") as relay:
+        a = cluster.add_node()
+        b = cluster.add_node(["--replication-port", str(port), "--replication-advertise", relay.address])
+        vm = cluster.protect(KV, a, b)
         cluster.wait_for(b, vm.name, "backup", timeout=10)
         workload = Workload(vm.addresses, clients=CLIENTS, seed=3)
         outcome: list[list[vmft_pb2.VmStatus | None]] = []
@@ -293,7 +295,7 @@ def _send_hello(cluster: LocalCluster, node: NodeProcess, hello: vmft_pb2.Hello)
     replication stream is accepted only from the VM's current primary: tests/test_security.py)."""
     SqliteArbiter(cluster.arbiter_path).claim(hello.spec.name, hello.generation, "test-client")
     auth = ClientAuth(cluster.identity(tls.Role.NODE, "test-client"))
-    with auth.channel(node.name) as channel:
+    with auth.channel(cluster.replication_address(node)) as channel:
         call = vmft_pb2_grpc.ReplicationStub(channel).Stream(
             iter([vmft_pb2.PrimaryMessage(hello=hello)]), timeout=10
         )

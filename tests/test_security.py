@@ -139,8 +139,16 @@ def test_a_forged_replication_stream_is_refused_and_the_pair_goes_on(
         header=make_header(image, 64 << 20), primary_node="forger", backup_service="127.0.0.1:1",
         heartbeat_interval_ms=5, failure_timeout_ms=300,
     )  # fmt: skip
+    with cluster.auth.channel(b.name) as channel:  # the node API's port does not take streams at all
+        call = vmft_pb2_grpc.ReplicationStub(channel).Stream(
+            iter([vmft_pb2.PrimaryMessage(hello=forged)]), timeout=10
+        )
+        with pytest.raises(grpc.RpcError) as unserved:
+            next(call)
+        assert unserved.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    replication = cluster.replication_address(b)
     for who in (ClientAuth(cluster.identity(tls.Role.NODE, "forger")), cluster.auth):  # a node; an admin
-        with who.channel(b.name) as channel:
+        with who.channel(replication) as channel:
             call = vmft_pb2_grpc.ReplicationStub(channel).Stream(
                 iter([vmft_pb2.PrimaryMessage(hello=forged)]), timeout=10
             )

@@ -292,6 +292,7 @@ static PyObject *Stream_finish(Stream *self, PyObject *args) {
         return NULL;
     }
     self->status = (grpc_status_code)code;
+    grpc_slice_unref(self->status_details);
     self->status_details = grpc_slice_from_copied_buffer(details, (size_t)details_len);
     grpc_op ops[2];
     memset(ops, 0, sizeof ops);
@@ -383,7 +384,8 @@ static void Stream_dealloc(Stream *self) {
     if (self->call != NULL) {
         grpc_call_cancel(self->call, NULL);
         /* Every started operation completes after a cancel; collect them before the queue goes. */
-        if (!self->status_known) wait_for(self, &self->status_tag, -1);
+        /* (a client's status operation runs from the start; a server's only once finish() began it) */
+        if (!self->server_side && !self->status_known) wait_for(self, &self->status_tag, -1);
         if (self->recv_pending) wait_for(self, &self->recv_tag, -1);
         /* The header batches' completions each hold the call (and so its connection) until collected. */
         for (; self->starts_pending > 0; self->starts_pending--) wait_for(self, &self->start_tag, -1);
@@ -522,7 +524,10 @@ static int Server_init(Server *self, PyObject *args, PyObject *kwds) {
         return -1;
     }
     self->method = strdup(method);
-    self->server = grpc_server_create(NULL, NULL);
+    /* No SO_REUSEPORT: a second server on a taken port must fail, not split the calls with the first. */
+    grpc_arg no_reuseport = {.type = GRPC_ARG_INTEGER, .key = (char *)GRPC_ARG_ALLOW_REUSEPORT, .value.integer = 0};
+    grpc_channel_args server_args = {1, &no_reuseport};
+    self->server = grpc_server_create(&server_args, NULL);
     self->cq = grpc_completion_queue_create_for_next(NULL);
     grpc_server_register_completion_queue(self->server, self->cq, NULL);
     grpc_server_credentials *creds;
