@@ -51,6 +51,7 @@ typedef struct {
     int cancelled;
     int close_pending;
     int finish_pending;
+    int live; /* counted in live_streams */
     /* Tags: the addresses of these bytes name each kind of operation on the pluck queue. */
     char start_tag, send_tag, recv_tag, status_tag, close_tag;
 } Stream;
@@ -59,6 +60,19 @@ static gpr_timespec deadline_after(double seconds) {
     if (seconds < 0) return gpr_inf_future(GPR_CLOCK_MONOTONIC);
     return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
                         gpr_time_from_micros((int64_t)(seconds * 1e6), GPR_TIMESPAN));
+}
+
+/* How many streams of this process are live (opened or accepted, not yet seen to end): each has a thread
+   that waits in its queue for the next message most of the time. gRPC's poller (epoll1) watches every
+   socket of the process for whichever thread waits, and with two or more waiting it hands the polling
+   from one to another at every event: a wake-up of a second thread per message. So a server's accepting
+   thread polls only while no stream is live (Server_accept), and each socket's events are handled by the
+   thread that waits for them. Changed and read under the GIL. */
+static int live_streams;
+
+static void set_live(Stream *self, int live) {
+    if (live != self->live) live_streams += live ? 1 : -1;
+    self->live = live;
 }
 
 /* Waits (without the GIL) for the operation named by `tag`; 1 ok, 0 failed, -1 timed out. */
@@ -150,6 +164,7 @@ static int Stream_init(Stream *self, PyObject *args, PyObject *kwds) {
     }
     if (start(self, ops + 1, 1, &self->start_tag) < 0) return -1;
     self->starts_pending++;
+    set_live(self, 1);
     return 0;
 }
 
@@ -236,7 +251,10 @@ static PyObject *Stream_recv(Stream *self, PyObject *args) {
         return NULL;
     }
     self->recv_pending = 0;
-    if (!got || self->received == NULL) Py_RETURN_NONE;
+    if (!got || self->received == NULL) {
+        set_live(self, 0);
+        Py_RETURN_NONE;
+    }
     grpc_byte_buffer_reader reader;
     PyObject *out = NULL;
     if (grpc_byte_buffer_reader_init(&reader, self->received)) {
@@ -381,6 +399,7 @@ fail:
 }
 
 static void Stream_dealloc(Stream *self) {
+    set_live(self, 0);
     if (self->call != NULL) {
         grpc_call_cancel(self->call, NULL);
         /* Every started operation completes after a cancel; collect them before the queue goes. */
@@ -450,10 +469,19 @@ static PyTypeObject StreamType = {
 
 /* ----- the server ----------------------------------------------------------------------------------- */
 
+static void drain_and_destroy(grpc_completion_queue *cq) {
+    grpc_completion_queue_shutdown(cq);
+    grpc_event ev;
+    do {
+        ev = grpc_completion_queue_pluck(cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    } while (ev.type != GRPC_QUEUE_SHUTDOWN);
+    grpc_completion_queue_destroy(cq);
+}
+
 typedef struct {
     PyObject_HEAD
     grpc_server *server;
-    grpc_completion_queue *cq; /* the server's notification queue (next), polled by accept() */
+    grpc_completion_queue *cq; /* the server's queue (pluck): requested calls and the shutdown land here */
     char *method;              /* the one method served */
     int port;
     /* The call asked for next (one at a time): its stream-to-be's pluck queue and where gRPC puts it. */
@@ -462,9 +490,35 @@ typedef struct {
     grpc_call_details details;
     grpc_metadata_array request_metadata;
     grpc_completion_queue *call_cq;
-    int shutting_down, shut_down;
+    int shutting_down;
     char request_tag, shutdown_tag;
 } Server;
+
+/* accept() polls (and so returns the moment a call comes) only while no stream of this process is live;
+   otherwise it sleeps BUSY_MS at a time and looks (polling once, briefly), and the streams' threads poll
+   for it: another stream may wait that long to be accepted. Polling, it looks again every IDLE_MS
+   whether a stream has started meanwhile. */
+#define ACCEPT_BUSY_MS 5
+#define ACCEPT_IDLE_MS 50
+
+static gpr_timespec after_ms(int ms, gpr_timespec cap) {
+    gpr_timespec t = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(ms, GPR_TIMESPAN));
+    return gpr_time_cmp(cap, t) < 0 ? cap : t;
+}
+
+/* The requested call's completion by `deadline` (call it without the GIL). */
+static grpc_event wait_request(Server *self, gpr_timespec deadline) {
+    for (;;) {
+        grpc_event ev;
+        if (__atomic_load_n(&live_streams, __ATOMIC_RELAXED) == 0) {
+            ev = grpc_completion_queue_pluck(self->cq, &self->request_tag, after_ms(ACCEPT_IDLE_MS, deadline), NULL);
+        } else {
+            gpr_sleep_until(after_ms(ACCEPT_BUSY_MS, deadline));
+            ev = grpc_completion_queue_pluck(self->cq, &self->request_tag, gpr_inf_past(GPR_CLOCK_MONOTONIC), NULL);
+        }
+        if (ev.type != GRPC_QUEUE_TIMEOUT || gpr_time_cmp(gpr_now(GPR_CLOCK_MONOTONIC), deadline) >= 0) return ev;
+    }
+}
 
 static int request_next(Server *self) {
     self->call = NULL;
@@ -485,15 +539,6 @@ static int request_next(Server *self) {
     }
     self->requested = 1;
     return 0;
-}
-
-static void drain_and_destroy(grpc_completion_queue *cq) {
-    grpc_completion_queue_shutdown(cq);
-    grpc_event ev;
-    do {
-        ev = grpc_completion_queue_pluck(cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-    } while (ev.type != GRPC_QUEUE_SHUTDOWN);
-    grpc_completion_queue_destroy(cq);
 }
 
 /* The request came back without a call (shutdown): free what it held. */
@@ -528,7 +573,8 @@ static int Server_init(Server *self, PyObject *args, PyObject *kwds) {
     grpc_arg no_reuseport = {.type = GRPC_ARG_INTEGER, .key = (char *)GRPC_ARG_ALLOW_REUSEPORT, .value.integer = 0};
     grpc_channel_args server_args = {1, &no_reuseport};
     self->server = grpc_server_create(&server_args, NULL);
-    self->cq = grpc_completion_queue_create_for_next(NULL);
+    /* A pluck queue, not next: gRPC only logs that a server's queue is of that type. */
+    self->cq = grpc_completion_queue_create_for_pluck(NULL);
     grpc_server_register_completion_queue(self->server, self->cq, NULL);
     grpc_server_credentials *creds;
     if (root != NULL) {
@@ -566,20 +612,16 @@ static PyObject *Server_accept(Server *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "|d", &timeout) || check_server(self) < 0) return NULL;
     gpr_timespec deadline = deadline_after(timeout);
     for (;;) {
-        if (self->shut_down || !self->requested) Py_RETURN_NONE;
+        if (!self->requested) Py_RETURN_NONE;
         grpc_event ev;
         Py_BEGIN_ALLOW_THREADS
-        ev = grpc_completion_queue_next(self->cq, deadline, NULL);
+        ev = wait_request(self, deadline);
         Py_END_ALLOW_THREADS
         if (ev.type == GRPC_QUEUE_TIMEOUT) {
             PyErr_SetString(PyExc_TimeoutError, "no call within the timeout");
             return NULL;
         }
         if (ev.type != GRPC_OP_COMPLETE) Py_RETURN_NONE;
-        if (ev.tag == &self->shutdown_tag) {
-            self->shut_down = 1;
-            continue; /* the request still pending completes too: collected below or by dealloc */
-        }
         if (!ev.success || self->call == NULL) {
             drop_request(self);
             if (!self->shutting_down && request_next(self) < 0) return NULL;
@@ -606,6 +648,7 @@ static PyObject *Server_accept(Server *self, PyObject *args) {
             return NULL;
         }
         stream->close_pending = 1;
+        set_live(stream, 1);
         if (!self->shutting_down && request_next(self) < 0) {
             Py_DECREF(stream);
             return NULL;
@@ -645,22 +688,15 @@ static void Server_dealloc(Server *self) {
             grpc_server_shutdown_and_notify(self->server, self->cq, &self->shutdown_tag);
         }
         grpc_server_cancel_all_calls(self->server);
-        while (!self->shut_down || self->requested) {
-            grpc_event ev = grpc_completion_queue_next(self->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-            if (ev.type != GRPC_OP_COMPLETE) break;
-            if (ev.tag == &self->shutdown_tag) self->shut_down = 1;
-            else if (ev.tag == &self->request_tag) drop_request(self);
+        gpr_timespec forever = gpr_inf_future(GPR_CLOCK_REALTIME);
+        if (self->requested) {
+            grpc_completion_queue_pluck(self->cq, &self->request_tag, forever, NULL);
+            drop_request(self);
         }
+        grpc_completion_queue_pluck(self->cq, &self->shutdown_tag, forever, NULL);
         grpc_server_destroy(self->server);
     }
-    if (self->cq != NULL) {
-        grpc_completion_queue_shutdown(self->cq);
-        grpc_event ev;
-        do {
-            ev = grpc_completion_queue_next(self->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-        } while (ev.type != GRPC_QUEUE_SHUTDOWN);
-        grpc_completion_queue_destroy(self->cq);
-    }
+    if (self->cq != NULL) drain_and_destroy(self->cq);
     free(self->method);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
