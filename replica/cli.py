@@ -182,6 +182,14 @@ def _milliseconds(low: float, high: float) -> Callable[[str], float]:
     return parse
 
 
+def _address(text: str) -> str:
+    """An argparse type: HOST:PORT (the parser's own message otherwise)."""
+    try:
+        return str(parse_address(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _port(text: str) -> int:
     """An argparse type: a TCP port, 0 to 65535 (0: any free one)."""
     if not text.isdigit() or int(text) > 65535:
@@ -208,7 +216,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         link_relay=args.link_relay,
         input_hold_ms=args.input_hold_ms,
         replication_port=args.replication_port,
-        replication_advertise=str(args.replication_advertise or ""),
+        replication_advertise=args.replication_advertise or "",
         auto_reprotect_s=args.auto_reprotect,
         unsafe_release_outputs=args.unsafe_release_outputs,
         identity=identity,
@@ -533,7 +541,7 @@ def _add_node_parser(sub: Subparsers) -> None:
         "`vmft status` shows it)",
     )  # fmt: skip
     node.add_argument(
-        "--replication-advertise", type=parse_address, default=None, metavar="HOST:PORT",
+        "--replication-advertise", type=_address, default=None, metavar="HOST:PORT",
         help="tell primaries to reach the replication port here instead (a relay or NAT in front of it)",
     )  # fmt: skip
     node.add_argument("--ca", default=None, metavar="DIR", help="the cluster CA directory ($VMFT_CA)")

@@ -6,17 +6,18 @@
     [checkpoint records, manifest last]  ->   (re-protection only: seeds the backup's VM)
                                           <-  Ack (the checkpoint's position)
     EventBatch | Heartbeat ...            ->
-                                          <-  Ack (received, replayed) per group of messages read
+                                          <-  Ack (received, replayed) per message read
 
-The primary drives its end through gRPC's C core (replica/native_stream.py), not the event loop and not
-Python's gRPC: the vCPU thread that logged a batch writes it itself (one merged batch per message: the
+Both ends run on gRPC's C core (replica/native_stream.py), not on the event loop and not on Python's gRPC.
+The primary's: the vCPU thread that logged a batch writes it itself (one merged batch per message: the
 stream's cost is per message; at most two unacknowledged messages, so that the log gathers under load); an
 ack thread releases the outputs waiting in the output gate the moment an Ack covers them, and sends what
-gathered meanwhile; a sending thread writes the control messages and the heartbeats when idle. The backup
-acknowledges on receipt, before the batches reach its replay. Either side that hears nothing for the failure
-timeout declares the other lost: the primary asks the arbiter to stay primary alone, the backup asks it to
-take over (primary.py, backup.py). Each hop can be timed with replica/hops.py (scripts/bench replication
---hops).
+gathered meanwhile; a sending thread writes the control messages and the heartbeats when idle. The
+backup's: a node takes streams on a port of its own (`ReplicationServer`; a primary learns it from the
+node's status), one thread per stream, which acknowledges each message on receipt, before its batch goes to
+the replay. Either side that hears nothing for the failure timeout declares the other lost: the primary asks
+the arbiter to stay primary alone, the backup asks it to take over (primary.py, backup.py). Each hop can be
+timed with replica/hops.py (scripts/bench replication --hops).
 """
 
 from __future__ import annotations

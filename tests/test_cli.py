@@ -435,6 +435,8 @@ def test_node_refuses_timings_out_of_range(tmp_path: Path) -> None:
         (("--heartbeat-ms", "nan"), "outside 0.1 to 1000 ms"),
         (("--failure-timeout-ms", "soon"), "'soon' is not a number of milliseconds"),
         (("--heartbeat-ms", "50", "--failure-timeout-ms", "20"), "must be longer than --heartbeat-ms"),
+        (("--replication-port", "70000"), "'70000' is not a port"),
+        (("--replication-advertise", "nowhere"), "expected HOST:PORT"),
     ):
         done = vmft(*base, *flags, timeout=30)
         assert done.returncode != 0 and says in done.stderr, (flags, done.returncode, done.stderr)

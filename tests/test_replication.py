@@ -306,6 +306,21 @@ def _send_hello(cluster: LocalCluster, node: NodeProcess, hello: vmft_pb2.Hello)
     return reply
 
 
+def test_a_node_takes_streams_on_its_own_replication_port(cluster: LocalCluster) -> None:
+    """The port asked for, reported in the node's status (what a primary reads before it opens a link);
+    the node API's port does not take streams."""
+    port = free_port()
+    node = cluster.add_node(["--replication-port", str(port)])
+    assert cluster.replication_address(node) == f"127.0.0.1:{port}"
+    with cluster.channel(node) as channel:
+        full = vmft_pb2_grpc.NodeStub(channel).Status(vmft_pb2.StatusRequest(), timeout=10)
+    assert full.replication == f"127.0.0.1:{port}" and full.node == node.name
+    other = cluster.add_node()  # a free port of its own by default
+    assert cluster.replication_address(other) not in ("", other.name, f"127.0.0.1:{port}")
+    reply = _send_hello(cluster, node, _hello(protocol_version=99))
+    assert not reply.accepted and "99" in reply.reason
+
+
 def test_peer_of_another_version_is_refused(cluster: LocalCluster) -> None:
     node = cluster.add_node()
     reply = _send_hello(cluster, node, _hello(protocol_version=99))
