@@ -143,6 +143,35 @@ async def test_a_full_window_never_stalls_the_log_when_acks_are_late() -> None:
     sender.join(5)
 
 
+async def test_a_sending_thread_asleep_for_a_heartbeat_still_looks_within_the_window_wait() -> None:
+    """With nothing waiting to be sent the sending thread sleeps a heartbeat interval (here 3 s), not the
+    1 ms it looks every while messages are in flight; a pump that must leave the log waiting (a full
+    window, or a write still going out) wakes it, so the log still goes out within about 1 ms."""
+    sink = StreamSink(asyncio.get_running_loop())
+    outgoing, wire = _Outgoing(heartbeat_s=3.0, window=1), _Wire()
+    outgoing.attach(sink, lambda: 0)
+    sender = _sending(outgoing, wire)
+    sink.write_batch(_batch(1))
+    assert wire.wait(lambda: len(wire.sent) == 1)
+    await asyncio.sleep(0.05)  # the sending thread is asleep for the heartbeat interval by now
+    sink.write_batch(_batch(2))  # the window is full and no ack comes
+    assert wire.wait(lambda: len(wire.sent) == 2, timeout=1.0), "the log waited for a heartbeat interval"
+    outgoing.acked(2)
+    wire.hold_writes = True
+    sink.write_batch(_batch(3))
+    assert wire.wait(lambda: len(wire.sent) == 3)
+    outgoing.acked(3)
+    await asyncio.sleep(0.05)
+    sink.write_batch(_batch(4))  # the transport is still busy with the last write
+    await asyncio.sleep(0.05)
+    assert len(wire.sent) == 3
+    wire.hold_writes = wire.in_flight = False
+    assert wire.wait(lambda: len(wire.sent) == 4, timeout=1.0), "the log waited for a heartbeat interval"
+    assert [_positions(m) for m in wire.sent] == [[1], [2], [3], [4]]
+    outgoing.close()
+    sender.join(5)
+
+
 async def test_the_last_batch_half_closes_the_stream_and_close_ends_it() -> None:
     sink = StreamSink(asyncio.get_running_loop())
     outgoing, wire = _Outgoing(heartbeat_s=0.005), _Wire()
