@@ -528,46 +528,20 @@ class _BackupEnd:
 
     def run(self) -> None:
         try:
-            data = self.stream.recv(_HELLO_WAIT_S)
-        except TimeoutError:
-            self._finish(grpc.StatusCode.DEADLINE_EXCEEDED, "no Hello")
+            vm, hello = self._handshake()
+        except _StreamEnded:
+            return  # before anything was built: the primary tries again
+        if vm is None:
             return
-        if data is None:
-            return
-        first = _parse(data)
-        if first is None or not first.HasField("hello"):
-            self._send(refuse("the first message of a stream must be Hello"))
-            self._finish()
-            return
-        hello = first.hello
-        accepted = self._on_loop(self.accept(hello, self.stream))
-        if isinstance(accepted, Denied):
-            log.warning("refused replication from %s: %s", self.stream.peer(), accepted.why)
-            self._finish(accepted.code, accepted.why)
-            return
-        if isinstance(accepted, str):
-            log.warning(
-                "refusing replication of %s from %s: %s", hello.spec.name, hello.primary_node, accepted
-            )
-            self._send(refuse(accepted))
-            self._finish()
-            return
-        vm = accepted
-        log.info("%s: backup of %s in generation %d", vm.name, hello.primary_node, hello.generation)
         try:
-            self._send(
-                vmft_pb2.BackupMessage(
-                    hello_reply=vmft_pb2.HelloReply(
-                        accepted=True, protocol_version=PROTOCOL_VERSION, backup_node=self.settings.name
-                    )
-                )
-            )
             if hello.checkpoint_follows:
                 if not self._seed(vm):
                     return
                 self._send(vm.ack())
         except _StreamEnded:
-            return  # before the log: the primary tries again, or re-protects elsewhere
+            # Before the log: this VM would never hear from its primary, and would refuse the next try.
+            self._on_loop(vm.fail("the primary's stream ended before the log"))
+            return
         reason, silent = "", False
         try:
             timeout = max(hello.failure_timeout_ms / 1000, self.settings.failure_timeout_s)
@@ -581,6 +555,45 @@ class _BackupEnd:
             # failover (detached: nothing that ends this stream's thread may cut it short).
             if reason:
                 self.loop.call_soon_threadsafe(self._lost, vm, reason, silent)
+
+    def _handshake(self) -> tuple[BackupVm | None, vmft_pb2.Hello]:
+        """Hello, and the backup VM it makes here (answered HelloReply); None if refused or denied."""
+        stream = self.stream
+        try:
+            data = stream.recv(_HELLO_WAIT_S)
+        except TimeoutError:
+            self._finish(grpc.StatusCode.DEADLINE_EXCEEDED, "no Hello")
+            return None, vmft_pb2.Hello()
+        first = _parse(data) if data is not None else None
+        if first is None or not first.HasField("hello"):
+            if data is not None:
+                self._send(refuse("the first message of a stream must be Hello"))
+                self._finish()
+            return None, vmft_pb2.Hello()
+        hello = first.hello
+        accepted = self._on_loop(self.accept(hello, stream))
+        if isinstance(accepted, Denied):
+            log.warning("refused replication from %s: %s", stream.peer(), accepted.why)
+            self._finish(accepted.code, accepted.why)
+            return None, hello
+        if isinstance(accepted, str):
+            log.warning(
+                "refusing replication of %s from %s: %s", hello.spec.name, hello.primary_node, accepted
+            )
+            self._send(refuse(accepted))
+            self._finish()
+            return None, hello
+        vm = accepted
+        log.info("%s: backup of %s in generation %d", vm.name, hello.primary_node, hello.generation)
+        reply = vmft_pb2.HelloReply(
+            accepted=True, protocol_version=PROTOCOL_VERSION, backup_node=self.settings.name
+        )
+        try:
+            self._send(vmft_pb2.BackupMessage(hello_reply=reply))
+        except _StreamEnded:
+            self._on_loop(vm.fail("the primary's stream ended before the log"))
+            return None, hello
+        return vm, hello
 
     def _lost(self, vm: BackupVm, reason: str, silent: bool) -> None:
         self.detach(vm.primary_lost(reason, silent=silent))
