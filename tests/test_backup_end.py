@@ -303,8 +303,11 @@ async def test_a_huge_failure_timeout_in_the_hello_is_no_instant_silence(serve: 
     node = serve()
     primary = await node.connect()
     assert (await primary.hello(failure_timeout_ms=1 << 63)).accepted
-    await primary.send(batch(10))
-    assert await primary.ack() == 10
+    for _ in range(100):  # a second without a word: nothing near the Hello's timeout
+        if node.detached:
+            break
+        await asyncio.sleep(0.01)
+    assert node.detached == []
     await node.close()
     assert node.vms["vm1"].lost == [DROPPED]  # only close ended it
 
@@ -377,6 +380,34 @@ async def test_an_error_handing_a_batch_over_still_fails_over(serve: Serve) -> N
     assert await primary.ended() != "OK"
     await node.close()
     assert len(node.detached) == 1 and node.vms["vm1"].lost[0][0]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the HelloReply's write is started, never collected (send_done): a primary that gave up before "
+    "the reply (its connect timeout while accept was slow) gets a failover instead of vm.fail",
+)
+async def test_a_primary_gone_before_the_hello_reply_fails_the_vm_without_failover(serve: Serve) -> None:
+    node = serve()
+    accepting, answer = asyncio.Event(), asyncio.Event()
+
+    async def slow(hello: vmft_pb2.Hello, caller: ServerStream) -> FakeVm:
+        accepting.set()
+        await answer.wait()
+        return node.new_vm(hello)
+
+    node.answer = slow
+    primary = await node.connect()
+    await primary.send(vmft_pb2.PrimaryMessage(hello=hello()))
+    await asyncio.wait_for(accepting.wait(), WAIT)
+    primary.stream.cancel()
+    deadline = time.monotonic() + WAIT
+    while not node.callers[0].cancelled():  # the backup knows the call ended before it answers
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+    answer.set()
+    await node.close()
+    assert node.detached == [] and len(node.vms["vm1"].failed) == 1
 
 
 async def test_two_streams_are_served_apart_and_close_ends_both(serve: Serve) -> None:
