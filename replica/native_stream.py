@@ -179,11 +179,18 @@ class ServerStream:
 class StreamServer:
     """A server of one bidirectional-streaming `method` on `address` (port 0: any free one; `port` says
     which): mutual TLS as `identity` (clients must prove themselves with the same CA), or plaintext only
-    where `insecure` allows it on loopback. Calls of other methods end UNIMPLEMENTED. One thread calls
-    `accept`; `shutdown` (any thread) cancels the calls going on and makes `accept` return None."""
+    where `insecure` allows it on loopback; messages of at most `max_message` bytes (0: gRPC's 4 MiB).
+    Calls of other methods end UNIMPLEMENTED. One thread calls `accept`; `shutdown` (any thread) cancels
+    the calls going on and makes `accept` return None."""
 
     def __init__(
-        self, address: str, method: str, identity: tls.Identity | None, *, insecure: bool = False
+        self,
+        address: str,
+        method: str,
+        identity: tls.Identity | None,
+        *,
+        insecure: bool = False,
+        max_message: int = 0,
     ) -> None:
         if identity is None:
             tls.check_plaintext(address, insecure)
@@ -191,7 +198,7 @@ class StreamServer:
         else:
             pems = (identity.ca.read_text(), identity.key.read_text(), identity.cert.read_text())
         try:
-            self._raw = cast(_RawServer, _extension().Server(address, method, *pems))
+            self._raw = cast(_RawServer, _extension().Server(address, method, *pems, max_message))
         except OSError as err:
             raise NativeStreamError(str(err)) from err
         self.port: int = self._raw.port

@@ -28,13 +28,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from monitor.address import Address, parse_address
-from monitor.checkpoint import CheckpointError, RecordType
+from monitor.checkpoint import RecordType
+from monitor.checkpoint.format import MAX_RECORD
 from monitor.errors import PeerError
 from proto import vmft_pb2, vmft_pb2_grpc
 from replica import hops, tls
@@ -412,6 +414,11 @@ Detach = Callable[[Coroutine[Any, Any, None]], None]
 _HELLO_WAIT_S = 10.0
 _SEED_GAP_S = 30.0
 _CLOSE_WAIT_S = 2.0
+# The largest message a backup takes: a checkpoint record (a Linux guest's manifest may be large) and its
+# framing; log batches are far smaller (stream_sink.MAX_MESSAGE_BYTES).
+_MAX_MESSAGE = MAX_RECORD + (1 << 20)
+# A silence longer than this is a lost primary whatever its Hello says (vmft node allows up to 600 s).
+_MAX_SILENCE_S = 600.0
 
 
 def refuse(reason: str) -> vmft_pb2.BackupMessage:
@@ -446,7 +453,11 @@ class ReplicationServer:
         where = str(Address(host, self.settings.replication_port))
         try:
             self._server = StreamServer(
-                where, STREAM_METHOD, self.settings.identity, insecure=self.settings.insecure
+                where,
+                STREAM_METHOD,
+                self.settings.identity,
+                insecure=self.settings.insecure,
+                max_message=_MAX_MESSAGE,
             )
         except NativeStreamError as err:
             raise ReplicationRefused(f"cannot take replication streams on {where}: {err}") from err
@@ -486,8 +497,11 @@ class ReplicationServer:
             return
         self._server.shutdown()
         deadline = time.monotonic() + _CLOSE_WAIT_S
-        for thread in list(self._threads):
-            await asyncio.to_thread(thread.join, max(0.0, deadline - time.monotonic()))
+        while time.monotonic() < deadline:  # (also a stream accepted meanwhile)
+            left = [thread for thread in list(self._threads) if thread.is_alive()]
+            if not left:
+                break
+            await asyncio.to_thread(left[0].join, max(0.0, deadline - time.monotonic()))
 
 
 class _StreamEnded(Exception):
@@ -542,19 +556,29 @@ class _BackupEnd:
             # Before the log: this VM would never hear from its primary, and would refuse the next try.
             self._on_loop(vm.fail("the primary's stream ended before the log"))
             return
-        reason, silent = "", False
+        # A primary depends on this backup once it has the HelloReply, and then always sends something
+        # (the checkpoint, the log or a heartbeat): only then may a lost stream mean a failover. A primary
+        # that gave up before the reply runs on without this backup, which must never go live.
+        follow = _Follow(heard=hello.checkpoint_follows)
         try:
-            timeout = max(hello.failure_timeout_ms / 1000, self.settings.failure_timeout_s)
-            reason, silent = self._follow(vm, timeout)
-            if not reason:
+            silence_s = min(
+                max(hello.failure_timeout_ms / 1000, self.settings.failure_timeout_s), _MAX_SILENCE_S
+            )
+            self._follow(vm, silence_s, follow)
+            if not follow.reason:
                 self._finish()
         except _StreamEnded as err:
-            reason = str(err)
+            follow.reason = str(err)
+        except Exception as err:  # (a replay or a check that failed: the stream ends as if broken)
+            log.exception("%s: the stream from %s failed", vm.name, vm.primary_node)
+            follow.reason = f"the backup's end of the stream failed: {err}"
         finally:
-            # Once the log flows, a stream that ends without the guest having stopped on the primary is a
-            # failover (detached: nothing that ends this stream's thread may cut it short).
-            if reason:
-                self.loop.call_soon_threadsafe(self._lost, vm, reason, silent)
+            if not follow.heard:
+                self._on_loop(vm.fail(f"the primary's stream ended before the log ({follow.reason})"))
+            elif follow.reason:
+                # A stream that ends without the guest having stopped on the primary is a failover
+                # (detached: nothing that ends this stream's thread may cut it short).
+                self.loop.call_soon_threadsafe(self._lost, vm, follow.reason, follow.silent)
 
     def _handshake(self) -> tuple[BackupVm | None, vmft_pb2.Hello]:
         """Hello, and the backup VM it makes here (answered HelloReply); None if refused or denied."""
@@ -571,7 +595,12 @@ class _BackupEnd:
                 self._finish()
             return None, vmft_pb2.Hello()
         hello = first.hello
-        accepted = self._on_loop(self.accept(hello, stream))
+        try:
+            accepted = self._on_loop(self.accept(hello, stream))
+        except Exception as err:  # (the arbiter unreachable, ...): the primary hears why
+            log.warning("could not take %s from %s: %s", hello.spec.name, stream.peer(), err)
+            self._finish(grpc.StatusCode.UNAVAILABLE, f"the backup node could not take the pair: {err}")
+            return None, hello
         if isinstance(accepted, Denied):
             log.warning("refused replication from %s: %s", stream.peer(), accepted.why)
             self._finish(accepted.code, accepted.why)
@@ -616,7 +645,7 @@ class _BackupEnd:
                 if record[:1] == bytes([RecordType.MANIFEST]):
                     break
             stats = self._on_loop(vm.start_from_checkpoint())
-        except (CheckpointError, ReplicationRefused, OSError) as err:
+        except Exception as err:  # (CheckpointError, ReplicationRefused, OSError, a KVM or disk error...)
             log.error("%s: seeding from a checkpoint failed: %s", vm.name, err)
             self._on_loop(vm.fail(f"seeding failed: {err}"))
             self._finish(grpc.StatusCode.ABORTED, f"seeding failed: {err}")
@@ -627,9 +656,9 @@ class _BackupEnd:
         )  # fmt: skip
         return True
 
-    def _follow(self, vm: BackupVm, silence_s: float) -> tuple[str, bool]:
-        """Read, acknowledge and hand over the log until it ends; returns why ("" when the guest stopped
-        on the primary) and whether the primary went silent."""
+    def _follow(self, vm: BackupVm, silence_s: float, follow: _Follow) -> None:
+        """Read, acknowledge and hand over the log until it ends; `follow` says why ("" when the guest
+        stopped on the primary), whether the primary went silent and whether it was ever heard."""
         stream = self.stream
         received = vm.standing.received
         last_heard = time.monotonic()
@@ -637,17 +666,24 @@ class _BackupEnd:
             try:
                 data = stream.recv(max(0.0, silence_s - (time.monotonic() - last_heard)))
             except TimeoutError:
-                return f"no word from the primary for {(time.monotonic() - last_heard) * 1000:.0f} ms", True
+                silent_ms = (time.monotonic() - last_heard) * 1000
+                follow.reason, follow.silent = f"no word from the primary for {silent_ms:.0f} ms", True
+                return
             if data is None:
-                if stream.cancelled():
-                    return "the primary's connection dropped", False
-                return "the primary closed the stream", False
+                dropped = stream.cancelled()
+                follow.reason = (
+                    "the primary's connection dropped" if dropped else "the primary closed the stream"
+                )
+                return
+            follow.heard = True
             last_heard = time.monotonic()
             if not vm.following():
-                return "the backup stopped following", False
+                follow.reason = "the backup stopped following"
+                return
             message = _parse(data)
             if message is None:
-                return "the primary sent a message that does not parse", False
+                follow.reason = "the primary sent a message that does not parse"
+                return
             batch = message.batch if message.HasField("batch") else None
             if batch is not None:
                 hops.hop("recv", batch.horizon)
@@ -661,9 +697,20 @@ class _BackupEnd:
             if batch is not None:
                 # Straight to the replay (its vCPU thread waits on the queue): no trip through the loop.
                 if not vm.on_batch(batch, len(data)):
-                    return "the backup refused the log", False
+                    follow.reason = "the backup refused the log"
+                    return
                 if batch.ended:
-                    return "", False  # the guest stopped on the primary; replay finishes by itself
+                    follow.reason = ""  # the guest stopped on the primary; replay finishes by itself
+                    return
+
+
+@dataclass
+class _Follow:
+    """How one stream's log ended (`_BackupEnd._follow`)."""
+
+    heard: bool  # a message came after the HelloReply: the primary depends on this backup
+    reason: str = "the primary's connection dropped"  # "" once the guest stopped on the primary
+    silent: bool = False  # the primary went silent (a partition, or a dead host), not a broken stream
 
 
 def _parse(data: bytes) -> vmft_pb2.PrimaryMessage | None:

@@ -21,6 +21,7 @@ import pytest
 
 from monitor.checkpoint import RecordType
 from monitor.kvm import KvmError
+from replica.arbiter import ArbiterUnavailable
 from proto import vmft_pb2
 from replica import authz, native_stream, replication, tls
 from replica.arbiter import SqliteArbiter
@@ -230,6 +231,21 @@ async def test_a_refusal_is_told_in_the_reply_a_denial_in_the_status(
     assert node.detached == []
 
 
+async def test_an_accept_that_fails_tells_the_primary_why(serve: Serve) -> None:
+    node = serve()
+
+    async def broken(hello: vmft_pb2.Hello, caller: ServerStream) -> FakeVm:
+        raise ArbiterUnavailable("etcd did not answer within 2 s")
+
+    node.answer = broken
+    primary = await node.connect()
+    await primary.send(vmft_pb2.PrimaryMessage(hello=hello()))
+    status = await primary.ended()
+    assert status.startswith("UNAVAILABLE: the backup node could not take the pair: etcd did not"), status
+    await node.close()
+    assert node.detached == []
+
+
 async def test_each_message_is_acknowledged_and_each_batch_replayed_in_order_to_the_last(
     serve: Serve,
 ) -> None:
@@ -288,21 +304,36 @@ async def test_a_silent_primary_fails_over_after_the_hellos_failure_timeout(serv
     primary = await node.connect()
     started = time.monotonic()
     assert (await primary.hello(failure_timeout_ms=200)).accepted
+    await primary.send(heartbeat(0))  # (a primary that never sent a thing after Hello: the next test)
+    assert await primary.ack() == 0
     [(reason, silent)] = await node.failovers()
     assert silent and reason.startswith("no word from the primary for ")
     assert time.monotonic() - started >= 0.2  # the longer timeout (the Hello's) counted
     assert await primary.ended() != "OK"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a Hello.failure_timeout_ms over ~9.2e15 overflows the C extension's deadline_after "
-    "((int64_t)(seconds * 1e6)): recv times out at once and the backup fails over in 0 ms",
-)
+async def test_a_primary_never_heard_after_the_hello_reply_fails_the_vm_without_failover(
+    serve: Serve,
+) -> None:
+    """Only a primary that sent something after the HelloReply depends on this backup (a primary that gave
+    up before the reply runs on without it): silence or a drop before that fails the VM, never goes live."""
+    node = serve(failure_timeout_s=0.05)
+    quiet, dropped = await node.connect(), await node.connect()
+    assert (await quiet.hello("quiet", failure_timeout_ms=100)).accepted
+    assert (await dropped.hello("dropped", failure_timeout_ms=5000)).accepted
+    dropped.stream.cancel()
+    assert await quiet.ended() != "OK"  # the backup gave up on the silence
+    await node.close()
+    assert node.detached == []
+    assert len(node.vms["quiet"].failed) == 1 and len(node.vms["dropped"].failed) == 1
+
+
 async def test_a_huge_failure_timeout_in_the_hello_is_no_instant_silence(serve: Serve) -> None:
     node = serve()
     primary = await node.connect()
     assert (await primary.hello(failure_timeout_ms=1 << 63)).accepted
+    await primary.send(heartbeat(0))
+    assert await primary.ack() == 0
     for _ in range(100):  # a second without a word: nothing near the Hello's timeout
         if node.detached:
             break
@@ -312,16 +343,9 @@ async def test_a_huge_failure_timeout_in_the_hello_is_no_instant_silence(serve: 
     assert node.vms["vm1"].lost == [DROPPED]  # only close ended it
 
 
-BIG = pytest.mark.xfail(
-    strict=True,
-    reason="the C-core server keeps gRPC's default 4 MiB receive limit, the checkpoint format allows 64 MiB "
-    "records (MAX_RECORD): a larger manifest (a Linux guest's writable layer) ends RESOURCE_EXHAUSTED",
-)
-
-
 @pytest.mark.parametrize(
     "records",
-    [[HEADER, CHUNK, CHUNK + b"2", MANIFEST], pytest.param([HEADER, MANIFEST + bytes(5 << 20)], marks=BIG)],
+    [[HEADER, CHUNK, CHUNK + b"2", MANIFEST], [HEADER, MANIFEST + bytes(5 << 20)]],
 )  # fmt: skip
 async def test_a_checkpoint_seeds_the_vm_then_the_log_follows(serve: Serve, records: list[bytes]) -> None:
     node = serve()
@@ -336,16 +360,7 @@ async def test_a_checkpoint_seeds_the_vm_then_the_log_follows(serve: Serve, reco
     assert await primary.ack() == SEEDED_AT + 10
 
 
-ESCAPES = pytest.mark.xfail(
-    strict=True,
-    reason="_seed catches only CheckpointError, ReplicationRefused and OSError: any other error of the "
-    "restore (KvmError, DiskError, ...) escapes: no vm.fail, the call ends CANCELLED",
-)
-
-
-@pytest.mark.parametrize(
-    "seed_error", [None, pytest.param(KvmError("KVM_SET_MSRS set 3 of 5"), marks=ESCAPES)]
-)
+@pytest.mark.parametrize("seed_error", [None, KvmError("KVM_SET_MSRS set 3 of 5")])
 async def test_a_seeding_that_fails_fails_the_vm_and_aborts_without_failover(
     serve: Serve, seed_error: Exception | None
 ) -> None:
@@ -365,11 +380,6 @@ async def test_a_seeding_that_fails_fails_the_vm_and_aborts_without_failover(
     assert node.detached == [] and vm.seeded == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an exception out of _follow (here on_batch's OSError, as check_batch's file_sha256 may raise) "
-    "ends the stream's thread with `reason` still empty: no failover detached, the VM left replaying",
-)
 async def test_an_error_handing_a_batch_over_still_fails_over(serve: Serve) -> None:
     node = serve()
     node.vm_fields = {"batch_error": OSError(errno.EACCES, "a root file is unreadable")}
@@ -382,11 +392,6 @@ async def test_an_error_handing_a_batch_over_still_fails_over(serve: Serve) -> N
     assert len(node.detached) == 1 and node.vms["vm1"].lost[0][0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the HelloReply's write is started, never collected (send_done): a primary that gave up before "
-    "the reply (its connect timeout while accept was slow) gets a failover instead of vm.fail",
-)
 async def test_a_primary_gone_before_the_hello_reply_fails_the_vm_without_failover(serve: Serve) -> None:
     node = serve()
     accepting, answer = asyncio.Event(), asyncio.Event()

@@ -57,7 +57,8 @@ typedef struct {
 } Stream;
 
 static gpr_timespec deadline_after(double seconds) {
-    if (seconds < 0) return gpr_inf_future(GPR_CLOCK_MONOTONIC);
+    /* negative: no deadline; so also beyond ~30 years (and NaN), which would overflow the conversion */
+    if (seconds < 0 || !(seconds < 1e9)) return gpr_inf_future(GPR_CLOCK_MONOTONIC);
     return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
                         gpr_time_from_micros((int64_t)(seconds * 1e6), GPR_TIMESPAN));
 }
@@ -556,9 +557,11 @@ static void drop_request(Server *self) {
 }
 
 static int Server_init(Server *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"address", "method", "root_pem", "key_pem", "cert_pem", NULL};
+    static char *kwlist[] = {"address", "method", "root_pem", "key_pem", "cert_pem", "max_message", NULL};
     const char *address, *method, *root = NULL, *key = NULL, *cert = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "ss|zzz", kwlist, &address, &method, &root, &key, &cert))
+    int max_message = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "ss|zzzi", kwlist, &address, &method, &root, &key, &cert,
+                                     &max_message))
         return -1;
     if (self->server != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "a server is started once");
@@ -570,8 +573,12 @@ static int Server_init(Server *self, PyObject *args, PyObject *kwds) {
     }
     self->method = strdup(method);
     /* No SO_REUSEPORT: a second server on a taken port must fail, not split the calls with the first. */
-    grpc_arg no_reuseport = {.type = GRPC_ARG_INTEGER, .key = (char *)GRPC_ARG_ALLOW_REUSEPORT, .value.integer = 0};
-    grpc_channel_args server_args = {1, &no_reuseport};
+    grpc_arg server_arg_list[2] = {
+        {.type = GRPC_ARG_INTEGER, .key = (char *)GRPC_ARG_ALLOW_REUSEPORT, .value.integer = 0},
+        /* the largest message taken (0: gRPC's default, 4 MiB) */
+        {.type = GRPC_ARG_INTEGER, .key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, .value.integer = max_message},
+    };
+    grpc_channel_args server_args = {max_message > 0 ? 2 : 1, server_arg_list};
     self->server = grpc_server_create(&server_args, NULL);
     /* A pluck queue, not next: gRPC only logs that a server's queue is of that type. */
     self->cq = grpc_completion_queue_create_for_pluck(NULL);
