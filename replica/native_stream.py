@@ -69,6 +69,17 @@ def _extension() -> ModuleType:
     return module
 
 
+def _pems(
+    address: str, identity: tls.Identity | None, insecure: bool
+) -> tuple[str | None, str | None, str | None]:
+    """The CA, key and certificate PEMs for mutual TLS as `identity`; none for plaintext, which
+    replica/tls.py allows only when `insecure` and only on loopback."""
+    if identity is None:
+        tls.check_plaintext(address, insecure)
+        return (None, None, None)
+    return (identity.ca.read_text(), identity.key.read_text(), identity.cert.read_text())
+
+
 class SendingStream(Protocol):
     """The sending side of a stream as its writers use it (a test may stand in for it)."""
 
@@ -94,11 +105,7 @@ class ClientStream:
         insecure: bool = False,
         timeout: float = 5.0,
     ) -> None:
-        if identity is None:
-            tls.check_plaintext(target, insecure)
-            pems: tuple[str | None, str | None, str | None] = (None, None, None)
-        else:
-            pems = (identity.ca.read_text(), identity.key.read_text(), identity.cert.read_text())
+        pems = _pems(target, identity, insecure)
         try:
             self._raw = cast(_RawStream, _extension().Stream(target, method, *pems, None, timeout))
         except ConnectionError as err:
@@ -192,11 +199,7 @@ class StreamServer:
         insecure: bool = False,
         max_message: int = 0,
     ) -> None:
-        if identity is None:
-            tls.check_plaintext(address, insecure)
-            pems: tuple[str | None, str | None, str | None] = (None, None, None)
-        else:
-            pems = (identity.ca.read_text(), identity.key.read_text(), identity.cert.read_text())
+        pems = _pems(address, identity, insecure)
         try:
             self._raw = cast(_RawServer, _extension().Server(address, method, *pems, max_message))
         except OSError as err:
