@@ -370,11 +370,11 @@ class BackupLink:
                     message = vmft_pb2.BackupMessage.FromString(data)
                     if message.HasField("ack"):
                         hops.hop("ackrecv", message.ack.received)
-                        outgoing.acked(message.ack.received)
-                        with self._lock:
+                        with self._lock:  # the replies first, then what gathered meanwhile
                             if self._closed:
                                 break
                             on_ack(message.ack)
+                        outgoing.acked(message.ack.received)
                 else:
                     status = stream.status()
                     if status != "OK":
