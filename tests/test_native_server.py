@@ -379,6 +379,23 @@ def test_concurrent_streams_do_not_mix(ids: dict[str, tls.Identity]) -> None:
             client.close()
 
 
+def test_a_stream_is_accepted_while_another_is_live_and_nobody_reads_it(ids: dict[str, tls.Identity]) -> None:
+    """While a stream is live the accepting thread leaves polling to the streams' threads (one poller per
+    socket); when none of them waits (here nobody reads either stream) it still looks by itself, so a
+    second stream, over mutual TLS, is accepted and its first message arrives."""
+    native = CLIENTS["native"]
+    with Serving(ids["backup"]) as serving:
+        first = native(serving.target, ids["primary"])
+        first.send(heartbeat(1))
+        live = serving.next()  # accepted and live; its message stays unread
+        second = native(serving.target, ids["primary"])
+        second.send(heartbeat(2))
+        other = serving.next()  # (bounded by WAIT)
+        assert position(other.recv(WAIT)) == 2 and position(live.recv(WAIT)) == 1
+        for client in (first, second):
+            client.close()
+
+
 def _counts() -> tuple[int, int]:
     return len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task"))
 
