@@ -32,17 +32,24 @@ FAILURE_TIMEOUT_MS = 1000.0
 # replay passes a state-hash position every few seconds. With argv[1] "segv" or "hang", a line's random
 # byte below 6 (about one in 40) makes it read address 0 (SIGSEGV) or spin without a system call: a
 # fault at a live, nondeterministic point (a restart continues live past it).
+# With a fault argument it faults at random (about one iteration in 40), but never in the first iteration
+# after a long gap: a guest restarted from its checkpoint resumes there (its state, `i` and `last`, rolled
+# back; its clock not), and faulting again at once would mark that checkpoint bad (the query-of-death rule).
 COUNTER = """
 import ctypes, os, sys, time
 fault = sys.argv[1] if len(sys.argv) > 1 else ""
 i = 0
+last = time.monotonic()
 while True:
     for _ in range(300):
         os.getpid()
     r = os.urandom(1)[0]
-    if fault == "segv" and r < 6 and i > 3:
+    now = time.monotonic()
+    armed = i > 3 and now - last < 0.15
+    last = now
+    if fault == "segv" and r < 6 and armed:
         ctypes.string_at(0)
-    if fault == "hang" and r < 6 and i > 3:
+    if fault == "hang" and r < 6 and armed:
         while True:
             pass
     print(i, r, time.time_ns() % 1000, flush=True)
