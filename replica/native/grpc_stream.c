@@ -68,12 +68,22 @@ static gpr_timespec deadline_after(double seconds) {
    socket of the process for whichever thread waits, and with two or more waiting it hands the polling
    from one to another at every event: a wake-up of a second thread per message. So a server's accepting
    thread polls only while no stream is live (Server_accept), and each socket's events are handled by the
-   thread that waits for them. Changed and read under the GIL. */
+   thread that waits for them. Changed under the GIL; read without it (atomically) by accept(). */
 static int live_streams;
 
 static void set_live(Stream *self, int live) {
-    if (live != self->live) live_streams += live ? 1 : -1;
+    if (live != self->live) __atomic_add_fetch(&live_streams, live ? 1 : -1, __ATOMIC_RELAXED);
     self->live = live;
+}
+
+/* Every completion collected, then the queue destroyed (pluck queues only). */
+static void drain_and_destroy(grpc_completion_queue *cq) {
+    grpc_completion_queue_shutdown(cq);
+    grpc_event ev;
+    do {
+        ev = grpc_completion_queue_pluck(cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    } while (ev.type != GRPC_QUEUE_SHUTDOWN);
+    grpc_completion_queue_destroy(cq);
 }
 
 /* Waits (without the GIL) for the operation named by `tag`; 1 ok, 0 failed, -1 timed out. */
@@ -346,14 +356,6 @@ static PyObject *Stream_ended(Stream *self, PyObject *args) {
     return PyBool_FromLong(self->cancelled);
 }
 
-/* method() -> str (server side): the method the client called. */
-static PyObject *Stream_method(Stream *self, PyObject *Py_UNUSED(ignored)) {
-    if (check_open(self) < 0) return NULL;
-    if (!self->server_side) return PyUnicode_FromString("");
-    return PyUnicode_FromStringAndSize((const char *)GRPC_SLICE_START_PTR(self->details.method),
-                                       (Py_ssize_t)GRPC_SLICE_LENGTH(self->details.method));
-}
-
 /* peer() -> str: the other end's address, as gRPC names it. */
 static PyObject *Stream_peer(Stream *self, PyObject *Py_UNUSED(ignored)) {
     if (check_open(self) < 0) return NULL;
@@ -423,14 +425,7 @@ static void Stream_dealloc(Stream *self) {
         grpc_metadata_array_destroy(&self->request_metadata);
         grpc_slice_unref(self->status_details);
     }
-    if (self->cq != NULL) {
-        grpc_completion_queue_shutdown(self->cq);
-        grpc_event ev;
-        do {
-            ev = grpc_completion_queue_pluck(self->cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-        } while (ev.type != GRPC_QUEUE_SHUTDOWN);
-        grpc_completion_queue_destroy(self->cq);
-    }
+    if (self->cq != NULL) drain_and_destroy(self->cq);
     if (self->channel != NULL) {
         grpc_metadata_array_destroy(&self->initial_metadata);
         grpc_metadata_array_destroy(&self->trailing_metadata);
@@ -449,7 +444,6 @@ static PyMethodDef Stream_methods[] = {
     {"status", (PyCFunction)Stream_status, METH_VARARGS, "status(timeout=-1) -> (code, details)"},
     {"finish", (PyCFunction)Stream_finish, METH_VARARGS, "finish(code, details, timeout=-1) -> bool"},
     {"ended", (PyCFunction)Stream_ended, METH_VARARGS, "ended(timeout=0) -> None | cancelled"},
-    {"method", (PyCFunction)Stream_method, METH_NOARGS, "the method called (server side)"},
     {"peer", (PyCFunction)Stream_peer, METH_NOARGS, "the other end's address"},
     {"auth_context", (PyCFunction)Stream_auth_context, METH_NOARGS, "the call's auth properties"},
     {NULL, NULL, 0, NULL},
@@ -469,15 +463,6 @@ static PyTypeObject StreamType = {
 
 
 /* ----- the server ----------------------------------------------------------------------------------- */
-
-static void drain_and_destroy(grpc_completion_queue *cq) {
-    grpc_completion_queue_shutdown(cq);
-    grpc_event ev;
-    do {
-        ev = grpc_completion_queue_pluck(cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-    } while (ev.type != GRPC_QUEUE_SHUTDOWN);
-    grpc_completion_queue_destroy(cq);
-}
 
 typedef struct {
     PyObject_HEAD
