@@ -87,7 +87,32 @@ class SendingStream(Protocol):
     def done_writing(self) -> bool: ...
 
 
-class ClientStream:
+class _Stream:
+    """What both ends of a stream do alike (the extension's one Stream type serves both)."""
+
+    _raw: _RawStream
+
+    def start_send(self, data: bytes) -> bool:
+        """Start writing one serialized message; the previous write must have been collected by
+        `send_done` (one write in flight per stream). False if the stream refused it."""
+        return self._raw.start_send(data)
+
+    def send_done(self, timeout: float = -1) -> int:
+        """Collect the write in flight: 1 written (or none in flight), 0 the stream is broken or
+        cancelled, -1 still going out after `timeout` seconds (if >= 0)."""
+        return self._raw.send_done(timeout)
+
+    def recv(self, timeout: float = -1) -> bytes | None:
+        """The next message's bytes; None when the stream has ended. TimeoutError after `timeout` seconds
+        (if >= 0) leaves the read pending: the next call goes on waiting for it."""
+        return self._raw.recv(timeout)
+
+    def cancel(self) -> None:
+        """End the call (any thread): a blocked send or receive returns."""
+        self._raw.cancel()
+
+
+class ClientStream(_Stream):
     """One client stream to `method` (e.g. "/vmft.v1.Replication/Stream") at `target`: mutual TLS as
     `identity`, or plaintext only where `insecure` allows it on loopback (replica/tls.py's rule). Opening
     blocks until the request headers are sent (at most `timeout` seconds): call it off the event loop.
@@ -110,27 +135,9 @@ class ClientStream:
         except ConnectionError as err:
             raise NativeStreamError(f"{target}: {err}") from err
 
-    def start_send(self, data: bytes) -> bool:
-        """Start writing one serialized message; the previous write must have been collected by
-        `send_done` (one write in flight per stream). False if the stream refused it."""
-        return self._raw.start_send(data)
-
-    def send_done(self, timeout: float = -1) -> int:
-        """Collect the write in flight: 1 written (or none in flight), 0 the stream is broken or
-        cancelled, -1 still going out after `timeout` seconds (if >= 0)."""
-        return self._raw.send_done(timeout)
-
-    def recv(self, timeout: float = -1) -> bytes | None:
-        """The next message's bytes; None when the stream has ended (`status` says how). TimeoutError
-        after `timeout` seconds (if >= 0) leaves the read pending: the next call goes on waiting for it."""
-        return self._raw.recv(timeout)
-
     def done_writing(self) -> bool:
         """Half-close: no more messages from this side. False if the stream is broken or cancelled."""
         return self._raw.done_writing()
-
-    def cancel(self) -> None:
-        self._raw.cancel()
 
     def status(self, timeout: float = 1.0) -> str:
         """How the stream ended: "OK", or a status name and the server's details."""
@@ -142,23 +149,13 @@ class ClientStream:
         return f"{name}: {details}" if details and code else name
 
 
-class ServerStream:
-    """The server's end of one stream (from `StreamServer.accept`): the same `start_send`, `send_done`
-    and `recv` as a client's, then `finish` with a status. `cancel` is safe from any thread."""
+class ServerStream(_Stream):
+    """The server's end of one stream (from `StreamServer.accept`): the same `start_send`, `send_done`,
+    `recv` (None once the client half-closed or the call ended: `cancelled` says which) and `cancel` as a
+    client's, then `finish` with a status."""
 
     def __init__(self, raw: _RawStream) -> None:
         self._raw = raw
-
-    def start_send(self, data: bytes) -> bool:
-        return self._raw.start_send(data)
-
-    def send_done(self, timeout: float = -1) -> int:
-        return self._raw.send_done(timeout)
-
-    def recv(self, timeout: float = -1) -> bytes | None:
-        """The next message; None once the client half-closed or the call ended (`cancelled` says which).
-        TimeoutError after `timeout` seconds (if >= 0); the read stays pending."""
-        return self._raw.recv(timeout)
 
     def finish(
         self, code: grpc.StatusCode = grpc.StatusCode.OK, details: str = "", timeout: float = 1.0
@@ -170,9 +167,6 @@ class ServerStream:
         """The call ended without a status from this side (the client cancelled, or its connection
         dropped); False while it goes on."""
         return bool(self._raw.ended(0))
-
-    def cancel(self) -> None:
-        self._raw.cancel()
 
     def peer(self) -> str:
         return self._raw.peer()
