@@ -431,10 +431,9 @@ class ReplicationServer:
     """The backup's end of every replication stream into this node: a gRPC server of `Replication.Stream`
     through gRPC's C core (replica/native_stream.py) on a port of its own (the node's API stays on
     grpc.aio), one thread accepting and one per stream (`_BackupEnd`). Each stream's thread reads the
-    primary's messages and acknowledges each at once from the same thread, before the batches go to the
-    replay: nothing between the wire and the acknowledgement waits for the event loop. The loop builds the
-    backup VM (`accept`), restores a checkpoint, takes the batches for the replay and runs a failover
-    (`detach`)."""
+    primary's messages and acknowledges each at once from the same thread, then hands the batches to the
+    replay: nothing between the wire and the replay waits for the event loop. The loop builds the backup
+    VM (`accept`), restores a checkpoint and runs a failover (`detach`)."""
 
     def __init__(self, settings: NodeSettings, accept: Accept, detach: Detach) -> None:
         self.settings = settings
@@ -511,7 +510,7 @@ class _StreamEnded(Exception):
 class _BackupEnd:
     """The backup's side of one stream, on its own thread: Hello, an optional checkpoint, then the log.
     Every message read is acknowledged at once (one acknowledgement per message, written before the next
-    read), then its batch is handed to the replay on the event loop; a read that waits longer than the
+    read), then its batch is handed straight to the replay's queue; a read that waits longer than the
     failure timeout means a silent primary."""
 
     def __init__(
@@ -547,7 +546,12 @@ class _BackupEnd:
             return  # before anything was built: the primary tries again
         if vm is None:
             return
+        log.info("%s: backup of %s in generation %d", vm.name, hello.primary_node, hello.generation)
+        reply = vmft_pb2.HelloReply(
+            accepted=True, protocol_version=PROTOCOL_VERSION, backup_node=self.settings.name
+        )
         try:
+            self._send(vmft_pb2.BackupMessage(hello_reply=reply))
             if hello.checkpoint_follows:
                 if not self._seed(vm):
                     return
@@ -581,7 +585,7 @@ class _BackupEnd:
                 self.loop.call_soon_threadsafe(self._lost, vm, follow.reason, follow.silent)
 
     def _handshake(self) -> tuple[BackupVm | None, vmft_pb2.Hello]:
-        """Hello, and the backup VM it makes here (answered HelloReply); None if refused or denied."""
+        """Hello, and the backup VM it makes here (not yet answered); None if refused or denied."""
         stream = self.stream
         try:
             data = stream.recv(_HELLO_WAIT_S)
@@ -612,17 +616,7 @@ class _BackupEnd:
             self._send(refuse(accepted))
             self._finish()
             return None, hello
-        vm = accepted
-        log.info("%s: backup of %s in generation %d", vm.name, hello.primary_node, hello.generation)
-        reply = vmft_pb2.HelloReply(
-            accepted=True, protocol_version=PROTOCOL_VERSION, backup_node=self.settings.name
-        )
-        try:
-            self._send(vmft_pb2.BackupMessage(hello_reply=reply))
-        except _StreamEnded:
-            self._on_loop(vm.fail("the primary's stream ended before the log"))
-            return None, hello
-        return vm, hello
+        return accepted, hello
 
     def _lost(self, vm: BackupVm, reason: str, silent: bool) -> None:
         self.detach(vm.primary_lost(reason, silent=silent))
