@@ -311,12 +311,11 @@ class Machine:
             finally:
                 self._holding_input = False
 
-    def recheck_input_hold(self, changed: bool = False) -> None:
-        """Any thread: input arrived (the hold ends if it is over), or what the hold depends on `changed`
-        (outputs were released: the vCPU looks again and waits for what is left, if anything)."""
+    def recheck_input_hold(self) -> None:
+        """Any thread: input arrived, or what the hold depends on changed: the hold ends if it is over."""
         if self._holding_input:
             hold = self.input_hold
-            if changed or self._control is not None or hold is None or hold() <= 0:
+            if self._control is not None or hold is None or hold() <= 0:
                 self._input_released.set()
 
     def _halt(self) -> None:
