@@ -71,8 +71,8 @@ def moderate_input(machine: Machine, gate: OutputGate, hold_ms: float) -> None:
 
     def after_release() -> None:
         hold.released()
-        # Not `changed`: the vCPU is not woken just to wait again (a context switch per group); the
-        # returning clients end its hold, or the bound it is already waiting out (held_max_s) does.
+        # The vCPU is not woken just to wait again (a context switch per group): the returning clients end
+        # its hold, or the bound it is already waiting out (held_max_s) does.
         machine.recheck_input_hold()
 
     gate.before_release = hold.releasing

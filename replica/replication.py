@@ -83,9 +83,9 @@ class _Outgoing:
     records), written by the link's sending thread; then, once `attach`ed, the log: the vCPU thread that
     logged a batch sends it itself (`pump`: merge what is queued, serialize, start the write; gRPC's C core
     writes in the caller's thread), and so does the ack thread when an acknowledgement opens the window;
-    the sending thread only looks every `_window_wait` while messages are in flight (a window that stayed
-    full sends anyway) and sends a heartbeat when the log was idle for a heartbeat interval. No thread is
-    woken to send what the vCPU logged.
+    the sending thread only looks every `_window_wait` while log waits to be sent (a window that stayed
+    full sends anyway; a pump that leaves log waiting wakes it) and sends a heartbeat when the log was
+    idle for a heartbeat interval. No thread is woken to send what the vCPU logged.
 
     At most `window` log messages are in flight (sent, not yet acknowledged): a lone output goes out at
     once, but under load the log gathers while the window is full, so that the stream carries a few large
